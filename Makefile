@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test faults bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/scoring-worker demo --dir scoring-demo
+
+# pytest exits 5 when no test ran: that is a failure here, not a pass.
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+lint: $(BIN)/.installed
+	$(BIN)/pip install --quiet ruff
+	$(BIN)/ruff check workers tests
+
+clean:
+	rm -rf $(VENV) scoring-demo .pytest_cache

@@ -1,0 +1,120 @@
+"""Fixtures: models, and real services found once per session.
+
+A test that needs a service skips with a loud reason when the service cannot be reached outside CI,
+and fails in CI (CI=true), so a missing service can never pass silently there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tests import helpers
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BIN = os.path.dirname(sys.executable)
+
+
+def need(service: str, reason: str) -> None:
+    message = f"{service} is not available: {reason}"
+    if IN_CI:
+        pytest.fail(f"CI=true and {message}")
+    print(f"\n!!! SKIPPING: {message} !!!", file=sys.stderr)
+    pytest.skip(f"SERVICE MISSING: {message}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def _no_scoring_env(monkeypatch):
+    """Settings come from each test, never from the developer's shell."""
+    for key in list(os.environ):
+        if key.upper().startswith("SCORING_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, str]:
+    folder = str(tmp_path_factory.mktemp("models"))
+    return {kind: helpers.save(helpers.train(kind), folder, kind)
+            for kind in ("binary", "regression", "multiclass", "categorical")}
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+PG_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        need("PostgreSQL", f"{PG_DSN}: {exc}")
+    return PG_DSN
+
+
+@pytest.fixture
+def pg_table(pg_dsn):
+    """A fresh table name; dropped (with its _errors and _inputs tables) afterwards."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for suffix in ("", "_errors", "_inputs"):
+            conn.execute(f'DROP TABLE IF EXISTS "{name}{suffix}"')
+
+
+# -- S3 (moto_server) ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    exe = os.path.join(BIN, "moto_server")
+    if not os.path.exists(exe):
+        exe = shutil.which("moto_server") or ""
+    if not exe:
+        need("moto_server", "not installed (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    if not wait_port(port, 20):
+        proc.kill()
+        need("moto_server", f"did not listen on port {port}")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import boto3
+
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return name, client

@@ -1,0 +1,199 @@
+"""Batch mode over real Parquet files, through the real CLI where the contract is the process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from tests.helpers import frame, write_inputs
+from workers.runtime.batch import run_batch
+from workers.settings import load_settings
+from workers.sources.parquet import shard_of
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workers", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def read_results(out: str) -> pd.DataFrame:
+    return ds.dataset(out, format="parquet").to_table().to_pandas()
+
+
+def expected_scores(model_path: str, files: int, rows: int, categorical: bool = False) -> pd.Series:
+    """Booster.predict on the very frames write_inputs wrote (pandas categoricals intact)."""
+    booster = lgb.Booster(model_file=model_path)
+    df = pd.concat([frame(rows, seed=100 + k, categorical=categorical) for k in range(files)])
+    return pd.Series(booster.predict(df[booster.feature_name()]), index=df["id"])
+
+
+def test_folder_to_parquet_dataset_scores_every_row_once(models, tmp_path):
+    inputs, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_inputs(inputs, files=3, rows=4000, categorical=True, row_group=1000)
+    proc = cli("batch", "--model", models["categorical"], "--input", inputs, "--output", out, "--batch-rows", "700")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["rows_scored"] == 12000 and summary["files_scored"] == 3
+    got = read_results(out)
+    assert len(got) == 12000 and got["id"].is_unique
+    assert sorted(os.listdir(out)) == ["_state", "part-000.parquet", "part-001.parquet", "part-002.parquet"]
+    expected = expected_scores(models["categorical"], 3, 4000, categorical=True)
+    assert np.max(np.abs(got.set_index("id")["score"] - expected.loc[got["id"]].to_numpy()).to_numpy()) <= 1e-9
+    # A rerun skips finished inputs and changes nothing.
+    again = json.loads(cli("batch", "--model", models["categorical"], "--input", inputs, "--output", out).stdout)
+    assert again["files_skipped"] == 3 and again["rows_scored"] == 0
+    assert len(read_results(out)) == 12000
+
+
+def test_glob_input_and_single_file(models, tmp_path):
+    inputs = str(tmp_path / "in")
+    write_inputs(inputs, files=3, rows=100)
+    out = str(tmp_path / "out")
+    proc = cli("batch", "--model", models["binary"], "--input", f"{inputs}/part-00[02].parquet", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == ["part-000.parquet", "part-002.parquet"]
+    single = str(tmp_path / "single")
+    assert cli("batch", "--model", models["binary"], "--input", f"{inputs}/part-001.parquet",
+               "--output", single).returncode == 0
+    assert len(read_results(single)) == 100
+
+
+def test_sigkill_partway_then_rerun_gives_every_row_exactly_once(models, tmp_path):
+    inputs, out = str(tmp_path / "in"), str(tmp_path / "out")
+    files, rows = 16, 20000
+    write_inputs(inputs, files=files, rows=rows, row_group=2000)
+    args = [sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input", inputs,
+            "--output", out, "--batch-rows", "500"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(out, "_state")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.isdir(state) and len(os.listdir(state)) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = len(os.listdir(state))
+    assert 3 <= finished_before < files, "the kill must land partway through the run"
+    rerun = cli("batch", "--model", models["binary"], "--input", inputs, "--output", out)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["files_skipped"] >= finished_before and summary["files_scored"] == files - summary["files_skipped"]
+    got = read_results(out)
+    assert len(got) == files * rows and got["id"].is_unique
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")], "no temporary file may be left visible"
+
+
+def test_two_shards_cover_every_file_exactly_once(models, tmp_path):
+    inputs, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_inputs(inputs, files=12, rows=50)
+    seen: list[str] = []
+    for index in (0, 1):
+        proc = cli("batch", "--model", models["binary"], "--input", inputs, "--output", out,
+                   "--shard-count", "2", env={"JOB_COMPLETION_INDEX": str(index)})
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert 0 < summary["files_in_shard"] < 12  # both shards got work
+        seen += [f for f in os.listdir(out) if f.endswith(".parquet") and f not in seen]
+    assert len(seen) == 12
+    assert len(read_results(out)) == 600
+    # The assignment is a pure function of the relative path: the same in any process.
+    assert [shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)] == [
+        shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)]
+    probe = subprocess.run([sys.executable, "-c", "from workers.sources.parquet import shard_of;"
+                            "print([shard_of(f'part-{k:03d}.parquet', 2) for k in range(12)])"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert probe.stdout.strip() == str([shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)])
+
+
+def test_bad_files_fail_alone_and_bad_rows_go_to_errors(models, tmp_path):
+    inputs, out = tmp_path / "in", str(tmp_path / "out")
+    write_inputs(str(inputs), files=2, rows=300)
+    (inputs / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    pq.write_table(pa.Table.from_pandas(frame(20).drop(columns=["x3"]), preserve_index=False),
+                   inputs / "nofeature.parquet")
+    messy = frame(10, seed=5)
+    messy["x1"] = messy["x1"].map(str).astype(object)
+    messy.loc[[2, 7], "x1"] = ["oops", "1e999"]
+    pq.write_table(pa.Table.from_pandas(messy, preserve_index=False), inputs / "messy.parquet")
+    proc = cli("batch", "--model", models["binary"], "--input", str(inputs), "--output", out)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "failed: corrupt.parquet: cannot read corrupt.parquet as Parquet" in proc.stderr
+    assert "failed: nofeature.parquet: missing feature column(s) 'x3'" in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["files_failed"] == 2 and summary["rows_scored"] == 608 and summary["rows_rejected"] == 2
+    got = read_results(out)
+    assert len(got) == 608 and got["id"].is_unique
+    errors = pq.read_table(os.path.join(out, "_errors", "messy.parquet")).to_pandas()
+    assert errors["id"].tolist() == ["r5-2", "r5-7"]
+    assert errors["source"].tolist() == ["messy.parquet#2", "messy.parquet#7"]
+    assert errors["reason"].tolist() == ["feature 'x1': 'oops' is not a number",
+                                         "feature 'x1': '1e999' is not a finite number"]
+    # --allow-bad-rows: rejected rows alone do not fail the run; failed files still do.
+    os.remove(inputs / "corrupt.parquet")
+    os.remove(inputs / "nofeature.parquet")
+    out2 = str(tmp_path / "out2")
+    assert cli("batch", "--model", models["binary"], "--input", str(inputs), "--output", out2,
+               "--allow-bad-rows").returncode == 0
+
+
+def test_user_mistakes_get_one_line_and_exit_2(models, tmp_path):
+    inputs = str(tmp_path / "in")
+    write_inputs(inputs, files=1, rows=10)
+    base = ["batch", "--input", inputs, "--output", str(tmp_path / "o")]
+    pickle_path = tmp_path / "m.pkl"
+    import pickle
+
+    pickle_path.write_bytes(pickle.dumps({"x": 1}))
+    cases = [
+        (["--model", str(pickle_path)], {}, "SCORING_MODEL__PATH (--model): ", "pickle"),
+        (["--model", models["binary"], "--model-sha256", "f" * 64], {}, "SCORING_MODEL__SHA256", "not the pinned"),
+        (["--model", models["binary"], "--threads", "many"], {}, "SCORING_MODEL__THREADS (--threads)", "integer"),
+        (["--model", models["binary"]], {"SCORING_MODEL__THREAD": "2"}, "SCORING_MODEL__THREAD:", "unknown setting"),
+        (["--model", models["binary"], "--shard-index", "2", "--shard-count", "2"], {},
+         "SCORING_BATCH__SHARD_INDEX", "must be below"),
+        ([], {}, "SCORING_MODEL__PATH", "no model given"),
+    ]
+    for extra, env, names, says in cases:
+        proc = cli(*base, *extra, env=env)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0] and says in lines[0], lines
+    assert not os.path.exists(tmp_path / "o" / "_state")
+
+
+def test_help_names_every_env_var():
+    out = cli("batch", "--help").stdout
+    for name in ("SCORING_MODEL__PATH", "SCORING_MODEL__SHA256", "SCORING_BATCH__INPUT", "SCORING_BATCH__OUTPUT",
+                 "SCORING_BATCH__SHARD_COUNT", "SCORING_SCORING__ID_COLUMN"):
+        assert name in out.replace("\n", "").replace(" ", ""), name
+
+
+def test_run_batch_in_process_with_passthrough_and_sqlite(models, tmp_path):
+    inputs = str(tmp_path / "in")
+    write_inputs(inputs, files=2, rows=500)
+    db = tmp_path / "r.db"
+    settings = load_settings({"model": {"path": models["regression"]}, "scoring": {"passthrough": ["x7"]},
+                              "batch": {"input": inputs, "output": f"sqlite:///{db}?table=res"}})
+    report = run_batch(settings)
+    assert report.exit_code == 0 and report.rows == 1000
+    run_batch(settings)  # rerun: skipped by the ledger
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    assert con.execute("select count(*), count(distinct id) from res").fetchone() == (1000, 1000)
+    rows = dict(con.execute("select id, x7 from res").fetchall())
+    df = ds.dataset(inputs).to_table().to_pandas()
+    assert rows["r100-5"] == df.set_index("id").loc["r100-5", "x7"]

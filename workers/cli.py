@@ -1,0 +1,178 @@
+"""The command line: ``scoring-worker batch | stream | check | demo``.
+
+Each flag is generated from a settings field, so its help is the field's docstring and names the env
+var; a flag given on the command line overrides the env var. User mistakes end with one line on
+stderr and exit code 2 (settings) or 1 (failed inputs), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import orjson
+
+from workers import __version__
+from workers.errors import ConfigError, ScoringError
+from workers.logs import setup_logging
+from workers.settings import Settings, env_name, field_for, load_settings
+
+FLAGS: dict[tuple[str, ...], str] = {}
+
+
+def setting(flag: str, path: str, *, is_flag: bool = False, multiple: bool = False) -> Callable:
+    """A click option bound to the setting at dotted ``path`` (e.g. 'model.path')."""
+    parts = tuple(path.split("."))
+    info = field_for(parts)
+    FLAGS[parts] = flag.split("/")[0]
+    text = " ".join((info.description or "").split())
+    dest = "__".join(parts)
+    kwargs: dict[str, Any] = {"default": None, "help": f"{text} [env: {env_name(parts)}]"}
+    if is_flag:
+        flag = f"{flag}/--no-{flag[2:]}"
+    if multiple:
+        kwargs["multiple"] = True
+    return click.option(flag, dest, **kwargs)
+
+
+def _overrides(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dest, value in params.items():
+        if value is None or value == () or "__" not in dest and dest not in Settings.model_fields:
+            continue
+        parts = dest.split("__")
+        if parts[-1] == "passthrough" and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def with_settings(fn: Callable) -> Callable:
+    """Turn the command's setting flags into a validated Settings passed as ``settings``."""
+
+    @functools.wraps(fn)
+    def wrapper(**params: Any) -> Any:
+        own = {k: v for k, v in params.items() if "__" not in k and k not in Settings.model_fields}
+        settings = load_settings(_overrides(params))
+        setup_logging(settings.log_level)
+        return fn(settings=settings, **own)
+
+    return wrapper
+
+
+def common(fn: Callable) -> Callable:
+    for opt in reversed(
+        [
+            setting("--model", "model.path"),
+            setting("--model-sha256", "model.sha256"),
+            setting("--model-version", "model.version"),
+            setting("--threads", "model.threads"),
+            setting("--id-column", "scoring.id_column"),
+            setting("--passthrough", "scoring.passthrough"),
+            setting("--s3-endpoint-url", "s3.endpoint_url"),
+            setting("--s3-region", "s3.region"),
+            setting("--log-level", "log_level"),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="scoring-worker")
+def cli() -> None:
+    """Score records with a LightGBM model: Parquet files (batch), Kafka topics (stream), HTTP (serve).
+
+    Every option is also an env var (shown in brackets); S3 keys come only from env vars
+    (SCORING_S3__ACCESS_KEY_ID, SCORING_S3__SECRET_ACCESS_KEY) or the AWS credential chain.
+    """
+
+
+@cli.command()
+@common
+@setting("--input", "batch.input")
+@setting("--output", "batch.output")
+@setting("--batch-rows", "batch.batch_rows")
+@setting("--shard-index", "batch.shard_index")
+@setting("--shard-count", "batch.shard_count")
+@setting("--allow-bad-rows", "batch.allow_bad_rows", is_flag=True)
+@setting("--progress", "batch.progress")
+@with_settings
+def batch(settings: Settings) -> None:
+    """Score Parquet files into a Parquet dataset, PostgreSQL or SQLite. Reruns resume."""
+    from workers.runtime.batch import run_batch
+
+    for path, flag in ((("batch", "input"), "--input"), (("batch", "output"), "--output")):
+        if not getattr(settings.batch, path[1]):
+            raise ConfigError(env_name(path), f"required (set {flag} or {env_name(path)})")
+    report = run_batch(settings)
+    summary = report.summary()
+    if report.failed:
+        summary["failures"] = [{"input": rel, "reason": reason} for rel, reason in report.failed]
+    click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    for rel, reason in report.failed:
+        click.echo(f"failed: {rel}: {reason}", err=True)
+    if report.rejected and not report.allow_bad_rows:
+        click.echo(f"rejected {report.rejected} rows: see the errors output (or pass --allow-bad-rows)", err=True)
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@click.option("--dir", "folder", default="scoring-demo", show_default=True, help="Folder the demo writes into.")
+@click.option("--rows", default=200_000, show_default=True, help="Rows of generated input data.")
+def demo(folder: str, rows: int) -> None:
+    """Train a small model on generated data, write Parquet inputs, score them, report where and how fast."""
+    from workers.demo import run_demo
+
+    setup_logging("WARNING")
+    run_demo(folder, rows)
+
+
+@cli.command("settings")
+def settings_reference() -> None:
+    """Print every setting as a Markdown table (env var, default, meaning): the README's reference."""
+    from workers.settings import reference_rows
+
+    click.echo("| env var | default | meaning |\n|---|---|---|")
+    for name, default, text in reference_rows():
+        click.echo(f"| `{name}` | {f'`{default}`' if default else ''} | {text.replace('|', '/')} |")
+
+
+def _friendly(exc: BaseException) -> str:
+    if isinstance(exc, ConfigError):
+        parts = tuple(p.lower() for p in exc.setting.removeprefix("SCORING_").split("__"))
+        flag = FLAGS.get(parts)
+        return f"error: {exc.setting}{f' ({flag})' if flag else ''}: {str(exc).split(': ', 1)[1]}"
+    return f"error: {exc}"
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        click.echo(_friendly(exc), err=True)
+        sys.exit(2)
+    except ScoringError as exc:
+        click.echo(_friendly(exc), err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception:
+        logging.getLogger("workers").exception("unexpected error")
+        sys.exit(1)

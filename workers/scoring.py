@@ -1,0 +1,237 @@
+"""The scorer: a batch of records in, a batch of results and a batch of rejected rows out.
+
+Shared by every mode. Two stages, so a mode can enter at the second one:
+
+1. ``Scorer.features(batch)``: Arrow columns -> a float64 matrix in the model's feature order
+   (null -> NaN, which LightGBM treats as missing; categorical values -> the model's category codes)
+   plus a reason for each row that cannot be scored (e.g. a string that is not a number).
+2. ``Scorer.finish(...)``: predict the good rows and assemble the result and error tables.
+
+A bad row never fails the batch; a batch missing a feature column does (``InputError``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from workers.errors import InputError
+from workers.model import Model
+
+ERROR_FIELDS = [("reason", pa.string()), ("raw", pa.string())]
+
+
+@dataclass
+class Features:
+    matrix: np.ndarray  # float64 [n, n_features], C order
+    reasons: dict[int, str] = field(default_factory=dict)  # row index -> why it cannot be scored
+
+
+@dataclass
+class Scored:
+    results: pa.Table
+    errors: pa.Table  # id, reason, raw (JSON of the input values), model_version, scored_at, carried columns
+    error_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # their row indices in the input
+
+    def with_error_sources(self, sources: list[str]) -> Scored:
+        """Add the ``source`` column (a stable locator such as ``file#row`` or ``topic/p@offset``) to errors.
+
+        It keys rejected rows in table sinks, so a rewrite replaces them instead of adding copies.
+        """
+        return Scored(self.results, self.errors.append_column("source", pa.array(sources, pa.string())), self.error_rows)
+
+    @property
+    def ok(self) -> int:
+        return self.results.num_rows
+
+    @property
+    def rejected(self) -> int:
+        return self.errors.num_rows
+
+
+def _now() -> pa.Scalar:
+    return pa.scalar(dt.datetime.now(dt.UTC), type=pa.timestamp("us", tz="UTC"))
+
+
+def _plain(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    if pa.types.is_dictionary(col.type):
+        return col.cast(col.type.value_type)
+    return col
+
+
+def _numeric(name: str, col: pa.Array | pa.ChunkedArray, reasons: dict[int, str]) -> np.ndarray:
+    t = col.type
+    if pa.types.is_floating(t) and t == pa.float64():
+        return col.to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t):
+        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    if pa.types.is_null(t):
+        return np.full(len(col), np.nan)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return _parse_strings(name, col, reasons)
+    raise InputError(f"feature column '{name}' has type {t}, which is not numeric")
+
+
+def _parse_strings(name: str, col: pa.Array | pa.ChunkedArray, reasons: dict[int, str]) -> np.ndarray:
+    # Fast path: Arrow parses the whole column; it raises if any value is not a number.
+    try:
+        values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = np.full(len(col), np.nan)
+        for i, raw in enumerate(col.to_pylist()):
+            if raw is None:
+                continue
+            try:
+                values[i] = float(raw)
+            except ValueError:
+                reasons.setdefault(i, f"feature '{name}': {raw[:80]!r} is not a number")
+    # 'nan' / 'inf' strings parse, but they are not data: a missing value is null, not the text 'nan'.
+    bad = ~np.isfinite(values) & ~np.asarray(pc.is_null(col))
+    for i in np.flatnonzero(bad):
+        reasons.setdefault(int(i), f"feature '{name}': {col[int(i)].as_py()[:80]!r} is not a finite number")
+    values[bad] = np.nan
+    return values
+
+
+def _categorical(col: pa.Array | pa.ChunkedArray, categories: list) -> np.ndarray:
+    value_set = pa.array(categories)
+    if col.type != value_set.type:
+        try:
+            col = pc.cast(col, value_set.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            col, value_set = pc.cast(col, pa.string()), pc.cast(value_set, pa.string())
+    # Unknown categories and nulls -> NaN, as LightGBM does for pandas categoricals it has not seen.
+    codes = pc.index_in(col, value_set=value_set)
+    return pc.cast(codes, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+class Scorer:
+    """Scores batches with one model. Thread-safe for concurrent ``score`` calls (no shared state)."""
+
+    def __init__(self, model: Model, id_column: str = "id", passthrough: list[str] | None = None):
+        self.model = model
+        self.id_column = id_column
+        self.passthrough = list(passthrough or [])
+
+    # -- stage 1 ---------------------------------------------------------------------------------
+    def check_columns(self, names: list[str] | pa.Schema) -> None:
+        """Raise InputError when the id, a feature or a passthrough column is missing."""
+        present = set(names.names if isinstance(names, pa.Schema) else names)
+        missing = [c for c in self.model.feature_names if c not in present]
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:10])
+            raise InputError(f"missing feature column(s) {shown}{' ...' if len(missing) > 10 else ''}")
+        for col in [self.id_column, *self.passthrough]:
+            if col not in present:
+                raise InputError(f"missing column '{col}'")
+
+    def features(self, batch: pa.RecordBatch | pa.Table) -> Features:
+        self.check_columns(batch.schema)
+        n = batch.num_rows
+        matrix = np.empty((n, len(self.model.feature_names)), dtype=np.float64)
+        reasons: dict[int, str] = {}
+        for i, name in enumerate(self.model.feature_names):
+            col = _plain(batch.column(name))
+            cats = self.model.categorical.get(i)
+            if cats is not None and not (pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
+                matrix[:, i] = _categorical(col, cats)
+            else:
+                matrix[:, i] = _numeric(name, col, reasons)
+        ids = batch.column(self.id_column)
+        if ids.null_count:
+            for i in np.flatnonzero(np.asarray(pc.is_null(ids))):
+                reasons.setdefault(int(i), f"missing id ('{self.id_column}' is null)")
+        return Features(matrix, reasons)
+
+    # -- stage 2 ---------------------------------------------------------------------------------
+    def finish(
+        self,
+        ids: pa.Array | pa.ChunkedArray,
+        feats: Features,
+        carry: dict[str, pa.Array | pa.ChunkedArray] | None = None,
+        raw_rows: list[dict] | None = None,
+    ) -> Scored:
+        """Predict the rows without a reason and build the result and error tables.
+
+        ``carry`` columns (passthrough values, source topic/partition/offset, file and row) go with
+        each row into results and errors. ``raw_rows`` gives the input values for the errors' ``raw``
+        column; when absent it is built from ``carry`` and the matrix.
+        """
+        carry = carry or {}
+        n = feats.matrix.shape[0]
+        version = pa.scalar(self.model.version, pa.string())
+        now = _now()
+        if feats.reasons:
+            bad_idx = np.fromiter(sorted(feats.reasons), dtype=np.int64)
+            good = np.ones(n, dtype=bool)
+            good[bad_idx] = False
+            good_idx = pa.array(np.flatnonzero(good))
+            matrix = np.ascontiguousarray(feats.matrix[good])
+            take = lambda col: col.take(good_idx)  # noqa: E731
+        else:
+            bad_idx = np.empty(0, dtype=np.int64)
+            matrix = feats.matrix
+            take = lambda col: col  # noqa: E731
+        m = matrix.shape[0]
+        cols: dict[str, pa.Array | pa.ChunkedArray] = {"id": take(ids)}
+        if m:
+            pred = self.model.predict(matrix)
+        else:
+            pred = np.empty((0, self.model.num_class) if self.model.multiclass else 0)
+        if self.model.multiclass:
+            cols["score"] = pa.array(pred.max(axis=1))
+            cols["label"] = pa.array(pred.argmax(axis=1).astype(np.int32))
+            cols["scores"] = pa.FixedSizeListArray.from_arrays(pa.array(pred.ravel()), self.model.num_class).cast(
+                pa.list_(pa.float64())
+            )
+        else:
+            cols["score"] = pa.array(pred, type=pa.float64())
+        cols["model_version"] = pa.repeat(version, m)
+        cols["scored_at"] = pa.repeat(now, m)
+        for name, col in carry.items():
+            cols[name] = take(col)
+        results = pa.table(cols)
+        errors = self._errors(ids, feats, bad_idx, carry, raw_rows, version, now)
+        return Scored(results, errors, bad_idx)
+
+    def _errors(self, ids, feats, bad_idx, carry, raw_rows, version, now) -> pa.Table:
+        idx = pa.array(bad_idx, type=pa.int64())
+        reasons = [feats.reasons[int(i)] for i in bad_idx]
+        if raw_rows is not None:
+            raws = [orjson.dumps(raw_rows[int(i)], default=str).decode() for i in bad_idx]
+        else:
+            raws = [self._raw_from_matrix(feats.matrix[int(i)]) for i in bad_idx]
+        cols: dict[str, pa.Array] = {
+            "id": pc.cast(ids.take(idx), pa.string()) if len(bad_idx) else pa.array([], pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+            "raw": pa.array(raws, pa.string()),
+            "model_version": pa.repeat(version, len(bad_idx)),
+            "scored_at": pa.repeat(now, len(bad_idx)),
+        }
+        for name, col in carry.items():
+            cols[name] = col.take(idx)
+        return pa.table(cols)
+
+    def _raw_from_matrix(self, row: np.ndarray) -> str:
+        values = {n: (None if np.isnan(v) else float(v)) for n, v in zip(self.model.feature_names, row, strict=True)}
+        return orjson.dumps(values).decode()
+
+    def score(self, batch: pa.RecordBatch | pa.Table, carry: dict | None = None) -> Scored:
+        """Both stages on an Arrow batch. ``carry`` adds columns (e.g. source file and row number)."""
+        feats = self.features(batch)
+        columns = {c: batch.column(c) for c in self.passthrough}
+        columns.update(carry or {})
+        raw_rows = None
+        if feats.reasons:
+            # The original values of rejected rows, as read (only built when there are any).
+            wanted = [self.id_column, *self.model.feature_names]
+            rows = batch.select(wanted).take(pa.array(sorted(feats.reasons), pa.int64())).to_pylist()
+            raw_rows = [{}] * batch.num_rows
+            for i, row in zip(sorted(feats.reasons), rows, strict=True):
+                raw_rows[i] = row
+        return self.finish(batch.column(self.id_column), feats, columns, raw_rows)

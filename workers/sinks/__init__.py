@@ -1,0 +1,49 @@
+"""Sinks store results; chosen by the URI scheme of the output (a plain dict, nothing self-registers)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from workers.errors import ConfigError
+from workers.settings import S3Settings
+from workers.sinks.base import Sink, UnitWriter
+
+
+def _parquet(uri: str, s3: S3Settings, **_: object) -> Sink:
+    from workers.sinks.parquet import ParquetSink
+
+    return ParquetSink(uri, s3)
+
+
+def _postgres(uri: str, s3: S3Settings, **_: object) -> Sink:
+    from workers.sinks.postgres import PostgresSink
+
+    return PostgresSink(uri)
+
+
+def _sqlite(uri: str, s3: S3Settings, **_: object) -> Sink:
+    from workers.sinks.sqlite import SqliteSink
+
+    return SqliteSink(uri)
+
+
+SINKS = {
+    "": _parquet,
+    "file": _parquet,
+    "s3": _parquet,
+    "postgresql": _postgres,
+    "postgres": _postgres,
+    "sqlite": _sqlite,
+}
+
+
+def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", **extra: object) -> Sink:
+    scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
+    factory = SINKS.get(scheme)
+    if factory is None:
+        known = ", ".join(f"{s}://" for s in sorted(SINKS) if s) + " or a directory"
+        raise ConfigError(setting, f"unknown scheme {scheme!r} in {uri!r}; use {known}")
+    return factory(uri, s3, **extra)
+
+
+__all__ = ["SINKS", "Sink", "UnitWriter", "open_sink"]

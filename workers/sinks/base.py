@@ -1,0 +1,66 @@
+"""The sink contract: where results and rejected rows are stored.
+
+A *unit* is what the runtime writes and then treats as done: one input file in batch mode, one
+partition's slice of a micro-batch in stream mode. The runtime's promises rest on these rules:
+
+- ``begin(unit)`` returns a writer; ``write(scored)`` may be called many times; ``commit()`` makes
+  everything written durable and visible, and only after it returns does the runtime record the unit
+  as finished (batch ledger) or commit Kafka offsets (stream). If the process dies before ``commit``
+  returns, the unit is written again later.
+- Writing the same unit again must not duplicate: keyed stores upsert on ``(id, model_version)``;
+  file stores name the output after the unit so a rewrite replaces it.
+- Failures raise ``SinkError`` (retryable). A writer that failed is ``abort()``-ed and nothing of it
+  is recorded as done.
+- ``done``/``mark_done`` keep the batch ledger (which inputs are finished, with their fingerprint) in
+  the same store as the results, so results and ledger cannot disagree about another store.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from workers.scoring import Scored
+
+
+class UnitWriter(ABC):
+    @abstractmethod
+    def write(self, scored: Scored) -> None:
+        """Add results and errors of one batch to the unit."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make the unit durable and visible. Raises SinkError on failure."""
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Discard what was written but not committed (best effort; idempotency covers the rest)."""
+
+
+class Sink(ABC):
+    #: a redacted description for logs (no passwords)
+    name: str = "sink"
+
+    @abstractmethod
+    def begin(self, unit: str) -> UnitWriter: ...
+
+    def write(self, unit: str, scored: Scored) -> None:
+        """Write one batch as a whole unit (stream mode)."""
+        writer = self.begin(unit)
+        try:
+            writer.write(scored)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    @abstractmethod
+    def done(self, unit: str) -> str | None:
+        """The fingerprint recorded when ``unit`` was finished, or None."""
+
+    @abstractmethod
+    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None: ...
+
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise SinkError when the store cannot be reached (used by ``check`` and readiness)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,157 @@
+"""Parquet dataset sink: one results file per unit, written under a temporary name then moved in place.
+
+Layout under the root (local directory or s3:// prefix):
+    <unit>.parquet           results of one input file (batch) or one partition slice (stream)
+    _errors/<unit>.parquet   rejected rows of that unit (only when there are any)
+    _state/<hash>.json       the ledger: finished inputs and their fingerprints
+Readers of the dataset (pyarrow, Spark, DuckDB) skip names starting with '_' and '.'.
+On S3 an object appears only when its upload completes, so the final key is written directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from workers.errors import SinkError
+from workers.scoring import Scored
+from workers.settings import S3Settings
+from workers.sinks.base import Sink, UnitWriter
+from workers.storage import is_s3, resolve
+
+
+def _name(unit: str) -> str:
+    return unit if unit.endswith(".parquet") else f"{unit}.parquet"
+
+
+class _File:
+    """A Parquet file written batch by batch and published atomically."""
+
+    def __init__(self, fs: pafs.FileSystem, final: str, atomic_rename: bool):
+        self.fs, self.final = fs, final
+        folder, base = final.rsplit("/", 1)
+        self.tmp = final
+        if atomic_rename:
+            # Named after the unit, so rewriting the unit clears what a killed writer left behind.
+            self.tmp = f"{folder}/.tmp-{base}-{uuid.uuid4().hex[:12]}"
+            self._remove_stale(folder, f".tmp-{base}-")
+        self.writer: pq.ParquetWriter | None = None
+
+    def _remove_stale(self, folder: str, prefix: str) -> None:
+        try:
+            entries = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.base_name.startswith(prefix) and len(entry.base_name) == len(prefix) + 12:
+                try:
+                    self.fs.delete_file(entry.path)
+                except OSError:
+                    pass
+
+    def write(self, table) -> None:
+        if self.writer is None:
+            if self.tmp != self.final:  # local disk; S3 has no directories to create
+                self.fs.create_dir(self.tmp.rsplit("/", 1)[0], recursive=True)
+            self.writer = pq.ParquetWriter(self.tmp, table.schema, filesystem=self.fs, compression="zstd")
+        self.writer.write_table(table)
+
+    def commit(self) -> bool:
+        if self.writer is None:
+            return False
+        self.writer.close()
+        if self.tmp != self.final:
+            self.fs.move(self.tmp, self.final)
+        return True
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()
+                if self.tmp != self.final:
+                    self.fs.delete_file(self.tmp)
+            except OSError:
+                pass
+
+
+class _ParquetUnit(UnitWriter):
+    def __init__(self, sink: ParquetSink, unit: str):
+        self.sink = sink
+        name = _name(unit)
+        self.results = _File(sink.fs, f"{sink.root}/{name}", sink.atomic_rename)
+        self.errors = _File(sink.fs, f"{sink.root}/_errors/{name}", sink.atomic_rename)
+
+    def write(self, scored: Scored) -> None:
+        try:
+            if scored.results.num_rows or self.results.writer is None:
+                self.results.write(scored.results)
+            if scored.errors.num_rows:
+                self.errors.write(scored.errors)
+        except OSError as exc:
+            raise SinkError(f"writing {self.results.final}: {exc}") from exc
+
+    def commit(self) -> None:
+        try:
+            self.results.commit()
+            if not self.errors.commit():
+                # A rewrite without rejected rows must not leave an older errors file behind.
+                try:
+                    self.sink.fs.delete_file(self.errors.final)
+                except (FileNotFoundError, OSError):
+                    pass
+        except OSError as exc:
+            raise SinkError(f"publishing {self.results.final}: {exc}") from exc
+
+    def abort(self) -> None:
+        self.results.abort()
+        self.errors.abort()
+
+
+class ParquetSink(Sink):
+    def __init__(self, uri: str, s3: S3Settings):
+        self.fs, self.root = resolve(uri, s3)
+        self.root = self.root.rstrip("/")
+        self.atomic_rename = not is_s3(uri)
+        self.name = uri
+
+    def begin(self, unit: str) -> UnitWriter:
+        return _ParquetUnit(self, unit)
+
+    def _state_path(self, unit: str) -> str:
+        return f"{self.root}/_state/{hashlib.sha256(unit.encode()).hexdigest()[:32]}.json"
+
+    def done(self, unit: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(self._state_path(unit)) as f:
+                entry = json.loads(f.read())
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return entry.get("fingerprint") if entry.get("unit") == unit else None
+
+    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
+        entry = {"unit": unit, "fingerprint": fingerprint, "rows": rows, "rejected": rejected, "at": time.time()}
+        out = _File(self.fs, self._state_path(unit), self.atomic_rename)
+        path = out.tmp
+        try:
+            if self.atomic_rename:
+                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(path) as f:
+                f.write(json.dumps(entry).encode())
+            if path != out.final:
+                self.fs.move(path, out.final)
+        except OSError as exc:
+            raise SinkError(f"recording {unit} as done: {exc}") from exc
+
+    def check(self) -> None:
+        try:
+            if self.atomic_rename:
+                self.fs.create_dir(self.root, recursive=True)
+            else:  # S3: the bucket must exist and be listable
+                self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True, recursive=False))
+        except OSError as exc:
+            raise SinkError(f"cannot use {self.name}: {exc}") from exc

@@ -1,0 +1,98 @@
+"""Parquet inputs: find the files, assign them to shards, stream their row groups in bounded memory."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from workers.errors import ConfigError, InputError
+from workers.settings import S3Settings
+from workers.storage import is_s3, resolve
+
+INPUT_SETTING = "SCORING_BATCH__INPUT"
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # path inside the filesystem
+    rel: str  # path relative to the input root: names the output file and picks the shard
+    size: int
+    mtime_ns: int | None
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the file is replaced: a finished input with the same fingerprint is skipped."""
+        return f"size={self.size};mtime_ns={self.mtime_ns}"
+
+
+def _visible(rel: str) -> bool:
+    # Spark/Hive markers (_SUCCESS), our own state (_state, _errors) and hidden temp files are not data.
+    return not any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def _info(info: pafs.FileInfo, rel: str) -> InputFile:
+    return InputFile(path=info.path, rel=rel, size=info.size or 0, mtime_ns=info.mtime_ns)
+
+
+def list_inputs(spec: str, s3: S3Settings) -> tuple[pafs.FileSystem, list[InputFile]]:
+    """Every Parquet file named by ``spec`` (a file, a directory, a glob or an s3:// prefix), sorted."""
+    fs, path = resolve(spec, s3)
+    if not is_s3(spec) and not path.startswith("/"):
+        path = os.path.abspath(path)
+    glob_at = min((path.find(c) for c in _GLOB_CHARS if c in path), default=-1)
+    if glob_at >= 0:
+        base = path[:glob_at].rsplit("/", 1)[0]
+        pattern = path
+    else:
+        base, pattern = path, None
+    try:
+        info = fs.get_file_info(base)
+    except OSError as exc:
+        raise ConfigError(INPUT_SETTING, f"cannot list {spec}: {exc}") from None
+    if info.type == pafs.FileType.File and pattern is None:
+        return fs, [_info(info, info.base_name)]
+    if info.type != pafs.FileType.Directory:
+        raise ConfigError(INPUT_SETTING, f"{spec} does not exist")
+    found = []
+    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if entry.type != pafs.FileType.File:
+            continue
+        rel = entry.path[len(base):].lstrip("/")
+        if not _visible(rel):
+            continue
+        if pattern is not None:
+            if not fnmatch.fnmatchcase(entry.path, pattern):
+                continue
+        elif not entry.path.endswith((".parquet", ".parq", ".pq")):
+            continue
+        found.append(_info(entry, rel))
+    return fs, sorted(found, key=lambda f: f.rel)
+
+
+def shard_of(rel: str, shard_count: int) -> int:
+    """A stable shard for a path: the same on every pod, process and Python version (not ``hash()``)."""
+    digest = hashlib.sha256(rel.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % shard_count
+
+
+def open_parquet(fs: pafs.FileSystem, f: InputFile) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fs.open_input_file(f.path))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"cannot read {f.rel} as Parquet: {exc}") from None
+
+
+def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Row groups one at a time: memory holds about one row group and one batch, whatever the file size."""
+    try:
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"corrupt Parquet data: {exc}") from None
