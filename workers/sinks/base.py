@@ -52,6 +52,14 @@ class Sink(ABC):
             writer.abort()
             raise
 
+    def write_stream(self, scored: Scored) -> None:
+        """Store one micro-batch's results (stream mode): durable and idempotent when it returns.
+
+        Results carry ``topic``, ``partition`` and ``offset`` columns. Table sinks write the whole batch
+        in one transaction; file sinks override this to write one file per partition slice.
+        """
+        self.write("stream", scored)
+
     @abstractmethod
     def done(self, unit: str) -> str | None:
         """The fingerprint recorded when ``unit`` was finished, or None."""

@@ -122,6 +122,10 @@ class ParquetSink(Sink):
     def begin(self, unit: str) -> UnitWriter:
         return _ParquetUnit(self, unit)
 
+    def write_stream(self, scored: Scored) -> None:
+        for unit, part in _stream_units(scored):
+            self.write(unit, part)
+
     def _state_path(self, unit: str) -> str:
         return f"{self.root}/_state/{hashlib.sha256(unit.encode()).hexdigest()[:32]}.json"
 
@@ -155,3 +159,24 @@ class ParquetSink(Sink):
                 self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True, recursive=False))
         except OSError as exc:
             raise SinkError(f"cannot use {self.name}: {exc}") from exc
+
+
+def _stream_units(scored: Scored) -> list[tuple[str, Scored]]:
+    """Split a stream batch by (topic, partition): unit ``topic/partition=P/<first offset>``.
+
+    A redelivered slice starts at the same committed offset, so it gets the same name and replaces the
+    file an uncommitted attempt left behind.
+    """
+    import pyarrow.compute as pc
+
+    results = scored.results
+    if results.num_rows == 0:
+        return []
+    keys = results.select(["topic", "partition"]).group_by(["topic", "partition"]).aggregate([])
+    out = []
+    for topic, partition in zip(keys["topic"].to_pylist(), keys["partition"].to_pylist(), strict=True):
+        mask = pc.and_(pc.equal(results["topic"], topic), pc.equal(results["partition"], partition))
+        part = results.filter(mask)
+        first = pc.min(part["offset"]).as_py()
+        out.append((f"{topic}/partition={partition}/{first:020d}", Scored(part, scored.errors.slice(0, 0))))
+    return out

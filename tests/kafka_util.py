@@ -1,0 +1,100 @@
+"""Kafka test helpers built on confluent-kafka: an independent client, so a bug shared by our
+producer and consumer (kafka-python) cannot hide."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+# Tansu joins a group after about half the session timeout: keep it short in tests.
+FAST_GROUP = ["--session-timeout-ms", "6000", "--heartbeat-interval-ms", "2000"]
+
+
+class KafkaHelper:
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        self.procs: list[subprocess.Popen] = []
+
+    def topic(self, partitions: int = 3, prefix: str = "t") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        futures = self.admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        for f in futures.values():
+            f.result(15)
+        return name
+
+    def produce(self, topic: str, records: list[tuple[bytes | None, bytes | None]], partition: int | None = None,
+                one_per_request: bool = False) -> None:
+        for key, value in records:
+            kwargs = {} if partition is None else {"partition": partition}
+            self.producer.produce(topic, key=key, value=value, **kwargs)
+            if one_per_request:
+                self.producer.flush(10)
+            else:
+                self.producer.poll(0)
+        assert self.producer.flush(30) == 0
+
+    def produce_json(self, topic: str, objs: list[dict], **kw) -> None:
+        self.produce(topic, [(str(o.get("id", "")).encode(), orjson.dumps(o)) for o in objs], **kw)
+
+    def consume_all(self, topic: str, expect: int, timeout: float = 30.0) -> list:
+        """Every message of ``topic`` (all partitions, from the start), waiting until ``expect`` arrived."""
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+                             "enable.auto.commit": False})
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+        out = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(out) < expect:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                out.append(msg)
+        # Linger briefly so an unexpected extra message is seen, not missed.
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                out.append(msg)
+        consumer.close()
+        return out
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
+        got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        consumer.close()
+        # librdkafka reports "nothing committed" as a negative sentinel (-1001): that is offset 0 here.
+        return {tp.partition: max(tp.offset, 0) for tp in got}
+
+    def worker(self, *args: str, env: dict | None = None, log: str | None = None) -> subprocess.Popen:
+        """Start ``scoring-worker stream`` as a real process against this broker."""
+        cmd = [sys.executable, "-m", "workers", "stream", "--bootstrap-servers", self.bootstrap, *FAST_GROUP, *args]
+        out = open(log, "w") if log else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.producer.flush(5)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,85 @@
+"""The stream record decoder: every kind of bad record gets a reason, good ones match the scorer."""
+
+import numpy as np
+import orjson
+
+from workers.model import load_model
+from workers.records import RecordDecoder
+from workers.settings import ModelSettings
+
+
+def decoder(models, kind="binary", **kw):
+    return RecordDecoder(load_model(ModelSettings(path=models[kind])), **kw)
+
+
+def good(i, **extra):
+    return orjson.dumps({"id": f"r{i}", **{f"x{j}": j * 0.5 + i for j in range(8)}, **extra})
+
+
+def test_good_records_become_a_matrix_in_model_order(models):
+    out = decoder(models).decode([good(1), good(2, other="ignored"), orjson.dumps({"id": 3, "x0": None})])
+    assert out.ids == ["r1", "r2", "3"]
+    assert not out.features.reasons
+    assert out.features.matrix.shape == (3, 8)
+    assert out.features.matrix[0].tolist() == [j * 0.5 + 1 for j in range(8)]
+    assert np.isnan(out.features.matrix[2]).all()
+
+
+def test_each_kind_of_bad_record_gets_its_reason(models):
+    values = [
+        b"\xff\xfe not utf-8",
+        b"{not json",
+        b"[1, 2]",
+        b'"just a string"',
+        orjson.dumps({"x0": 1.0}),
+        orjson.dumps({"id": None}),
+        orjson.dumps({"id": {"a": 1}}),
+        orjson.dumps({"id": "a", "x3": "1.5"}),
+        orjson.dumps({"id": "b", "x3": True}),
+        orjson.dumps({"id": "c", "x3": [1]}),
+        b'{"id": "d", "x0": NaN}',
+        b'{"id": "e", "x0": Infinity}',
+        None,
+        orjson.dumps({"id": ""}),
+        orjson.dumps({"id": "x" * 2000}),
+        good(9),
+    ]
+    out = decoder(models).decode(values)
+    r = out.features.reasons
+    assert sorted(r) == list(range(15)), r
+    assert r[0].startswith("not valid JSON") and r[1].startswith("not valid JSON")
+    assert r[2] == "JSON list where an object was expected" and r[3] == "JSON str where an object was expected"
+    assert r[4] == r[5] == "missing id field 'id'"
+    assert "must be a string or integer" in r[6]
+    assert r[7] == "feature 'x3': expected a number, got str \"1.5\""
+    assert r[8] == "feature 'x3': expected a number, got bool true"
+    assert "got list" in r[9]
+    assert r[10].startswith("not valid JSON") and r[11].startswith("not valid JSON")
+    assert r[12] == "empty value (tombstone)"
+    assert "1 to 1024 characters" in r[13] and "1 to 1024 characters" in r[14]
+    assert out.ids[15] == "r9"
+
+
+def test_key_as_id_and_custom_id_field(models):
+    d = decoder(models, id_field="user", key_as_id=True)
+    out = d.decode([orjson.dumps({"x0": 1}), orjson.dumps({"user": "u7"})], keys=[b"k1", b"k2"])
+    assert out.ids == ["k1", "u7"] and not out.features.reasons
+
+
+def test_categorical_records_map_through_the_model_categories(models):
+    import lightgbm as lgb
+
+    d = decoder(models, "categorical")
+    objs = [{"id": "a", **{f"x{j}": 0.1 for j in range(8)}, "color": "green", "size": 10},
+            {"id": "b", **{f"x{j}": 0.1 for j in range(8)}, "color": "purple", "size": None}]
+    out = d.decode([orjson.dumps(o) for o in objs])
+    assert not out.features.reasons
+    booster = lgb.Booster(model_file=models["categorical"])
+    import pandas as pd
+
+    df = pd.DataFrame(objs)
+    df["color"] = pd.Categorical(df["color"].where(df["color"] != "purple"), categories=["red", "green", "blue"])
+    df["size"] = pd.Categorical(df["size"], categories=[1, 5, 10])
+    expected = booster.predict(df[booster.feature_name()])
+    got = booster.predict(out.features.matrix)
+    assert np.max(np.abs(got - expected)) <= 1e-12

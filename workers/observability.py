@@ -1,0 +1,135 @@
+"""Metrics (Prometheus) and probes (/healthz, /readyz) on one small HTTP server in a thread.
+
+- ``/healthz``: the main loop ticked recently (the process is not wedged).
+- ``/readyz``: the model is loaded, the sink answered its last write or check, and no assigned
+  partition is stalled (lag above zero and no record processed for ``stall_seconds``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.consumed = Counter("scoring_records_consumed", "Records read from Kafka", ["topic"], registry=r)
+        self.scored = Counter("scoring_records_scored", "Records scored", ["topic", "model_version"], registry=r)
+        self.written = Counter("scoring_records_written", "Results stored by the sink (committed)",
+                               ["topic", "model_version"], registry=r)
+        self.dead_lettered = Counter("scoring_records_dead_lettered", "Records sent to the dead-letter topic",
+                                     ["topic", "model_version"], registry=r)
+        self.sink_errors = Counter("scoring_sink_errors", "Failed sink writes (retried)", registry=r)
+        self.commit_failures = Counter("scoring_commit_failures", "Offset commits that failed (rebalance)",
+                                       registry=r)
+        self.rebalances = Counter("scoring_rebalances", "Partition assignments and revocations", ["kind"],
+                                  registry=r)
+        self.batch_size = Histogram("scoring_batch_size", "Records per micro-batch", buckets=SIZE_BUCKETS,
+                                    registry=r)
+        self.batch_seconds = Histogram("scoring_batch_seconds", "Time from poll to commit per batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end = Histogram("scoring_produce_to_stored_seconds",
+                                    "Record timestamp to result stored", buckets=LATENCY_BUCKETS, registry=r)
+        self.lag = Gauge("scoring_consumer_lag", "High watermark minus next offset to process",
+                         ["topic", "partition"], registry=r)
+        self.ready = Gauge("scoring_ready", "1 when /readyz answers 200", registry=r)
+        self.max_records = Gauge("scoring_batch_max_records", "Current (adaptive) batch size limit", registry=r)
+
+
+@dataclass
+class Health:
+    liveness_timeout_s: float = 60.0
+    stall_seconds: float = 60.0
+    model_loaded: bool = False
+    sink_ok: bool = False
+    sink_error: str = ""
+    last_tick: float = field(default_factory=time.monotonic)
+    # (topic, partition) -> (lag, monotonic time of the last progress)
+    partitions: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    def progress(self, tp: tuple[str, int], lag: int, advanced: bool) -> None:
+        with self.lock:
+            _, since = self.partitions.get(tp, (0, time.monotonic()))
+            self.partitions[tp] = (lag, time.monotonic() if advanced or lag == 0 else since)
+
+    def forget(self, tps: list[tuple[str, int]] | None = None) -> None:
+        with self.lock:
+            for tp in list(self.partitions) if tps is None else tps:
+                self.partitions.pop(tp, None)
+
+    def alive(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self.last_tick
+        return idle < self.liveness_timeout_s, f"loop ticked {idle:.1f}s ago"
+
+    def stalled(self) -> list[str]:
+        now = time.monotonic()
+        with self.lock:
+            return [f"{t}[{p}] lag {lag}, no progress for {now - since:.0f}s"
+                    for (t, p), (lag, since) in self.partitions.items()
+                    if lag > 0 and now - since > self.stall_seconds]
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        problems = []
+        if not self.model_loaded:
+            problems.append("model not loaded")
+        if not self.sink_ok:
+            problems.append(f"sink unavailable: {self.sink_error or 'not checked yet'}")
+        problems += [f"stalled: {s}" for s in self.stalled()]
+        return not problems, problems
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            ok, text = self.server.health.alive()
+            self._send(200 if ok else 503, ("ok: " if ok else "not alive: ") + text)
+        elif path == "/readyz":
+            ok, problems = self.server.health.readiness()
+            self.server.metrics.ready.set(1 if ok else 0)
+            self._send(200 if ok else 503, "ready" if ok else "not ready: " + "; ".join(problems))
+        elif path == "/metrics":
+            ok, _ = self.server.health.readiness()
+            self.server.metrics.ready.set(1 if ok else 0)
+            self._send(200, generate_latest(self.server.metrics.registry), CONTENT_TYPE_LATEST)
+        else:
+            self._send(404, "not found")
+
+    def _send(self, code: int, body: str | bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - probes are not worth a log line
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    health: Health
+    metrics: Metrics
+
+
+def serve_probes(port: int, health: Health, metrics: Metrics, host: str = "0.0.0.0") -> _Server:  # noqa: S104
+    """Start the probe server in a daemon thread; ``server.server_address[1]`` is the bound port."""
+    server = _Server((host, port), _Handler)
+    server.health, server.metrics = health, metrics
+    threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
+    return server

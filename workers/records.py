@@ -1,0 +1,132 @@
+"""JSON records (bytes) -> the scorer's feature matrix, with a reason for each record that cannot be scored.
+
+A record is a JSON object with an id field and the model's features by name; other fields are ignored
+unless listed for passthrough. Numeric features take JSON numbers or null (missing); categorical
+features take the category value (string or integer) the model was trained on, unseen ones are missing.
+Decoding happens here, in our loop, never inside a Kafka client deserializer: an exception there would
+make the client retry the same message forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from workers.model import Model
+from workers.scoring import Features
+
+_NUMERIC = frozenset({int, float, type(None)})
+MAX_ID_LENGTH = 1024
+
+
+@dataclass
+class Decoded:
+    ids: list[str | None]
+    features: Features
+    passthrough: dict[str, list[Any]] = field(default_factory=dict)
+    raw: list[dict | None] = field(default_factory=list)  # parsed objects (for the errors' raw column)
+
+
+class RecordDecoder:
+    def __init__(self, model: Model, id_field: str = "id", key_as_id: bool = False,
+                 passthrough: Sequence[str] = ()):
+        self.names = list(model.feature_names)
+        self.id_field = id_field
+        self.key_as_id = key_as_id
+        self.passthrough = list(passthrough)
+        # feature index -> {category value -> code}; None-valued entries keep integer codes as they are.
+        self.categorical: dict[int, dict[Any, float] | None] = {
+            i: (None if cats is None else {v: float(c) for c, v in enumerate(cats)})
+            for i, cats in model.categorical.items()
+        }
+        self.numeric_only = not self.categorical
+
+    def _reason_for(self, row: list[Any]) -> str | None:
+        """Slow path: find what is wrong in a row whose values are not all numbers or null."""
+        for j, v in enumerate(row):
+            t = type(v)
+            if t in _NUMERIC and t is not bool:
+                continue
+            mapping = self.categorical.get(j, False)
+            if mapping is not False and mapping is not None and isinstance(v, str | int) and t is not bool:
+                continue
+            shown = orjson.dumps(v).decode()[:60] if not isinstance(v, bytes) else repr(v)[:60]
+            return f"feature '{self.names[j]}': expected a number, got {type(v).__name__} {shown}"
+        return None
+
+    def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None) -> Decoded:
+        n = len(values)
+        width = len(self.names)
+        rows: list[list[Any]] = []
+        reasons: dict[int, str] = {}
+        ids: list[str | None] = []
+        raw: list[dict | None] = []
+        passthrough: dict[str, list[Any]] = {name: [] for name in self.passthrough}
+        nan_row = [None] * width
+        id_field, names = self.id_field, self.names
+        for i in range(n):
+            value = values[i]
+            obj: Any = None
+            reason = None
+            if value is None:
+                reason = "empty value (tombstone)"
+            else:
+                try:
+                    obj = orjson.loads(value)
+                except orjson.JSONDecodeError as exc:
+                    reason = f"not valid JSON: {str(exc)[:120]}"
+            if reason is None and not isinstance(obj, dict):
+                reason = f"JSON {type(obj).__name__} where an object was expected"
+                obj = None
+            rid: Any = None
+            if reason is None:
+                rid = obj.get(id_field)
+                if rid is None and self.key_as_id and keys is not None and keys[i] is not None:
+                    try:
+                        rid = keys[i].decode("utf-8")
+                    except UnicodeDecodeError:
+                        reason = "message key is not UTF-8 text"
+                if reason is None:
+                    if rid is None:
+                        reason = f"missing id field '{id_field}'"
+                    elif type(rid) is int:
+                        rid = str(rid)
+                    elif type(rid) is not str:
+                        reason = f"id field '{id_field}' must be a string or integer, got {type(rid).__name__}"
+                    elif not rid or len(rid) > MAX_ID_LENGTH:
+                        reason = f"id field '{id_field}' must have 1 to {MAX_ID_LENGTH} characters"
+            if reason is None:
+                row = [obj.get(name) for name in names]
+                if not _NUMERIC.issuperset(map(type, row)):
+                    reason = self._reason_for(row)
+                if reason is None and not self.numeric_only:
+                    for j, mapping in self.categorical.items():
+                        v = row[j]
+                        if mapping is not None and v is not None:
+                            row[j] = mapping.get(v)
+            if reason is not None:
+                reasons[i] = reason
+                row = nan_row
+                rid = rid if isinstance(rid, str) else None
+            rows.append(row)
+            ids.append(rid)
+            raw.append(obj if isinstance(obj, dict) else None)
+            for name, col in passthrough.items():
+                col.append(obj.get(name) if isinstance(obj, dict) else None)
+        matrix = np.array(rows, dtype=np.float64) if rows else np.empty((0, width))
+        if matrix.ndim != 2:
+            matrix = matrix.reshape(n, width)
+        return Decoded(ids, Features(matrix, reasons), passthrough, raw)
+
+    @staticmethod
+    def passthrough_array(values: list[Any]) -> pa.Array:
+        """Arrow array of passthrough values; mixed types are kept as JSON text."""
+        try:
+            return pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], pa.string())
