@@ -191,6 +191,23 @@ def demo(folder: str, rows: int) -> None:
     run_demo(folder, rows)
 
 
+@cli.command("produce")
+@click.option("--bootstrap-servers", default="127.0.0.1:9092", show_default=True)
+@click.option("--topic", required=True, help="Topic to write (created if missing).")
+@click.option("--input", "source", required=True, help="Parquet file or directory whose rows become records.")
+@click.option("--partitions", default=6, show_default=True, help="Partitions when the topic is created.")
+@click.option("--bad", default=0, show_default=True, help="Also send this many malformed records.")
+@click.option("--limit", type=int, default=None, help="Stop after this many rows.")
+@click.option("--id-column", default="id", show_default=True)
+def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int, bad: int, limit: int | None,
+                id_column: str) -> None:
+    """Publish Parquet rows as JSON records (a tool for trying stream mode; not used in production)."""
+    from workers.devtools import produce
+
+    setup_logging("WARNING")
+    produce(bootstrap_servers, topic, source, partitions, bad, limit, id_column)
+
+
 @cli.command("settings")
 def settings_reference() -> None:
     """Print every setting as a Markdown table (env var, default, meaning): the README's reference."""

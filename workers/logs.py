@@ -35,3 +35,5 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # kafka-python logs every reconnect at INFO/WARNING; keep ours readable.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # kafka-python's event loop warns about its own slow tasks; not actionable for an operator.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)

@@ -1,0 +1,126 @@
+"""Stream mode into each sink's real counterpart: Kafka topic, Parquet dataset, SQLite (the default)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+
+import lightgbm as lgb
+import numpy as np
+import orjson
+import pyarrow.dataset as ds
+import pytest
+
+from tests.kafka_util import wait_for
+from tests.test_stream import FEATURES, records
+
+pytestmark = pytest.mark.kafka
+
+
+def expected(models, recs):
+    booster = lgb.Booster(model_file=models["binary"])
+    return dict(zip([r["id"] for r in recs], booster.predict(np.array([[r[f] for f in FEATURES] for r in recs])),
+                    strict=True))
+
+
+def test_kafka_sink_results_keyed_by_id(models, kafka):
+    src, out = kafka.topic(partitions=3), kafka.topic(partitions=2, prefix="out")
+    recs = records(2000)
+    kafka.produce_json(src, recs)
+    worker = kafka.worker("--model", models["binary"], "--topic", src, "--group", f"g-{src}", "--sink",
+                          f"kafka://{out}", "--metrics-port", "0")
+    msgs = kafka.consume_all(out, 2000, timeout=60)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert len(msgs) == 2000
+    exp = expected(models, recs)
+    for m in msgs:
+        row = orjson.loads(m.value())
+        assert m.key().decode() == row["id"]
+        assert abs(row["score"] - exp[row["id"]]) <= 1e-9
+        assert row["topic"] == src and row["model_version"].startswith("binary-") and row["scored_at"]
+    assert sorted(orjson.loads(m.value())["id"] for m in msgs) == sorted(exp)
+
+
+def test_parquet_sink_redelivery_overwrites_instead_of_duplicating(models, kafka, tmp_path):
+    src = kafka.topic(partitions=2)
+    recs = records(40_000)
+    kafka.produce_json(src, recs)
+    out = str(tmp_path / "ds")
+    args = ("--model", models["binary"], "--topic", src, "--group", f"g-{src}", "--sink", out,
+            "--max-records", "500", "--metrics-port", "0")
+    first = kafka.worker(*args)
+
+    def files() -> int:
+        return sum(len([f for f in fs if f.endswith(".parquet")]) for _, _, fs in os.walk(out))
+
+    wait_for(lambda: files() >= 5, 60, interval=0.01, what="first files")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = kafka.worker(*args)
+
+    def stored() -> int:
+        try:
+            return ds.dataset(out, format="parquet").count_rows()
+        except (OSError, ValueError):
+            return 0
+
+    wait_for(lambda: stored() >= 40_000, 120, what="all rows in the dataset")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+    table = ds.dataset(out, format="parquet").to_table(columns=["id", "score", "partition", "offset"])
+    ids = table["id"].to_pylist()
+    assert len(ids) == 40_000 and len(set(ids)) == 40_000
+    exp = expected(models, recs)
+    assert max(abs(s - exp[i]) for i, s in zip(ids, table["score"].to_pylist(), strict=True)) <= 1e-9
+    assert all(name.startswith("partition=") for name in os.listdir(os.path.join(out, src)))
+
+
+def test_default_sink_is_sqlite_without_any_server(models, kafka, tmp_path):
+    src = kafka.topic(partitions=1)
+    recs = records(500)
+    kafka.produce_json(src, recs)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        worker = kafka.worker("--model", models["binary"], "--topic", src, "--group", f"g-{src}",
+                              "--metrics-port", "0")
+    finally:
+        os.chdir(cwd)
+    db = tmp_path / "scores.db"
+
+    def n() -> int:
+        try:
+            return sqlite3.connect(db).execute("select count(*) from scores").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    wait_for(lambda: n() >= 500, 60, what="rows in sqlite")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    con = sqlite3.connect(db)
+    assert con.execute("select count(*), count(distinct id) from scores").fetchone() == (500, 500)
+    exp = expected(models, recs)
+    assert max(abs(s - exp[i]) for i, s in con.execute("select id, score from scores")) <= 1e-9
+
+
+def test_secrets_never_appear_in_help_or_logs(models, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "SCORING_KAFKA__SASL_PASSWORD": "hunter2-very-secret"}
+    helptext = subprocess.run([sys.executable, "-m", "workers", "stream", "--help"], capture_output=True, text=True,
+                              env=env).stdout
+    assert "hunter2" not in helptext and "--sasl-password" not in helptext
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers", "stream", "--model", models["binary"], "--topic", "t",
+         "--bootstrap-servers", f"127.0.0.1:{free_port()}", "--security-protocol", "SASL_PLAINTEXT",
+         "--sasl-mechanism", "PLAIN", "--sasl-username", "u", "--metrics-port", "0",
+         "--sink", f"postgresql://u:pg-secret-pw@127.0.0.1:{free_port()}/db?table=t", "--log-level", "DEBUG"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach Kafka")
+    assert "hunter2" not in proc.stdout + proc.stderr and "pg-secret-pw" not in proc.stdout + proc.stderr
