@@ -171,6 +171,24 @@ def stream(settings: Settings) -> None:
 
 @cli.command()
 @common
+@setting("--host", "serve.host")
+@setting("--port", "serve.port")
+@setting("--model-name", "serve.model_name")
+@setting("--max-batch-rows", "serve.max_batch_rows")
+@setting("--max-latency-ms", "serve.max_latency_ms")
+@setting("--max-body-bytes", "serve.max_body_bytes")
+@setting("--reply-type", "serve.reply_type")
+@setting("--sink", "serve.sink")
+@with_settings
+def serve(settings: Settings) -> None:
+    """HTTP for Knative: the Open Inference Protocol (KServe v2) and CloudEvents (KafkaSource)."""
+    from workers.runtime.serve import run_serve
+
+    sys.exit(run_serve(settings))
+
+
+@cli.command()
+@common
 @kafka_options
 @with_settings
 def check(settings: Settings) -> None:

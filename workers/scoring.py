@@ -130,6 +130,14 @@ class Scorer:
             if col not in present:
                 raise InputError(f"missing column '{col}'")
 
+    def good_matrix(self, feats: Features) -> np.ndarray:
+        """The rows that can be scored, C-contiguous (what predict takes)."""
+        if not feats.reasons:
+            return feats.matrix
+        keep = np.ones(feats.matrix.shape[0], dtype=bool)
+        keep[list(feats.reasons)] = False
+        return np.ascontiguousarray(feats.matrix[keep])
+
     def features(self, batch: pa.RecordBatch | pa.Table) -> Features:
         self.check_columns(batch.schema)
         n = batch.num_rows
@@ -155,12 +163,14 @@ class Scorer:
         feats: Features,
         carry: dict[str, pa.Array | pa.ChunkedArray] | None = None,
         raw_rows: list[dict] | None = None,
+        predictions: np.ndarray | None = None,
     ) -> Scored:
         """Predict the rows without a reason and build the result and error tables.
 
         ``carry`` columns (passthrough values, source topic/partition/offset, file and row) go with
         each row into results and errors. ``raw_rows`` gives the input values for the errors' ``raw``
-        column; when absent it is built from ``carry`` and the matrix.
+        column; when absent it is built from ``carry`` and the matrix. ``predictions`` of the good rows,
+        when given (serve mode batches several requests into one predict call), replace predicting here.
         """
         carry = carry or {}
         n = feats.matrix.shape[0]
@@ -179,7 +189,9 @@ class Scorer:
             take = lambda col: col  # noqa: E731
         m = matrix.shape[0]
         cols: dict[str, pa.Array | pa.ChunkedArray] = {"id": take(ids)}
-        if m:
+        if predictions is not None:
+            pred = predictions
+        elif m:
             pred = self.model.predict(matrix)
         else:
             pred = np.empty((0, self.model.num_class) if self.model.multiclass else 0)

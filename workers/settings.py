@@ -167,6 +167,27 @@ class StreamSettings(BaseModel):
         return self.dead_letter_topic or f"{topic}.dlq"
 
 
+class ServeSettings(BaseModel):
+    model_config = _GROUP_CONFIG
+
+    host: str = "0.0.0.0"  # noqa: S104 - a container listens on every interface
+    """Address to listen on."""
+    port: int = Field(8080, ge=0, le=65535)
+    """HTTP port (Knative sends traffic to 8080 by default); /healthz, /readyz and /metrics are served here too."""
+    model_name: str | None = None
+    """Model name in `/v2/models/{name}` URLs; default: the model file's stem."""
+    max_batch_rows: int = Field(256, ge=1, le=1_000_000)
+    """Adaptive batching: most rows gathered from concurrent requests into one predict call."""
+    max_latency_ms: float = Field(2.0, ge=0, le=10_000)
+    """Adaptive batching: longest time a request waits for others to join its batch."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; bigger ones get 413."""
+    reply_type: str = "scoring.result"
+    """CloudEvent `type` of the reply event."""
+    sink: str | None = None
+    """Optional: also write CloudEvent results to this sink (same URIs as stream mode) before replying."""
+
+
 class Settings(BaseSettings):
     """All settings. Env: `SCORING_<GROUP>__<NAME>`, e.g. `SCORING_MODEL__PATH`."""
 
@@ -184,6 +205,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the JSON log lines written to stderr."""
 

@@ -1,0 +1,1 @@
+"""Wire formats: Open Inference Protocol tensors and CloudEvents. Pure functions, no I/O."""

@@ -1,0 +1,346 @@
+"""Serve mode: an ASGI app (Starlette under uvicorn) for Knative, KServe, Triton and MLServer clients.
+
+Routes: the Open Inference Protocol v2 REST API under ``/v2``; CloudEvents (binary, structured, batch) on
+``POST /``; ``/healthz``, ``/readyz`` and ``/metrics``. User input never produces a 5xx: malformed bodies,
+wrong shapes or types, unknown models and oversized bodies get a 4xx with ``{"error": "..."}``.
+
+Adaptive batching: concurrent requests are queued and gathered into one predict call of at most
+``max_batch_rows`` rows, waiting at most ``max_latency_ms`` for company. Predict runs on one worker thread,
+so while it runs the next batch fills up by itself. A request larger than ``max_batch_rows`` is scored
+alone and never split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+
+import numpy as np
+import orjson
+import pyarrow as pa
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from workers.encodings import cloudevents as ce
+from workers.encodings import oip
+from workers.encodings.oip import BadRequest
+from workers.model import Model, load_model
+from workers.observability import LATENCY_BUCKETS, SIZE_BUCKETS, Metrics
+from workers.records import RecordDecoder
+from workers.scoring import Scorer
+from workers.settings import Settings
+
+log = logging.getLogger("workers.serve")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+        super().__init__(message)
+
+
+class Batcher:
+    """Gathers concurrent predict calls into batches; see the module docstring."""
+
+    def __init__(self, model: Model, max_rows: int, max_latency_s: float, rows_hist: Histogram,
+                 requests_hist: Histogram):
+        self.model, self.max_rows, self.max_latency_s = model, max_rows, max_latency_s
+        self.rows_hist, self.requests_hist = rows_hist, requests_hist
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
+        self.carry: tuple[np.ndarray, asyncio.Future] | None = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="predict")
+        self.task: asyncio.Task | None = None
+
+    async def predict(self, matrix: np.ndarray) -> np.ndarray:
+        if matrix.shape[0] == 0:
+            return np.empty((0, self.model.num_class) if self.model.multiclass else 0)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self.queue.put((matrix, future))
+        return await future
+
+    async def _next(self, timeout: float | None) -> tuple[np.ndarray, asyncio.Future] | None:
+        if self.carry is not None:
+            item, self.carry = self.carry, None
+            return item
+        if timeout is None:
+            return await self.queue.get()
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            assert first is not None
+            items, rows = [first], first[0].shape[0]
+            deadline = loop.time() + self.max_latency_s
+            while rows < self.max_rows:
+                item = await self._next(deadline - loop.time())
+                if item is None:
+                    break
+                if rows + item[0].shape[0] > self.max_rows:
+                    self.carry = item  # starts the next batch; requests are never split
+                    break
+                items.append(item)
+                rows += item[0].shape[0]
+            matrix = items[0][0] if len(items) == 1 else np.concatenate([m for m, _ in items])
+            self.rows_hist.observe(rows)
+            self.requests_hist.observe(len(items))
+            try:
+                pred = await loop.run_in_executor(self.executor, self.model.predict, matrix)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                for _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            start = 0
+            for m, fut in items:
+                if not fut.done():
+                    fut.set_result(pred[start:start + m.shape[0]])
+                start += m.shape[0]
+
+
+class App:
+    def __init__(self, settings: Settings, model: Model | None = None):
+        self.settings = settings
+        sv = settings.serve
+        self.model = model or load_model(settings.model, settings.s3)
+        self.name = sv.model_name or PurePosixPath(self.model.source.split("://", 1)[-1]).stem
+        self.scorer = Scorer(self.model, settings.scoring.id_column, settings.scoring.passthrough)
+        self.decoder = RecordDecoder(self.model, settings.scoring.id_column, True, settings.scoring.passthrough)
+        self.metrics = Metrics()
+        r = self.metrics.registry
+        self.requests = Counter("scoring_http_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.latency = Histogram("scoring_http_request_seconds", "HTTP request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        rows = Histogram("scoring_serve_batch_rows", "Rows per predict call", buckets=SIZE_BUCKETS, registry=r)
+        reqs = Histogram("scoring_serve_batch_requests", "Requests per predict call", buckets=SIZE_BUCKETS,
+                         registry=r)
+        self.batcher = Batcher(self.model, sv.max_batch_rows, sv.max_latency_ms / 1000, rows, reqs)
+        self.sink = None
+        self.sink_executor = ThreadPoolExecutor(1, thread_name_prefix="sink")
+        if sv.sink:
+            from workers.sinks import open_sink
+
+            self.sink = open_sink(sv.sink, settings.s3, setting="SCORING_SERVE__SINK", kafka=settings.kafka)
+        self.source = f"scoring-workers/{self.name}/{self.model.version}"
+        self.ready = False
+
+    # -- plumbing --------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette):
+        self.batcher.task = asyncio.create_task(self.batcher.run())
+        self.ready = True
+        log.info("serve start", extra={"model": self.name, "model_version": self.model.version})
+        try:
+            yield
+        finally:
+            self.ready = False
+            self.batcher.task.cancel()
+            if self.sink is not None:
+                self.sink.close()
+
+    def route(self, name: str, fn):
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await fn(request)
+            except HTTPError as exc:
+                response = self.error(exc.status, exc.message)
+            except BadRequest as exc:
+                response = self.error(400, str(exc))
+            except Exception:
+                log.exception("unexpected error", extra={"route": name})
+                response = self.error(500, "internal error")
+            self.requests.labels(name, str(response.status_code)).inc()
+            self.latency.labels(name).observe(time.perf_counter() - started)
+            return response
+        return endpoint
+
+    @staticmethod
+    def error(status: int, message: str) -> Response:
+        return Response(orjson.dumps({"error": message}), status, media_type="application/json")
+
+    @staticmethod
+    def json(obj: object, status: int = 200) -> Response:
+        return Response(orjson.dumps(obj), status, media_type="application/json")
+
+    async def body(self, request: Request) -> bytes:
+        limit = self.settings.serve.max_body_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise HTTPError(413, f"body of {length} bytes is over the limit of {limit} (SCORING_SERVE__MAX_BODY_BYTES)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"body is over the limit of {limit} bytes (SCORING_SERVE__MAX_BODY_BYTES)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def check_model(self, request: Request) -> None:
+        name = request.path_params.get("name")
+        if name != self.name:
+            raise HTTPError(404, f"unknown model {name!r}; this server has {self.name!r}")
+        version = request.path_params.get("version")
+        if version is not None and version != self.model.version:
+            raise HTTPError(404, f"unknown version {version!r} of {self.name!r}; loaded: {self.model.version!r}")
+
+    # -- Open Inference Protocol -----------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return self.json({"live": True})
+
+    async def server_ready(self, request: Request) -> Response:
+        return self.json({"ready": self.ready}, 200 if self.ready else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        from workers import __version__
+
+        return self.json({"name": "scoring-workers", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def model_metadata(self, request: Request) -> Response:
+        self.check_model(request)
+        return self.json(oip.metadata(self.model, self.name))
+
+    async def model_ready(self, request: Request) -> Response:
+        self.check_model(request)
+        return self.json({"name": self.name, "ready": self.ready}, 200 if self.ready else 503)
+
+    async def infer(self, request: Request) -> Response:
+        self.check_model(request)
+        body = await self.body(request)
+        header = request.headers.get("inference-header-content-length")
+        if header is not None and not header.isdigit():
+            raise BadRequest("Inference-Header-Content-Length must be a number")
+        req = oip.parse(body, int(header) if header is not None else None, self.model)
+        pred = await self.batcher.predict(req.matrix)
+        out, head_len = oip.response(pred, self.model, self.name, req)
+        if head_len is None:
+            return Response(out, 200, media_type="application/json")
+        return Response(out, 200, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(head_len)})
+
+    # -- CloudEvents -----------------------------------------------------------------------------
+    async def cloudevent(self, request: Request) -> Response:
+        body = await self.body(request)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        events, is_batch = ce.parse(headers, body)
+        decoded = self.decoder.decode([e.data for e in events], [e.key for e in events])
+        pred = await self.batcher.predict(self.scorer.good_matrix(decoded.features))
+        carry: dict[str, pa.Array] = {
+            name: self.decoder.passthrough_array(values) for name, values in decoded.passthrough.items()}
+        if self.sink is not None:
+            positions = [e.kafka_position() for e in events]
+            carry["topic"] = pa.array([p[0] for p in positions], pa.string())
+            carry["partition"] = pa.array([p[1] for p in positions], pa.int32())
+            carry["offset"] = pa.array([p[2] for p in positions], pa.int64())
+        scored = self.scorer.finish(pa.array(decoded.ids, pa.string()), decoded.features, carry, decoded.raw,
+                                    predictions=pred)
+        if self.sink is not None and scored.ok:
+            from workers.errors import SinkError
+
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.sink_executor, self.sink.write_stream, scored)
+            except SinkError as exc:
+                # Not the sender's fault: 503 so Knative retries the delivery later.
+                raise HTTPError(503, f"sink unavailable: {exc}") from None
+        results = scored.results.drop_columns([c for c in ("topic", "partition", "offset")
+                                               if c in scored.results.column_names]).to_pylist()
+        reasons = dict(zip(scored.error_rows.tolist(), scored.errors["reason"].to_pylist(), strict=True))
+        replies, r = [], 0
+        for i, event in enumerate(events):
+            if i in reasons:
+                attrs = ce.reply_attributes(event, f"{self.settings.serve.reply_type}.error", self.source,
+                                            decoded.ids[i])
+                replies.append((attrs, {"error": reasons[i]}))
+            else:
+                attrs = ce.reply_attributes(event, self.settings.serve.reply_type, self.source, results[r]["id"])
+                replies.append((attrs, results[r]))
+                r += 1
+        if is_batch:
+            return Response(orjson.dumps([ce.structured(a, d) for a, d in replies]), 200, media_type=ce.BATCH)
+        attrs, data = replies[0]
+        if 0 in reasons:
+            raise BadRequest(reasons[0])
+        return Response(orjson.dumps(data), 200, headers=ce.binary_headers(attrs))
+
+    # -- probes ----------------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        return Response("ok", 200)
+
+    async def readyz(self, request: Request) -> Response:
+        return Response("ready" if self.ready else "not ready", 200 if self.ready else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), 200, media_type=CONTENT_TYPE_LATEST)
+
+    def asgi(self) -> Starlette:
+        r = self.route
+        routes = [
+            Route("/v2/health/live", r("live", self.live), methods=["GET"]),
+            Route("/v2/health/ready", r("ready", self.server_ready), methods=["GET"]),
+            Route("/v2", r("server_metadata", self.server_metadata), methods=["GET"]),
+            Route("/v2/models/{name}", r("model_metadata", self.model_metadata), methods=["GET"]),
+            Route("/v2/models/{name}/versions/{version}", r("model_metadata", self.model_metadata), methods=["GET"]),
+            Route("/v2/models/{name}/ready", r("model_ready", self.model_ready), methods=["GET"]),
+            Route("/v2/models/{name}/versions/{version}/ready", r("model_ready", self.model_ready), methods=["GET"]),
+            Route("/v2/models/{name}/infer", r("infer", self.infer), methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer", r("infer", self.infer), methods=["POST"]),
+            Route("/", r("cloudevents", self.cloudevent), methods=["POST"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
+        ]
+        app = Starlette(routes=routes, lifespan=self.lifespan)
+
+        async def not_found(request: Request, exc: Exception) -> Response:
+            status = getattr(exc, "status_code", 404)
+            return self.error(status, f"{request.method} {request.url.path}: "
+                                      f"{'no such route' if status == 404 else 'method not allowed'}")
+
+        app.add_exception_handler(404, not_found)
+        app.add_exception_handler(405, not_found)
+        return app
+
+
+def run_serve(settings: Settings) -> int:
+    import signal
+
+    import uvicorn
+
+    app = App(settings)
+    config = uvicorn.Config(app.asgi(), host=settings.serve.host, port=settings.serve.port, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=20, lifespan="on")
+
+    class Server(uvicorn.Server):
+        # uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die of the signal.
+        # Stop the same graceful way (finish in-flight requests), then exit 0.
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def stop(signum, frame):
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    Server(config).run()
+    return 0
