@@ -104,15 +104,31 @@ def cli() -> None:
 @setting("--shard-count", "batch.shard_count")
 @setting("--allow-bad-rows", "batch.allow_bad_rows", is_flag=True)
 @setting("--progress", "batch.progress")
+@setting("--queue-topic", "batch.queue_topic")
+@setting("--queue-group", "batch.queue_group")
+@setting("--idle-exit-s", "batch.idle_exit_s")
+@setting("--bootstrap-servers", "kafka.bootstrap_servers")
 @with_settings
 def batch(settings: Settings) -> None:
-    """Score Parquet files into a Parquet dataset, PostgreSQL or SQLite. Reruns resume."""
+    """Score Parquet files into a Parquet dataset, PostgreSQL or SQLite. Reruns resume.
+
+    With --queue-topic, the files come from "file arrived" events on a Kafka topic instead of --input,
+    and the run ends when the topic is drained (for a KEDA ScaledJob).
+    """
     from workers.runtime.batch import run_batch
 
-    for path, flag in ((("batch", "input"), "--input"), (("batch", "output"), "--output")):
+    required = [(("batch", "output"), "--output")]
+    if not settings.batch.queue_topic:
+        required.append((("batch", "input"), "--input"))
+    for path, flag in required:
         if not getattr(settings.batch, path[1]):
             raise ConfigError(env_name(path), f"required (set {flag} or {env_name(path)})")
-    report = run_batch(settings)
+    if settings.batch.queue_topic:
+        from workers.runtime.batch_queue import run_batch_queue
+
+        report = run_batch_queue(settings)
+    else:
+        report = run_batch(settings)
     summary = report.summary()
     if report.failed:
         summary["failures"] = [{"input": rel, "reason": reason} for rel, reason in report.failed]

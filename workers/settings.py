@@ -86,6 +86,13 @@ class BatchSettings(BaseModel):
     """Exit 0 when the only failures were rejected rows (they are in the errors output either way)."""
     progress: Literal["auto", "bar", "log"] = "auto"
     """Progress display: a bar on a terminal, JSON log lines otherwise (`auto`)."""
+    queue_topic: str | None = None
+    """Take the files to score from this Kafka topic of "file arrived" events (a path or URI as the value, or
+    JSON with `path`/`uri`) instead of listing `input`; the run exits when the topic is drained (KEDA ScaledJob)."""
+    queue_group: str = "scoring-batch"
+    """Consumer group of the queue topic; every Job of one ScaledJob uses the same group."""
+    idle_exit_s: float = Field(10.0, gt=0)
+    """With a queue topic: exit after this long with no new event (the queue is drained)."""
 
 
 class KafkaSettings(BaseModel):

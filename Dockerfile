@@ -1,0 +1,41 @@
+# scoring-worker container image.
+#   docker build -t scoring-workers .            (or: buildah bud --isolation chroot -t scoring-workers .)
+# The base is a build argument; it must be Debian bookworm or compatible (python3 is 3.11 there).
+ARG BASE_IMAGE=debian:bookworm-slim
+
+# ---- build: a virtualenv with the package and its wheels, byte-compiled --------------------------
+FROM ${BASE_IMAGE} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+# CA bundle pip trusts. Behind a TLS-intercepting proxy, mount the host's bundle somewhere else
+# (e.g. -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro) and pass --build-arg PIP_CERT=/run/host-ca.crt.
+ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=${PIP_CERT}
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet --upgrade pip
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY workers ./workers
+RUN /opt/venv/bin/pip install --quiet . \
+ && /opt/venv/bin/pip uninstall --quiet --yes pip \
+ # The root filesystem is read-only at run time: compile bytecode now, not on every start.
+ && /opt/venv/bin/python -m compileall -q /opt/venv \
+ && find /opt/venv -name '*.dist-info' -path '*/tests/*' -prune -o -type d -name tests -prune -exec rm -rf {} +
+
+# ---- runtime: python, libgomp (LightGBM's OpenMP), the venv; no compilers, no caches, non-root ----
+FROM ${BASE_IMAGE}
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
+ && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin scorer
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+# Writes go only to /tmp (mount an emptyDir there) or a mounted volume.
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8080 9000
+ENTRYPOINT ["scoring-worker"]
+CMD ["--help"]
