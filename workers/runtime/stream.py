@@ -20,6 +20,7 @@ import signal
 import time
 from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -75,8 +76,19 @@ class StreamWorker:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
 
+    def calibrate(self) -> None:
+        """Time one predict call before consuming, so even the first batch of a slow model fits the poll interval."""
+        rows = 256
+        probe = np.zeros((rows, len(self.model.feature_names)))
+        started = time.perf_counter()
+        self.model.predict(probe)
+        # Decoding and storing cost about as much again as predicting for fast models: count it twice.
+        self.adapt(rows, 2 * (time.perf_counter() - started))
+        log.info("batch size calibrated", extra={"max_records": self.limit})
+
     def start(self) -> None:
         s = self.settings.stream
+        self.calibrate()
         if s.metrics_port is not None:
             self.probes = serve_probes(s.metrics_port, self.health, self.metrics)
         try:
@@ -223,6 +235,7 @@ class StreamWorker:
         per_record = seconds / max(n, 1)
         limit = int(budget / per_record) if per_record > 0 else s.max_records
         new = max(1, min(s.max_records, limit))
+        # Shrink at once; grow only after a full batch proved the current size is cheap.
         if new != self.limit and (new < self.limit or n >= self.limit):
             if new < self.limit:
                 log.info("batch size reduced to stay within the poll interval",
