@@ -124,3 +124,29 @@ def test_secrets_never_appear_in_help_or_logs(models, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach Kafka")
     assert "hunter2" not in proc.stdout + proc.stderr and "pg-secret-pw" not in proc.stdout + proc.stderr
+
+
+def test_batches_compressed_with_every_codec_are_consumed(models, kafka, tmp_path):
+    from confluent_kafka import Producer
+
+    src = kafka.topic(partitions=2)
+    recs = records(400)
+    for k, codec in enumerate(("gzip", "snappy", "lz4", "zstd")):
+        p = Producer({"bootstrap.servers": kafka.bootstrap, "compression.type": codec, "linger.ms": 20})
+        for r in recs[k * 100:(k + 1) * 100]:
+            p.produce(src, key=r["id"].encode(), value=orjson.dumps(r))
+        assert p.flush(30) == 0
+    db = tmp_path / "c.db"
+    worker = kafka.worker("--model", models["binary"], "--topic", src, "--group", f"g-{src}", "--sink",
+                          f"sqlite:///{db}?table=scores", "--metrics-port", "0", log=str(tmp_path / "w.log"))
+
+    def n() -> int:
+        try:
+            return sqlite3.connect(db).execute("select count(*) from scores").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    wait_for(lambda: n() >= 400, 60, what="all codecs consumed")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert n() == 400

@@ -32,7 +32,7 @@ POISON: list[bytes | None] = [
     b'{"id": "nan", "x0": NaN}',
     b'{"id": "inf", "x0": Infinity}',
     orjson.dumps({"id": "huge-number", "x0": "1e999999"}),
-    b'{"id": "bigint", "x0": 123456789012345678901234567890}',
+    b'{"id": "overflow", "x0": 1e999}',  # beyond double range (a 30-digit integer is a valid number)
     orjson.dumps({"id": "x" * 5000, "x0": 1.0}),
     None,  # tombstone
 ]

@@ -107,6 +107,9 @@ class StreamWorker:
                                         "metrics_port": self.probes.server_address[1] if self.probes else None})
 
     def run(self) -> int:
+        if self.stopping:  # stopped while loading: nothing consumed, nothing to commit
+            self.sink.close()
+            return self.exit_code
         self.start()
         try:
             while not self.stopping:
@@ -222,6 +225,8 @@ class StreamWorker:
                     return False
                 self.health.tick()
                 self.source.keep_alive(int(min(500, max(until - time.monotonic(), 0.01) * 1000)))
+                # Lag keeps growing while we wait: keep it (and stall detection) current.
+                self.update_lag(set())
             if not batch_tps & self.source.assignment():
                 log.info("every partition of the unstored batch was revoked; dropped for the new owner")
                 self.source.resume()
@@ -264,6 +269,12 @@ class StreamWorker:
 
 
 def run_stream(settings: Settings) -> int:
+    # Catch SIGTERM from the start: a pod deleted while the model loads must still exit 0, not die.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     worker = StreamWorker(settings)
     worker.install_signals()
+    if early:
+        worker.request_stop(early[0])
     return worker.run()
