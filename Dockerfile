@@ -16,7 +16,7 @@ RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet --upgrade pip
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY workers ./workers
-RUN /opt/venv/bin/pip install --quiet . \
+RUN /opt/venv/bin/pip install --quiet ".[compiled]" \
  && /opt/venv/bin/pip uninstall --quiet --yes pip \
  # The root filesystem is read-only at run time: compile bytecode now, not on every start.
  && /opt/venv/bin/python -m compileall -q /opt/venv \

@@ -74,6 +74,7 @@ def common(fn: Callable) -> Callable:
             setting("--model-sha256", "model.sha256"),
             setting("--model-version", "model.version"),
             setting("--threads", "model.threads"),
+            setting("--backend", "model.backend"),
             setting("--id-column", "scoring.id_column"),
             setting("--passthrough", "scoring.passthrough"),
             setting("--s3-endpoint-url", "s3.endpoint_url"),
@@ -240,6 +241,21 @@ def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int
 
     setup_logging("WARNING")
     produce(bootstrap_servers, topic, source, partitions, bad, limit, id_column)
+
+
+@cli.command("compile")
+@common
+@setting("--cache-dir", "model.cache_dir")
+@with_settings
+def compile_cmd(settings: Settings) -> None:
+    """Compile the model with lleaves into the cache (e.g. in an init container or at image build)."""
+    from workers.model import load_model
+
+    model = load_model(settings.model.model_copy(update={"backend": "lleaves"}), settings.s3)
+    if model.backend != "lleaves":
+        click.echo("error: could not compile the model with lleaves (see the warning above)", err=True)
+        sys.exit(1)
+    click.echo(f"compiled {model.source} ({model.version}) into {settings.model.cache_dir}")
 
 
 @cli.command("settings")

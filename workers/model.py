@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -38,6 +39,8 @@ class Model:
     num_class: int = 1
     objective: str = ""
     threads: int = 1
+    backend: str = "lightgbm"  # what predict really uses (lleaves falls back to lightgbm)
+    compiled: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def multiclass(self) -> bool:
@@ -45,6 +48,9 @@ class Model:
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         """Scores for a float64 C-contiguous [n, n_features] matrix (NaN = missing)."""
+        if self.compiled is not None:
+            out = self.compiled(matrix)
+            return out.reshape(matrix.shape[0], self.num_class) if self.num_class > 1 else out
         return self.booster.predict(matrix, num_threads=self.threads, validate_features=False)
 
 
@@ -109,6 +115,12 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
     for pos, idx in enumerate(cat_idx):
         categorical[idx] = list(mapping[pos]) if pos < len(mapping) else None
     objective = re.search(r"^objective=(\S*)", text, re.MULTILINE)
+    compiled = None
+    if settings.backend == "lleaves":
+        from workers.backends import lleaves_predictor
+
+        compiled = lleaves_predictor(booster, text, digest, settings.cache_dir, settings.threads, len(names),
+                                     categorical)
     return Model(
         booster=booster,
         version=settings.version or default_version(uri, digest),
@@ -119,4 +131,6 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
         num_class=booster.num_model_per_iteration(),
         objective=objective.group(1) if objective else "",
         threads=settings.threads,
+        backend="lleaves" if compiled is not None else "lightgbm",
+        compiled=compiled,
     )

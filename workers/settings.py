@@ -44,6 +44,11 @@ class ModelSettings(BaseModel):
     """Model version written with every result; default: the file stem plus the first 12 hex digits of its SHA-256."""
     threads: int = Field(1, ge=1, le=256)
     """Threads LightGBM uses per predict call. Keep 1 and scale with processes/pods."""
+    backend: Literal["lightgbm", "lleaves"] = "lightgbm"
+    """Predict backend: `lightgbm`, or `lleaves` (the model compiled to native code, about 5x faster; checked
+    against LightGBM on load and replaced by it, with a warning, if it cannot compile or differs)."""
+    cache_dir: str = "/tmp/scoring-cache"
+    """Where compiled models are cached by SHA-256 (share it between pods, or precompile with `compile`)."""
 
 
 class S3Settings(BaseModel):
