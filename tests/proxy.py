@@ -76,3 +76,18 @@ class Proxy:
         self.closed = True
         self.cut()
         self.listener.close()
+
+
+def proxied(dsn: str, proxy: Proxy) -> str:
+    """The same PostgreSQL DSN, through the proxy."""
+    from urllib.parse import urlparse
+
+    target = urlparse(dsn)
+    return dsn.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+
+
+def for_dsn(dsn: str) -> Proxy:
+    from urllib.parse import urlparse
+
+    target = urlparse(dsn)
+    return Proxy(target.hostname, target.port or 5432)

@@ -15,13 +15,15 @@ pytestmark = pytest.mark.slow
 
 
 def peak_rss_kib(args: list[str], out_file: str) -> int:
+    # VmHWM, not getrusage's ru_maxrss: the latter survives exec, so a child would report its parent's peak.
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from workers.cli import main\n"
         f"sys.argv = ['scoring-worker', *{args!r}]\n"
         "try:\n    main()\n"
         "finally:\n"
-        f"    open({out_file!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+        "    hwm = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+        f"    open({out_file!r}, 'w').write(hwm)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import free_port
 from tests.kafka_util import wait_for
-from tests.proxy import Proxy
+from tests.proxy import for_dsn
+from tests.proxy import proxied as proxy_dsn
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -179,11 +180,8 @@ def test_sigterm_mid_batch_exits_0_and_commits_exactly_what_is_stored(models, ka
 
 
 def test_postgres_outage_no_commit_then_everything_stored(models, kafka, pg_dsn, pg_table, tmp_path):
-    from urllib.parse import urlparse
-
-    target = urlparse(pg_dsn)
-    proxy = Proxy(target.hostname, target.port or 5432)
-    proxied = pg_dsn.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+    proxy = for_dsn(pg_dsn)
+    proxied = proxy_dsn(pg_dsn, proxy)
     topic = kafka.topic(partitions=2)
     group = f"g-{pg_table}"
     port = free_port()

@@ -18,6 +18,13 @@ from tests.test_stream import FEATURES, records
 pytestmark = pytest.mark.kafka
 
 
+def sqlite_count(db) -> int:
+    try:
+        return sqlite3.connect(db).execute("select count(*) from scores").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
 def expected(models, recs):
     booster = lgb.Booster(model_file=models["binary"])
     return dict(zip([r["id"] for r in recs], booster.predict(np.array([[r[f] for f in FEATURES] for r in recs])),
@@ -89,14 +96,7 @@ def test_default_sink_is_sqlite_without_any_server(models, kafka, tmp_path):
     finally:
         os.chdir(cwd)
     db = tmp_path / "scores.db"
-
-    def n() -> int:
-        try:
-            return sqlite3.connect(db).execute("select count(*) from scores").fetchone()[0]
-        except sqlite3.Error:
-            return 0
-
-    wait_for(lambda: n() >= 500, 60, what="rows in sqlite")
+    wait_for(lambda: sqlite_count(db) >= 500, 60, what="rows in sqlite")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
     con = sqlite3.connect(db)
@@ -140,13 +140,7 @@ def test_batches_compressed_with_every_codec_are_consumed(models, kafka, tmp_pat
     worker = kafka.worker("--model", models["binary"], "--topic", src, "--group", f"g-{src}", "--sink",
                           f"sqlite:///{db}?table=scores", "--metrics-port", "0", log=str(tmp_path / "w.log"))
 
-    def n() -> int:
-        try:
-            return sqlite3.connect(db).execute("select count(*) from scores").fetchone()[0]
-        except sqlite3.Error:
-            return 0
-
-    wait_for(lambda: n() >= 400, 60, what="all codecs consumed")
+    wait_for(lambda: sqlite_count(db) >= 400, 60, what="all codecs consumed")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
-    assert n() == 400
+    assert sqlite_count(db) == 400

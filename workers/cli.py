@@ -75,6 +75,7 @@ def common(fn: Callable) -> Callable:
             setting("--model-version", "model.version"),
             setting("--threads", "model.threads"),
             setting("--backend", "model.backend"),
+            setting("--cache-dir", "model.cache_dir"),
             setting("--id-column", "scoring.id_column"),
             setting("--passthrough", "scoring.passthrough"),
             setting("--s3-endpoint-url", "s3.endpoint_url"),
@@ -245,7 +246,6 @@ def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int
 
 @cli.command("compile")
 @common
-@setting("--cache-dir", "model.cache_dir")
 @with_settings
 def compile_cmd(settings: Settings) -> None:
     """Compile the model with lleaves into the cache (e.g. in an init container or at image build)."""

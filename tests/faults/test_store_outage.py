@@ -7,14 +7,14 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlparse
 
 import pytest
 
 from tests.conftest import free_port
 from tests.faults.common import check, produce, stored_count
 from tests.kafka_util import wait_for
-from tests.proxy import Proxy
+from tests.proxy import for_dsn
+from tests.proxy import proxied as proxy_dsn
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
@@ -28,9 +28,8 @@ def readyz(port: int) -> tuple[int, str]:
 
 
 def test_thirty_second_outage(models, kafka, pg_dsn, pg_table, tmp_path):
-    target = urlparse(pg_dsn)
-    proxy = Proxy(target.hostname, target.port or 5432)
-    proxied = pg_dsn.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}")
+    proxy = for_dsn(pg_dsn)
+    proxied = proxy_dsn(pg_dsn, proxy)
     topic = kafka.topic(partitions=3)
     group = f"g-{pg_table}"
     port = free_port()

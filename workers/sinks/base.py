@@ -18,6 +18,7 @@ partition's slice of a micro-batch in stream mode. The runtime's promises rest o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from workers.scoring import Scored
 
@@ -33,6 +34,20 @@ class UnitWriter(ABC):
 
     def abort(self) -> None:  # noqa: B027 - optional hook
         """Discard what was written but not committed (best effort; idempotency covers the rest)."""
+
+
+class DirectUnit(UnitWriter):
+    """For stores where each ``write`` is its own durable, idempotent transaction (tables, topics): a unit
+    rewritten after a crash upserts the same keys, so ``commit`` has nothing left to do."""
+
+    def __init__(self, store: Callable[[Scored], None]):
+        self.store = store
+
+    def write(self, scored: Scored) -> None:
+        self.store(scored)
+
+    def commit(self) -> None:
+        pass
 
 
 class Sink(ABC):

@@ -17,7 +17,7 @@ from kafka.errors import KafkaError
 from workers.errors import ConfigError, SinkError
 from workers.scoring import Scored
 from workers.settings import KafkaSettings
-from workers.sinks.base import Sink, UnitWriter
+from workers.sinks.base import DirectUnit, Sink, UnitWriter
 
 
 def producer(kafka: KafkaSettings, **extra: object) -> KafkaProducer:
@@ -65,7 +65,7 @@ class KafkaSink(Sink):
             raise SinkError(f"producing to {self.name}: {exc}") from exc
 
     def begin(self, unit: str) -> UnitWriter:
-        return _KafkaUnit(self)
+        return DirectUnit(self.store)
 
     def done(self, unit: str) -> str | None:
         raise ConfigError("SCORING_BATCH__OUTPUT", "kafka:// is a stream-mode sink; batch mode needs a ledger")
@@ -83,13 +83,3 @@ class KafkaSink(Sink):
         if self._producer is not None:
             self._producer.close(timeout=5)
 
-
-class _KafkaUnit(UnitWriter):
-    def __init__(self, sink: KafkaSink):
-        self.sink = sink
-
-    def write(self, scored: Scored) -> None:
-        self.sink.store(scored)
-
-    def commit(self) -> None:
-        pass

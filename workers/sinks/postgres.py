@@ -22,7 +22,7 @@ from psycopg import sql
 
 from workers.errors import ConfigError, SinkError
 from workers.scoring import Scored
-from workers.sinks.base import Sink, UnitWriter
+from workers.sinks.base import DirectUnit, Sink, UnitWriter
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
@@ -203,7 +203,7 @@ class PostgresSink(Sink):
             raise self._fail("writing results", exc) from exc
 
     def begin(self, unit: str) -> UnitWriter:
-        return _PostgresUnit(self)
+        return DirectUnit(self.store)
 
     def _ledger(self, cur: psycopg.Cursor) -> None:
         if "_inputs" in self._known:
@@ -249,15 +249,3 @@ class PostgresSink(Sink):
             self._known.clear()
             raise self._fail("recording an input as done", exc) from exc
 
-
-class _PostgresUnit(UnitWriter):
-    """Each write is its own transaction: upserts make a rewrite after a crash harmless."""
-
-    def __init__(self, sink: PostgresSink):
-        self.sink = sink
-
-    def write(self, scored: Scored) -> None:
-        self.sink.store(scored)
-
-    def commit(self) -> None:
-        pass

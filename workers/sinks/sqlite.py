@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from workers.errors import ConfigError, SinkError
 from workers.scoring import Scored
-from workers.sinks.base import Sink, UnitWriter
+from workers.sinks.base import DirectUnit, Sink, UnitWriter
 from workers.sinks.postgres import ERROR_KEY, RESULT_KEY
 
 
@@ -102,7 +102,7 @@ class SqliteSink(Sink):
             raise SinkError(f"writing to {self.name}: {exc}") from exc
 
     def begin(self, unit: str) -> UnitWriter:
-        return _SqliteUnit(self)
+        return DirectUnit(self.store)
 
     def _ledger(self) -> None:
         self._conn.execute(
@@ -135,13 +135,3 @@ class SqliteSink(Sink):
     def close(self) -> None:
         self._conn.close()
 
-
-class _SqliteUnit(UnitWriter):
-    def __init__(self, sink: SqliteSink):
-        self.sink = sink
-
-    def write(self, scored: Scored) -> None:
-        self.sink.store(scored)
-
-    def commit(self) -> None:
-        pass

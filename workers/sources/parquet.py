@@ -85,7 +85,9 @@ def shard_of(rel: str, shard_count: int) -> int:
 
 def open_parquet(fs: pafs.FileSystem, f: InputFile) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(fs.open_input_file(f.path))
+        # pre_buffer=False: pyarrow's default pre-buffering reads far ahead of the row group in hand, and
+        # peak memory then grows with the file (measured: 206 MiB vs 82 MiB to read a 1.5M-row file).
+        return pq.ParquetFile(fs.open_input_file(f.path), pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"cannot read {f.rel} as Parquet: {exc}") from None
 

