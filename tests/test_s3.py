@@ -7,7 +7,6 @@ import json
 
 import lightgbm as lgb
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

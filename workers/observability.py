@@ -19,6 +19,29 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
 SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 
 
+def observe_many(histogram: Histogram, values) -> None:
+    """Observe many values at once (one bucket count and one sum update, not one call per record).
+
+    Uses prometheus-client's histogram internals (``_upper_bounds``, ``_buckets``, ``_sum``); falls back to
+    one ``observe`` per value if they ever change.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return
+    try:
+        bounds = histogram._upper_bounds
+        counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+        for bucket, n in zip(histogram._buckets, counts.tolist(), strict=True):
+            if n:
+                bucket.inc(n)
+        histogram._sum.inc(float(values.sum()))
+    except AttributeError:
+        for v in values.tolist():
+            histogram.observe(v)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()

@@ -43,7 +43,8 @@ class Scored:
 
         It keys rejected rows in table sinks, so a rewrite replaces them instead of adding copies.
         """
-        return Scored(self.results, self.errors.append_column("source", pa.array(sources, pa.string())), self.error_rows)
+        errors = self.errors.append_column("source", pa.array(sources, pa.string()))
+        return Scored(self.results, errors, self.error_rows)
 
     @property
     def ok(self) -> int:

@@ -5,11 +5,9 @@ Every field's docstring is its reference text: ``--help`` and the README table c
 
 from __future__ import annotations
 
-import os
-from typing import Any, Literal
-
 import json
-from typing import Annotated
+import os
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,7 +45,7 @@ class ModelSettings(BaseModel):
     backend: Literal["lightgbm", "lleaves"] = "lightgbm"
     """Predict backend: `lightgbm`, or `lleaves` (the model compiled to native code, about 5x faster; checked
     against LightGBM on load and replaced by it, with a warning, if it cannot compile or differs)."""
-    cache_dir: str = "/tmp/scoring-cache"
+    cache_dir: str = "/tmp/scoring-cache"  # noqa: S108 - a cache, and /tmp is the writable mount in the image
     """Where compiled models are cached by SHA-256 (share it between pods, or precompile with `compile`)."""
 
 

@@ -16,8 +16,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-
 from workers.errors import InputError, SinkError
 from workers.model import Model, load_model
 from workers.runtime.progress import Progress

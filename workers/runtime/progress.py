@@ -39,7 +39,8 @@ class Progress:
             self.bar.update(self.task, advance=nbytes, rows=self.rows, rate=self.rate)
         elif time.monotonic() - self._last_log > 10:
             self._last_log = time.monotonic()
-            log.info("progress", extra={"rows": self.rows, "files_done": self.done_files, "rows_per_s": round(self.rate)})
+            log.info("progress",
+                     extra={"rows": self.rows, "files_done": self.done_files, "rows_per_s": round(self.rate)})
 
     def file_done(self) -> None:
         self.done_files += 1

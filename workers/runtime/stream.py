@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -28,8 +28,8 @@ from kafka.errors import KafkaError
 
 from workers.errors import ConfigError, ScoringError, SinkError
 from workers.model import Model, load_model
-from workers.observability import Health, Metrics, serve_probes
-from workers.records import RecordDecoder
+from workers.observability import Health, Metrics, observe_many, serve_probes
+from workers.records import Decoded, RecordDecoder
 from workers.scoring import Scored, Scorer
 from workers.settings import Settings
 from workers.sinks import Sink, open_sink
@@ -62,6 +62,8 @@ class StreamWorker:
         self.next_offsets: dict[TopicPartition, int] = {}
         self.exit_code = 0
         self.probes = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="score")
+        self.pending: tuple[list[ConsumerRecord], float, Future] | None = None
         self.source: KafkaSource | None = None
         self.dead: DeadLetters | None = None
 
@@ -114,11 +116,13 @@ class StreamWorker:
         try:
             while not self.stopping:
                 self.step()
+            self.drain()
         finally:
             self.close()
         return self.exit_code
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)
         if self.source is not None:
             self.source.close()
         if self.dead is not None:
@@ -129,18 +133,29 @@ class StreamWorker:
         log.info("stream stopped", extra={"exit_code": self.exit_code})
 
     # -- one micro-batch -------------------------------------------------------------------------
+    # Two stages overlap: while the worker thread predicts and stores batch N (LightGBM, lleaves and the
+    # database driver release the GIL), the main thread polls and decodes batch N+1. Everything that
+    # touches the consumer (poll, commit, pause, retry) stays on the main thread, and batch N is committed
+    # only after its store returned, before batch N+1 is handed over.
     def step(self) -> None:
         assert self.source is not None
         self.health.tick()
         records = self.source.poll_batch(self.limit, self.settings.stream.max_wait_ms)
-        if records:
+        decoded = self.decode(records) if records else None
+        self.drain()
+        if records and decoded is not None and not self.stopping:
+            if decoded.features.reasons and self.settings.stream.on_bad_record == "fail":
+                self.fail_on_bad(records, decoded)
+                return
             started = time.monotonic()
-            self.process(records)
-            self.metrics.batch_seconds.observe(time.monotonic() - started)
+            self.pending = (records, started, self.pool.submit(self.score_and_store, records, decoded))
         self.update_lag({TopicPartition(r.topic, r.partition) for r in records})
 
-    def score(self, records: list[ConsumerRecord]) -> Scored:
-        decoded = self.decoder.decode([r.value for r in records], [r.key for r in records])
+    def decode(self, records: list[ConsumerRecord]) -> Decoded:
+        return self.decoder.decode([r.value for r in records], [r.key for r in records])
+
+    def score(self, records: list[ConsumerRecord], decoded: Decoded | None = None) -> Scored:
+        decoded = decoded or self.decode(records)
         carry: dict[str, pa.Array] = {
             name: self.decoder.passthrough_array(values) for name, values in decoded.passthrough.items()
         }
@@ -151,73 +166,96 @@ class StreamWorker:
                                       pa.timestamp("ms", tz="UTC"))
         return self.scorer.finish(pa.array(decoded.ids, pa.string()), decoded.features, carry, decoded.raw)
 
-    def process(self, records: list[ConsumerRecord]) -> None:
-        assert self.source is not None and self.dead is not None
+    def score_and_store(self, records: list[ConsumerRecord], decoded: Decoded) -> tuple[Scored, float, bool, dict]:
+        """Worker thread: predict, then one attempt to store. Never touches the consumer."""
         started = time.monotonic()
-        scored = self.score(records)
-        version = self.model.version
-        if scored.rejected and self.settings.stream.on_bad_record == "fail":
-            first = records[int(scored.error_rows[0])]
-            log.error("bad record; stopping (on_bad_record=fail), nothing of this batch committed",
-                      extra={"topic": first.topic, "partition": first.partition, "offset": first.offset,
-                             "reason": scored.errors["reason"][0].as_py()})
-            self.exit_code = 1
-            self.request_stop()
-            self.stop_deadline = time.monotonic()
-            return
+        scored = self.score(records, decoded)
         scoring_s = time.monotonic() - started
-        if not self.store(records, scored):
+        state = {"dead_done": not scored.rejected}
+        try:
+            self.attempt(records, scored, state)
+            return scored, scoring_s, True, state
+        except SinkError as exc:
+            self.sink_failed(exc, 0.2)
+            return scored, scoring_s, False, state
+
+    def drain(self) -> None:
+        """Main thread: wait for the batch in flight; retry its store if it failed; then commit it."""
+        if self.pending is None:
+            return
+        records, started, future = self.pending
+        self.pending = None
+        scored, scoring_s, stored, state = future.result()
+        if not stored and not self.store(records, scored, state):
             return  # dropped uncommitted (stopping, or every partition of it revoked): redelivered later
+        assert self.source is not None
         offsets: dict[TopicPartition, int] = {}
         for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+            offsets[TopicPartition(r.topic, r.partition)] = r.offset + 1  # records are in offset order
         self.source.commit(offsets)
         self.next_offsets.update(offsets)
-        now = time.time()
-        per_topic = defaultdict(int)
-        for r in records:
-            per_topic[r.topic] += 1
-            if r.timestamp >= 0:
-                self.metrics.end_to_end.observe(max(now - r.timestamp / 1000, 0))
-        bad_topics = defaultdict(int)
-        for i in scored.error_rows:
-            bad_topics[records[int(i)].topic] += 1
-        for topic, n in per_topic.items():
-            self.metrics.scored.labels(topic, version).inc(n - bad_topics[topic])
-            self.metrics.written.labels(topic, version).inc(n - bad_topics[topic])
-            if bad_topics[topic]:
-                self.metrics.dead_lettered.labels(topic, version).inc(bad_topics[topic])
-        self.metrics.batch_size.observe(len(records))
+        self.account(records, scored)
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
         self.adapt(len(records), scoring_s)
 
-    def store(self, records: list[ConsumerRecord], scored: Scored) -> bool:
-        """Dead letters then results, retried until stored; False when the batch was dropped."""
-        assert self.source is not None and self.dead is not None
-        reasons = scored.errors["reason"].to_pylist() if scored.rejected else []
-        to_sink = Scored(scored.results, scored.errors.slice(0, 0)) if scored.rejected else scored
-        dead_done = not reasons
+    def account(self, records: list[ConsumerRecord], scored: Scored) -> None:
+        version = self.model.version
+        topics = np.array([r.topic for r in records], dtype=object)
+        bad = np.zeros(len(records), dtype=bool)
+        bad[scored.error_rows] = True
+        for topic in set(topics.tolist()):
+            mine = topics == topic
+            n_bad = int(np.count_nonzero(bad & mine))
+            n_ok = int(np.count_nonzero(mine)) - n_bad
+            self.metrics.scored.labels(topic, version).inc(n_ok)
+            self.metrics.written.labels(topic, version).inc(n_ok)
+            if n_bad:
+                self.metrics.dead_lettered.labels(topic, version).inc(n_bad)
+        stamps = np.array([r.timestamp for r in records], dtype=np.float64)
+        observe_many(self.metrics.end_to_end, np.maximum(time.time() - stamps[stamps >= 0] / 1000, 0))
+        self.metrics.batch_size.observe(len(records))
+
+    def fail_on_bad(self, records: list[ConsumerRecord], decoded: Decoded) -> None:
+        i = min(decoded.features.reasons)
+        first = records[i]
+        log.error("bad record; stopping (on_bad_record=fail), nothing of this batch committed",
+                  extra={"topic": first.topic, "partition": first.partition, "offset": first.offset,
+                         "reason": decoded.features.reasons[i]})
+        self.exit_code = 1
+        self.request_stop()
+        self.stop_deadline = time.monotonic()
+
+    def attempt(self, records: list[ConsumerRecord], scored: Scored, state: dict) -> None:
+        """One try at dead letters then results; raises SinkError. ``state["dead_done"]`` records that the
+        dead letters were flushed, so a retry after a sink failure does not send them again."""
+        assert self.dead is not None
+        if not state["dead_done"]:
+            for i, reason in zip(scored.error_rows, scored.errors["reason"].to_pylist(), strict=True):
+                self.dead.send(records[int(i)], reason, self.model.version)
+            self.dead.flush()
+            state["dead_done"] = True
+        if scored.results.num_rows:
+            to_sink = Scored(scored.results, scored.errors.slice(0, 0)) if scored.rejected else scored
+            self.sink.write_stream(to_sink)
+        if not self.health.sink_ok:
+            log.info("sink recovered")
+        self.health.sink_ok, self.health.sink_error = True, ""
+
+    def sink_failed(self, exc: Exception, backoff: float) -> None:
+        self.metrics.sink_errors.inc()
+        self.health.sink_ok, self.health.sink_error = False, str(exc)[:300]
+        log.warning("store failed; retrying without committing", extra={"reason": str(exc)[:300],
+                                                                         "retry_in_s": backoff})
+
+    def store(self, records: list[ConsumerRecord], scored: Scored, state: dict) -> bool:
+        """Main thread: retry the store with backoff, staying in the group; False when the batch was dropped.
+
+        Dead letters already flushed by a failed attempt (the sink failed after them) are not sent again.
+        """
+        assert self.source is not None
         backoff = 0.2
         batch_tps = {TopicPartition(r.topic, r.partition) for r in records}
         while True:
-            try:
-                if not dead_done:
-                    for i, reason in zip(scored.error_rows, reasons, strict=True):
-                        self.dead.send(records[int(i)], reason, self.model.version)
-                    self.dead.flush()
-                    dead_done = True
-                if to_sink.results.num_rows:
-                    self.sink.write_stream(to_sink)
-                if not self.health.sink_ok:
-                    log.info("sink recovered")
-                self.health.sink_ok, self.health.sink_error = True, ""
-                self.source.resume()
-                return True
-            except SinkError as exc:
-                self.metrics.sink_errors.inc()
-                self.health.sink_ok, self.health.sink_error = False, str(exc)[:300]
-                log.warning("store failed; retrying without committing", extra={"reason": str(exc)[:300],
-                                                                                 "retry_in_s": backoff})
             until = time.monotonic() + backoff
             while time.monotonic() < until:
                 if self.stopping and time.monotonic() >= self.stop_deadline:
@@ -232,6 +270,12 @@ class StreamWorker:
                 self.source.resume()
                 return False
             backoff = min(backoff * 2, self.settings.stream.retry_backoff_max_s)
+            try:
+                self.attempt(records, scored, state)
+                self.source.resume()
+                return True
+            except SinkError as exc:
+                self.sink_failed(exc, backoff)
 
     def adapt(self, n: int, seconds: float) -> None:
         """Keep one batch's processing well inside max.poll.interval.ms (a slow model gets smaller batches)."""

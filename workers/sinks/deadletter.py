@@ -19,7 +19,6 @@ from kafka.errors import KafkaError
 
 from workers.errors import SinkError
 
-
 MAX_VALUE_BYTES = 512 * 1024
 
 
