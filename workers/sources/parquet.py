@@ -93,8 +93,43 @@ def open_parquet(fs: pafs.FileSystem, f: InputFile) -> pq.ParquetFile:
 
 
 def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Row groups one at a time: memory holds about one row group and one batch, whatever the file size."""
+    """Row groups one at a time: memory holds about two batches, whatever the file size.
+
+    The next batch is read and decoded on a helper thread while the caller scores this one (pyarrow
+    releases the GIL while it reads and decompresses), so I/O overlaps scoring.
+    """
+    import queue
+    import threading
+
+    done = object()
+    ahead: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
+                while not stop.is_set():
+                    try:
+                        ahead.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ahead.put(done)
+        except (pa.ArrowInvalid, OSError) as exc:
+            ahead.put(InputError(f"corrupt Parquet data: {exc}"))
+
+    reader = threading.Thread(target=read, name="parquet-read-ahead", daemon=True)
+    reader.start()
     try:
-        yield from pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"corrupt Parquet data: {exc}") from None
+        while True:
+            item = ahead.get()
+            if item is done:
+                return
+            if isinstance(item, InputError):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=5)
