@@ -258,6 +258,19 @@ def compile_cmd(settings: Settings) -> None:
     click.echo(f"compiled {model.source} ({model.version}) into {settings.model.cache_dir}")
 
 
+@cli.command("schema")
+@common
+@with_settings
+def schema_cmd(settings: Settings) -> None:
+    """Print a JSON Schema for input records of the model (id, features and types, categories, nulls)."""
+    from workers.model import load_model
+    from workers.schema import input_schema
+
+    model = load_model(settings.model, settings.s3)
+    schema = input_schema(model, settings.scoring.id_column, settings.scoring.passthrough)
+    click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
+
+
 @cli.command("settings")
 def settings_reference() -> None:
     """Print every setting as a Markdown table (env var, default, meaning): the README's reference."""

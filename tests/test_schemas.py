@@ -1,0 +1,72 @@
+"""The JSON Schemas: generated input schema, and the versioned output and dead-letter schemas in schemas/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import orjson
+import pyarrow as pa
+from jsonschema import Draft202012Validator
+from kafka.consumer.fetcher import ConsumerRecord
+
+from tests.helpers import FEATURES, frame
+from workers.model import load_model
+from workers.records import RecordDecoder
+from workers.scoring import Scorer
+from workers.settings import ModelSettings
+from workers.sinks.deadletter import headers_for
+from workers.sinks.kafka import result_messages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name: str) -> Draft202012Validator:
+    schema = json.load(open(os.path.join(ROOT, "schemas", name)))
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def test_generated_input_schema_accepts_good_records_and_rejects_bad(models):
+    proc = subprocess.run([sys.executable, "-m", "workers", "schema", "--model", models["categorical"]],
+                          capture_output=True, text=True, check=True)
+    schema = json.loads(proc.stdout)
+    Draft202012Validator.check_schema(schema)
+    v = Draft202012Validator(schema)
+    assert schema["properties"]["color"]["enum"] == ["red", "green", "blue", None]
+    good = {"id": "a", **{f: 0.5 for f in FEATURES}, "color": "green", "size": 5, "other": "ignored"}
+    assert not list(v.iter_errors(good))
+    assert not list(v.iter_errors({"id": 7, "x0": None}))  # features may be missing or null
+    for bad in ({**good, "id": None}, {k: val for k, val in good.items() if k != "id"}, {**good, "x3": "1.5"},
+                {**good, "color": "purple"}, {**good, "x1": [1]}):
+        assert list(v.iter_errors(bad)), bad
+    # What the schema accepts, the decoder scores (the contract and the worker agree).
+    model = load_model(ModelSettings(path=models["categorical"]))
+    decoded = RecordDecoder(model).decode([orjson.dumps(good), orjson.dumps({"id": 7, "x0": None})])
+    assert not decoded.features.reasons
+
+
+def test_results_match_the_result_schema(models):
+    v = load("result.v1.json")
+    for kind in ("binary", "multiclass"):
+        scorer = Scorer(load_model(ModelSettings(path=models[kind])))
+        df = frame(20, seed=2)
+        scored = scorer.score(pa.Table.from_pandas(df, preserve_index=False), carry={
+            "topic": pa.array(["t"] * 20), "partition": pa.array([1] * 20, pa.int32()),
+            "offset": pa.array(range(20), pa.int64())})
+        for _key, value in result_messages(scored):
+            assert not list(v.iter_errors(orjson.loads(value))), value
+    assert list(v.iter_errors({"id": "a", "score": "high", "model_version": "m", "scored_at": "x"}))
+
+
+def test_dead_letter_headers_match_the_dead_letter_schema():
+    v = load("dead-letter.v1.json")
+    record = ConsumerRecord("events", 3, -1, 42, 1_700_000_000_000, 0, b"k", b"garbage", [("trace", b"abc")],
+                            None, 1, 7, 0)
+    headers = {k: val.decode() for k, val in headers_for(record, "not valid JSON: ...", "m-1")}
+    assert not list(v.iter_errors(headers)), headers
+    assert headers["trace"] == "abc"
+    del headers["error.reason"]
+    assert list(v.iter_errors(headers))
