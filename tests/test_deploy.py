@@ -229,3 +229,20 @@ def test_serve_knative_service_and_kafka_source(rendered):
     dead = source["spec"]["delivery"]["deadLetterSink"]["ref"]
     sink = by_kind(docs, "KafkaSink")
     assert dead["name"] == sink["metadata"]["name"] and sink["spec"]["bootstrapServers"] == source["spec"]["bootstrapServers"]
+
+
+def test_settings_env_output_round_trips_into_the_worker_settings(monkeypatch):
+    from workers.settings import load_settings
+
+    env = {**os.environ, "SCORING_KAFKA__SASL_PASSWORD": "never-printed"}
+    out = subprocess.run([sys.executable, "-m", "workers", "settings", "--env", "--topic", "events", "--group", "g1",
+                          "--bootstrap-servers", "kafka:9093", "--max-records", "500"],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    assert "never-printed" not in out and "SASL_PASSWORD" not in out
+    pairs = dict(line.split("=", 1) for line in out.splitlines())
+    assert pairs["SCORING_STREAM__TOPICS"] == "events" and pairs["SCORING_STREAM__MAX_RECORDS"] == "500"
+    for key, value in pairs.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.stream.topics == ["events"] and settings.kafka.bootstrap_servers == "kafka:9093"
+    assert settings.stream.group == "g1" and settings.stream.max_records == 500

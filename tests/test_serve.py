@@ -202,3 +202,25 @@ def test_concurrent_clients_are_batched_and_get_their_own_rows(models, binary_se
     assert np.max(np.abs(np.array(out["outputs"][0]["data"]) - booster.predict(big))) <= 1e-9
     text = httpx.get(f"{base}/metrics").text
     assert 'scoring_serve_batch_rows_bucket{le="1000.0"}' in text
+
+
+def test_cloudevents_results_are_also_written_to_a_sink(models, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "serve.db"
+    proc, addr = start(models["binary"], "--sink", f"sqlite:///{db}?table=scores")
+    try:
+        x = rows(3, seed=4)
+        batch = [orjson.loads(ce_http.to_structured_event(kafka_event(record(i, x[i]), 500 + i)).body)
+                 for i in range(3)]
+        resp = httpx.post(f"http://{addr}/", headers={"content-type": "application/cloudevents-batch+json"},
+                          content=orjson.dumps(batch), timeout=30)
+        assert resp.status_code == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+    rows_ = sqlite3.connect(db).execute('select id, topic, "partition", "offset", score from scores order by id').fetchall()
+    booster = lgb.Booster(model_file=models["binary"])
+    expected = booster.predict(x)
+    assert [r[:4] for r in rows_] == [(f"e{i}", "events", 2, 500 + i) for i in range(3)]
+    assert max(abs(r[4] - e) for r, e in zip(rows_, expected, strict=True)) <= 1e-9

@@ -272,10 +272,20 @@ def schema_cmd(settings: Settings) -> None:
 
 
 @cli.command("settings")
-def settings_reference() -> None:
+@click.option("--env", "as_env", is_flag=True,
+              help="Print the settings given by flags and SCORING_* variables as KEY=VALUE lines (secrets left "
+                   "out): paste them into deploy/<mode>/*.env, the ConfigMap the workers and KEDA both read.")
+@common
+@kafka_options
+@with_settings
+def settings_reference(settings: Settings, as_env: bool) -> None:
     """Print every setting as a Markdown table (env var, default, meaning): the README's reference."""
-    from workers.settings import reference_rows
+    from workers.settings import env_lines, reference_rows
 
+    if as_env:
+        for line in env_lines(settings):
+            click.echo(line)
+        return
     click.echo("| env var | default | meaning |\n|---|---|---|")
     for name, default, text in reference_rows():
         click.echo(f"| `{name}` | {f'`{default}`' if default else ''} | {text.replace('|', '/')} |")

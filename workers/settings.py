@@ -294,3 +294,24 @@ def reference_rows(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = 
         shown = "" if default is None else (",".join(default) if isinstance(default, list) else str(default))
         rows.append((env_name(path), shown, " ".join((info.description or "").split())))
     return rows
+
+
+def env_lines(settings: Settings) -> list[str]:
+    """KEY=VALUE for every setting that differs from its default; secrets are never printed."""
+    lines = []
+    defaults = Settings.model_construct()
+
+    def walk(model: BaseModel, default: BaseModel, prefix: tuple[str, ...]) -> None:
+        for name in type(model).model_fields:
+            value, base = getattr(model, name), getattr(default, name, None)
+            path = (*prefix, name)
+            if isinstance(value, BaseModel):
+                walk(value, base if isinstance(base, BaseModel) else type(value)(), path)
+            elif isinstance(value, SecretStr) or value == base or value is None:
+                continue
+            else:
+                shown = ",".join(value) if isinstance(value, list) else str(value)
+                lines.append(f"{env_name(path)}={shown}")
+
+    walk(settings, defaults, ())
+    return lines
