@@ -169,18 +169,21 @@ def raw_predict(paths: dict, repeats: int) -> dict:
 def batch_mode(paths: dict, repeats: int) -> dict:
     folder = write_parquet(f"{BENCH}/data/batch", files=3, rows=100_000)
     out = {}
-    for backend in ("lightgbm", "lleaves"):
+    for backend, explain in (("lightgbm", "none"), ("lleaves", "none"), ("lightgbm", "top")):
         values = []
         for _ in range(repeats):
             raw = raw_now(paths[500], 10_000)
             settings = load_settings({"model": {"path": paths[500], "backend": backend, "cache_dir": f"{BENCH}/cache"},
+                                      "scoring": {"explain": explain},
                                       "batch": {"input": folder, "output": f"{BENCH}/out/{uuid.uuid4().hex}",
                                                 "progress": "log"}})
             report = run_batch(settings)
             assert report.rows == 300_000 and not report.failed
             values.append(report.rows / report.seconds)
-            RATIOS.setdefault(f"batch-{backend}", []).append(values[-1] / raw)
-        out[backend] = record(f"batch Parquet->Parquet 500 trees, {backend}", "rows/s", values)
+            key = backend if explain == "none" else f"{backend}-explain"
+            RATIOS.setdefault(f"batch-{key}", []).append(values[-1] / raw)
+        label = f"{backend}" + (", with explanations (top 5, TreeSHAP)" if explain != "none" else "")
+        out[key] = record(f"batch Parquet->Parquet 500 trees, {label}", "rows/s", values)
     return out
 
 

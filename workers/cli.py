@@ -78,6 +78,8 @@ def common(fn: Callable) -> Callable:
             setting("--cache-dir", "model.cache_dir"),
             setting("--id-column", "scoring.id_column"),
             setting("--passthrough", "scoring.passthrough"),
+            setting("--explain", "scoring.explain"),
+            setting("--explain-top-k", "scoring.explain_top_k"),
             setting("--s3-endpoint-url", "s3.endpoint_url"),
             setting("--s3-region", "s3.region"),
             setting("--log-level", "log_level"),

@@ -114,10 +114,18 @@ def _categorical(col: pa.Array | pa.ChunkedArray, categories: list) -> np.ndarra
 class Scorer:
     """Scores batches with one model. Thread-safe for concurrent ``score`` calls (no shared state)."""
 
-    def __init__(self, model: Model, id_column: str = "id", passthrough: list[str] | None = None):
+    def __init__(self, model: Model, id_column: str = "id", passthrough: list[str] | None = None,
+                 explain: str = "none", explain_top_k: int = 5):
         self.model = model
         self.id_column = id_column
         self.passthrough = list(passthrough or [])
+        self.explain = explain
+        self.explain_top_k = explain_top_k
+
+    @classmethod
+    def from_settings(cls, model: Model, scoring) -> Scorer:
+        """The scorer every mode uses, from the ``scoring`` settings group."""
+        return cls(model, scoring.id_column, scoring.passthrough, scoring.explain, scoring.explain_top_k)
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def check_columns(self, names: list[str] | pa.Schema) -> None:
@@ -206,6 +214,12 @@ class Scorer:
             cols["score"] = pa.array(pred, type=pa.float64())
         cols["model_version"] = pa.repeat(version, m)
         cols["scored_at"] = pa.repeat(now, m)
+        if self.explain != "none":
+            from workers.explain import explanation_columns
+
+            classes = pred.argmax(axis=1) if self.model.multiclass else None
+            cols.update(explanation_columns(self.model, matrix, classes,
+                                            self.explain_top_k if self.explain == "top" else None))
         for name, col in carry.items():
             cols[name] = take(col)
         results = pa.table(cols)

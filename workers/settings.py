@@ -69,6 +69,11 @@ class ScoringSettings(BaseModel):
     """Input column (batch) or JSON field (stream) holding the record id; with the model version it keys each result."""
     passthrough: NameList = Field(default_factory=list)
     """Input columns copied unchanged into each result (comma-separated on the command line)."""
+    explain: Literal["none", "top", "all"] = "none"
+    """Per-record feature contributions (TreeSHAP, LightGBM `pred_contrib`) in an `explanation` column: the top
+    `explain_top_k` features by absolute contribution, or all of them; `explanation_base` holds the expected value."""
+    explain_top_k: int = Field(5, ge=1, le=1000)
+    """How many features `explain=top` keeps per record."""
 
 
 class BatchSettings(BaseModel):

@@ -98,7 +98,7 @@ def score_file(scorer: Scorer, fs, f: InputFile, sink: Sink, batch_rows: int, pr
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     b = settings.batch
     model = model or load_model(settings.model, settings.s3)
-    scorer = Scorer(model, settings.scoring.id_column, settings.scoring.passthrough)
+    scorer = Scorer.from_settings(model, settings.scoring)
     fs, files = list_inputs(b.input or "", settings.s3)
     index = shard_index(settings)
     mine = [f for f in files if shard_of(f.rel, b.shard_count) == index]

@@ -64,7 +64,7 @@ def _relative(path: str, root: str | None) -> str:
 def run_batch_queue(settings: Settings) -> BatchReport:
     b = settings.batch
     model = load_model(settings.model, settings.s3)
-    scorer = Scorer(model, settings.scoring.id_column, settings.scoring.passthrough)
+    scorer = Scorer.from_settings(model, settings.scoring)
     sink = open_sink(b.output or "", settings.s3)
     report = BatchReport(output=b.output or "", allow_bad_rows=b.allow_bad_rows)
     progress = Progress("log" if b.progress == "auto" else b.progress, 0, 0)

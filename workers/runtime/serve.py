@@ -121,7 +121,7 @@ class App:
         sv = settings.serve
         self.model = model or load_model(settings.model, settings.s3)
         self.name = sv.model_name or PurePosixPath(self.model.source.split("://", 1)[-1]).stem
-        self.scorer = Scorer(self.model, settings.scoring.id_column, settings.scoring.passthrough)
+        self.scorer = Scorer.from_settings(self.model, settings.scoring)
         self.decoder = RecordDecoder(self.model, settings.scoring.id_column, True, settings.scoring.passthrough)
         self.metrics = Metrics()
         r = self.metrics.registry

@@ -52,7 +52,7 @@ class StreamWorker:
                              liveness_timeout_s=max(60.0, s.max_poll_interval_ms / 1000))
         self.model = model or load_model(settings.model, settings.s3)
         self.health.model_loaded = True
-        self.scorer = Scorer(self.model, settings.scoring.id_column, settings.scoring.passthrough)
+        self.scorer = Scorer.from_settings(self.model, settings.scoring)
         self.decoder = RecordDecoder(self.model, settings.scoring.id_column, s.key_as_id,
                                      settings.scoring.passthrough)
         self.sink = sink or open_sink(s.sink, settings.s3, setting="SCORING_STREAM__SINK", kafka=settings.kafka)
