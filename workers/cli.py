@@ -260,6 +260,41 @@ def compile_cmd(settings: Settings) -> None:
     click.echo(f"compiled {model.source} ({model.version}) into {settings.model.cache_dir}")
 
 
+@cli.command("profile")
+@common
+@click.option("--data", required=True, help="Reference Parquet data (file, folder or glob), e.g. the training set.")
+@click.option("--output", "out", required=True, help="Where to write the profile JSON.")
+@click.option("--bins", default=10, show_default=True, help="Quantile bins per numeric feature.")
+@click.option("--max-rows", default=1_000_000, show_default=True, help="Rows sampled from the data at most.")
+@with_settings
+def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: int) -> None:
+    """Compute a reference profile (per-feature bins, shares, null share, min/max) for drift metrics."""
+    import numpy as np
+
+    from workers.drift import build_profile
+    from workers.model import load_model
+    from workers.scoring import Scorer
+    from workers.sources.parquet import iter_batches, list_inputs, open_parquet
+
+    model = load_model(settings.model, settings.s3)
+    scorer = Scorer(model, settings.scoring.id_column)
+    fs, files = list_inputs(data, settings.s3)
+    parts, rows = [], 0
+    for f in files:
+        pf = open_parquet(fs, f)
+        for rb in iter_batches(pf, [c for c in model.feature_names if c in pf.schema_arrow.names], 65536):
+            parts.append(scorer.features_only(rb))
+            rows += rb.num_rows
+            if rows >= max_rows:
+                break
+        if rows >= max_rows:
+            break
+    profile = build_profile(model, np.concatenate(parts)[:max_rows] if parts else np.empty((0, 0)), bins)
+    with open(out, "w") as fh:
+        fh.write(orjson.dumps(profile, option=orjson.OPT_INDENT_2).decode())
+    click.echo(f"profiled {min(rows, max_rows):,} rows of {len(files)} file(s) into {out}")
+
+
 @cli.command("schema")
 @common
 @with_settings

@@ -66,6 +66,20 @@ class Metrics:
                          ["topic", "partition"], registry=r)
         self.ready = Gauge("scoring_ready", "1 when /readyz answers 200", registry=r)
         self.max_records = Gauge("scoring_batch_max_records", "Current (adaptive) batch size limit", registry=r)
+        self.score = Histogram("scoring_score", "Scores by model version", ["model_version"],
+                               buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)), registry=r)
+        self.psi = Gauge("scoring_feature_psi", "Population stability index vs the reference profile", ["feature"],
+                         registry=r)
+        self.null_share = Gauge("scoring_feature_null_share", "Share of null values in the drift window",
+                                ["feature"], registry=r)
+        self.out_of_range = Gauge("scoring_feature_out_of_range_share",
+                                  "Share of values outside the reference min/max", ["feature"], registry=r)
+
+    def drift(self, report: dict[str, dict[str, float]]) -> None:
+        for feature, values in report.items():
+            self.psi.labels(feature).set(values["psi"])
+            self.null_share.labels(feature).set(values["null_share"])
+            self.out_of_range.labels(feature).set(values["out_of_range_share"])
 
 
 @dataclass

@@ -147,6 +147,17 @@ class Scorer:
         keep[list(feats.reasons)] = False
         return np.ascontiguousarray(feats.matrix[keep])
 
+    def features_only(self, batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+        """The feature matrix of a batch without an id column (reference data for profiles); bad values -> NaN."""
+        names = self.model.feature_names
+        missing = [c for c in names if c not in batch.schema.names]
+        if missing:
+            raise InputError(f"missing feature column(s) {missing[:10]}")
+        with_id = batch.append_column(self.id_column, pa.array(range(batch.num_rows))) \
+            if self.id_column not in batch.schema.names else batch
+        feats = self.features(with_id)
+        return feats.matrix
+
     def features(self, batch: pa.RecordBatch | pa.Table) -> Features:
         self.check_columns(batch.schema)
         n = batch.num_rows

@@ -74,6 +74,11 @@ class ScoringSettings(BaseModel):
     `explain_top_k` features by absolute contribution, or all of them; `explanation_base` holds the expected value."""
     explain_top_k: int = Field(5, ge=1, le=1000)
     """How many features `explain=top` keeps per record."""
+    profile: str | None = None
+    """Reference profile (from `scoring-worker profile`): stream mode then exports drift per feature (PSI, null
+    share, share outside the reference range) over the last `drift_window` records."""
+    drift_window: int = Field(50_000, ge=100)
+    """Records in the sliding window drift is computed over."""
 
 
 class BatchSettings(BaseModel):

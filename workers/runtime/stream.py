@@ -53,6 +53,16 @@ class StreamWorker:
         self.model = model or load_model(settings.model, settings.s3)
         self.health.model_loaded = True
         self.scorer = Scorer.from_settings(self.model, settings.scoring)
+        self.drift = None
+        if settings.scoring.profile:
+            from workers.drift import DriftMonitor
+
+            try:
+                self.drift = DriftMonitor.from_file(settings.scoring.profile, self.model.feature_names,
+                                                    settings.scoring.drift_window)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError("SCORING_SCORING__PROFILE", f"cannot use {settings.scoring.profile}: {exc}") from None
+        self.drift_reported = 0.0
         self.decoder = RecordDecoder(self.model, settings.scoring.id_column, s.key_as_id,
                                      settings.scoring.passthrough)
         self.sink = sink or open_sink(s.sink, settings.s3, setting="SCORING_STREAM__SINK", kafka=settings.kafka)
@@ -142,6 +152,11 @@ class StreamWorker:
         self.health.tick()
         records = self.source.poll_batch(self.limit, self.settings.stream.max_wait_ms)
         decoded = self.decode(records) if records else None
+        if decoded is not None and self.drift is not None:
+            self.drift.observe(self.scorer.good_matrix(decoded.features))
+            if time.monotonic() - self.drift_reported > 1.0:
+                self.metrics.drift(self.drift.report())
+                self.drift_reported = time.monotonic()
         self.drain()
         if records and decoded is not None and not self.stopping:
             if decoded.features.reasons and self.settings.stream.on_bad_record == "fail":
@@ -211,6 +226,8 @@ class StreamWorker:
             self.metrics.written.labels(topic, version).inc(n_ok)
             if n_bad:
                 self.metrics.dead_lettered.labels(topic, version).inc(n_bad)
+        if scored.ok:
+            observe_many(self.metrics.score.labels(version), scored.results["score"].to_numpy())
         stamps = np.array([r.timestamp for r in records], dtype=np.float64)
         observe_many(self.metrics.end_to_end, np.maximum(time.time() - stamps[stamps >= 0] / 1000, 0))
         self.metrics.batch_size.observe(len(records))
