@@ -65,6 +65,8 @@ class Metrics:
         self.lag = Gauge("scoring_consumer_lag", "High watermark minus next offset to process",
                          ["topic", "partition"], registry=r)
         self.ready = Gauge("scoring_ready", "1 when /readyz answers 200", registry=r)
+        self.stalled = Gauge("scoring_partition_stalled", "1 while a partition has lag and makes no progress",
+                             ["topic", "partition"], registry=r)
         self.max_records = Gauge("scoring_batch_max_records", "Current (adaptive) batch size limit", registry=r)
         self.score = Histogram("scoring_score", "Scores by model version", ["model_version"],
                                buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)), registry=r)
@@ -110,6 +112,11 @@ class Health:
     def alive(self) -> tuple[bool, str]:
         idle = time.monotonic() - self.last_tick
         return idle < self.liveness_timeout_s, f"loop ticked {idle:.1f}s ago"
+
+    def is_stalled(self, tp: tuple[str, int]) -> bool:
+        with self.lock:
+            lag, since = self.partitions.get(tp, (0, time.monotonic()))
+        return lag > 0 and time.monotonic() - since > self.stall_seconds
 
     def stalled(self) -> list[str]:
         now = time.monotonic()

@@ -318,15 +318,17 @@ class StreamWorker:
                 continue
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
             self.health.progress((tp.topic, tp.partition), lag, tp in advanced)
+            self.metrics.stalled.labels(tp.topic, str(tp.partition)).set(self.health.is_stalled((tp.topic, tp.partition)))
         for tp in [tp for tp in self.next_offsets if tp not in owned]:
             del self.next_offsets[tp]  # the next owner commits it; a reassignment starts from the commit
         for topic, partition in list(self.health.partitions):
             if TopicPartition(topic, partition) not in owned:
                 self.health.forget([(topic, partition)])
-                try:
-                    self.metrics.lag.remove(topic, str(partition))
-                except KeyError:
-                    pass
+                for gauge in (self.metrics.lag, self.metrics.stalled):
+                    try:
+                        gauge.remove(topic, str(partition))
+                    except KeyError:
+                        pass
 
 
 def run_stream(settings: Settings) -> int:
