@@ -316,9 +316,10 @@ class StreamWorker:
             lag = self.source.lag(tp, self.next_offsets.get(tp))
             if lag is None:
                 continue
+            key = (tp.topic, tp.partition)
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-            self.health.progress((tp.topic, tp.partition), lag, tp in advanced)
-            self.metrics.stalled.labels(tp.topic, str(tp.partition)).set(self.health.is_stalled((tp.topic, tp.partition)))
+            self.health.progress(key, lag, tp in advanced)
+            self.metrics.stalled.labels(tp.topic, str(tp.partition)).set(self.health.is_stalled(key))
         for tp in [tp for tp in self.next_offsets if tp not in owned]:
             del self.next_offsets[tp]  # the next owner commits it; a reassignment starts from the commit
         for topic, partition in list(self.health.partitions):
