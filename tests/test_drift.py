@@ -97,3 +97,56 @@ def test_stream_exports_drift_and_score_metrics(models, kafka, tmp_path):
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
     assert psi["x0"] > 0.2 and max(v for k, v in psi.items() if k != "x0") < 0.1
+
+
+def test_batch_summary_reports_drift_against_the_profile(models, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import frame
+
+    model = load_model(ModelSettings(path=models["binary"]))
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps(build_profile(model, np.random.default_rng(3).normal(size=(20_000, 8)))))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    df = frame(5000, seed=4)
+    df["x0"] += 1.0
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), inputs / "a.parquet")
+    proc = subprocess.run([sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input",
+                           str(inputs), "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                          env={**__import__("os").environ, "SCORING_SCORING__PROFILE": str(profile)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    drift = json.loads(proc.stdout)["drift"]
+    assert drift["x0"]["psi"] > 0.2 and max(v["psi"] for k, v in drift.items() if k != "x0") < 0.05
+
+
+def test_serve_exports_drift_gauges(models, tmp_path):
+    import httpx
+    import orjson
+
+    from tests.test_serve import start
+
+    model = load_model(ModelSettings(path=models["binary"]))
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps(build_profile(model, np.random.default_rng(5).normal(size=(20_000, 8)))))
+    import os
+
+    os.environ["SCORING_SCORING__PROFILE"] = str(profile)
+    try:
+        proc, addr = start(models["binary"])
+    finally:
+        del os.environ["SCORING_SCORING__PROFILE"]
+    try:
+        x = np.random.default_rng(6).normal(size=(3000, 8))
+        x[:, 3] *= 4
+        body = orjson.dumps({"inputs": [{"name": "x", "shape": [3000, 8], "datatype": "FP64",
+                                          "data": x.ravel().tolist()}]})
+        assert httpx.post(f"http://{addr}/v2/models/binary/infer", content=body, timeout=30).status_code == 200
+        text = httpx.get(f"http://{addr}/metrics").text
+        psi = {line.split('feature="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("scoring_feature_psi{")}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert psi["x3"] > 0.2 and psi["x0"] < 0.05

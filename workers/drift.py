@@ -117,3 +117,16 @@ class DriftMonitor:
                          "null_share": float(totals[j, 0] / rows) if rows else 0.0,
                          "out_of_range_share": float(totals[j, 1] / present) if present else 0.0}
         return out
+
+
+def monitor_for(settings, model: Model, window: int | None = None) -> DriftMonitor | None:
+    """The drift monitor the settings ask for (``scoring.profile``), or None; a bad profile is a ConfigError."""
+    from workers.errors import ConfigError
+
+    path = settings.scoring.profile
+    if not path:
+        return None
+    try:
+        return DriftMonitor.from_file(path, model.feature_names, window or settings.scoring.drift_window)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError("SCORING_SCORING__PROFILE", f"cannot use {path}: {exc}") from None

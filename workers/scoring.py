@@ -13,6 +13,7 @@ A bad row never fails the batch; a batch missing a feature column does (``InputE
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +122,8 @@ class Scorer:
         self.passthrough = list(passthrough or [])
         self.explain = explain
         self.explain_top_k = explain_top_k
+        # Called with the matrix of the rows about to be predicted (drift tracking in batch and serve modes).
+        self.on_matrix: Callable[[np.ndarray], None] | None = None
 
     @classmethod
     def from_settings(cls, model: Model, scoring) -> Scorer:
@@ -208,6 +211,8 @@ class Scorer:
             matrix = feats.matrix
             take = lambda col: col  # noqa: E731
         m = matrix.shape[0]
+        if self.on_matrix is not None and m:
+            self.on_matrix(matrix)
         cols: dict[str, pa.Array | pa.ChunkedArray] = {"id": take(ids)}
         if predictions is not None:
             pred = predictions

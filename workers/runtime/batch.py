@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from workers.drift import monitor_for
 from workers.errors import InputError, SinkError
 from workers.model import Model, load_model
 from workers.runtime.progress import Progress
@@ -39,6 +40,7 @@ class BatchReport:
     seconds: float = 0.0
     output: str = ""
     allow_bad_rows: bool = False
+    drift: dict = field(default_factory=dict)  # feature -> psi, null_share, out_of_range_share (with a profile)
 
     @property
     def rows_per_s(self) -> float:
@@ -62,6 +64,7 @@ class BatchReport:
             "seconds": round(self.seconds, 3),
             "rows_per_s": round(self.rows_per_s),
             "output": self.output,
+            **({"drift": self.drift} if self.drift else {}),
         }
 
 
@@ -99,6 +102,10 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     b = settings.batch
     model = model or load_model(settings.model, settings.s3)
     scorer = Scorer.from_settings(model, settings.scoring)
+    # Drift over the whole run (no window): the summary reports each feature against the profile.
+    drift = monitor_for(settings, model, window=2**62)
+    if drift is not None:
+        scorer.on_matrix = drift.observe
     fs, files = list_inputs(b.input or "", settings.s3)
     index = shard_index(settings)
     mine = [f for f in files if shard_of(f.rel, b.shard_count) == index]
@@ -137,6 +144,8 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         progress.close()
         sink.close()
         report.seconds = time.monotonic() - started
+        if drift is not None:
+            report.drift = {k: {m: round(v, 6) for m, v in values.items()} for k, values in drift.report().items()}
     return report
 
 

@@ -140,6 +140,18 @@ class App:
             self.sink = open_sink(sv.sink, settings.s3, setting="SCORING_SERVE__SINK", kafka=settings.kafka)
         self.source = f"scoring-workers/{self.name}/{self.model.version}"
         self.ready = False
+        from workers.drift import monitor_for
+
+        self.drift = monitor_for(settings, self.model)
+        self.drift_reported = 0.0
+
+    def observe_drift(self, matrix: np.ndarray) -> None:
+        if self.drift is None or not matrix.shape[0]:
+            return
+        self.drift.observe(matrix)
+        if time.monotonic() - self.drift_reported > 1.0:
+            self.metrics.drift(self.drift.report())
+            self.drift_reported = time.monotonic()
 
     # -- plumbing --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -228,6 +240,7 @@ class App:
         if header is not None and not header.isdigit():
             raise BadRequest("Inference-Header-Content-Length must be a number")
         req = oip.parse(body, int(header) if header is not None else None, self.model)
+        self.observe_drift(req.matrix)
         pred = await self.batcher.predict(req.matrix)
         out, head_len = oip.response(pred, self.model, self.name, req)
         if head_len is None:
@@ -241,7 +254,9 @@ class App:
         headers = {k.lower(): v for k, v in request.headers.items()}
         events, is_batch = ce.parse(headers, body)
         decoded = self.decoder.decode([e.data for e in events], [e.key for e in events])
-        pred = await self.batcher.predict(self.scorer.good_matrix(decoded.features))
+        good = self.scorer.good_matrix(decoded.features)
+        self.observe_drift(good)
+        pred = await self.batcher.predict(good)
         carry: dict[str, pa.Array] = {
             name: self.decoder.passthrough_array(values) for name, values in decoded.passthrough.items()}
         if self.sink is not None:

@@ -26,6 +26,7 @@ from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
+from workers.drift import monitor_for
 from workers.errors import ConfigError, ScoringError, SinkError
 from workers.model import Model, load_model
 from workers.observability import Health, Metrics, observe_many, serve_probes
@@ -53,15 +54,7 @@ class StreamWorker:
         self.model = model or load_model(settings.model, settings.s3)
         self.health.model_loaded = True
         self.scorer = Scorer.from_settings(self.model, settings.scoring)
-        self.drift = None
-        if settings.scoring.profile:
-            from workers.drift import DriftMonitor
-
-            try:
-                self.drift = DriftMonitor.from_file(settings.scoring.profile, self.model.feature_names,
-                                                    settings.scoring.drift_window)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ConfigError("SCORING_SCORING__PROFILE", f"cannot use {settings.scoring.profile}: {exc}") from None
+        self.drift = monitor_for(settings, self.model)
         self.drift_reported = 0.0
         self.decoder = RecordDecoder(self.model, settings.scoring.id_column, s.key_as_id,
                                      settings.scoring.passthrough)
