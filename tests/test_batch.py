@@ -197,3 +197,21 @@ def test_run_batch_in_process_with_passthrough_and_sqlite(models, tmp_path):
     rows = dict(con.execute("select id, x7 from res").fetchall())
     df = ds.dataset(inputs).to_table().to_pandas()
     assert rows["r100-5"] == df.set_index("id").loc["r100-5", "x7"]
+
+
+def test_a_bad_sink_uri_names_the_setting_it_came_from(models, tmp_path):
+    import pytest
+
+    from workers.errors import ConfigError
+    from workers.settings import S3Settings
+    from workers.sinks import open_sink
+
+    for setting in ("SCORING_BATCH__OUTPUT", "SCORING_STREAM__SINK", "SCORING_SERVE__SINK"):
+        for uri in ("postgresql://u@h/db?table=a.b.c", "sqlite://", "kafka://"):
+            with pytest.raises(ConfigError) as err:
+                open_sink(uri, S3Settings(), setting=setting)
+            assert err.value.setting == setting, uri
+    write_inputs(str(tmp_path / "in"), files=1, rows=5)
+    proc = cli("batch", "--model", models["binary"], "--input", str(tmp_path / "in"), "--output",
+               "postgresql://u@h/db?table=a.b.c")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: SCORING_BATCH__OUTPUT (--output): table 'a.b.c'")

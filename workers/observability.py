@@ -113,17 +113,19 @@ class Health:
         idle = time.monotonic() - self.last_tick
         return idle < self.liveness_timeout_s, f"loop ticked {idle:.1f}s ago"
 
+    def _stalled(self, lag: int, since: float, now: float) -> bool:
+        return lag > 0 and now - since > self.stall_seconds
+
     def is_stalled(self, tp: tuple[str, int]) -> bool:
         with self.lock:
             lag, since = self.partitions.get(tp, (0, time.monotonic()))
-        return lag > 0 and time.monotonic() - since > self.stall_seconds
+        return self._stalled(lag, since, time.monotonic())
 
     def stalled(self) -> list[str]:
         now = time.monotonic()
         with self.lock:
             return [f"{t}[{p}] lag {lag}, no progress for {now - since:.0f}s"
-                    for (t, p), (lag, since) in self.partitions.items()
-                    if lag > 0 and now - since > self.stall_seconds]
+                    for (t, p), (lag, since) in self.partitions.items() if self._stalled(lag, since, now)]
 
     def readiness(self) -> tuple[bool, list[str]]:
         problems = []

@@ -39,7 +39,6 @@ from workers.sinks.kafka import producer
 from workers.sources.kafka import KafkaSource
 
 log = logging.getLogger("workers.stream")
-EMPTY = pa.table({})
 
 
 class StreamWorker:

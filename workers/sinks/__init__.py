@@ -9,29 +9,29 @@ from workers.settings import S3Settings
 from workers.sinks.base import Sink, UnitWriter
 
 
-def _parquet(uri: str, s3: S3Settings, **_: object) -> Sink:
+def _parquet(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     from workers.sinks.parquet import ParquetSink
 
     return ParquetSink(uri, s3)
 
 
-def _postgres(uri: str, s3: S3Settings, **_: object) -> Sink:
+def _postgres(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     from workers.sinks.postgres import PostgresSink
 
-    return PostgresSink(uri)
+    return PostgresSink(uri, setting)
 
 
-def _sqlite(uri: str, s3: S3Settings, **_: object) -> Sink:
+def _sqlite(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     from workers.sinks.sqlite import SqliteSink
 
-    return SqliteSink(uri)
+    return SqliteSink(uri, setting)
 
 
-def _kafka(uri: str, s3: S3Settings, kafka: object = None, **_: object) -> Sink:
+def _kafka(uri: str, s3: S3Settings, setting: str, kafka: object = None, **_: object) -> Sink:
     from workers.settings import KafkaSettings
     from workers.sinks.kafka import KafkaSink
 
-    return KafkaSink(uri, kafka if isinstance(kafka, KafkaSettings) else KafkaSettings())
+    return KafkaSink(uri, kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(), setting)
 
 
 SINKS = {
@@ -51,7 +51,7 @@ def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", 
     if factory is None:
         known = ", ".join(f"{s}://" for s in sorted(SINKS) if s) + " or a directory"
         raise ConfigError(setting, f"unknown scheme {scheme!r} in {uri!r}; use {known}")
-    return factory(uri, s3, **extra)
+    return factory(uri, s3, setting=setting, **extra)
 
 
 __all__ = ["SINKS", "Sink", "UnitWriter", "open_sink"]

@@ -38,7 +38,7 @@ def result_messages(scored: Scored) -> list[tuple[bytes, bytes]]:
 
 
 class KafkaSink(Sink):
-    def __init__(self, uri: str, kafka: KafkaSettings, setting: str = "SCORING_STREAM__SINK"):
+    def __init__(self, uri: str, kafka: KafkaSettings, setting: str):
         self.topic = uri[len("kafka://"):].strip("/")
         if not self.topic:
             raise ConfigError(setting, f"{uri}: name the output topic, e.g. kafka://scores")

@@ -36,17 +36,15 @@ def redact(uri: str) -> str:
     return urlunparse(p)
 
 
-def split_uri(uri: str, setting: str = "SCORING_SINK__URI") -> tuple[str, list[str], dict[str, str]]:
-    """(conninfo without our parameters, [schema?, table], our parameters)."""
+def split_uri(uri: str, setting: str) -> tuple[str, list[str]]:
+    """(conninfo without our ``table`` parameter, [schema?, table])."""
     p = urlparse(uri)
     params = dict(parse_qsl(p.query))
-    ours = {k: params.pop(k) for k in ("table",) if k in params}
-    table = ours.get("table", "scores")
+    table = params.pop("table", "scores")
     parts = table.split(".")
     if len(parts) > 2 or not all(parts):
         raise ConfigError(setting, f"table {table!r} must be NAME or SCHEMA.NAME")
-    scheme = "postgresql"
-    return urlunparse(p._replace(scheme=scheme, query=urlencode(params))), parts, ours
+    return urlunparse(p._replace(scheme="postgresql", query=urlencode(params))), parts
 
 
 # Columns whose text holds JSON: stored as jsonb so they can be queried.
@@ -96,8 +94,8 @@ def _csv_ready(table: pa.Table) -> pa.Table:
 
 
 class PostgresSink(Sink):
-    def __init__(self, uri: str):
-        self.conninfo, parts, _ = split_uri(uri)
+    def __init__(self, uri: str, setting: str):
+        self.conninfo, parts = split_uri(uri, setting)
         self.schema = parts[0] if len(parts) == 2 else None
         self.table = parts[-1]
         self.name = redact(uri)

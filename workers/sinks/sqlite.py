@@ -44,7 +44,7 @@ def _pylist(col: pa.ChunkedArray) -> list:
 
 
 class SqliteSink(Sink):
-    def __init__(self, uri: str, setting: str = "SCORING_SINK__URI"):
+    def __init__(self, uri: str, setting: str):
         p = urlparse(uri)
         path = p.path if p.netloc in ("", "localhost") else p.netloc + p.path
         if uri.startswith("sqlite:////"):
