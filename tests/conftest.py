@@ -58,8 +58,11 @@ def _no_scoring_env(monkeypatch):
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, str]:
     folder = str(tmp_path_factory.mktemp("models"))
-    return {kind: helpers.save(helpers.train(kind), folder, kind)
-            for kind in ("binary", "regression", "multiclass", "categorical")}
+    out = {kind: helpers.save(helpers.train(kind), folder, kind)
+           for kind in ("binary", "regression", "multiclass", "categorical")}
+    # A second version of the binary model (rollout tests): same features, other training.
+    out["binary_v2"] = helpers.save(helpers.train("binary", rounds=60, seed=7), folder, "binary_v2")
+    return out
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def frame(rows: int, seed: int = 0, categorical: bool = False, id_prefix: str = 
     return df
 
 
-def train(kind: str, rows: int = 3000) -> lgb.Booster:
+def train(kind: str, rows: int = 3000, rounds: int = 30, seed: int = 1) -> lgb.Booster:
     categorical = kind == "categorical"
     df = frame(rows, seed=1, categorical=categorical)
     feats = FEATURES + (["color", "size"] if categorical else [])
@@ -31,7 +31,7 @@ def train(kind: str, rows: int = 3000) -> lgb.Booster:
     signal = df.x0 - df.x1 + 0.5 * df.x2 * df.x3
     if categorical:
         signal = signal + (df.color == "green") * 1.0 - (df["size"] == 10) * 0.7
-    params: dict = {"verbose": -1, "num_leaves": 15, "seed": 1}
+    params: dict = {"verbose": -1, "num_leaves": 15, "seed": seed}
     if kind in ("binary", "categorical"):
         params["objective"] = "binary"
         y = (signal + rng.normal(size=rows) * 0.3 > 0).astype(int)
@@ -43,7 +43,9 @@ def train(kind: str, rows: int = 3000) -> lgb.Booster:
         y = np.digitize(signal, [-0.5, 0.5])
     else:
         raise ValueError(kind)
-    return lgb.train(params, lgb.Dataset(df[feats], y), num_boost_round=30)
+    if seed != 1:  # a different model of the same task (a "new version"): other rows, other bagging
+        params.update(bagging_fraction=0.7, bagging_freq=1, feature_fraction=0.8)
+    return lgb.train(params, lgb.Dataset(df[feats], y), num_boost_round=rounds)
 
 
 def save(booster: lgb.Booster, folder: str, name: str) -> str:

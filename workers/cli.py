@@ -71,6 +71,9 @@ def common(fn: Callable) -> Callable:
     for opt in reversed(
         [
             setting("--model", "model.path"),
+            setting("--routing", "routing.path"),
+            setting("--routing-poll-s", "routing.poll_s"),
+            setting("--shadow-sink", "routing.shadow_sink"),
             setting("--model-sha256", "model.sha256"),
             setting("--model-version", "model.version"),
             setting("--threads", "model.threads"),
@@ -306,6 +309,26 @@ def schema_cmd(settings: Settings) -> None:
     model = load_model(settings.model, settings.s3)
     schema = input_schema(model, settings.scoring.id_column, settings.scoring.passthrough)
     click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
+
+
+@cli.command("compare")
+@click.option("--results", required=True,
+              help="Results to read: the sink URI (postgresql://...?table=T, sqlite:///db?table=T, a Parquet "
+                   "directory or s3:// prefix).")
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold for agreement [default: SCORING_ROUTING__THRESHOLD, 0.5].")
+@click.option("--since", default=None, help="Only rows scored at or after this ISO time (e.g. 2026-11-25T10:00).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--s3-endpoint-url", "s3__endpoint_url", default=None, help="S3 endpoint for s3:// results.")
+@with_settings
+def compare_cmd(settings: Settings, results: str, threshold: float | None, since: str | None,
+                as_json: bool) -> None:
+    """Compare model versions from a results table: rows, score distribution, shadow agreement."""
+    from workers.rollout.compare import compare, read_results, render_text
+
+    table = read_results(results, settings.s3, since)
+    report = compare(table, settings.routing.threshold if threshold is None else threshold)
+    click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else render_text(report))
 
 
 @cli.command("settings")

@@ -88,7 +88,8 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
     """Read, verify and parse the model named by ``settings.path``; raises ModelError naming the setting."""
     uri = settings.path
     if not uri:
-        raise ModelError(PATH_SETTING, "no model given (set --model or SCORING_MODEL__PATH)")
+        raise ModelError(PATH_SETTING, "no model given (set --model or SCORING_MODEL__PATH, or a routing file with "
+                                       "--routing or SCORING_ROUTING__PATH)")
     try:
         data = read_bytes(uri, s3 or S3Settings())
     except FileNotFoundError:

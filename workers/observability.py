@@ -77,6 +77,31 @@ class Metrics:
         self.out_of_range = Gauge("scoring_feature_out_of_range_share",
                                   "Share of values outside the reference min/max", ["feature"], registry=r)
 
+        # Model rollout: per-version comparison, shadow agreement, routing state (workers/rollout).
+        self.version_rows = Counter("scoring_version_rows", "Rows scored per model version and role (served/shadow)",
+                                    ["model_version", "role"], registry=r)
+        self.version_errors = Counter("scoring_version_errors",
+                                      "Rows a version could not score (predict failed, non-finite, undecodable)",
+                                      ["model_version"], registry=r)
+        self.version_seconds = Histogram("scoring_version_predict_seconds", "Predict time per call and version",
+                                         ["model_version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.shadow_pairs = Counter("scoring_shadow_pairs", "Records scored by a shadow and a served version",
+                                    ["model_version", "baseline"], registry=r)
+        self.shadow_agree = Counter("scoring_shadow_agree",
+                                    "Shadow pairs on the same side of the threshold (multiclass: same label)",
+                                    ["model_version", "baseline"], registry=r)
+        self.shadow_abs_diff = Counter("scoring_shadow_abs_diff", "Sum of |shadow score - served score|",
+                                       ["model_version", "baseline"], registry=r)
+        self.routing_weight = Gauge("scoring_routing_weight", "Effective traffic weight per version (0 for shadows)",
+                                    ["model_version", "role"], registry=r)
+        self.routing_reloads = Counter("scoring_routing_reloads", "Routing reloads by result (ok/failed)",
+                                       ["result"], registry=r)
+        self.routing_reload_ok = Gauge("scoring_routing_reload_ok", "0 while the last routing reload failed",
+                                       registry=r)
+        self.routing_reload_ok.set(1)
+        self.guardrail_tripped = Gauge("scoring_guardrail_tripped", "1 when a guardrail took the version out",
+                                       ["model_version"], registry=r)
+
     def drift(self, report: dict[str, dict[str, float]]) -> None:
         for feature, values in report.items():
             self.psi.labels(feature).set(values["psi"])

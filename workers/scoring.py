@@ -187,6 +187,7 @@ class Scorer:
         carry: dict[str, pa.Array | pa.ChunkedArray] | None = None,
         raw_rows: list[dict] | None = None,
         predictions: np.ndarray | None = None,
+        served: bool = True,
     ) -> Scored:
         """Predict the rows without a reason and build the result and error tables.
 
@@ -194,6 +195,7 @@ class Scorer:
         each row into results and errors. ``raw_rows`` gives the input values for the errors' ``raw``
         column; when absent it is built from ``carry`` and the matrix. ``predictions`` of the good rows,
         when given (serve mode batches several requests into one predict call), replace predicting here.
+        ``served`` is False for a shadow version's rows (stored, never the answer).
         """
         carry = carry or {}
         n = feats.matrix.shape[0]
@@ -229,6 +231,7 @@ class Scorer:
         else:
             cols["score"] = pa.array(pred, type=pa.float64())
         cols["model_version"] = pa.repeat(version, m)
+        cols["served"] = pa.repeat(pa.scalar(served), m)
         cols["scored_at"] = pa.repeat(now, m)
         if self.explain != "none":
             from workers.explain import explanation_columns

@@ -208,6 +208,21 @@ class ServeSettings(BaseModel):
     """Optional: also write CloudEvent results to this sink (same URIs as stream mode) before replying."""
 
 
+class RoutingSettings(BaseModel):
+    model_config = _GROUP_CONFIG
+
+    path: str | None = None
+    """Routing file (YAML or JSON) naming several model versions with weights (sticky A/B split by key) or
+    `shadow: true`; replaces `--model`. Watched for changes and reloaded between batches (also on SIGHUP)."""
+    poll_s: float = Field(5.0, ge=0)
+    """How often the routing file and its local model files are checked for changes (0 disables polling;
+    SIGHUP still reloads)."""
+    threshold: float = 0.5
+    """Decision threshold for shadow agreement: a pair agrees when both scores fall on the same side of it."""
+    shadow_sink: str | None = None
+    """Optional: store shadow rows in this sink instead of the main one (same URIs as the main sink)."""
+
+
 class Settings(BaseSettings):
     """All settings. Env: `SCORING_<GROUP>__<NAME>`, e.g. `SCORING_MODEL__PATH`."""
 
@@ -226,6 +241,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the JSON log lines written to stderr."""
 

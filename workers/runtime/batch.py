@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 from workers.drift import monitor_for
 from workers.errors import InputError, SinkError
-from workers.model import Model, load_model
+from workers.model import Model
+from workers.rollout.router import Router
+from workers.rollout.watch import RoutingSource
 from workers.runtime.progress import Progress
-from workers.scoring import Scorer
 from workers.settings import Settings
-from workers.sinks import Sink, open_sink
+from workers.sinks import Sink, open_result_sink
 from workers.sources.parquet import InputFile, iter_batches, list_inputs, open_parquet, shard_of
 
 log = logging.getLogger("workers.batch")
@@ -75,21 +76,22 @@ def shard_index(settings: Settings) -> int:
     return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
 
 
-def score_file(scorer: Scorer, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> tuple[int, int]:
-    """Score one input file into one sink unit; returns (rows scored, rows rejected)."""
+def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> tuple[int, int]:
+    """Score one input file into one sink unit; returns (rows scored and served, rows rejected)."""
     pf = open_parquet(fs, f)
-    scorer.check_columns(pf.schema_arrow)
-    columns = list(dict.fromkeys([scorer.id_column, *scorer.model.feature_names, *scorer.passthrough]))
+    router.check_columns(pf.schema_arrow)
+    columns = router.input_columns()
     bytes_per_row = f.size / max(pf.metadata.num_rows, 1)
     writer = sink.begin(f.rel)
     ok = bad = offset = 0
     try:
         for rb in iter_batches(pf, columns, batch_rows):
-            scored = scorer.score(rb)
+            carry = {c: rb.column(c) for c in router.scoring.passthrough}
+            scored = router.finish(router.from_table(rb), carry)
             if scored.rejected:
                 scored = scored.with_error_sources([f"{f.rel}#{offset + int(i)}" for i in scored.error_rows])
             writer.write(scored)
-            ok, bad, offset = ok + scored.ok, bad + scored.rejected, offset + rb.num_rows
+            ok, bad, offset = ok + rb.num_rows - scored.rejected, bad + scored.rejected, offset + rb.num_rows
             progress.advance(rb.num_rows, int(rb.num_rows * bytes_per_row))
         writer.commit()
     except BaseException:
@@ -100,32 +102,33 @@ def score_file(scorer: Scorer, fs, f: InputFile, sink: Sink, batch_rows: int, pr
 
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     b = settings.batch
-    model = model or load_model(settings.model, settings.s3)
-    scorer = Scorer.from_settings(model, settings.scoring)
+    router = RoutingSource(settings, None, Router.single(model, settings.scoring) if model else None).router
+    model = router.primary.model
     # Drift over the whole run (no window): the summary reports each feature against the profile.
     drift = monitor_for(settings, model, window=2**62)
     if drift is not None:
-        scorer.on_matrix = drift.observe
+        router.primary.scorer.on_matrix = drift.observe
     fs, files = list_inputs(b.input or "", settings.s3)
     index = shard_index(settings)
     mine = [f for f in files if shard_of(f.rel, b.shard_count) == index]
     report = BatchReport(files_found=len(files), files_in_shard=len(mine), output=b.output or "",
                          allow_bad_rows=b.allow_bad_rows)
-    sink = open_sink(b.output or "", settings.s3)
+    sink = open_result_sink(settings, b.output or "", "SCORING_BATCH__OUTPUT")
     started = time.monotonic()
     log.info("batch start", extra={"files_found": len(files), "shard": f"{index}/{b.shard_count}",
-                                   "files_in_shard": len(mine), "model_version": model.version, "output": sink.name})
+                                   "files_in_shard": len(mine), "model_version": model.version, "output": sink.name,
+                                   "versions": router.describe()})
     progress = Progress(b.progress, len(mine), sum(f.size for f in mine))
     try:
         sink.check()
         for f in mine:
-            fingerprint = f"{f.fingerprint};model={model.version}"
+            fingerprint = f"{f.fingerprint};model={router.fingerprint}"
             if sink.done(f.rel) == fingerprint:
                 report.files_skipped += 1
                 progress.file_done()
                 continue
             try:
-                ok, bad = score_file(scorer, fs, f, sink, b.batch_rows, progress)
+                ok, bad = score_file(router, fs, f, sink, b.batch_rows, progress)
             except InputError as exc:
                 report.failed.append((f.rel, str(exc)))
                 log.error("input failed", extra={"input": f.rel, "reason": str(exc)})

@@ -20,12 +20,11 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from workers.errors import InputError, ScoringError, SinkError
-from workers.model import load_model
+from workers.rollout.watch import RoutingSource
 from workers.runtime.batch import BatchReport, score_file
 from workers.runtime.progress import Progress
-from workers.scoring import Scorer
 from workers.settings import Settings
-from workers.sinks import open_sink
+from workers.sinks import open_result_sink
 from workers.sources.parquet import InputFile
 from workers.storage import resolve
 
@@ -63,9 +62,8 @@ def _relative(path: str, root: str | None) -> str:
 
 def run_batch_queue(settings: Settings) -> BatchReport:
     b = settings.batch
-    model = load_model(settings.model, settings.s3)
-    scorer = Scorer.from_settings(model, settings.scoring)
-    sink = open_sink(b.output or "", settings.s3)
+    router = RoutingSource(settings).router
+    sink = open_result_sink(settings, b.output or "", "SCORING_BATCH__OUTPUT")
     report = BatchReport(output=b.output or "", allow_bad_rows=b.allow_bad_rows)
     progress = Progress("log" if b.progress == "auto" else b.progress, 0, 0)
     try:
@@ -95,7 +93,7 @@ def run_batch_queue(settings: Settings) -> BatchReport:
             idle_since = None
             for tp, records in got.items():
                 for record in records:
-                    _score_event(scorer, settings, sink, record.value, report, progress, model.version)
+                    _score_event(router, settings, sink, record.value, report, progress, router.fingerprint)
                     try:
                         consumer.commit({TopicPartition(tp.topic, tp.partition):
                                          OffsetAndMetadata(record.offset + 1, "", -1)})
@@ -112,7 +110,7 @@ def run_batch_queue(settings: Settings) -> BatchReport:
     return report
 
 
-def _score_event(scorer, settings, sink, value, report, progress, version) -> None:
+def _score_event(router, settings, sink, value, report, progress, version) -> None:
     try:
         path = event_path(value)
         fs, inner = resolve(path, settings.s3)
@@ -127,7 +125,7 @@ def _score_event(scorer, settings, sink, value, report, progress, version) -> No
         if sink.done(f.rel) == fingerprint:
             report.files_skipped += 1
             return
-        ok, bad = score_file(scorer, fs, f, sink, settings.batch.batch_rows, progress)
+        ok, bad = score_file(router, fs, f, sink, settings.batch.batch_rows, progress)
         sink.mark_done(f.rel, fingerprint, ok, bad)
         report.files_scored += 1
         report.rows += ok

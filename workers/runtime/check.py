@@ -22,9 +22,18 @@ def run_checks(settings: Settings) -> int:
 
     results = [_line(True, "settings", "valid")]
     try:
-        model = load_model(settings.model, settings.s3)
-        results.append(_line(True, "model", f"{model.source} version {model.version}, "
-                                            f"{len(model.feature_names)} features"))
+        if settings.routing.path:
+            from workers.rollout.watch import RoutingSource
+
+            router = RoutingSource(settings).router
+            for v in router.versions:
+                results.append(_line(True, "model", f"{v.model.source} version {v.name} ({v.role}"
+                                                    f"{'' if v.shadow else f', weight {v.weight}'}), "
+                                                    f"{len(v.model.feature_names)} features"))
+        else:
+            model = load_model(settings.model, settings.s3)
+            results.append(_line(True, "model", f"{model.source} version {model.version}, "
+                                                f"{len(model.feature_names)} features"))
     except ScoringError as exc:
         results.append(_line(False, "model", str(exc)))
     if settings.stream.topics:

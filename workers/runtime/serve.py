@@ -31,13 +31,19 @@ from starlette.routing import Route
 from workers.encodings import cloudevents as ce
 from workers.encodings import oip
 from workers.encodings.oip import BadRequest
-from workers.model import Model, load_model
+from workers.model import Model
 from workers.observability import LATENCY_BUCKETS, SIZE_BUCKETS, Metrics
 from workers.records import RecordDecoder
-from workers.scoring import Scorer
+from workers.rollout import split
+from workers.rollout.router import Router, Version
+from workers.rollout.watch import RoutingSource
+from workers.scoring import Scored
 from workers.settings import Settings
 
 log = logging.getLogger("workers.serve")
+
+
+_ROW = "__row"  # carried through routing so replies come back in event order
 
 
 class HTTPError(Exception):
@@ -49,23 +55,23 @@ class HTTPError(Exception):
 class Batcher:
     """Gathers concurrent predict calls into batches; see the module docstring."""
 
-    def __init__(self, model: Model, max_rows: int, max_latency_s: float, rows_hist: Histogram,
-                 requests_hist: Histogram):
-        self.model, self.max_rows, self.max_latency_s = model, max_rows, max_latency_s
+    def __init__(self, max_rows: int, max_latency_s: float, rows_hist: Histogram, requests_hist: Histogram):
+        self.max_rows, self.max_latency_s = max_rows, max_latency_s
         self.rows_hist, self.requests_hist = rows_hist, requests_hist
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
-        self.carry: tuple[np.ndarray, asyncio.Future] | None = None
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, Model]] = asyncio.Queue()
+        self.carry: tuple[np.ndarray, asyncio.Future, Model] | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="predict")
         self.task: asyncio.Task | None = None
 
-    async def predict(self, matrix: np.ndarray) -> np.ndarray:
+    async def predict(self, matrix: np.ndarray, model: Model) -> np.ndarray:
+        """Predictions of ``matrix`` by ``model``, batched with concurrent requests for the same model."""
         if matrix.shape[0] == 0:
-            return np.empty((0, self.model.num_class) if self.model.multiclass else 0)
+            return np.empty((0, model.num_class) if model.multiclass else 0)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self.queue.put((matrix, future))
+        await self.queue.put((matrix, future, model))
         return await future
 
-    async def _next(self, timeout: float | None) -> tuple[np.ndarray, asyncio.Future] | None:
+    async def _next(self, timeout: float | None) -> tuple[np.ndarray, asyncio.Future, Model] | None:
         if self.carry is not None:
             item, self.carry = self.carry, None
             return item
@@ -87,29 +93,29 @@ class Batcher:
         while True:
             first = await self._next(None)
             assert first is not None
-            items, rows = [first], first[0].shape[0]
+            items, rows, model = [first], first[0].shape[0], first[2]
             deadline = loop.time() + self.max_latency_s
             while rows < self.max_rows:
                 item = await self._next(deadline - loop.time())
                 if item is None:
                     break
-                if rows + item[0].shape[0] > self.max_rows:
+                if rows + item[0].shape[0] > self.max_rows or item[2] is not model:
                     self.carry = item  # starts the next batch; requests are never split
                     break
                 items.append(item)
                 rows += item[0].shape[0]
-            matrix = items[0][0] if len(items) == 1 else np.concatenate([m for m, _ in items])
+            matrix = items[0][0] if len(items) == 1 else np.concatenate([m for m, _, _ in items])
             self.rows_hist.observe(rows)
             self.requests_hist.observe(len(items))
             try:
-                pred = await loop.run_in_executor(self.executor, self.model.predict, matrix)
+                pred = await loop.run_in_executor(self.executor, model.predict, matrix)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                for _, fut in items:
+                for _, fut, _ in items:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             start = 0
-            for m, fut in items:
+            for m, fut, _ in items:
                 if not fut.done():
                     fut.set_result(pred[start:start + m.shape[0]])
                 start += m.shape[0]
@@ -119,11 +125,10 @@ class App:
     def __init__(self, settings: Settings, model: Model | None = None):
         self.settings = settings
         sv = settings.serve
-        self.model = model or load_model(settings.model, settings.s3)
-        self.name = sv.model_name or PurePosixPath(self.model.source.split("://", 1)[-1]).stem
-        self.scorer = Scorer.from_settings(self.model, settings.scoring)
-        self.decoder = RecordDecoder(self.model, settings.scoring.id_column, True, settings.scoring.passthrough)
         self.metrics = Metrics()
+        given = Router.single(model, settings.scoring, self.metrics) if model is not None else None
+        self.routing = RoutingSource(settings, self.metrics, given)
+        self.name = sv.model_name or PurePosixPath(self.model.source.split("://", 1)[-1]).stem
         r = self.metrics.registry
         self.requests = Counter("scoring_http_requests", "HTTP requests", ["route", "status"], registry=r)
         self.latency = Histogram("scoring_http_request_seconds", "HTTP request latency", ["route"],
@@ -131,23 +136,36 @@ class App:
         rows = Histogram("scoring_serve_batch_rows", "Rows per predict call", buckets=SIZE_BUCKETS, registry=r)
         reqs = Histogram("scoring_serve_batch_requests", "Requests per predict call", buckets=SIZE_BUCKETS,
                          registry=r)
-        self.batcher = Batcher(self.model, sv.max_batch_rows, sv.max_latency_ms / 1000, rows, reqs)
+        self.batcher = Batcher(sv.max_batch_rows, sv.max_latency_ms / 1000, rows, reqs)
         self.sink = None
         self.sink_executor = ThreadPoolExecutor(1, thread_name_prefix="sink")
         if sv.sink:
-            from workers.sinks import open_sink
+            from workers.sinks import open_result_sink
 
-            self.sink = open_sink(sv.sink, settings.s3, setting="SCORING_SERVE__SINK", kafka=settings.kafka)
-        self.source = f"scoring-workers/{self.name}/{self.model.version}"
+            self.sink = open_result_sink(settings, sv.sink, "SCORING_SERVE__SINK")
         self.ready = False
         from workers.drift import monitor_for
 
         self.drift = monitor_for(settings, self.model)
+        self.drift_features = self.model.feature_names
         self.drift_reported = 0.0
+
+    @property
+    def model(self) -> Model:
+        """The primary model of the current routing."""
+        return self.routing.router.primary.model
+
+    @property
+    def source(self) -> str:
+        return f"scoring-workers/{self.name}/{self.model.version}"
 
     def observe_drift(self, matrix: np.ndarray) -> None:
         if self.drift is None or not matrix.shape[0]:
             return
+        if self.model.feature_names != self.drift_features:  # a reload changed the primary's features
+            from workers.drift import monitor_for
+
+            self.drift, self.drift_features = monitor_for(self.settings, self.model), self.model.feature_names
         self.drift.observe(matrix)
         if time.monotonic() - self.drift_reported > 1.0:
             self.metrics.drift(self.drift.report())
@@ -157,12 +175,15 @@ class App:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette):
         self.batcher.task = asyncio.create_task(self.batcher.run())
+        self.routing.start()
         self.ready = True
-        log.info("serve start", extra={"model": self.name, "model_version": self.model.version})
+        log.info("serve start", extra={"model": self.name, "model_version": self.model.version,
+                                       "versions": self.routing.router.describe()})
         try:
             yield
         finally:
             self.ready = False
+            self.routing.stop()
             self.batcher.task.cancel()
             if self.sink is not None:
                 self.sink.close()
@@ -205,13 +226,19 @@ class App:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def check_model(self, request: Request) -> None:
+    def check_model(self, request: Request) -> Version | None:
+        """The version a URL names (None: the unversioned URL); 404 for an unknown name or version."""
         name = request.path_params.get("name")
         if name != self.name:
             raise HTTPError(404, f"unknown model {name!r}; this server has {self.name!r}")
         version = request.path_params.get("version")
-        if version is not None and version != self.model.version:
-            raise HTTPError(404, f"unknown version {version!r} of {self.name!r}; loaded: {self.model.version!r}")
+        if version is None:
+            return None
+        for v in self.routing.router.versions:
+            if v.name == version:
+                return v
+        loaded = [v.name for v in self.routing.router.versions]
+        raise HTTPError(404, f"unknown version {version!r} of {self.name!r}; loaded: {loaded}")
 
     # -- Open Inference Protocol -----------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -226,23 +253,35 @@ class App:
         return self.json({"name": "scoring-workers", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     async def model_metadata(self, request: Request) -> Response:
-        self.check_model(request)
-        return self.json(oip.metadata(self.model, self.name))
+        v = self.check_model(request)
+        return self.json(oip.metadata(v.model if v else self.model, self.name))
 
     async def model_ready(self, request: Request) -> Response:
         self.check_model(request)
         return self.json({"name": self.name, "ready": self.ready}, 200 if self.ready else 503)
 
     async def infer(self, request: Request) -> Response:
-        self.check_model(request)
+        """OIP infer. A versioned URL is answered by that version; the unversioned URL by the served version
+        the request ``id`` hashes to (sticky, like records), or by the primary when there is no id."""
+        chosen = self.check_model(request)
+        router = self.routing.current()
         body = await self.body(request)
         header = request.headers.get("inference-header-content-length")
         if header is not None and not header.isdigit():
             raise BadRequest("Inference-Header-Content-Length must be a number")
-        req = oip.parse(body, int(header) if header is not None else None, self.model)
-        self.observe_drift(req.matrix)
-        pred = await self.batcher.predict(req.matrix)
-        out, head_len = oip.response(pred, self.model, self.name, req)
+        length = int(header) if header is not None else None
+        model = chosen.model if chosen else router.primary.model
+        req = oip.parse(body, length, model)
+        if chosen is None and req.id is not None and len(router.served) > 1:
+            served = router.served
+            chosen = served[int(split.assign([req.id], [v.name for v in served], router.effective_weights())[0])]
+            if chosen.model.feature_names != model.feature_names or chosen.model.categorical != model.categorical:
+                req = oip.parse(body, length, chosen.model)
+            model = chosen.model
+        if model is router.primary.model:
+            self.observe_drift(req.matrix)
+        pred = await self.batcher.predict(req.matrix, model)
+        out, head_len = oip.response(pred, model, self.name, req)
         if head_len is None:
             return Response(out, 200, media_type="application/json")
         return Response(out, 200, media_type="application/octet-stream",
@@ -253,29 +292,44 @@ class App:
         body = await self.body(request)
         headers = {k.lower(): v for k, v in request.headers.items()}
         events, is_batch = ce.parse(headers, body)
-        decoded = self.decoder.decode([e.data for e in events], [e.key for e in events])
-        good = self.scorer.good_matrix(decoded.features)
-        self.observe_drift(good)
-        pred = await self.batcher.predict(good)
+        router = self.routing.current()
+        routed, decoded = router.decode([e.data for e in events], [e.key for e in events], key_as_id=True)
+        self.observe_drift(router.primary.scorer.good_matrix(decoded.features))
+        jobs = router.plan(routed)
+        preds = await asyncio.gather(*(self.batcher.predict(job.matrix(), job.version.model) for job in jobs),
+                                     return_exceptions=True)
+        predictions = []
+        for job, pred in zip(jobs, preds, strict=True):
+            if isinstance(pred, BaseException):
+                if job.version is router.primary:
+                    raise pred
+                router.failed(job, job.matrix().shape[0], pred)
+                pred = None
+            predictions.append(pred)
         carry: dict[str, pa.Array] = {
-            name: self.decoder.passthrough_array(values) for name, values in decoded.passthrough.items()}
+            name: RecordDecoder.passthrough_array(values) for name, values in decoded.passthrough.items()}
         if self.sink is not None:
             positions = [e.kafka_position() for e in events]
             carry["topic"] = pa.array([p[0] for p in positions], pa.string())
             carry["partition"] = pa.array([p[1] for p in positions], pa.int32())
             carry["offset"] = pa.array([p[2] for p in positions], pa.int64())
-        scored = self.scorer.finish(pa.array(decoded.ids, pa.string()), decoded.features, carry, decoded.raw,
-                                    predictions=pred)
+        carry[_ROW] = pa.array(np.arange(len(events)), pa.int64())
+        scored = router.finish(routed, carry, predictions, jobs)
+        table = scored.results
         if self.sink is not None and scored.ok:
             from workers.errors import SinkError
 
+            stored = Scored(table.drop_columns([_ROW]), scored.errors.drop_columns([_ROW]), scored.error_rows)
             try:
-                await asyncio.get_running_loop().run_in_executor(self.sink_executor, self.sink.write_stream, scored)
+                await asyncio.get_running_loop().run_in_executor(self.sink_executor, self.sink.write_stream, stored)
             except SinkError as exc:
                 # Not the sender's fault: 503 so Knative retries the delivery later.
                 raise HTTPError(503, f"sink unavailable: {exc}") from None
-        results = scored.results.drop_columns([c for c in ("topic", "partition", "offset")
-                                               if c in scored.results.column_names]).to_pylist()
+        # The reply holds each event's served result, in event order (shadow rows are stored, not replied).
+        if "served" in table.column_names and len(router.versions) > 1:
+            table = table.filter(table["served"]).sort_by(_ROW)
+        results = table.drop_columns([c for c in ("topic", "partition", "offset", _ROW, "served")
+                                      if c in table.column_names]).to_pylist()
         reasons = dict(zip(scored.error_rows.tolist(), scored.errors["reason"].to_pylist(), strict=True))
         replies, r = [], 0
         for i, event in enumerate(events):

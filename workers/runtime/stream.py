@@ -28,12 +28,14 @@ from kafka.errors import KafkaError
 
 from workers.drift import monitor_for
 from workers.errors import ConfigError, ScoringError, SinkError
-from workers.model import Model, load_model
+from workers.model import Model
 from workers.observability import Health, Metrics, observe_many, serve_probes
-from workers.records import Decoded, RecordDecoder
-from workers.scoring import Scored, Scorer
+from workers.records import Decoded
+from workers.rollout.router import Routed, Router
+from workers.rollout.watch import RoutingSource
+from workers.scoring import Scored
 from workers.settings import Settings
-from workers.sinks import Sink, open_sink
+from workers.sinks import Sink, open_result_sink
 from workers.sinks.deadletter import DeadLetters
 from workers.sinks.kafka import producer
 from workers.sources.kafka import KafkaSource
@@ -50,14 +52,13 @@ class StreamWorker:
         self.metrics = Metrics()
         self.health = Health(stall_seconds=s.stall_seconds,
                              liveness_timeout_s=max(60.0, s.max_poll_interval_ms / 1000))
-        self.model = model or load_model(settings.model, settings.s3)
+        given = Router.single(model, settings.scoring, self.metrics) if model is not None else None
+        self.routing = RoutingSource(settings, self.metrics, given)
+        self.router = self.routing.router
         self.health.model_loaded = True
-        self.scorer = Scorer.from_settings(self.model, settings.scoring)
-        self.drift = monitor_for(settings, self.model)
+        self.drift = monitor_for(settings, self.router.primary.model)
         self.drift_reported = 0.0
-        self.decoder = RecordDecoder(self.model, settings.scoring.id_column, s.key_as_id,
-                                     settings.scoring.passthrough)
-        self.sink = sink or open_sink(s.sink, settings.s3, setting="SCORING_STREAM__SINK", kafka=settings.kafka)
+        self.sink = sink or open_result_sink(settings, s.sink, "SCORING_STREAM__SINK")
         self.stopping = False
         self.stop_deadline = float("inf")
         self.limit = s.max_records
@@ -76,16 +77,22 @@ class StreamWorker:
             self.stop_deadline = time.monotonic() + self.settings.stream.shutdown_timeout_s
             log.info("stopping", extra={"signal": signum, "bound_s": self.settings.stream.shutdown_timeout_s})
 
+    @property
+    def model(self) -> Model:
+        """The primary model (the served version with the largest weight)."""
+        return self.router.primary.model
+
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.routing.reload_now)
 
     def calibrate(self) -> None:
         """Time one predict call before consuming, so even the first batch of a slow model fits the poll interval."""
         rows = 256
-        probe = np.zeros((rows, len(self.model.feature_names)))
         started = time.perf_counter()
-        self.model.predict(probe)
+        for v in self.router.versions:  # a record costs a predict per version that scores it (shadows: all)
+            v.model.predict(np.zeros((rows, len(v.model.feature_names))))
         # Decoding and storing cost about as much again as predicting for fast models: count it twice.
         self.adapt(rows, 2 * (time.perf_counter() - started))
         log.info("batch size calibrated", extra={"max_records": self.limit})
@@ -93,6 +100,7 @@ class StreamWorker:
     def start(self) -> None:
         s = self.settings.stream
         self.calibrate()
+        self.routing.start()
         if s.metrics_port is not None:
             self.probes = serve_probes(s.metrics_port, self.health, self.metrics)
         try:
@@ -108,6 +116,7 @@ class StreamWorker:
             raise ScoringError(f"cannot reach Kafka at {self.settings.kafka.bootstrap_servers}: {exc}") from None
         log.info("stream start", extra={"topics": s.topics, "group": s.group, "sink": self.sink.name,
                                         "model_version": self.model.version,
+                                        "versions": self.router.describe(),
                                         "metrics_port": self.probes.server_address[1] if self.probes else None})
 
     def run(self) -> int:
@@ -124,6 +133,7 @@ class StreamWorker:
         return self.exit_code
 
     def close(self) -> None:
+        self.routing.stop()
         self.pool.shutdown(wait=True)
         if self.source is not None:
             self.source.close()
@@ -142,10 +152,13 @@ class StreamWorker:
     def step(self) -> None:
         assert self.source is not None
         self.health.tick()
+        router = self.routing.current()  # a reloaded routing starts with this batch
+        if router is not self.router:
+            self.switch(router)
         records = self.source.poll_batch(self.limit, self.settings.stream.max_wait_ms)
-        decoded = self.decode(records) if records else None
+        routed, decoded = self.decode(records) if records else (None, None)
         if decoded is not None and self.drift is not None:
-            self.drift.observe(self.scorer.good_matrix(decoded.features))
+            self.drift.observe(router.primary.scorer.good_matrix(decoded.features))
             if time.monotonic() - self.drift_reported > 1.0:
                 self.metrics.drift(self.drift.report())
                 self.drift_reported = time.monotonic()
@@ -155,28 +168,40 @@ class StreamWorker:
                 self.fail_on_bad(records, decoded)
                 return
             started = time.monotonic()
-            self.pending = (records, started, self.pool.submit(self.score_and_store, records, decoded))
+            self.pending = (records, started, self.pool.submit(self.score_and_store, records, routed, decoded,
+                                                               router))
         self.update_lag({TopicPartition(r.topic, r.partition) for r in records})
 
-    def decode(self, records: list[ConsumerRecord]) -> Decoded:
-        return self.decoder.decode([r.value for r in records], [r.key for r in records])
+    def switch(self, router: Router) -> None:
+        """Start scoring with a reloaded routing (between batches)."""
+        if router.primary.model.feature_names != self.router.primary.model.feature_names:
+            self.drift = monitor_for(self.settings, router.primary.model)
+        self.router = router
+        self.calibrate()
 
-    def score(self, records: list[ConsumerRecord], decoded: Decoded | None = None) -> Scored:
-        decoded = decoded or self.decode(records)
+    def decode(self, records: list[ConsumerRecord]) -> tuple[Routed, Decoded]:
+        return self.router.decode([r.value for r in records], [r.key for r in records],
+                                  self.settings.stream.key_as_id)
+
+    def score(self, records: list[ConsumerRecord], routed: Routed, decoded: Decoded, router: Router) -> Scored:
+        from workers.records import RecordDecoder
+
         carry: dict[str, pa.Array] = {
-            name: self.decoder.passthrough_array(values) for name, values in decoded.passthrough.items()
+            name: RecordDecoder.passthrough_array(values) for name, values in decoded.passthrough.items()
         }
         carry["topic"] = pa.array([r.topic for r in records], pa.string())
         carry["partition"] = pa.array([r.partition for r in records], pa.int32())
         carry["offset"] = pa.array([r.offset for r in records], pa.int64())
         carry["timestamp"] = pa.array([r.timestamp if r.timestamp >= 0 else None for r in records],
                                       pa.timestamp("ms", tz="UTC"))
-        return self.scorer.finish(pa.array(decoded.ids, pa.string()), decoded.features, carry, decoded.raw)
+        return router.finish(routed, carry)
 
-    def score_and_store(self, records: list[ConsumerRecord], decoded: Decoded) -> tuple[Scored, float, bool, dict]:
-        """Worker thread: predict, then one attempt to store. Never touches the consumer."""
+    def score_and_store(self, records: list[ConsumerRecord], routed: Routed, decoded: Decoded,
+                        router: Router) -> tuple[Scored, float, bool, dict]:
+        """Worker thread: predict (with the routing the batch was decoded with), then one attempt to store.
+        Never touches the consumer."""
         started = time.monotonic()
-        scored = self.score(records, decoded)
+        scored = self.score(records, routed, decoded, router)
         scoring_s = time.monotonic() - started
         state = {"dead_done": not scored.rejected}
         try:
@@ -206,20 +231,16 @@ class StreamWorker:
         self.adapt(len(records), scoring_s)
 
     def account(self, records: list[ConsumerRecord], scored: Scored) -> None:
-        version = self.model.version
-        topics = np.array([r.topic for r in records], dtype=object)
-        bad = np.zeros(len(records), dtype=bool)
-        bad[scored.error_rows] = True
-        for topic in set(topics.tolist()):
-            mine = topics == topic
-            n_bad = int(np.count_nonzero(bad & mine))
-            n_ok = int(np.count_nonzero(mine)) - n_bad
-            self.metrics.scored.labels(topic, version).inc(n_ok)
-            self.metrics.written.labels(topic, version).inc(n_ok)
-            if n_bad:
-                self.metrics.dead_lettered.labels(topic, version).inc(n_bad)
-        if scored.ok:
-            observe_many(self.metrics.score.labels(version), scored.results["score"].to_numpy())
+        # Counted per (topic, model_version) of the *served* rows (shadow rows: scoring_version_rows_total).
+        results = scored.results
+        if results.num_rows:
+            served = results.filter(results["served"]) if "served" in results.column_names else results
+            for row in served.group_by(["topic", "model_version"]).aggregate([("id", "count")]).to_pylist():
+                self.metrics.scored.labels(row["topic"], row["model_version"]).inc(row["id_count"])
+                self.metrics.written.labels(row["topic"], row["model_version"]).inc(row["id_count"])
+        if scored.rejected:
+            for row in scored.errors.group_by(["topic", "model_version"]).aggregate([("reason", "count")]).to_pylist():
+                self.metrics.dead_lettered.labels(row["topic"], row["model_version"]).inc(row["reason_count"])
         stamps = np.array([r.timestamp for r in records], dtype=np.float64)
         observe_many(self.metrics.end_to_end, np.maximum(time.time() - stamps[stamps >= 0] / 1000, 0))
         self.metrics.batch_size.observe(len(records))
@@ -239,8 +260,10 @@ class StreamWorker:
         dead letters were flushed, so a retry after a sink failure does not send them again."""
         assert self.dead is not None
         if not state["dead_done"]:
-            for i, reason in zip(scored.error_rows, scored.errors["reason"].to_pylist(), strict=True):
-                self.dead.send(records[int(i)], reason, self.model.version)
+            errors = scored.errors
+            for i, reason, version in zip(scored.error_rows, errors["reason"].to_pylist(),
+                                          errors["model_version"].to_pylist(), strict=True):
+                self.dead.send(records[int(i)], reason, version)
             self.dead.flush()
             state["dead_done"] = True
         if scored.results.num_rows:

@@ -54,4 +54,16 @@ def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", 
     return factory(uri, s3, setting=setting, **extra)
 
 
-__all__ = ["SINKS", "Sink", "UnitWriter", "open_sink"]
+def open_result_sink(settings, uri: str, setting: str) -> Sink:
+    """The sink of a mode's results; with ``routing.shadow_sink`` set, shadow rows go there instead."""
+    sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka)
+    if not settings.routing.shadow_sink:
+        return sink
+    from workers.sinks.split import SplitSink
+
+    shadow = open_sink(settings.routing.shadow_sink, settings.s3, setting="SCORING_ROUTING__SHADOW_SINK",
+                       kafka=settings.kafka)
+    return SplitSink(sink, shadow)
+
+
+__all__ = ["SINKS", "Sink", "UnitWriter", "open_result_sink", "open_sink"]

@@ -1,0 +1,411 @@
+"""The router: several model versions behind one scorer interface.
+
+Each record is *served* by one version, chosen by a sticky hash of its routing key against the weights
+(``split.assign``), and additionally scored by every *shadow* version. Results carry ``model_version`` and
+``served``; sinks key rows by (id, model_version), so a served row and its shadow rows never collide.
+
+Versions may differ in their features: versions with the same features and category mappings share one
+decoding ("signature"); a record is rejected (errors / dead letter) only when its *served* version cannot
+decode it. A shadow version that cannot decode a record, or whose predict fails, skips it (counted).
+A served canary whose predict raises is replaced by the primary version for those rows (counted as errors,
+which a guardrail can act on). The primary is the served version with the largest weight.
+
+A single ``--model`` is a router with one version: the same code path, without hashing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from workers.errors import ConfigError
+from workers.model import Model, load_model
+from workers.records import Decoded, RecordDecoder
+from workers.rollout import split
+from workers.rollout.guard import GuardBook
+from workers.rollout.spec import SETTING, Guardrail, RoutingSpec
+from workers.scoring import Features, Scored, Scorer
+from workers.settings import ModelSettings, S3Settings, ScoringSettings
+
+log = logging.getLogger("workers.rollout")
+
+
+@dataclass
+class Version:
+    name: str
+    model: Model
+    scorer: Scorer
+    weight: int
+    shadow: bool = False
+    guardrail: Guardrail | None = None
+    signature: int = 0  # index of its decoding in Router.decoders
+
+    @property
+    def role(self) -> str:
+        return "shadow" if self.shadow else "served"
+
+
+@dataclass
+class Routed:
+    """A decoded batch: features per signature plus what routing and the result rows need."""
+
+    n: int
+    ids: pa.Array
+    features: list[Features]
+    keys: list[str]
+    raw: list | None = None  # input values of rejected rows (index -> dict), for the errors' raw column
+    passthrough: dict[str, list] = field(default_factory=dict)
+    tables: list[pa.RecordBatch | pa.Table] | None = None  # batch mode: the input batch (for raw values)
+
+    @property
+    def primary(self) -> Features:
+        return self.features[0]
+
+
+@dataclass
+class Job:
+    version: Version
+    rows: np.ndarray  # positions in the batch
+    features: Features  # the rows' features (reasons re-indexed to the subset)
+
+    def matrix(self) -> np.ndarray:
+        return self.version.scorer.good_matrix(self.features)
+
+
+def _signature(model: Model) -> str:
+    return repr((model.feature_names, sorted(model.categorical.items())))
+
+
+def _subset(feats: Features, rows: np.ndarray, drop_bad: Sequence[int] = ()) -> Features:
+    matrix = feats.matrix[rows] if rows.size != feats.matrix.shape[0] else feats.matrix
+    reasons: dict[int, str] = {}
+    if feats.reasons:
+        for r, why in feats.reasons.items():
+            j = int(np.searchsorted(rows, r))
+            if j < rows.size and rows[j] == r:
+                reasons[j] = why
+    return Features(np.ascontiguousarray(matrix), reasons)
+
+
+class Router:
+    def __init__(self, versions: list[Version], scoring: ScoringSettings, key: str | None = None,
+                 threshold: float = 0.5, generation: str = "", metrics=None, guards: GuardBook | None = None):
+        self.versions = versions
+        self.scoring = scoring
+        self.id_column = scoring.id_column
+        self.key = key if key and key != scoring.id_column else None
+        self.threshold = threshold
+        self.generation = generation
+        self.metrics = metrics
+        served = [v for v in versions if not v.shadow]
+        self.primary = max(served, key=lambda v: v.weight)
+        # The primary's decoding comes first: its ids, raw values and drift matrix are the batch's.
+        self.versions.sort(key=lambda v: v is not self.primary)
+        sigs: dict[str, int] = {}
+        self.decoders: list[RecordDecoder] = []
+        self.feature_scorers: list[Scorer] = []
+        extra = [self.key] if self.key and self.key not in scoring.passthrough else []
+        for v in self.versions:
+            sig = _signature(v.model)
+            if sig not in sigs:
+                sigs[sig] = len(sigs)
+                self.decoders.append(RecordDecoder(v.model, scoring.id_column, False,
+                                                   [*scoring.passthrough, *extra]))
+                self.feature_scorers.append(v.scorer)
+            v.signature = sigs[sig]
+        self.guards = guards or GuardBook()
+        if guards is None:
+            self.guards.attach(self)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def single(cls, model: Model, scoring: ScoringSettings, metrics=None, guards: GuardBook | None = None) -> Router:
+        return cls([Version(model.version, model, Scorer.from_settings(model, scoring), 100)], scoring,
+                   generation=model.sha256[:12], metrics=metrics, guards=guards)
+
+    @classmethod
+    def from_spec(cls, spec: RoutingSpec, digest: str, base: ModelSettings, s3: S3Settings,
+                  scoring: ScoringSettings, threshold: float, origin: str, metrics=None,
+                  guards: GuardBook | None = None) -> Router:
+        """Load every version of a routing file; ConfigError naming the file and the version on failure."""
+        versions = []
+        for spec_v in spec.versions:
+            settings = base.model_copy(update={"path": spec_v.model, "sha256": spec_v.sha256,
+                                               "version": spec_v.name})
+            try:
+                model = load_model(settings, s3)
+            except ConfigError as exc:
+                raise ConfigError(SETTING, f"{origin}: version {spec_v.name!r}: "
+                                           f"{str(exc)[len(exc.setting) + 2:]}") from None
+            versions.append(Version(spec_v.name, model, Scorer.from_settings(model, scoring), spec_v.weight or 0,
+                                    spec_v.shadow, spec_v.guardrail))
+        generation = digest[:12] + ":" + ",".join(v.model.sha256[:12] for v in versions)
+        return cls(versions, scoring, spec.key, threshold, generation, metrics, guards)
+
+    # -- properties the modes use ----------------------------------------------------------------
+    @property
+    def served(self) -> list[Version]:
+        return [v for v in self.versions if not v.shadow]
+
+    @property
+    def shadows(self) -> list[Version]:
+        return [v for v in self.versions if v.shadow and not self.guards.is_tripped(v)]
+
+    @property
+    def simple(self) -> bool:
+        return len(self.versions) == 1
+
+    @property
+    def fingerprint(self) -> str:
+        """What the results depend on (batch ledger): versions, weights, roles and model hashes."""
+        return ";".join(f"{v.name}@{v.model.sha256[:12]}:{'shadow' if v.shadow else v.weight}"
+                        for v in sorted(self.versions, key=lambda v: v.name))
+
+    def effective_weights(self) -> list[float]:
+        served = self.served
+        weights = [0.0 if self.guards.is_tripped(v) else float(v.weight) for v in served]
+        if not any(weights):  # every canary tripped and the primary had weight 0: keep serving the primary
+            weights[served.index(self.primary)] = 1.0
+        return weights
+
+    def describe(self) -> list[dict]:
+        return [{"version": v.name, "role": v.role, "weight": v.weight, "sha256": v.model.sha256,
+                 "backend": v.model.backend, "tripped": self.guards.is_tripped(v)} for v in self.versions]
+
+    def publish(self) -> None:
+        if self.metrics is None:
+            return
+        weights = dict(zip([v.name for v in self.served], self.effective_weights(), strict=True))
+        self.metrics.routing_weight.clear()
+        for v in self.versions:
+            self.metrics.routing_weight.labels(v.name, v.role).set(0 if v.shadow else weights[v.name])
+
+    def check_columns(self, names: list[str] | pa.Schema) -> None:
+        for scorer in self.feature_scorers:
+            scorer.check_columns(names)
+        if self.key:
+            present = names.names if isinstance(names, pa.Schema) else names
+            if self.key not in present:
+                from workers.errors import InputError
+
+                raise InputError(f"missing routing key column '{self.key}'")
+
+    def input_columns(self) -> list[str]:
+        cols = [self.id_column]
+        for scorer in self.feature_scorers:
+            cols += scorer.model.feature_names
+        cols += self.scoring.passthrough
+        if self.key:
+            cols.append(self.key)
+        return list(dict.fromkeys(cols))
+
+    # -- decoding --------------------------------------------------------------------------------
+    def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
+               key_as_id: bool = False) -> tuple[Routed, Decoded]:
+        """JSON records -> a routed batch (and the primary decoding: ids, passthrough, raw values)."""
+        decoded = []
+        for decoder in self.decoders:
+            decoder.key_as_id = key_as_id
+            decoded.append(decoder.decode(values, keys))
+        first = decoded[0]
+        passthrough = dict(first.passthrough)
+        route_keys = first.ids
+        if self.key:
+            values_k = passthrough[self.key] if self.key in self.scoring.passthrough else passthrough.pop(self.key)
+            route_keys = [v if isinstance(v, str) else (rid if v is None else str(v))
+                          for v, rid in zip(values_k, first.ids, strict=True)]
+        routed = Routed(len(values), pa.array(first.ids, pa.string()), [d.features for d in decoded],
+                        [k if k is not None else "" for k in route_keys], first.raw, passthrough)
+        return routed, Decoded(first.ids, first.features, passthrough, first.raw)
+
+    def from_table(self, batch: pa.RecordBatch | pa.Table) -> Routed:
+        """An Arrow batch (batch mode) -> a routed batch."""
+        feats = [scorer.features(batch) for scorer in self.feature_scorers]
+        ids = batch.column(self.id_column)
+        keys: list[str] = []
+        if len(self.served) > 1:
+            source = batch.column(self.key) if self.key else ids
+            text = pc.cast(source, pa.string()) if not pa.types.is_string(source.type) else source
+            if self.key:
+                text = pc.coalesce(text, pc.cast(ids, pa.string()))
+            keys = [k if k is not None else "" for k in text.to_pylist()]
+        raw = None
+        bad = sorted(set().union(*(f.reasons for f in feats)))
+        if bad:
+            wanted = [c for c in self.input_columns() if c in batch.schema.names and c not in self.scoring.passthrough]
+            rows = batch.select(wanted).take(pa.array(bad, pa.int64())).to_pylist()
+            raw = [{}] * batch.num_rows
+            for i, row in zip(bad, rows, strict=True):
+                raw[i] = row
+        return Routed(batch.num_rows, ids, feats, keys, raw)
+
+    # -- routing and scoring ---------------------------------------------------------------------
+    def plan(self, routed: Routed) -> list[Job]:
+        """Which rows each version scores: served jobs (with their bad rows) first, then shadow jobs."""
+        served = self.served
+        n = routed.n
+        if len(served) == 1:
+            assignment = np.zeros(n, dtype=np.int64)
+        else:
+            assignment = split.assign(routed.keys, [v.name for v in served], self.effective_weights())
+        jobs: list[Job] = []
+        served_bad = np.zeros(n, dtype=bool)
+        for i, v in enumerate(served):
+            rows = np.arange(n) if len(served) == 1 else np.flatnonzero(assignment == i)
+            if not rows.size:
+                continue
+            feats = routed.features[v.signature]
+            sub = feats if rows.size == n else _subset(feats, rows)
+            if sub.reasons:
+                served_bad[rows[list(sub.reasons)]] = True
+            jobs.append(Job(v, rows, sub))
+        for v in self.shadows:
+            feats = routed.features[v.signature]
+            bad = served_bad.copy()
+            if feats.reasons:
+                bad[list(feats.reasons)] = True
+            rows = np.flatnonzero(~bad)
+            skipped = int(n - rows.size - np.count_nonzero(served_bad))
+            if skipped and self.metrics is not None:
+                self.metrics.version_errors.labels(v.name).inc(skipped)
+            if rows.size:
+                jobs.append(Job(v, rows, Features(np.ascontiguousarray(feats.matrix[rows]), {})))
+        return jobs
+
+    def predict(self, job: Job, matrix: np.ndarray | None = None) -> np.ndarray | None:
+        """Predictions of a job's good rows; None when a non-primary model failed (logged and counted).
+
+        The primary's failures propagate: there is no version left to fall back to."""
+        matrix = job.matrix() if matrix is None else matrix
+        started = time.perf_counter()
+        if job.version is self.primary:
+            pred = job.version.model.predict(matrix)
+        else:
+            try:
+                pred = job.version.model.predict(matrix)
+            except Exception as exc:  # noqa: BLE001 - a broken canary or shadow must not stop the stream
+                self.failed(job, matrix.shape[0], exc)
+                return None
+        if self.metrics is not None:
+            self.metrics.version_seconds.labels(job.version.name).observe(time.perf_counter() - started)
+        return pred
+
+    def failed(self, job: Job, rows: int, exc: BaseException) -> None:
+        log.error("predict failed", extra={"model_version": job.version.name, "reason": str(exc)[:300]})
+        if self.metrics is not None:
+            self.metrics.version_errors.labels(job.version.name).inc(rows)
+        self.guards.errors(job.version, rows, rows)
+
+    def fallback(self, routed: Routed, job: Job) -> Job:
+        """The same rows, scored by the primary (a served canary failed)."""
+        return Job(self.primary, job.rows, _subset(routed.features[self.primary.signature], job.rows))
+
+    def finish(self, routed: Routed, carry: dict[str, pa.Array] | None = None,
+               predictions: list[np.ndarray | None] | None = None, jobs: list[Job] | None = None) -> Scored:
+        """Score a routed batch. ``predictions`` (per job of ``jobs``), when given, were computed elsewhere
+        (serve mode's batcher; None for a job whose model failed); otherwise each job predicts here."""
+        carry = carry or {}
+        jobs = self.plan(routed) if jobs is None else jobs
+        if predictions is None:
+            predictions = [self.predict(job) for job in jobs]
+        results, errors, error_rows = [], [], []
+        served_score = np.full(routed.n, np.nan)
+        served_label = np.full(routed.n, -1, dtype=np.int64)
+        served_version = np.full(routed.n, -1, dtype=np.int64)
+        for job, pred in zip(jobs, predictions, strict=True):
+            if pred is None:
+                if job.version.shadow:
+                    continue
+                job = self.fallback(routed, job)
+                pred = self.predict(job)
+            v = job.version
+            full = job.rows.size == routed.n
+            sub_carry = carry if full else {k: c.take(pa.array(job.rows)) for k, c in carry.items()}
+            ids = routed.ids if full else routed.ids.take(pa.array(job.rows))
+            raw = None
+            if job.features.reasons and routed.raw is not None:
+                raw = routed.raw if full else [routed.raw[int(r)] for r in job.rows]
+            scored = v.scorer.finish(ids, job.features, sub_carry, raw, predictions=pred, served=not v.shadow)
+            self._observe(job, scored)
+            if len(jobs) == 1 and full:  # one version: its table is the batch's
+                self.guards.check()
+                return scored
+            results.append(scored.results)
+            if v.shadow:
+                self._compare(job, scored, served_score, served_label, served_version)
+                continue
+            good = np.ones(job.rows.size, dtype=bool)
+            good[scored.error_rows] = False
+            good_rows = job.rows[good]
+            served_score[good_rows] = scored.results["score"].to_numpy()
+            served_version[good_rows] = self.versions.index(v)
+            if v.model.multiclass:
+                served_label[good_rows] = scored.results["label"].to_numpy()
+            if scored.rejected:
+                errors.append(scored.errors)
+                error_rows.append(job.rows[scored.error_rows])
+        self.guards.check()
+        if not results:  # only possible for an empty batch
+            empty = self.primary.scorer.finish(routed.ids, routed.primary, carry, routed.raw,
+                                               predictions=np.empty(0), served=True)
+            return empty
+        table = results[0] if len(results) == 1 else pa.concat_tables(results, promote_options="default")
+        if not errors:
+            return Scored(table, _empty_errors(self.primary, carry), np.empty(0, np.int64))
+        err = errors[0] if len(errors) == 1 else pa.concat_tables(errors, promote_options="default")
+        rows = error_rows[0] if len(error_rows) == 1 else np.concatenate(error_rows)
+        return Scored(table, err, rows)
+
+    def _observe(self, job: Job, scored: Scored) -> None:
+        v = job.version
+        n_ok = scored.ok
+        scores = scored.results["score"].to_numpy()
+        bad = int(np.count_nonzero(~np.isfinite(scores)))
+        self.guards.errors(v, n_ok, bad)
+        self.guards.scores(v, scores)
+        if self.metrics is None:
+            return
+        self.metrics.version_rows.labels(v.name, v.role).inc(n_ok)
+        if bad:
+            self.metrics.version_errors.labels(v.name).inc(bad)
+        from workers.observability import observe_many
+
+        observe_many(self.metrics.score.labels(v.name), scores[np.isfinite(scores)])
+
+    def _compare(self, job: Job, scored: Scored, served_score: np.ndarray, served_label: np.ndarray,
+                 served_version: np.ndarray) -> None:
+        """Shadow agreement with the served score of the same records, per served version (the baseline)."""
+        shadow = scored.results["score"].to_numpy()
+        base_score = served_score[job.rows]
+        base_version = served_version[job.rows]
+        multiclass = job.version.model.multiclass
+        if multiclass:
+            label = scored.results["label"].to_numpy()
+        for idx in np.unique(base_version):
+            if idx < 0:
+                continue
+            mine = base_version == idx
+            baseline = self.versions[int(idx)]
+            a, b = shadow[mine], base_score[mine]
+            if multiclass and baseline.model.multiclass:
+                agree = int(np.count_nonzero(label[mine] == served_label[job.rows][mine]))
+            else:
+                agree = int(np.count_nonzero((a >= self.threshold) == (b >= self.threshold)))
+            diff = np.abs(a - b)
+            self.guards.differences(job.version, diff)
+            if self.metrics is not None:
+                self.metrics.shadow_pairs.labels(job.version.name, baseline.name).inc(int(mine.sum()))
+                self.metrics.shadow_agree.labels(job.version.name, baseline.name).inc(agree)
+                self.metrics.shadow_abs_diff.labels(job.version.name, baseline.name).inc(float(np.nansum(diff)))
+
+
+def _empty_errors(version: Version, carry: dict[str, pa.Array]) -> pa.Table:
+    feats = Features(np.empty((0, len(version.model.feature_names))), {})
+    return version.scorer.finish(pa.array([], pa.string()), feats, {k: c.slice(0, 0) for k, c in carry.items()}).errors
+

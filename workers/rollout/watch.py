@@ -1,0 +1,140 @@
+"""Hot reload: keep the router current with the routing file (or the single model file).
+
+A background thread checks, every ``poll_s`` and on SIGHUP, whether the routing file or a local model
+file it names changed (size, mtime or inode: a ConfigMap update swaps a symlink, which changes the inode).
+It then loads the new versions and verifies their pins *in the background*; the mode picks the new router
+up between batches (``current()``), so the batch in hand finishes with the old routing. A file that fails to
+parse, load or verify leaves the old routing serving, with an error log line, ``scoring_routing_reloads_total
+{result="failed"}`` and ``scoring_routing_reload_ok`` 0; it is tried again when it changes again (or on SIGHUP).
+Model files on S3 are not polled (they are read at (re)load): change the routing file to roll them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from workers.errors import ScoringError
+from workers.model import load_model
+from workers.rollout.guard import GuardBook
+from workers.rollout.router import Router
+from workers.rollout.spec import read_routing
+from workers.settings import Settings
+
+log = logging.getLogger("workers.rollout")
+
+
+def _stat(path: str) -> tuple:
+    if "://" in path and not path.startswith("file://"):
+        return (path,)
+    try:
+        st = os.stat(path.removeprefix("file://"))
+    except OSError as exc:
+        return (path, exc.errno)
+    return (path, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class RoutingSource:
+    def __init__(self, settings: Settings, metrics=None, router: Router | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.guards = router.guards if router is not None else GuardBook()
+        self.router = router or self.load()  # at start-up a bad file is a ConfigError: stop with one line
+        self.guards.attach(self.router)
+        self.seen = self.fingerprint(self.router)
+        self.pending: Router | None = None
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.forced = False
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> str | None:
+        return self.settings.routing.path
+
+    def load(self) -> Router:
+        s = self.settings
+        if self.path:
+            spec, digest = read_routing(self.path)
+            return Router.from_spec(spec, digest, s.model, s.s3, s.scoring, s.routing.threshold, self.path,
+                                    self.metrics, self.guards)
+        model = load_model(s.model, s.s3)
+        return Router.single(model, s.scoring, self.metrics, self.guards)
+
+    def fingerprint(self, router: Router) -> tuple:
+        files = [self.path] if self.path else []
+        files += [v.model.source for v in router.versions]
+        return tuple(_stat(f) for f in files)
+
+    # -- background ------------------------------------------------------------------------------
+    def start(self) -> None:
+        poll = self.settings.routing.poll_s
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, args=(poll,), name="routing-watch", daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.wake.set()
+
+    def reload_now(self, *_args: object) -> None:
+        """SIGHUP: reload even if nothing seems changed (safe to call from a signal handler)."""
+        self.forced = True
+        self.wake.set()
+
+    def _loop(self, poll: float) -> None:
+        while not self.stopped.is_set():
+            self.wake.wait(poll if poll > 0 else None)
+            self.wake.clear()
+            if self.stopped.is_set():
+                return
+            forced, self.forced = self.forced, False
+            self.check(forced)
+
+    def check(self, forced: bool = False) -> bool:
+        """Load a changed routing; True when a new router is waiting to be picked up."""
+        with self.lock:
+            base = self.pending or self.router
+        now = self.fingerprint(base)
+        if now == self.seen and not forced:
+            return False
+        self.seen = now
+        try:
+            router = self.load()
+        except ScoringError as exc:
+            self._failed(str(exc))
+            return False
+        except Exception as exc:  # noqa: BLE001 - whatever a half-written file does, keep serving
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return False
+        self.seen = self.fingerprint(router)
+        if self.metrics is not None:
+            self.metrics.routing_reloads.labels("ok").inc()
+            self.metrics.routing_reload_ok.set(1)
+        if router.generation == base.generation and not forced:
+            return False
+        with self.lock:
+            self.pending = router
+        log.info("routing loaded; switching at the next batch", extra={"versions": router.describe()})
+        return True
+
+    def _failed(self, reason: str) -> None:
+        log.error("routing reload failed; the previous routing keeps serving", extra={"reason": reason[:500]})
+        if self.metrics is not None:
+            self.metrics.routing_reloads.labels("failed").inc()
+            self.metrics.routing_reload_ok.set(0)
+
+    def current(self) -> Router:
+        """The router for the next batch (swaps in a reloaded one; call between batches)."""
+        if self.pending is not None:
+            with self.lock:
+                new, self.pending = self.pending, None
+            if new is not None:
+                old = self.router
+                self.guards.attach(new)
+                self.router = new
+                log.info("routing switched", extra={"from": old.generation, "to": new.generation,
+                                                    "versions": new.describe()})
+        return self.router
