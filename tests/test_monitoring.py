@@ -71,7 +71,13 @@ def test_a_real_prometheus_gets_data_for_every_query(models, kafka, tmp_path):
     kafka.produce_json(topic, records(2000))
     kafka.produce(topic, [(b"bad", b"not json")])
     port = free_port()
-    worker = kafka.worker("--model", models["binary"], "--topic", topic, "--group", f"g-{topic}", "--sink",
+    # A routing file with a canary (guarded) and a shadow, so the per-version panels and rules have data.
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(yaml.safe_dump({"versions": [
+        {"name": "v1", "model": models["binary"], "weight": 80},
+        {"name": "v2", "model": models["binary_v2"], "weight": 20, "guardrail": {"max_error_rate": 0.5}},
+        {"name": "s", "model": models["binary_v2"], "shadow": True}]}))
+    worker = kafka.worker("--routing", str(routing), "--topic", topic, "--group", f"g-{topic}", "--sink",
                           f"sqlite:///{tmp_path / 'm.db'}?table=scores", "--metrics-port", str(port),
                           env={"SCORING_SCORING__PROFILE": str(profile)})
     prom_port = free_port()
@@ -84,6 +90,14 @@ def test_a_real_prometheus_gets_data_for_every_query(models, kafka, tmp_path):
                             stderr=subprocess.DEVNULL)
     try:
         assert wait_port(prom_port, 30), "prometheus did not start"
+
+        def prometheus_ready() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/-/ready", timeout=5).status == 200
+            except OSError:  # 503 while it replays its write-ahead log
+                return False
+
+        wait_for(prometheus_ready, 60, what="prometheus ready")
 
         def query(expr: str) -> list:
             url = f"http://127.0.0.1:{prom_port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
