@@ -19,7 +19,7 @@ from workers.settings import known_env_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRDS = os.path.join(ROOT, "..", "shared", "crds")
-OVERLAYS = ("stream", "batch", "serve")
+OVERLAYS = ("stream", "batch", "serve", "rollout")
 CORE_GROUPS = {"v1", "apps/v1", "batch/v1"}
 
 
@@ -246,3 +246,19 @@ def test_settings_env_output_round_trips_into_the_worker_settings(monkeypatch):
     settings = load_settings()
     assert settings.stream.topics == ["events"] and settings.kafka.bootstrap_servers == "kafka:9093"
     assert settings.stream.group == "g1" and settings.stream.max_records == 500
+
+
+def test_rollout_overlay_mounts_a_valid_routing_file_where_the_setting_points(rendered):
+    from workers.rollout.spec import parse_routing
+
+    docs = rendered["rollout"]
+    routing_cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "scoring-routing")
+    spec = parse_routing(routing_cm["data"]["routing.yaml"], "deploy/rollout/routing.yaml")
+    assert sum(v.weight for v in spec.served) == 100 and spec.shadows
+    path = config(docs)["SCORING_ROUTING__PATH"]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "scoring-routing")
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    # A directory mount (no subPath): only then does the kubelet update the file in running pods.
+    assert "subPath" not in mount and path == f"{mount['mountPath']}/routing.yaml"

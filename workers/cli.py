@@ -331,6 +331,34 @@ def compare_cmd(settings: Settings, results: str, threshold: float | None, since
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else render_text(report))
 
 
+@cli.command("report")
+@common
+@click.option("--results", required=True, help="Results to read: the sink URI (as for `compare`).")
+@click.option("--output", "out", required=True, help="File to write: .html (the page) or .svg (its charts).")
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold [default: SCORING_ROUTING__THRESHOLD, 0.5].")
+@click.option("--since", default=None, help="Only rows scored at or after this ISO time.")
+@click.option("--profile", "profile_path", default=None, help="Reference profile (from `profile`) for drift.")
+@click.option("--data", default=None, help="The scored inputs (Parquet) to measure drift on, with --profile.")
+@with_settings
+def report_cmd(settings: Settings, results: str, out: str, threshold: float | None, since: str | None,
+               profile_path: str | None, data: str | None) -> None:
+    """Write a report page: score distributions per version, shadow agreement, drift per feature."""
+    from workers import report as rep
+    from workers.rollout.compare import compare, read_results
+
+    if bool(profile_path) != bool(data):
+        raise ConfigError("--profile" if data else "--data", "--profile and --data go together")
+    table = read_results(results, settings.s3, since)
+    summary = compare(table, settings.routing.threshold if threshold is None else threshold)
+    drift = rep.drift_of(settings, data, profile_path) if profile_path and data else None
+    text = rep.picture(summary, drift) if out.endswith(".svg") else rep.page(summary, drift, results)
+    with open(out, "w") as fh:
+        fh.write(text)
+    click.echo(f"wrote {out}: {summary['rows']:,} rows, {len(summary['versions'])} version(s)"
+               f"{f', drift for {len(drift)} features' if drift else ''}")
+
+
 @cli.command("settings")
 @click.option("--env", "as_env", is_flag=True,
               help="Print the settings given by flags and SCORING_* variables as KEY=VALUE lines (secrets left "
