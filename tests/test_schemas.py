@@ -70,3 +70,33 @@ def test_dead_letter_headers_match_the_dead_letter_schema():
     assert headers["trace"] == "abc"
     del headers["error.reason"]
     assert list(v.iter_errors(headers))
+
+
+def test_a_producers_schema_is_checked_against_the_model(models, tmp_path):
+    ours = json.loads(subprocess.run([sys.executable, "-m", "workers", "schema", "--model", models["categorical"]],
+                                     capture_output=True, text=True, check=True).stdout)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(ours))
+
+    def check(path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workers", "schema", "--model", models["categorical"],
+                               "--check", str(path)], capture_output=True, text=True)
+
+    proc = check(good)
+    assert proc.returncode == 0 and "0 error(s), 0 warning(s)" in proc.stdout, proc.stdout
+    theirs = json.loads(json.dumps(ours))
+    theirs["properties"]["x3"] = {"type": "string"}  # a numeric feature sent as text: rejected records
+    theirs["properties"]["color"] = {"enum": ["red", "green", "purple"]}  # an unseen category
+    del theirs["properties"]["x7"]  # never sent
+    theirs["required"] = []
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(theirs))
+    proc = check(bad)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert "error: feature 'x3' may be ['string']; the model needs a number or null (such records are " \
+           "dead-lettered)" in lines
+    assert "warning: feature 'color': categories ['purple'] are unknown to the model (missing)" in lines
+    assert "warning: feature 'x7' is not in the producer's schema: missing (null) on every record" in lines
+    assert any(line.startswith("warning: id field 'id' is not required") for line in lines)
+    assert lines[-1].endswith("1 error(s), 3 warning(s) against " + ours["$id"].rsplit(":", 1)[1])

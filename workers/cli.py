@@ -300,13 +300,29 @@ def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: in
 
 @cli.command("schema")
 @common
+@click.option("--check", "producer", default=None,
+              help="A producer's JSON Schema to check against the model instead: one line per mismatch, exit 1 "
+                   "when records shaped like it would be rejected.")
 @with_settings
-def schema_cmd(settings: Settings) -> None:
+def schema_cmd(settings: Settings, producer: str | None) -> None:
     """Print a JSON Schema for input records of the model (id, features and types, categories, nulls)."""
     from workers.model import load_model
-    from workers.schema import input_schema
+    from workers.schema import check_producer, input_schema
 
     model = load_model(settings.model, settings.s3)
+    if producer:
+        try:
+            with open(producer, "rb") as fh:
+                theirs = orjson.loads(fh.read())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise ConfigError("--check", f"cannot read {producer} as JSON: {exc}") from None
+        errors, warnings = check_producer(theirs, model, settings.scoring.id_column)
+        for line in errors:
+            click.echo(f"error: {line}")
+        for line in warnings:
+            click.echo(f"warning: {line}")
+        click.echo(f"{producer}: {len(errors)} error(s), {len(warnings)} warning(s) against {model.version}")
+        sys.exit(1 if errors else 0)
     schema = input_schema(model, settings.scoring.id_column, settings.scoring.passthrough)
     click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
 

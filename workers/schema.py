@@ -33,3 +33,53 @@ def input_schema(model: Model, id_field: str = "id", passthrough: list[str] | No
         "properties": props,
         "additionalProperties": True,
     }
+
+
+def _types(prop: dict) -> set[str]:
+    t = prop.get("type")
+    types = set(t) if isinstance(t, list) else {t} if isinstance(t, str) else set()
+    if "enum" in prop:
+        types |= {"null" if v is None else "string" if isinstance(v, str) else "boolean" if isinstance(v, bool)
+                  else "integer" if isinstance(v, int) else "number" for v in prop["enum"]}
+    for key in ("anyOf", "oneOf"):
+        for sub in prop.get(key, []):
+            types |= _types(sub)
+    return types
+
+
+def check_producer(schema: dict, model: Model, id_field: str = "id") -> tuple[list[str], list[str]]:
+    """Compare a producer's JSON Schema with what the model needs: (errors, warnings), one line each.
+
+    Errors: records shaped like this will be rejected (missing id, a numeric feature typed as text, ...).
+    Warnings: they will be scored, but worse than the producer may think (a feature never sent is missing
+    on every record; categories the model has not seen are missing)."""
+    props = schema.get("properties") or {}
+    required = set(schema.get("required") or [])
+    errors, warnings = [], []
+    if id_field not in props:
+        errors.append(f"id field '{id_field}' is not in the producer's schema")
+    else:
+        bad = _types(props[id_field]) - {"string", "integer"}
+        if bad and _types(props[id_field]):
+            errors.append(f"id field '{id_field}' may be {sorted(bad)}; it must be a string or integer")
+        if id_field not in required:
+            warnings.append(f"id field '{id_field}' is not required: records without it are dead-lettered")
+    for j, name in enumerate(model.feature_names):
+        prop = props.get(name)
+        if prop is None:
+            warnings.append(f"feature '{name}' is not in the producer's schema: missing (null) on every record")
+            continue
+        types = _types(prop)
+        cats = model.categorical.get(j) if j in model.categorical else False
+        if cats:
+            allowed = {"string", "integer", "null"}
+            unseen = [v for v in prop.get("enum", []) if v is not None and v not in cats]
+            if unseen:
+                warnings.append(f"feature '{name}': categories {unseen[:10]} are unknown to the model (missing)")
+        else:
+            allowed = {"number", "integer", "null"}
+        wrong = types - allowed
+        if wrong:
+            errors.append(f"feature '{name}' may be {sorted(wrong)}; the model needs "
+                          f"{'a category' if cats else 'a number'} or null (such records are dead-lettered)")
+    return errors, warnings
