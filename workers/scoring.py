@@ -231,8 +231,8 @@ class Scorer:
         else:
             cols["score"] = pa.array(pred, type=pa.float64())
         cols["model_version"] = pa.repeat(version, m)
-        cols["served"] = pa.repeat(pa.scalar(served), m)
         cols["scored_at"] = pa.repeat(now, m)
+        cols["served"] = pa.repeat(pa.scalar(served), m)
         if self.explain != "none":
             from workers.explain import explanation_columns
 
