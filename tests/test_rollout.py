@@ -326,3 +326,16 @@ def test_compare_reports_shadow_agreement_from_a_parquet_dataset(models, tmp_pat
     text = subprocess.run([sys.executable, "-m", "workers", "compare", "--results", str(out_dir)],
                           capture_output=True, text=True, check=True).stdout
     assert "v1" in text and "v3" in text and "agree" in text
+
+
+def test_a_model_uploaded_after_the_routing_file_is_picked_up_when_it_appears(models, tmp_path):
+    path = write_routing(tmp_path / "routing.yaml", [{"name": "v1", "model": models["binary"]}])
+    source = RoutingSource(Settings(routing={"path": path, "poll_s": 0}), Metrics())
+    later = tmp_path / "v2.txt"
+    write_routing(path, [{"name": "v1", "model": models["binary"], "weight": 50},
+                         {"name": "v2", "model": str(later), "weight": 50}])
+    assert source.check() is False  # v2's file is not there yet: the old routing stays
+    assert source.check() is False  # nothing changed since: not tried again
+    later.write_bytes(open(models["binary_v2"], "rb").read())
+    assert source.check() is True
+    assert [v.name for v in source.current().versions] == ["v1", "v2"]

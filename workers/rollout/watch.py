@@ -40,9 +40,12 @@ class RoutingSource:
         self.settings = settings
         self.metrics = metrics
         self.guards = router.guards if router is not None else GuardBook()
+        self.files: list[str] = []  # model files named by the last routing file read (loaded or not)
         self.router = router or self.load()  # at start-up a bad file is a ConfigError: stop with one line
+        if not self.files:
+            self.files = [v.model.source for v in self.router.versions]
         self.guards.attach(self.router)
-        self.seen = self.fingerprint(self.router)
+        self.seen = self.fingerprint()
         self.pending: Router | None = None
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -58,14 +61,16 @@ class RoutingSource:
         s = self.settings
         if self.path:
             spec, digest = read_routing(self.path)
+            # Watch what this file names even if loading fails below: a model uploaded after the routing
+            # file was edited is then picked up when it appears.
+            self.files = [v.model for v in spec.versions]
             return Router.from_spec(spec, digest, s.model, s.s3, s.scoring, s.routing.threshold, self.path,
                                     self.metrics, self.guards)
         model = load_model(s.model, s.s3)
         return Router.single(model, s.scoring, self.metrics, self.guards)
 
-    def fingerprint(self, router: Router) -> tuple:
-        files = [self.path] if self.path else []
-        files += [v.model.source for v in router.versions]
+    def fingerprint(self) -> tuple:
+        files = ([self.path] if self.path else []) + self.files
         return tuple(_stat(f) for f in files)
 
     # -- background ------------------------------------------------------------------------------
@@ -97,7 +102,7 @@ class RoutingSource:
         """Load a changed routing; True when a new router is waiting to be picked up."""
         with self.lock:
             base = self.pending or self.router
-        now = self.fingerprint(base)
+        now = self.fingerprint()
         if now == self.seen and not forced:
             return False
         self.seen = now
@@ -109,7 +114,7 @@ class RoutingSource:
         except Exception as exc:  # noqa: BLE001 - whatever a half-written file does, keep serving
             self._failed(f"{type(exc).__name__}: {exc}")
             return False
-        self.seen = self.fingerprint(router)
+        self.seen = self.fingerprint()
         if self.metrics is not None:
             self.metrics.routing_reloads.labels("ok").inc()
             self.metrics.routing_reload_ok.set(1)
