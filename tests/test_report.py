@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 from tests import helpers
-from tests.test_rollout import write_routing
+from tests.test_rollout import ab_with_shadow
 
 pytestmark = pytest.mark.postgres
 
@@ -40,13 +40,8 @@ def run(*args: str) -> str:
 
 
 def test_report_from_a_postgres_results_table_names_every_version(models, pg_dsn, pg_table, tmp_path):
-    inputs = tmp_path / "in"
-    helpers.write_inputs(str(inputs), files=2, rows=2500)
-    routing = write_routing(tmp_path / "routing.yaml", [
-        {"name": "champion", "model": models["binary"], "weight": 70},
-        {"name": "challenger", "model": models["binary_v2"], "weight": 30},
-        {"name": "shadow-x", "model": models["binary_v2"], "shadow": True},
-    ])
+    inputs, routing = ab_with_shadow(models, tmp_path, files=2, rows=2500,
+                                     names=("champion", "challenger", "shadow-x"), weights=(70, 30))
     results = f"{pg_dsn}?table={pg_table}"
     run("batch", "--routing", routing, "--input", str(inputs), "--output", results)
     profile = tmp_path / "profile.json"

@@ -34,6 +34,19 @@ def write_routing(path, versions: list[dict], key: str | None = None) -> str:
     return str(path)
 
 
+def ab_with_shadow(models, tmp_path, files: int, rows: int, names=("v1", "v2", "v3"), weights=(50, 50)):
+    """Parquet inputs and a routing file: names[0] (binary) and names[1] (binary_v2) split by ``weights``, and
+    names[2] (binary_v2's model again) in the shadow of both. Returns (inputs folder, routing path)."""
+    inputs = tmp_path / "in"
+    helpers.write_inputs(str(inputs), files=files, rows=rows)
+    path = write_routing(tmp_path / "routing.yaml", [
+        {"name": names[0], "model": models["binary"], "weight": weights[0]},
+        {"name": names[1], "model": models["binary_v2"], "weight": weights[1]},
+        {"name": names[2], "model": models["binary_v2"], "shadow": True},
+    ])
+    return inputs, path
+
+
 def _yaml(doc: dict) -> str:
     import yaml
 
@@ -266,13 +279,7 @@ def test_reload_swaps_between_batches_and_a_broken_file_keeps_the_old_routing(mo
 
 
 def test_batch_mode_with_routing_stores_served_and_shadow_rows_and_compare_reads_them(models, tmp_path):
-    inputs = tmp_path / "in"
-    helpers.write_inputs(str(inputs), files=2, rows=3000)
-    path = write_routing(tmp_path / "routing.yaml", [
-        {"name": "v1", "model": models["binary"], "weight": 50},
-        {"name": "v2", "model": models["binary_v2"], "weight": 50},
-        {"name": "v3", "model": models["binary_v2"], "shadow": True},
-    ])
+    inputs, path = ab_with_shadow(models, tmp_path, files=2, rows=3000)
     db = tmp_path / "r.db"
     shadow_dir = tmp_path / "shadow"
     proc = subprocess.run([sys.executable, "-m", "workers", "batch", "--routing", path, "--input", str(inputs),
@@ -299,13 +306,7 @@ def test_batch_mode_with_routing_stores_served_and_shadow_rows_and_compare_reads
 
 
 def test_compare_reports_shadow_agreement_from_a_parquet_dataset(models, tmp_path):
-    inputs = tmp_path / "in"
-    helpers.write_inputs(str(inputs), files=1, rows=4000)
-    path = write_routing(tmp_path / "routing.yaml", [
-        {"name": "v1", "model": models["binary"], "weight": 50},
-        {"name": "v2", "model": models["binary_v2"], "weight": 50},
-        {"name": "v3", "model": models["binary_v2"], "shadow": True},
-    ])
+    inputs, path = ab_with_shadow(models, tmp_path, files=1, rows=4000)
     out_dir = tmp_path / "out"
     subprocess.run([sys.executable, "-m", "workers", "batch", "--routing", path, "--input", str(inputs),
                     "--output", str(out_dir)], capture_output=True, text=True, check=True)
