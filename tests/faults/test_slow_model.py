@@ -36,7 +36,10 @@ def test_slow_model_adapts_batch_size_and_stays_in_the_group(slow_model, kafka, 
     started = time.perf_counter()
     booster.predict(probe, num_threads=1)
     per_row = (time.perf_counter() - started) / 2000
-    max_records, interval_ms = 20_000, 4000
+    # The poll interval from the measured speed, so that a full batch takes 1.6x the interval on any machine
+    # (a fixed 4 s passed here at 5.5 s per batch and failed on a faster day at 3.9 s).
+    max_records = 20_000
+    interval_ms = max(1000, int(per_row * max_records * 1000 / 1.6))
     assert per_row * max_records > interval_ms / 1000, "a full batch must exceed the poll interval"
     topic = kafka.topic(partitions=2)
     produced = produce(kafka, topic, 12_000, bad_every=0)
