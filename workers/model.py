@@ -66,6 +66,111 @@ def _check_format(data: bytes, uri: str) -> None:
     raise ModelError(PATH_SETTING, f"{uri} is not a LightGBM text model (it must start with 'tree')")
 
 
+_PARAM_LINE = re.compile(rb"\[[A-Za-z0-9_]+: [^\n]*\]")
+_NUMBERS = re.compile(rb"(-?(\d+\.?\d*([eE][-+]?\d+)?|inf|nan)( |$))+", re.IGNORECASE)
+
+
+def _check_complete(data: bytes, uri: str) -> None:
+    """Refuse a truncated or half-written file before LightGBM sees it.
+
+    LightGBM's parser trusts the header's ``tree_sizes`` byte offsets and reads past the end of a cut-off file,
+    crashing the process (seen here: SIGSEGV on a model cut in half). So check the layout first: each tree where
+    the header says it is, then ``end of trees``, then the parameters section that closes the file.
+    """
+    def broken(what: str) -> ModelError:
+        return ModelError(PATH_SETTING, f"{uri} is incomplete or corrupted ({what}); a truncated or half-written "
+                                        "file? Refusing to load it")
+
+    start = data.find(b"\nTree=0\n")
+    end = data.find(b"\nend of trees")
+    sizes = re.search(rb"^tree_sizes=([0-9 ]*)$", data, re.MULTILINE)
+    if sizes is not None and start >= 0:
+        pos = start + 1
+        for i, size in enumerate(sizes.group(1).split()):
+            if not data.startswith(b"Tree=%d\n" % i, pos):
+                raise broken(f"tree {i} is not where the header puts it")
+            pos += int(size)
+        if not data.startswith(b"end of trees", pos):
+            raise broken("no 'end of trees' after the last tree")
+    elif end < 0:
+        raise broken("no 'end of trees'")
+    params_at, params_end = data.find(b"\nparameters:\n"), data.find(b"\nend of parameters")
+    if params_end < 0:
+        raise broken("no 'end of parameters'")
+    if params_at >= 0:  # LightGBM crashes on a parameter line that is cut in two, too
+        for line in data[params_at + len(b"\nparameters:\n"):params_end].split(b"\n"):
+            if line and not _PARAM_LINE.fullmatch(line):
+                raise broken(f"parameter line {line[:40]!r} is malformed")
+    # LightGBM parses trees in parallel and aborts the process (an error inside an OpenMP region cannot be
+    # raised) when an array has the wrong length or a value is not a number: check both here.
+    for i, block in enumerate(data[start + 1:end].split(b"\n\nTree=") if start >= 0 else []):
+        fields = dict(line.split(b"=", 1) for line in block.split(b"\n")[1:] if b"=" in line)
+        try:
+            leaves, cats = int(fields.get(b"num_leaves", b"")), int(fields.get(b"num_cat", b""))
+        except ValueError:
+            raise broken(f"tree {i} has no valid num_leaves/num_cat") from None
+        lengths = {b"leaf_value": leaves}
+        if leaves > 1:
+            lengths.update(dict.fromkeys((b"split_feature", b"split_gain", b"threshold", b"decision_type",
+                                          b"left_child", b"right_child", b"internal_value", b"internal_weight",
+                                          b"internal_count"), leaves - 1))
+            lengths.update({b"leaf_weight": leaves, b"leaf_count": leaves})
+        if cats > 0:
+            lengths[b"cat_boundaries"] = cats + 1
+            if not _NUMBERS.fullmatch(fields.get(b"cat_threshold", b"")):
+                raise broken(f"tree {i} has no valid cat_threshold")
+        for key, n in lengths.items():
+            value = fields.get(key)
+            if value is None:
+                if key in (b"leaf_weight", b"leaf_count", b"internal_weight", b"internal_count", b"internal_value",
+                           b"split_gain"):
+                    continue  # optional in older model files
+                raise broken(f"tree {i} has no {key.decode()}")
+            tokens = value.split(b" ")
+            if len(tokens) != n or not _NUMBERS.fullmatch(value):
+                raise broken(f"tree {i}: {key.decode()} is not {n} numbers")
+
+
+_PROBE = """
+import sys
+import lightgbm as lgb
+import numpy as np
+booster = lgb.Booster(model_str=sys.stdin.buffer.read().decode("utf-8", errors="replace"))
+n = booster.num_feature()
+rows = np.vstack([np.zeros((1, n)), np.full((1, n), np.nan), np.random.default_rng(0).normal(size=(8, n)) * 10])
+booster.predict(rows, num_threads=1)
+"""
+
+
+def _probe(data: bytes, digest: str, uri: str, cache_dir: str) -> None:
+    """Parse and predict with the model in a child process before this process does.
+
+    LightGBM aborts or crashes the whole process on some corrupted files (errors inside OpenMP regions,
+    out-of-range child indices); a worker must instead refuse the file with a message and, on a hot reload,
+    keep serving. A file that passed is remembered by SHA-256 and LightGBM version in ``cache_dir``.
+    """
+    import os
+    import subprocess
+    import sys
+
+    marker = os.path.join(cache_dir, f"probed-{digest}-lightgbm-{lgb.__version__}")
+    if os.path.exists(marker):
+        return
+    proc = subprocess.run([sys.executable, "-c", _PROBE], input=data, capture_output=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
+        why = last[-1][:200] if last else f"the process died of signal {-proc.returncode}"
+        if proc.returncode < 0:
+            why = f"LightGBM crashed on it (signal {-proc.returncode}): {why}"
+        raise ModelError(PATH_SETTING, f"{uri} is not a usable LightGBM model: {why}")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        open(marker, "w").close()
+    except OSError:
+        pass  # a read-only cache only costs the probe next time
+
+
 def _categorical_indices(text: str, n_features: int) -> list[int]:
     match = re.search(r"^\[categorical_feature: ([0-9,]*)\]$", text, re.MULTILINE)
     if match and match.group(1):
@@ -104,6 +209,8 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
         if not hmac.compare_digest(pinned, digest):
             raise ModelError(SHA_SETTING, f"{uri} has SHA-256 {digest}, not the pinned {pinned}; refusing to load it")
     _check_format(data, uri)
+    _check_complete(data, uri)
+    _probe(data, digest, uri, settings.cache_dir)
     text = data.decode("utf-8", errors="replace")
     try:
         booster = lgb.Booster(model_str=text)

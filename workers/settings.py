@@ -46,7 +46,8 @@ class ModelSettings(BaseModel):
     """Predict backend: `lightgbm`, or `lleaves` (the model compiled to native code, about 5x faster; checked
     against LightGBM on load and replaced by it, with a warning, if it cannot compile or differs)."""
     cache_dir: str = "/tmp/scoring-cache"  # noqa: S108 - a cache, and /tmp is the writable mount in the image
-    """Where compiled models are cached by SHA-256 (share it between pods, or precompile with `compile`)."""
+    """Where compiled models (and the record of model files that passed the load check) are cached by SHA-256
+    (share it between pods, or precompile with `compile`)."""
 
 
 class S3Settings(BaseModel):
