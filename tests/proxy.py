@@ -5,7 +5,9 @@ one worker without touching the server other tests use."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
+from dataclasses import dataclass
 
 
 class Proxy:
@@ -91,3 +93,25 @@ def for_dsn(dsn: str) -> Proxy:
 
     target = urlparse(dsn)
     return Proxy(target.hostname, target.port or 5432)
+
+
+@dataclass
+class ProxiedWorker:
+    proxy: Proxy
+    topic: str
+    group: str
+    port: int
+    worker: subprocess.Popen
+
+
+def proxied_worker(kafka, model: str, pg_dsn: str, pg_table: str, log: str, partitions: int,
+                   *extra: str) -> ProxiedWorker:
+    """A stream worker on a new topic whose PostgreSQL sink goes through a TCP proxy (to cut and restore)."""
+    from tests.conftest import free_port
+
+    proxy = for_dsn(pg_dsn)
+    topic = kafka.topic(partitions=partitions)
+    group, port = f"g-{pg_table}", free_port()
+    worker = kafka.worker("--model", model, "--topic", topic, "--group", group, "--sink",
+                          f"{proxied(pg_dsn, proxy)}?table={pg_table}", "--metrics-port", str(port), *extra, log=log)
+    return ProxiedWorker(proxy, topic, group, port, worker)

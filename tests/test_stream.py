@@ -14,8 +14,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.kafka_util import wait_for
-from tests.proxy import for_dsn
-from tests.proxy import proxied as proxy_dsn
+from tests.proxy import proxied_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -180,13 +179,8 @@ def test_sigterm_mid_batch_exits_0_and_commits_exactly_what_is_stored(models, ka
 
 
 def test_postgres_outage_no_commit_then_everything_stored(models, kafka, pg_dsn, pg_table, tmp_path):
-    proxy = for_dsn(pg_dsn)
-    proxied = proxy_dsn(pg_dsn, proxy)
-    topic = kafka.topic(partitions=2)
-    group = f"g-{pg_table}"
-    port = free_port()
-    worker = kafka.worker("--model", models["binary"], "--topic", topic, "--group", group, "--sink",
-                          f"{proxied}?table={pg_table}", "--metrics-port", str(port), log=str(tmp_path / "w.log"))
+    w = proxied_worker(kafka, models["binary"], pg_dsn, pg_table, str(tmp_path / "w.log"), 2)
+    proxy, topic, group, port, worker = w.proxy, w.topic, w.group, w.port, w.worker
     try:
         kafka.produce_json(topic, records(1000))
         wait_for(lambda: count(pg_dsn, pg_table)[0] >= 1000, 60, what="first 1000 stored")

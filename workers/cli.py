@@ -54,6 +54,17 @@ def _overrides(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def options(*opts: Callable) -> Callable:
+    """One decorator applying several options, listed in the order ``--help`` shows them."""
+
+    def apply(fn: Callable) -> Callable:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
 def with_settings(fn: Callable) -> Callable:
     """Turn the command's setting flags into a validated Settings passed as ``settings``."""
 
@@ -67,29 +78,24 @@ def with_settings(fn: Callable) -> Callable:
     return wrapper
 
 
-def common(fn: Callable) -> Callable:
-    for opt in reversed(
-        [
-            setting("--model", "model.path"),
-            setting("--routing", "routing.path"),
-            setting("--routing-poll-s", "routing.poll_s"),
-            setting("--shadow-sink", "routing.shadow_sink"),
-            setting("--model-sha256", "model.sha256"),
-            setting("--model-version", "model.version"),
-            setting("--threads", "model.threads"),
-            setting("--backend", "model.backend"),
-            setting("--cache-dir", "model.cache_dir"),
-            setting("--id-column", "scoring.id_column"),
-            setting("--passthrough", "scoring.passthrough"),
-            setting("--explain", "scoring.explain"),
-            setting("--explain-top-k", "scoring.explain_top_k"),
-            setting("--s3-endpoint-url", "s3.endpoint_url"),
-            setting("--s3-region", "s3.region"),
-            setting("--log-level", "log_level"),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+common = options(
+    setting("--model", "model.path"),
+    setting("--routing", "routing.path"),
+    setting("--routing-poll-s", "routing.poll_s"),
+    setting("--shadow-sink", "routing.shadow_sink"),
+    setting("--model-sha256", "model.sha256"),
+    setting("--model-version", "model.version"),
+    setting("--threads", "model.threads"),
+    setting("--backend", "model.backend"),
+    setting("--cache-dir", "model.cache_dir"),
+    setting("--id-column", "scoring.id_column"),
+    setting("--passthrough", "scoring.passthrough"),
+    setting("--explain", "scoring.explain"),
+    setting("--explain-top-k", "scoring.explain_top_k"),
+    setting("--s3-endpoint-url", "s3.endpoint_url"),
+    setting("--s3-region", "s3.region"),
+    setting("--log-level", "log_level"),
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -147,35 +153,30 @@ def batch(settings: Settings) -> None:
     sys.exit(report.exit_code)
 
 
-def kafka_options(fn: Callable) -> Callable:
-    for opt in reversed(
-        [
-            setting("--bootstrap-servers", "kafka.bootstrap_servers"),
-            setting("--security-protocol", "kafka.security_protocol"),
-            setting("--sasl-mechanism", "kafka.sasl_mechanism"),
-            setting("--sasl-username", "kafka.sasl_username"),
-            setting("--ssl-cafile", "kafka.ssl_cafile"),
-            setting("--topic", "stream.topics", multiple=True),
-            setting("--group", "stream.group"),
-            setting("--sink", "stream.sink"),
-            setting("--dead-letter-topic", "stream.dead_letter_topic"),
-            setting("--on-bad-record", "stream.on_bad_record"),
-            setting("--key-as-id", "stream.key_as_id", is_flag=True),
-            setting("--max-records", "stream.max_records"),
-            setting("--max-wait-ms", "stream.max_wait_ms"),
-            setting("--auto-offset-reset", "stream.auto_offset_reset"),
-            setting("--session-timeout-ms", "stream.session_timeout_ms"),
-            setting("--heartbeat-interval-ms", "stream.heartbeat_interval_ms"),
-            setting("--max-poll-interval-ms", "stream.max_poll_interval_ms"),
-            setting("--fetch-max-bytes", "stream.fetch_max_bytes"),
-            setting("--max-partition-fetch-bytes", "stream.max_partition_fetch_bytes"),
-            setting("--shutdown-timeout-s", "stream.shutdown_timeout_s"),
-            setting("--stall-seconds", "stream.stall_seconds"),
-            setting("--metrics-port", "stream.metrics_port"),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+kafka_options = options(
+    setting("--bootstrap-servers", "kafka.bootstrap_servers"),
+    setting("--security-protocol", "kafka.security_protocol"),
+    setting("--sasl-mechanism", "kafka.sasl_mechanism"),
+    setting("--sasl-username", "kafka.sasl_username"),
+    setting("--ssl-cafile", "kafka.ssl_cafile"),
+    setting("--topic", "stream.topics", multiple=True),
+    setting("--group", "stream.group"),
+    setting("--sink", "stream.sink"),
+    setting("--dead-letter-topic", "stream.dead_letter_topic"),
+    setting("--on-bad-record", "stream.on_bad_record"),
+    setting("--key-as-id", "stream.key_as_id", is_flag=True),
+    setting("--max-records", "stream.max_records"),
+    setting("--max-wait-ms", "stream.max_wait_ms"),
+    setting("--auto-offset-reset", "stream.auto_offset_reset"),
+    setting("--session-timeout-ms", "stream.session_timeout_ms"),
+    setting("--heartbeat-interval-ms", "stream.heartbeat_interval_ms"),
+    setting("--max-poll-interval-ms", "stream.max_poll_interval_ms"),
+    setting("--fetch-max-bytes", "stream.fetch_max_bytes"),
+    setting("--max-partition-fetch-bytes", "stream.max_partition_fetch_bytes"),
+    setting("--shutdown-timeout-s", "stream.shutdown_timeout_s"),
+    setting("--stall-seconds", "stream.stall_seconds"),
+    setting("--metrics-port", "stream.metrics_port"),
+)
 
 
 @cli.command()
@@ -274,28 +275,22 @@ def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: in
     """Compute a reference profile (per-feature bins, shares, null share, min/max) for drift metrics."""
     import numpy as np
 
-    from workers.drift import build_profile
+    from workers.drift import build_profile, feature_batches
     from workers.model import load_model
     from workers.scoring import Scorer
-    from workers.sources.parquet import iter_batches, list_inputs, open_parquet
 
     model = load_model(settings.model, settings.s3)
-    scorer = Scorer(model, settings.scoring.id_column)
-    fs, files = list_inputs(data, settings.s3)
+    n_files, batches = feature_batches(Scorer(model, settings.scoring.id_column), data, settings.s3)
     parts, rows = [], 0
-    for f in files:
-        pf = open_parquet(fs, f)
-        for rb in iter_batches(pf, [c for c in model.feature_names if c in pf.schema_arrow.names], 65536):
-            parts.append(scorer.features_only(rb))
-            rows += rb.num_rows
-            if rows >= max_rows:
-                break
+    for matrix in batches:
+        parts.append(matrix)
+        rows += matrix.shape[0]
         if rows >= max_rows:
             break
     profile = build_profile(model, np.concatenate(parts)[:max_rows] if parts else np.empty((0, 0)), bins)
     with open(out, "w") as fh:
         fh.write(orjson.dumps(profile, option=orjson.OPT_INDENT_2).decode())
-    click.echo(f"profiled {min(rows, max_rows):,} rows of {len(files)} file(s) into {out}")
+    click.echo(f"profiled {min(rows, max_rows):,} rows of {n_files} file(s) into {out}")
 
 
 @cli.command("schema")

@@ -130,3 +130,20 @@ def monitor_for(settings, model: Model, window: int | None = None) -> DriftMonit
         return DriftMonitor.from_file(path, model.feature_names, window or settings.scoring.drift_window)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError("SCORING_SCORING__PROFILE", f"cannot use {path}: {exc}") from None
+
+
+def feature_batches(scorer, data: str, s3):
+    """(files read, generator of feature matrices) of Parquet ``data`` in the scorer's model feature order, as
+    the workers see them (categories as the model's codes, bad values as missing); used by profile and report."""
+    from workers.sources.parquet import iter_batches, list_inputs, open_parquet
+
+    fs, files = list_inputs(data, s3)
+    names = scorer.model.feature_names
+
+    def matrices():
+        for f in files:
+            pf = open_parquet(fs, f)
+            for rb in iter_batches(pf, [c for c in names if c in pf.schema_arrow.names], 65536):
+                yield scorer.features_only(rb)
+
+    return len(files), matrices()

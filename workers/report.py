@@ -139,20 +139,15 @@ margin:8px 0 20px}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:righ
 def drift_of(settings, data: str, profile: str) -> dict:
     """Drift per feature of the scored inputs against a profile, read through the (primary) model's features,
     as the workers see them (categories as the model's codes)."""
-    from workers.drift import DriftMonitor
+    from workers.drift import DriftMonitor, feature_batches
     from workers.errors import ConfigError
     from workers.rollout.watch import RoutingSource
-    from workers.sources.parquet import iter_batches, list_inputs, open_parquet
 
-    model = RoutingSource(settings).router.primary
+    primary = RoutingSource(settings).router.primary
     try:
-        monitor = DriftMonitor.from_file(profile, model.model.feature_names, window=2**62)
+        monitor = DriftMonitor.from_file(profile, primary.model.feature_names, window=2**62)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError("--profile", f"cannot use {profile}: {exc}") from None
-    fs, files = list_inputs(data, settings.s3)
-    for f in files:
-        pf = open_parquet(fs, f)
-        present = [n for n in model.model.feature_names if n in pf.schema_arrow.names]
-        for rb in iter_batches(pf, present, 65536):
-            monitor.observe(model.scorer.features_only(rb))
+    for matrix in feature_batches(primary.scorer, data, settings.s3)[1]:
+        monitor.observe(matrix)
     return monitor.report()

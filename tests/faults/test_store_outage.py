@@ -10,11 +10,9 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import free_port
 from tests.faults.common import check, produce, stored_count
 from tests.kafka_util import wait_for
-from tests.proxy import for_dsn
-from tests.proxy import proxied as proxy_dsn
+from tests.proxy import proxied_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
@@ -28,14 +26,8 @@ def readyz(port: int) -> tuple[int, str]:
 
 
 def test_thirty_second_outage(models, kafka, pg_dsn, pg_table, tmp_path):
-    proxy = for_dsn(pg_dsn)
-    proxied = proxy_dsn(pg_dsn, proxy)
-    topic = kafka.topic(partitions=3)
-    group = f"g-{pg_table}"
-    port = free_port()
-    worker = kafka.worker("--model", models["binary"], "--topic", topic, "--group", group, "--sink",
-                          f"{proxied}?table={pg_table}", "--metrics-port", str(port), "--stall-seconds", "5",
-                          log=str(tmp_path / "w.log"))
+    w = proxied_worker(kafka, models["binary"], pg_dsn, pg_table, str(tmp_path / "w.log"), 3, "--stall-seconds", "5")
+    proxy, topic, group, port, worker = w.proxy, w.topic, w.group, w.port, w.worker
     try:
         produced = produce(kafka, topic, 2000)
         wait_for(lambda: stored_count(pg_dsn, pg_table) >= len(produced.valid), 60, what="first records stored")

@@ -82,7 +82,7 @@ def _signature(model: Model) -> str:
     return repr((model.feature_names, sorted(model.categorical.items())))
 
 
-def _subset(feats: Features, rows: np.ndarray, drop_bad: Sequence[int] = ()) -> Features:
+def _subset(feats: Features, rows: np.ndarray) -> Features:
     matrix = feats.matrix[rows] if rows.size != feats.matrix.shape[0] else feats.matrix
     reasons: dict[int, str] = {}
     if feats.reasons:
@@ -315,6 +315,7 @@ class Router:
         if predictions is None:
             predictions = [self.predict(job) for job in jobs]
         results, errors, error_rows = [], [], []
+        no_errors = None  # an empty errors table of the right columns (from a served job)
         served_score = np.full(routed.n, np.nan)
         served_label = np.full(routed.n, -1, dtype=np.int64)
         served_version = np.full(routed.n, -1, dtype=np.int64)
@@ -340,6 +341,8 @@ class Router:
             if v.shadow:
                 self._compare(job, scored, served_score, served_label, served_version)
                 continue
+            if no_errors is None:
+                no_errors = scored.errors.slice(0, 0)
             good = np.ones(job.rows.size, dtype=bool)
             good[scored.error_rows] = False
             good_rows = job.rows[good]
@@ -357,7 +360,7 @@ class Router:
             return empty
         table = results[0] if len(results) == 1 else pa.concat_tables(results, promote_options="default")
         if not errors:
-            return Scored(table, _empty_errors(self.primary, carry), np.empty(0, np.int64))
+            return Scored(table, no_errors, np.empty(0, np.int64))
         err = errors[0] if len(errors) == 1 else pa.concat_tables(errors, promote_options="default")
         rows = error_rows[0] if len(error_rows) == 1 else np.concatenate(error_rows)
         return Scored(table, err, rows)
@@ -403,9 +406,4 @@ class Router:
                 self.metrics.shadow_pairs.labels(job.version.name, baseline.name).inc(int(mine.sum()))
                 self.metrics.shadow_agree.labels(job.version.name, baseline.name).inc(agree)
                 self.metrics.shadow_abs_diff.labels(job.version.name, baseline.name).inc(float(np.nansum(diff)))
-
-
-def _empty_errors(version: Version, carry: dict[str, pa.Array]) -> pa.Table:
-    feats = Features(np.empty((0, len(version.model.feature_names))), {})
-    return version.scorer.finish(pa.array([], pa.string()), feats, {k: c.slice(0, 0) for k, c in carry.items()}).errors
 

@@ -326,7 +326,7 @@ class App:
                 # Not the sender's fault: 503 so Knative retries the delivery later.
                 raise HTTPError(503, f"sink unavailable: {exc}") from None
         # The reply holds each event's served result, in event order (shadow rows are stored, not replied).
-        if "served" in table.column_names and len(router.versions) > 1:
+        if len(router.versions) > 1:
             table = table.filter(table["served"]).sort_by(_ROW)
         results = table.drop_columns([c for c in ("topic", "partition", "offset", _ROW, "served")
                                       if c in table.column_names]).to_pylist()

@@ -30,7 +30,7 @@ from workers.drift import monitor_for
 from workers.errors import ConfigError, ScoringError, SinkError
 from workers.model import Model
 from workers.observability import Health, Metrics, observe_many, serve_probes
-from workers.records import Decoded
+from workers.records import Decoded, RecordDecoder
 from workers.rollout.router import Routed, Router
 from workers.rollout.watch import RoutingSource
 from workers.scoring import Scored
@@ -184,8 +184,6 @@ class StreamWorker:
                                   self.settings.stream.key_as_id)
 
     def score(self, records: list[ConsumerRecord], routed: Routed, decoded: Decoded, router: Router) -> Scored:
-        from workers.records import RecordDecoder
-
         carry: dict[str, pa.Array] = {
             name: RecordDecoder.passthrough_array(values) for name, values in decoded.passthrough.items()
         }
@@ -234,7 +232,7 @@ class StreamWorker:
         # Counted per (topic, model_version) of the *served* rows (shadow rows: scoring_version_rows_total).
         results = scored.results
         if results.num_rows:
-            served = results.filter(results["served"]) if "served" in results.column_names else results
+            served = results.filter(results["served"])
             for row in served.group_by(["topic", "model_version"]).aggregate([("id", "count")]).to_pylist():
                 self.metrics.scored.labels(row["topic"], row["model_version"]).inc(row["id_count"])
                 self.metrics.written.labels(row["topic"], row["model_version"]).inc(row["id_count"])

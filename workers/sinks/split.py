@@ -14,7 +14,7 @@ from workers.sinks.base import Sink, UnitWriter
 
 def split(scored: Scored) -> tuple[Scored, Scored | None]:
     results = scored.results
-    if "served" not in results.column_names or results.num_rows == 0:
+    if results.num_rows == 0:
         return scored, None
     served = results["served"]
     if served.null_count == 0 and pc.all(served).as_py():
