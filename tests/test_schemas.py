@@ -10,7 +10,6 @@ import sys
 import orjson
 import pyarrow as pa
 from jsonschema import Draft202012Validator
-from kafka.consumer.fetcher import ConsumerRecord
 
 from tests.helpers import FEATURES, frame
 from workers.model import load_model
@@ -19,6 +18,7 @@ from workers.scoring import Scorer
 from workers.settings import ModelSettings
 from workers.sinks.deadletter import headers_for
 from workers.sinks.kafka import result_messages
+from workers.sources.kafka import Record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,8 +63,7 @@ def test_results_match_the_result_schema(models):
 
 def test_dead_letter_headers_match_the_dead_letter_schema():
     v = load("dead-letter.v1.json")
-    record = ConsumerRecord("events", 3, -1, 42, 1_700_000_000_000, 0, b"k", b"garbage", [("trace", b"abc")],
-                            None, 1, 7, 0)
+    record = Record("events", 3, 42, 1_700_000_000_000, b"k", b"garbage", [("trace", b"abc")])
     headers = {k: val.decode() for k, val in headers_for(record, "not valid JSON: ...", "m-1")}
     assert not list(v.iter_errors(headers)), headers
     assert headers["trace"] == "abc"

@@ -144,3 +144,18 @@ def test_batches_compressed_with_every_codec_are_consumed(models, kafka, tmp_pat
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
     assert sqlite_count(db) == 400
+
+
+def test_group_timing_mistakes_get_one_line_naming_the_setting(models):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "workers", "stream", "--model", models["binary"], "--topic", "t"]
+    cases = [(["--max-poll-interval-ms", "2000", "--session-timeout-ms", "6000"],
+              "SCORING_STREAM__MAX_POLL_INTERVAL_MS", "must be at least SCORING_STREAM__SESSION_TIMEOUT_MS"),
+             (["--heartbeat-interval-ms", "6000", "--session-timeout-ms", "6000"],
+              "SCORING_STREAM__HEARTBEAT_INTERVAL_MS", "must be below SCORING_STREAM__SESSION_TIMEOUT_MS")]
+    for extra, name, says in cases:
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and name in lines[0] and says in lines[0], proc.stderr

@@ -35,5 +35,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # kafka-python logs every reconnect at INFO/WARNING; keep ours readable.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # librdkafka (confluent-kafka) logs connection churn at INFO/NOTICE; its warnings and errors stay.
+    logging.getLogger("workers.kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # kafka-python's event loop warns about its own slow tasks; not actionable for an operator.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)

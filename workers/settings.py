@@ -142,6 +142,21 @@ class KafkaSettings(BaseModel):
             cfg["ssl_cafile"] = self.ssl_cafile
         return cfg
 
+    def librdkafka_config(self) -> dict[str, Any]:
+        """The same, as librdkafka properties (confluent-kafka: the stream consumer and the producers)."""
+        cfg: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            cfg["sasl.mechanisms"] = self.sasl_mechanism
+            cfg["sasl.username"] = self.sasl_username or ""
+            cfg["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
+        if self.ssl_cafile:
+            cfg["ssl.ca.location"] = self.ssl_cafile
+        return cfg
+
 
 class StreamSettings(BaseModel):
     model_config = _GROUP_CONFIG
@@ -300,6 +315,13 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         value = err.get("input")
         shown = "" if isinstance(value, dict) or "secret" in name.lower() else f" (got {value!r})"
         raise ConfigError(name, f"{err['msg']}{shown}") from None
+    st = settings.stream
+    if st.max_poll_interval_ms < st.session_timeout_ms:
+        raise ConfigError("SCORING_STREAM__MAX_POLL_INTERVAL_MS", f"{st.max_poll_interval_ms} must be at least "
+                          f"SCORING_STREAM__SESSION_TIMEOUT_MS ({st.session_timeout_ms})")
+    if st.heartbeat_interval_ms >= st.session_timeout_ms:
+        raise ConfigError("SCORING_STREAM__HEARTBEAT_INTERVAL_MS", f"{st.heartbeat_interval_ms} must be below "
+                          f"SCORING_STREAM__SESSION_TIMEOUT_MS ({st.session_timeout_ms})")
     b = settings.batch
     if b.shard_index is not None and b.shard_index >= b.shard_count:
         raise ConfigError(

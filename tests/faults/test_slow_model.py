@@ -44,9 +44,11 @@ def test_slow_model_adapts_batch_size_and_stays_in_the_group(slow_model, kafka, 
     topic = kafka.topic(partitions=2)
     produced = produce(kafka, topic, 12_000, bad_every=0)
     log = str(tmp_path / "w.log")
+    session_ms = min(6000, interval_ms)  # the consumer refuses a poll interval below the session timeout
     worker = kafka.worker("--model", slow_model, "--topic", topic, "--group", f"g-{pg_table}", "--sink",
                           f"{pg_dsn}?table={pg_table}", "--max-records", str(max_records),
-                          "--max-poll-interval-ms", str(interval_ms), "--metrics-port", "0", log=log)
+                          "--max-poll-interval-ms", str(interval_ms), "--session-timeout-ms", str(session_ms),
+                          "--heartbeat-interval-ms", str(session_ms // 3), "--metrics-port", "0", log=log)
     wait_for(lambda: stored_count(pg_dsn, pg_table) >= len(produced.valid), 240, interval=1, what="all stored")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(60) == 0

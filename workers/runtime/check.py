@@ -5,6 +5,8 @@ Usable by a person and as a startup/liveness probe (it connects, then exits).
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from workers.errors import ScoringError
@@ -37,21 +39,19 @@ def run_checks(settings: Settings) -> int:
     except ScoringError as exc:
         results.append(_line(False, "model", str(exc)))
     if settings.stream.topics:
-        from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
 
         try:
-            consumer = KafkaConsumer(**settings.kafka.client_config(), request_timeout_ms=10_000)
-            try:
-                known = consumer.topics()
-            finally:
-                consumer.close()
+            admin = AdminClient({**settings.kafka.librdkafka_config(), "logger": logging.getLogger("workers.kafka")})
+            known = admin.list_topics(timeout=10).topics
             results.append(_line(True, "broker", settings.kafka.bootstrap_servers))
             missing = [t for t in settings.stream.topics if t not in known]
             results.append(_line(not missing, "topics", f"missing {missing}" if missing else
                                  ", ".join(settings.stream.topics)))
-        except KafkaError as exc:
-            results.append(_line(False, "broker", f"{settings.kafka.bootstrap_servers}: {exc}"))
+        except KafkaException as exc:
+            reason = exc.args[0].str() if exc.args else str(exc)
+            results.append(_line(False, "broker", f"{settings.kafka.bootstrap_servers}: {reason}"))
     uri = settings.stream.sink if settings.stream.topics or not settings.batch.output else settings.batch.output
     try:
         sink = open_sink(uri, settings.s3, kafka=settings.kafka)

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from kafka import TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
+from confluent_kafka import KafkaException
 
 from workers.drift import monitor_for
 from workers.errors import ConfigError, ScoringError, SinkError
@@ -38,9 +39,21 @@ from workers.settings import Settings
 from workers.sinks import Sink, open_result_sink
 from workers.sinks.deadletter import DeadLetters
 from workers.sinks.kafka import producer
-from workers.sources.kafka import KafkaSource
+from workers.sources.kafka import TP, Batch, KafkaSource
 
 log = logging.getLogger("workers.stream")
+
+
+@dataclass
+class InFlight:
+    """A batch handed to the score and store threads, not yet committed."""
+
+    records: Batch
+    started: float
+    future: Future | None = None  # of store_once: (scored, scoring seconds, stored, state)
+    settled: threading.Event = field(default_factory=threading.Event)  # stored for good, or dropped
+    stored: bool = False
+    exclude: set[TP] = field(default_factory=set)  # partitions an earlier dropped batch left uncommitted
 
 
 class StreamWorker:
@@ -62,11 +75,12 @@ class StreamWorker:
         self.stopping = False
         self.stop_deadline = float("inf")
         self.limit = s.max_records
-        self.next_offsets: dict[TopicPartition, int] = {}
+        self.next_offsets: dict[TP, int] = {}
         self.exit_code = 0
         self.probes = None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="score")
-        self.pending: tuple[list[ConsumerRecord], float, Future] | None = None
+        self.score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
+        self.store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
+        self.pending: deque[InFlight] = deque()
         self.source: KafkaSource | None = None
         self.dead: DeadLetters | None = None
 
@@ -109,11 +123,11 @@ class StreamWorker:
         except SinkError as exc:
             self.health.sink_error = str(exc)
             log.warning("sink not reachable at start; will retry", extra={"reason": str(exc)})
+        self.source = KafkaSource(self.settings, self.metrics)  # ScoringError when the broker does not answer
         try:
-            self.source = KafkaSource(self.settings, self.metrics)
             self.dead = DeadLetters(producer(self.settings.kafka), s.dlq_for)
-        except KafkaError as exc:
-            raise ScoringError(f"cannot reach Kafka at {self.settings.kafka.bootstrap_servers}: {exc}") from None
+        except KafkaException as exc:
+            raise ScoringError(f"Kafka producer: {exc}") from None
         log.info("stream start", extra={"topics": s.topics, "group": s.group, "sink": self.sink.name,
                                         "model_version": self.model.version,
                                         "versions": self.router.describe(),
@@ -134,7 +148,10 @@ class StreamWorker:
 
     def close(self) -> None:
         self.routing.stop()
-        self.pool.shutdown(wait=True)
+        for flight in self.pending:  # an exception left batches behind: release their store attempts
+            flight.settled.set()
+        self.score_pool.shutdown(wait=True)
+        self.store_pool.shutdown(wait=True)
         if self.source is not None:
             self.source.close()
         if self.dead is not None:
@@ -145,10 +162,11 @@ class StreamWorker:
         log.info("stream stopped", extra={"exit_code": self.exit_code})
 
     # -- one micro-batch -------------------------------------------------------------------------
-    # Two stages overlap: while the worker thread predicts and stores batch N (LightGBM, lleaves and the
-    # database driver release the GIL), the main thread polls and decodes batch N+1. Everything that
-    # touches the consumer (poll, commit, pause, retry) stays on the main thread, and batch N is committed
-    # only after its store returned, before batch N+1 is handed over.
+    # Three stages overlap: while the store thread writes batch N and the score thread predicts batch N+1
+    # (LightGBM, lleaves, the database driver and librdkafka release the GIL), the main thread polls and
+    # decodes batch N+2. Everything that touches the consumer (poll, commit, pause, retry) stays on the main
+    # thread. Batches are stored in order, a batch's first store attempt waits until the one before it is
+    # stored for good (or dropped), and each is committed only after its store returned, in order.
     def step(self) -> None:
         assert self.source is not None
         self.health.tick()
@@ -162,15 +180,13 @@ class StreamWorker:
             if time.monotonic() - self.drift_reported > 1.0:
                 self.metrics.drift(self.drift.report())
                 self.drift_reported = time.monotonic()
-        self.drain()
+        self.drain(keep=1 if records else 0)  # at most one batch ahead of the one handed over now
         if records and decoded is not None and not self.stopping:
             if decoded.features.reasons and self.settings.stream.on_bad_record == "fail":
                 self.fail_on_bad(records, decoded)
                 return
-            started = time.monotonic()
-            self.pending = (records, started, self.pool.submit(self.score_and_store, records, routed, decoded,
-                                                               router))
-        self.update_lag({TopicPartition(r.topic, r.partition) for r in records})
+            self.submit(records, routed, decoded, router)
+        self.update_lag(records.partition_set())
 
     def switch(self, router: Router) -> None:
         """Start scoring with a reloaded routing (between batches)."""
@@ -179,56 +195,80 @@ class StreamWorker:
         self.router = router
         self.calibrate()
 
-    def decode(self, records: list[ConsumerRecord]) -> tuple[Routed, Decoded]:
-        return self.router.decode([r.value for r in records], [r.key for r in records],
-                                  self.settings.stream.key_as_id)
+    def decode(self, records: Batch) -> tuple[Routed, Decoded]:
+        return self.router.decode(records.values(), records.keys(), self.settings.stream.key_as_id)
 
-    def score(self, records: list[ConsumerRecord], routed: Routed, decoded: Decoded, router: Router) -> Scored:
+    def submit(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> None:
+        before = self.pending[-1] if self.pending else None
+        scoring = self.score_pool.submit(self.score_timed, records, routed, decoded, router)
+        flight = InFlight(records, time.monotonic())
+        flight.future = self.store_pool.submit(self.store_once, flight, scoring, before)
+        self.pending.append(flight)
+
+    def score(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> Scored:
         carry: dict[str, pa.Array] = {
             name: RecordDecoder.passthrough_array(values) for name, values in decoded.passthrough.items()
         }
-        carry["topic"] = pa.array([r.topic for r in records], pa.string())
-        carry["partition"] = pa.array([r.partition for r in records], pa.int32())
-        carry["offset"] = pa.array([r.offset for r in records], pa.int64())
-        carry["timestamp"] = pa.array([r.timestamp if r.timestamp >= 0 else None for r in records],
-                                      pa.timestamp("ms", tz="UTC"))
+        carry["topic"] = pa.array(records.topics(), pa.string())
+        carry["partition"] = pa.array(records.partitions(), pa.int32())
+        carry["offset"] = pa.array(records.offsets(), pa.int64())
+        stamps = np.array(records.timestamps(), dtype=np.int64)
+        carry["timestamp"] = pa.array(stamps, pa.timestamp("ms", tz="UTC"), mask=stamps < 0)
         return router.finish(routed, carry)
 
-    def score_and_store(self, records: list[ConsumerRecord], routed: Routed, decoded: Decoded,
-                        router: Router) -> tuple[Scored, float, bool, dict]:
-        """Worker thread: predict (with the routing the batch was decoded with), then one attempt to store.
-        Never touches the consumer."""
+    def score_timed(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> tuple[Scored, float]:
+        """Score thread: predict with the routing the batch was decoded with."""
         started = time.monotonic()
         scored = self.score(records, routed, decoded, router)
-        scoring_s = time.monotonic() - started
+        return scored, time.monotonic() - started
+
+    def store_once(self, flight: InFlight, scoring: Future, before: InFlight | None
+                   ) -> tuple[Scored, float, bool, dict]:
+        """Store thread: one attempt to store, once the batch before is stored for good. Never touches the consumer."""
+        records = flight.records
+        scored, scoring_s = scoring.result()
         state = {"dead_done": not scored.rejected}
+        if before is not None:
+            before.settled.wait()
+            if not before.stored:  # dropped uncommitted: the main thread decides about this one
+                return scored, scoring_s, False, state
         try:
             self.attempt(records, scored, state)
-            return scored, scoring_s, True, state
         except SinkError as exc:
             self.sink_failed(exc, 0.2)
             return scored, scoring_s, False, state
+        flight.stored = True
+        flight.settled.set()
+        return scored, scoring_s, True, state
 
-    def drain(self) -> None:
-        """Main thread: wait for the batch in flight; retry its store if it failed; then commit it."""
-        if self.pending is None:
-            return
-        records, started, future = self.pending
-        self.pending = None
-        scored, scoring_s, stored, state = future.result()
-        if not stored and not self.store(records, scored, state):
-            return  # dropped uncommitted (stopping, or every partition of it revoked): redelivered later
+    def drain(self, keep: int = 0) -> None:
+        """Main thread: for the oldest batches in flight, wait for the store, retry it if it failed, commit."""
         assert self.source is not None
-        offsets: dict[TopicPartition, int] = {}
-        for r in records:
-            offsets[TopicPartition(r.topic, r.partition)] = r.offset + 1  # records are in offset order
-        self.source.commit(offsets)
-        self.next_offsets.update(offsets)
-        self.account(records, scored)
-        self.metrics.batch_seconds.observe(time.monotonic() - started)
-        self.adapt(len(records), scoring_s)
+        while len(self.pending) > keep:
+            flight = self.pending.popleft()
+            records, stored = flight.records, False
+            try:
+                assert flight.future is not None
+                scored, scoring_s, stored, state = flight.future.result()
+                if not stored:
+                    stored = self.store(records, scored, state)
+            finally:
+                flight.stored = stored
+                flight.settled.set()  # lets the store thread go on with the next batch
+            offsets = {tp: off for tp, off in records.next_offsets().items() if tp not in flight.exclude}
+            if not stored:
+                # Dropped uncommitted (stopping, or every partition of it revoked): redelivered later. A later
+                # batch must not commit past it on a partition they share.
+                for later in self.pending:
+                    later.exclude |= set(offsets)
+                continue
+            self.source.commit(offsets)
+            self.next_offsets.update(offsets)
+            self.account(records, scored)
+            self.metrics.batch_seconds.observe(time.monotonic() - flight.started)
+            self.adapt(len(records), scoring_s)
 
-    def account(self, records: list[ConsumerRecord], scored: Scored) -> None:
+    def account(self, records: Batch, scored: Scored) -> None:
         # Counted per (topic, model_version) of the *served* rows (shadow rows: scoring_version_rows_total).
         results = scored.results
         if results.num_rows:
@@ -239,11 +279,11 @@ class StreamWorker:
         if scored.rejected:
             for row in scored.errors.group_by(["topic", "model_version"]).aggregate([("reason", "count")]).to_pylist():
                 self.metrics.dead_lettered.labels(row["topic"], row["model_version"]).inc(row["reason_count"])
-        stamps = np.array([r.timestamp for r in records], dtype=np.float64)
+        stamps = np.array(records.timestamps(), dtype=np.float64)
         observe_many(self.metrics.end_to_end, np.maximum(time.time() - stamps[stamps >= 0] / 1000, 0))
         self.metrics.batch_size.observe(len(records))
 
-    def fail_on_bad(self, records: list[ConsumerRecord], decoded: Decoded) -> None:
+    def fail_on_bad(self, records: Batch, decoded: Decoded) -> None:
         i = min(decoded.features.reasons)
         first = records[i]
         log.error("bad record; stopping (on_bad_record=fail), nothing of this batch committed",
@@ -253,7 +293,7 @@ class StreamWorker:
         self.request_stop()
         self.stop_deadline = time.monotonic()
 
-    def attempt(self, records: list[ConsumerRecord], scored: Scored, state: dict) -> None:
+    def attempt(self, records: Batch, scored: Scored, state: dict) -> None:
         """One try at dead letters then results; raises SinkError. ``state["dead_done"]`` records that the
         dead letters were flushed, so a retry after a sink failure does not send them again."""
         assert self.dead is not None
@@ -277,14 +317,14 @@ class StreamWorker:
         log.warning("store failed; retrying without committing", extra={"reason": str(exc)[:300],
                                                                          "retry_in_s": backoff})
 
-    def store(self, records: list[ConsumerRecord], scored: Scored, state: dict) -> bool:
+    def store(self, records: Batch, scored: Scored, state: dict) -> bool:
         """Main thread: retry the store with backoff, staying in the group; False when the batch was dropped.
 
         Dead letters already flushed by a failed attempt (the sink failed after them) are not sent again.
         """
         assert self.source is not None
         backoff = 0.2
-        batch_tps = {TopicPartition(r.topic, r.partition) for r in records}
+        batch_tps = records.partition_set()
         while True:
             until = time.monotonic() + backoff
             while time.monotonic() < until:
@@ -322,21 +362,21 @@ class StreamWorker:
             self.limit = new
         self.metrics.max_records.set(self.limit)
 
-    def update_lag(self, advanced: set[TopicPartition]) -> None:
+    def update_lag(self, advanced: set[TP]) -> None:
         assert self.source is not None
         owned = self.source.assignment()
         for tp in owned:
             lag = self.source.lag(tp, self.next_offsets.get(tp))
             if lag is None:
                 continue
-            key = (tp.topic, tp.partition)
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-            self.health.progress(key, lag, tp in advanced)
-            self.metrics.stalled.labels(tp.topic, str(tp.partition)).set(self.health.is_stalled(key))
+            topic, partition = tp
+            self.metrics.lag.labels(topic, str(partition)).set(lag)
+            self.health.progress(tp, lag, tp in advanced)
+            self.metrics.stalled.labels(topic, str(partition)).set(self.health.is_stalled(tp))
         for tp in [tp for tp in self.next_offsets if tp not in owned]:
             del self.next_offsets[tp]  # the next owner commits it; a reassignment starts from the commit
         for topic, partition in list(self.health.partitions):
-            if TopicPartition(topic, partition) not in owned:
+            if (topic, partition) not in owned:
                 self.health.forget([(topic, partition)])
                 for gauge in (self.metrics.lag, self.metrics.stalled):
                     try:

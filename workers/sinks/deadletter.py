@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 
-from kafka import KafkaProducer
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
-
 from workers.errors import SinkError
+from workers.sinks.kafka import Producer
+from workers.sources.kafka import Record
 
 MAX_VALUE_BYTES = 512 * 1024
 
 
-def headers_for(record: ConsumerRecord, reason: str, model_version: str) -> list[tuple[str, bytes]]:
+def headers_for(record: Record, reason: str, model_version: str) -> list[tuple[str, bytes]]:
     ours = [
         ("error.reason", reason.encode()),
         ("error.source.topic", record.topic.encode()),
@@ -36,12 +34,11 @@ def headers_for(record: ConsumerRecord, reason: str, model_version: str) -> list
 
 
 class DeadLetters:
-    def __init__(self, producer: KafkaProducer, topic_for):
+    def __init__(self, producer: Producer, topic_for):
         self.producer = producer
         self.topic_for = topic_for
-        self.pending: list = []
 
-    def send(self, record: ConsumerRecord, reason: str, model_version: str) -> None:
+    def send(self, record: Record, reason: str, model_version: str) -> None:
         headers = headers_for(record, reason, model_version)
         value = record.value
         if value is None and record.key is None:
@@ -50,22 +47,14 @@ class DeadLetters:
         elif value is not None and len(value) > MAX_VALUE_BYTES:
             headers.append(("error.value.truncated", str(len(value)).encode()))
             value = value[:MAX_VALUE_BYTES]
-        try:
-            self.pending.append(self.producer.send(
-                self.topic_for(record.topic), key=record.key, value=value, headers=headers))
-        except KafkaError as exc:
-            raise SinkError(f"dead-letter produce failed: {exc}") from exc
+        self.producer.send(self.topic_for(record.topic), value, record.key, headers)
 
     def flush(self) -> None:
         """Block until every dead letter sent so far is acknowledged; raise SinkError otherwise."""
         try:
-            self.producer.flush(timeout=30)
-            for f in self.pending:
-                f.get(timeout=0)
-        except KafkaError as exc:
-            raise SinkError(f"dead-letter produce failed: {exc}") from exc
-        finally:
-            self.pending = []
+            self.producer.flush(30)
+        except SinkError as exc:
+            raise SinkError(f"dead-letter produce failed: {exc}") from None
 
     def close(self) -> None:
-        self.producer.close(timeout=5)
+        self.producer.close(5)

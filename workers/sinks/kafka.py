@@ -10,10 +10,11 @@ result at least once, keyed by id (compact the topic, or upsert downstream, for 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import orjson
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Producer as _RdProducer
 
 from workers.errors import ConfigError, SinkError
 from workers.scoring import Scored
@@ -21,14 +22,60 @@ from workers.settings import KafkaSettings
 from workers.sinks.base import DirectUnit, Sink, UnitWriter
 
 
-def producer(kafka: KafkaSettings, **extra: object) -> KafkaProducer:
-    # acks=all with unbounded retries: a record the broker acknowledged is on every in-sync replica. Not the
-    # idempotent producer: against Tansu, a broker killed and restarted while a batch was in flight then
-    # acknowledged the retried batch without keeping it (dead letters missing in 2 of ~13 runs of the
-    # broker-restart fault test; 0 of 12 without idempotence). Both outputs are at least once and keyed, so
-    # a retried duplicate is harmless where a lost record is not.
-    return KafkaProducer(**kafka.client_config(), enable_idempotence=False, acks="all", linger_ms=5,
-                         retries=2**31 - 1, **extra)
+class Producer:
+    """A librdkafka producer that knows whether everything sent so far was acknowledged.
+
+    acks=all with retries until ``message.timeout.ms`` (5 min): a record the broker acknowledged is on every
+    in-sync replica. Not the idempotent producer: against Tansu, a broker killed and restarted while a batch
+    was in flight then acknowledged the retried batch without keeping it (dead letters missing in 2 of ~13
+    runs of the broker-restart fault test; 0 of 12 without idempotence). Both outputs are at least once and
+    keyed, so a retried duplicate is harmless where a lost record is not. Only failed deliveries call back.
+    """
+
+    def __init__(self, kafka: KafkaSettings, **extra: object):
+        self.failed: list[KafkaError] = []
+        self.producer = _RdProducer({**kafka.librdkafka_config(), "acks": "all", "enable.idempotence": False,
+                                     "linger.ms": 5, "delivery.report.only.error": True,
+                                     "on_delivery": self._delivered, **extra},
+                                    logger=logging.getLogger("workers.kafka"))
+
+    def _delivered(self, err: KafkaError | None, _msg: object) -> None:
+        if err is not None:
+            self.failed.append(err)
+
+    def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+             headers: list[tuple[str, bytes]] | None = None) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers)
+                return
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.producer.poll(0.05)
+            except KafkaException as exc:
+                raise SinkError(f"producing to {topic}: {exc.args[0].str() if exc.args else exc}") from None
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until every record sent so far is acknowledged; raise SinkError otherwise."""
+        left = self.producer.flush(timeout)
+        failed, self.failed = self.failed, []
+        if failed:
+            raise SinkError(f"{len(failed)} record(s) not delivered: {failed[0].str()}")
+        if left:
+            raise SinkError(f"{left} record(s) not acknowledged within {timeout:g} s")
+
+    def check(self, timeout: float = 10.0) -> None:
+        """Raise SinkError unless the broker answers a metadata request."""
+        try:
+            self.producer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise SinkError(f"{exc.args[0].str() if exc.args else exc}") from None
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.producer.flush(timeout)
+
+
+def producer(kafka: KafkaSettings, **extra: object) -> Producer:
+    return Producer(kafka, **extra)
 
 
 def _default(value: object) -> object:
@@ -50,25 +97,21 @@ class KafkaSink(Sink):
             raise ConfigError(setting, f"{uri}: name the output topic, e.g. kafka://scores")
         self.name = uri
         self.kafka = kafka
-        self._producer: KafkaProducer | None = None
+        self._producer: Producer | None = None
 
     @property
-    def producer(self) -> KafkaProducer:
+    def producer(self) -> Producer:
         if self._producer is None:
-            try:
-                self._producer = producer(self.kafka)
-            except KafkaError as exc:
-                raise SinkError(f"cannot connect to Kafka for {self.name}: {exc}") from exc
+            self._producer = producer(self.kafka)
         return self._producer
 
     def store(self, scored: Scored) -> None:
+        for key, value in result_messages(scored):
+            self.producer.send(self.topic, value, key)
         try:
-            futures = [self.producer.send(self.topic, key=k, value=v) for k, v in result_messages(scored)]
-            self.producer.flush(timeout=30)
-            for f in futures:
-                f.get(timeout=0)  # raises the send's error, if any
-        except KafkaError as exc:
-            raise SinkError(f"producing to {self.name}: {exc}") from exc
+            self.producer.flush(30)
+        except SinkError as exc:
+            raise SinkError(f"producing to {self.name}: {exc}") from None
 
     def begin(self, unit: str) -> UnitWriter:
         return DirectUnit(self.store)
@@ -81,11 +124,10 @@ class KafkaSink(Sink):
 
     def check(self) -> None:
         try:
-            self.producer.partitions_for(self.topic)
-        except KafkaError as exc:
-            raise SinkError(f"cannot reach {self.name}: {exc}") from exc
+            self.producer.check()
+        except SinkError as exc:
+            raise SinkError(f"cannot reach {self.name}: {exc}") from None
 
     def close(self) -> None:
         if self._producer is not None:
-            self._producer.close(timeout=5)
-
+            self._producer.close(5)
