@@ -62,13 +62,14 @@ class RecordDecoder:
     def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None) -> Decoded:
         n = len(values)
         width = len(self.names)
-        rows: list[list[Any]] = []
+        flat: list[Any] = []  # n * width feature values, row after row
         reasons: dict[int, str] = {}
         ids: list[str | None] = []
         raw: list[dict | None] = []
         passthrough: dict[str, list[Any]] = {name: [] for name in self.passthrough}
         nan_row = [None] * width
         id_field, names = self.id_field, self.names
+        extend, loads = flat.extend, orjson.loads
         for i in range(n):
             value = values[i]
             obj: Any = None
@@ -77,10 +78,10 @@ class RecordDecoder:
                 reason = "empty value (tombstone)"
             else:
                 try:
-                    obj = orjson.loads(value)
+                    obj = loads(value)
                 except orjson.JSONDecodeError as exc:
                     reason = f"not valid JSON: {str(exc)[:120]}"
-            if reason is None and not isinstance(obj, dict):
+            if reason is None and type(obj) is not dict:
                 reason = f"JSON {type(obj).__name__} where an object was expected"
                 obj = None
             rid: Any = None
@@ -101,27 +102,40 @@ class RecordDecoder:
                     elif not rid or len(rid) > MAX_ID_LENGTH:
                         reason = f"id field '{id_field}' must have 1 to {MAX_ID_LENGTH} characters"
             if reason is None:
-                row = [obj.get(name) for name in names]
-                if not _NUMERIC.issuperset(map(type, row)):
-                    reason = self._reason_for(row)
-                if reason is None and not self.numeric_only:
-                    for j, mapping in self.categorical.items():
-                        v = row[j]
-                        if mapping is not None and v is not None:
-                            row[j] = mapping.get(v)
+                extend(map(obj.get, names))  # checked below, for the whole batch at once
+            else:
+                reasons[i] = reason
+                extend(nan_row)
+                rid = rid if isinstance(rid, str) else None
+            ids.append(rid)
+            raw.append(obj)
+            for name, col in passthrough.items():
+                col.append(obj.get(name) if obj is not None else None)
+        # Fast path: one pass over every value's type. Only a batch holding something other than numbers and
+        # nulls (a category, a bool, a string) goes row by row.
+        if not self.numeric_only or not _NUMERIC.issuperset(set(map(type, flat))):
+            self._check_rows(flat, width, reasons)
+        matrix = np.array(flat, dtype=np.float64).reshape(n, width) if n else np.empty((0, width))
+        return Decoded(ids, Features(matrix, reasons), passthrough, raw)
+
+    def _check_rows(self, flat: list[Any], width: int, reasons: dict[int, str]) -> None:
+        """Slow path: a reason for each row holding a value that is not a number, null or known category;
+        categories replaced by their codes; bad rows blanked."""
+        for i in range(len(flat) // width):
+            if i in reasons:
+                continue
+            row = flat[i * width:(i + 1) * width]
+            reason = None
+            if not _NUMERIC.issuperset(map(type, row)):
+                reason = self._reason_for(row)
+            if reason is None and not self.numeric_only:
+                for j, mapping in self.categorical.items():
+                    v = row[j]
+                    if mapping is not None and v is not None:
+                        flat[i * width + j] = mapping.get(v)
             if reason is not None:
                 reasons[i] = reason
-                row = nan_row
-                rid = rid if isinstance(rid, str) else None
-            rows.append(row)
-            ids.append(rid)
-            raw.append(obj if isinstance(obj, dict) else None)
-            for name, col in passthrough.items():
-                col.append(obj.get(name) if isinstance(obj, dict) else None)
-        matrix = np.array(rows, dtype=np.float64) if rows else np.empty((0, width))
-        if matrix.ndim != 2:
-            matrix = matrix.reshape(n, width)
-        return Decoded(ids, Features(matrix, reasons), passthrough, raw)
+                flat[i * width:(i + 1) * width] = [None] * width
 
     @staticmethod
     def passthrough_array(values: list[Any]) -> pa.Array:

@@ -13,6 +13,8 @@ import datetime as dt
 import logging
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import Producer as _RdProducer
 
@@ -84,10 +86,23 @@ def _default(value: object) -> object:
     return str(value)
 
 
+def _json_ready(col: pa.ChunkedArray) -> list:
+    """A column's values for orjson; UTC timestamps as RFC 3339 text made by Arrow in one call (building a
+    timezone-aware datetime per value cost half of the sink's time)."""
+    if pa.types.is_timestamp(col.type) and col.type.tz in (None, "UTC", "+00:00"):
+        return pc.strftime(col, format="%Y-%m-%dT%H:%M:%S" + ("Z" if col.type.tz else "")).to_pylist()
+    return col.to_pylist()
+
+
 def result_messages(scored: Scored) -> list[tuple[bytes, bytes]]:
     """(key, value) per result: the id as key, the result row as a JSON object."""
-    rows = scored.results.to_pylist()
-    return [(str(row["id"]).encode(), orjson.dumps(row, default=_default)) for row in rows]
+    table = scored.results
+    names = table.column_names
+    columns = [_json_ready(table.column(name)) for name in names]
+    keys = [str(i).encode() for i in columns[names.index("id")]]
+    dumps = orjson.dumps
+    return [(key, dumps(dict(zip(names, row, strict=True)), default=_default))
+            for key, row in zip(keys, zip(*columns, strict=True), strict=True)]
 
 
 class KafkaSink(Sink):
