@@ -383,25 +383,25 @@ def latency(paths: dict, broker: Broker, rate: float, seconds: float = 12) -> tu
     return achieved, p50, p99
 
 
-def batch_rss(paths: dict) -> tuple[float, float]:
+def batch_rss(paths: dict, repeats: int) -> tuple[float, float]:
     small = write_parquet(f"{BENCH}/data/rss-small", files=1, rows=100_000)
     big = write_parquet(f"{BENCH}/data/rss-big", files=1, rows=1_000_000)
-    out = []
-    for folder in (small, big):
-        marker = f"{BENCH}/rss-{uuid.uuid4().hex}"
-        # VmHWM of the child itself (getrusage's ru_maxrss survives exec and would report this process's peak).
-        code = ("import sys\nfrom workers.cli import main\n"
-                f"sys.argv = ['scoring-worker', 'batch', '--model', {paths[500]!r}, '--input', {folder!r}, "
-                f"'--output', {BENCH + '/out/' + uuid.uuid4().hex!r}, '--progress', 'log']\n"
-                f"try:\n    main()\nfinally:\n    open({marker!r}, 'w').write(next(line.split()[1] for line in "
-                "open('/proc/self/status') if line.startswith('VmHWM')))\n")
-        subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
-        out.append(int(open(marker).read()) / 1024)
-        os.remove(marker)
-    RESULTS.append({"case": "batch peak RSS, 100k rows vs 1M rows (one file each)", "unit": "MiB",
-                    "median": out[1], "min": out[0], "max": out[1], "n": 1})
-    print(f"{'batch peak RSS 100k rows / 1M rows':<58} {out[0]:.0f} MiB / {out[1]:.0f} MiB")
-    return out[0], out[1]
+    out: dict[str, list[float]] = {small: [], big: []}
+    for _ in range(repeats):
+        for folder in (small, big):
+            marker = f"{BENCH}/rss-{uuid.uuid4().hex}"
+            # VmHWM of the child itself (getrusage's ru_maxrss survives exec and would report this process's peak).
+            code = ("import sys\nfrom workers.cli import main\n"
+                    f"sys.argv = ['scoring-worker', 'batch', '--model', {paths[500]!r}, '--input', {folder!r}, "
+                    f"'--output', {BENCH + '/out/' + uuid.uuid4().hex!r}, '--progress', 'log']\n"
+                    f"try:\n    main()\nfinally:\n    open({marker!r}, 'w').write(next(line.split()[1] for line in "
+                    "open('/proc/self/status') if line.startswith('VmHWM')))\n")
+            subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+            out[folder].append(int(open(marker).read()) / 1024)
+            os.remove(marker)
+    record("batch peak RSS, 100k rows in one file", "MiB", out[small])
+    record("batch peak RSS, 1M rows in one file", "MiB", out[big])
+    return statistics.median(out[small]), statistics.median(out[big])
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    versions = {p: version(p) for p in ("lightgbm", "pyarrow", "numpy", "kafka-python", "psycopg", "lleaves",
+    versions = {p: version(p) for p in ("lightgbm", "pyarrow", "numpy", "confluent-kafka", "psycopg", "lleaves",
                                          "llvmlite", "orjson")}
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1), "python": platform.python_version(),
             "kernel": platform.release(), "versions": versions}
@@ -465,14 +465,15 @@ def main() -> None:
     batch_mode(paths, args.repeats)
     drift = drift_overhead(paths, args.repeats)
     with Broker() as broker:
-        n = 60_000
+        n = 100_000
         pg = stream_mode(paths, args.repeats, broker, "postgres", "lightgbm", n)
         stream_mode(paths, args.repeats, broker, "kafka", "lightgbm", n)
         stream_mode(paths, args.repeats, broker, "postgres", "lleaves", n * 2)
+        stream_mode(paths, args.repeats, broker, "kafka", "lleaves", n * 2)
         quix = quix_peer(paths, args.repeats, broker, 20_000)
         latency(paths, broker, rate=pg / 2)
     serve_mode(paths, args.repeats)
-    small, big = batch_rss(paths)
+    small, big = batch_rss(paths, args.repeats)
     med = {k: statistics.median(v) for k, v in RATIOS.items()}
     targets = [
         ("batch Parquet->Parquet / raw predict (10000 rows/call), paired", med["batch-lightgbm"], 0.95),
@@ -480,7 +481,10 @@ def main() -> None:
         ("compiled / LightGBM, batch mode", med.get("batch-lleaves", 0) / med["batch-lightgbm"], 4.0),
         ("compiled / LightGBM, stream mode (Kafka->PostgreSQL)",
          med["stream-postgres-lleaves"] / med["stream-postgres-lightgbm"], 2.0),
-        ("stream Kafka->Kafka / Quix Streams peer", med["stream-kafka-lightgbm"] / med["quix"] if quix else 0.0, 5.0),
+        ("stream Kafka->Kafka / Quix Streams peer (both LightGBM)",
+         med["stream-kafka-lightgbm"] / med["quix"] if quix else 0.0, 5.0),
+        ("stream Kafka->Kafka compiled / Quix Streams peer (LightGBM)",
+         med["stream-kafka-lleaves"] / med["quix"] if quix else 0.0, 5.0),
         ("batch peak RSS: 100k rows / 1M rows (inverse growth)", small / big, 1 / 1.10),
         ("drift tracking: 5% / measured share of predict time", 5 / max(drift, 1e-9), 1.0),
     ]

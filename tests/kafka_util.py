@@ -1,5 +1,7 @@
-"""Kafka test helpers built on confluent-kafka: an independent client, so a bug shared by our
-producer and consumer (kafka-python) cannot hide."""
+"""Kafka test helpers built on confluent-kafka's plain Producer/Consumer/AdminClient: not our source or sink
+code, so a bug in how the worker drives the client (rebalances, commits, pauses) cannot hide. The worker uses
+the same librdkafka underneath; tests that need a second opinion on the broker's state ask kafka-python
+(see ``committed_kafka_python``)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,19 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 # Tansu joins a group after about half the session timeout: keep it short in tests.
 FAST_GROUP = ["--session-timeout-ms", "6000", "--heartbeat-interval-ms", "2000"]
+
+
+def committed_kafka_python(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offsets as kafka-python (a client sharing no code with librdkafka) reads them."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        got = admin.list_group_offsets(group).get(group, {})
+    finally:
+        admin.close()
+    by_partition = {tp.partition: meta.offset for tp, meta in got.items() if tp.topic == topic}
+    return {p: max(by_partition.get(p, 0), 0) for p in range(partitions)}
 
 
 class KafkaHelper:
@@ -35,7 +50,12 @@ class KafkaHelper:
                 one_per_request: bool = False) -> None:
         for key, value in records:
             kwargs = {} if partition is None else {"partition": partition}
-            self.producer.produce(topic, key=key, value=value, **kwargs)
+            while True:
+                try:
+                    self.producer.produce(topic, key=key, value=value, **kwargs)
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain it
+                    self.producer.poll(0.05)
             if one_per_request:
                 self.producer.flush(10)
             else:
@@ -71,7 +91,10 @@ class KafkaHelper:
         got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         consumer.close()
         # librdkafka reports "nothing committed" as a negative sentinel (-1001): that is offset 0 here.
-        return {tp.partition: max(tp.offset, 0) for tp in got}
+        mine = {tp.partition: max(tp.offset, 0) for tp in got}
+        other = committed_kafka_python(self.bootstrap, group, topic, partitions)
+        assert mine == other, f"librdkafka and kafka-python disagree on the committed offsets: {mine} vs {other}"
+        return mine
 
     def worker(self, *args: str, env: dict | None = None, log: str | None = None) -> subprocess.Popen:
         """Start ``scoring-worker stream`` as a real process against this broker."""

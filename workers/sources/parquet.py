@@ -93,27 +93,30 @@ def open_parquet(fs: pafs.FileSystem, f: InputFile) -> pq.ParquetFile:
 
 
 def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Row groups one at a time: memory holds about two batches, whatever the file size.
+    """Row groups one at a time: memory holds two batches, whatever the file size.
 
     The next batch is read and decoded on a helper thread while the caller scores this one (pyarrow
-    releases the GIL while it reads and decompresses), so I/O overlaps scoring.
+    releases the GIL while it reads and decompresses), so I/O overlaps scoring. The helper starts on the
+    batch after next only once the caller took the next one: the batch in hand and the one read ahead
+    are all there is (a queue slot as well made a third, and peak memory then depended on whether a file
+    had more than two batches).
     """
     import queue
     import threading
 
     done = object()
     ahead: queue.Queue = queue.Queue(maxsize=1)
+    taken = threading.Semaphore(0)
     stop = threading.Event()
 
     def read() -> None:
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
-                while not stop.is_set():
-                    try:
-                        ahead.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                ahead.put(batch)
+                del batch
+                while not taken.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
             ahead.put(done)
@@ -125,11 +128,13 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Ite
     try:
         while True:
             item = ahead.get()
+            taken.release()
             if item is done:
                 return
             if isinstance(item, InputError):
                 raise item
             yield item
+            del item
     finally:
         stop.set()
         reader.join(timeout=5)
