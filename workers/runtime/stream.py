@@ -53,6 +53,7 @@ class InFlight:
     future: Future | None = None  # of store_once: (scored, scoring seconds, stored, state)
     settled: threading.Event = field(default_factory=threading.Event)  # stored for good, or dropped
     stored: bool = False
+    stored_at: float = 0.0  # wall clock when the store returned: the end of produce-to-stored latency
     exclude: set[TP] = field(default_factory=set)  # partitions an earlier dropped batch left uncommitted
 
 
@@ -237,7 +238,7 @@ class StreamWorker:
         except SinkError as exc:
             self.sink_failed(exc, 0.2)
             return scored, scoring_s, False, state
-        flight.stored = True
+        flight.stored, flight.stored_at = True, time.time()
         flight.settled.set()
         return scored, scoring_s, True, state
 
@@ -252,6 +253,7 @@ class StreamWorker:
                 scored, scoring_s, stored, state = flight.future.result()
                 if not stored:
                     stored = self.store(records, scored, state)
+                    flight.stored_at = time.time()
             finally:
                 flight.stored = stored
                 flight.settled.set()  # lets the store thread go on with the next batch
@@ -264,11 +266,11 @@ class StreamWorker:
                 continue
             self.source.commit(offsets)
             self.next_offsets.update(offsets)
-            self.account(records, scored)
+            self.account(records, scored, flight.stored_at)
             self.metrics.batch_seconds.observe(time.monotonic() - flight.started)
             self.adapt(len(records), scoring_s)
 
-    def account(self, records: Batch, scored: Scored) -> None:
+    def account(self, records: Batch, scored: Scored, stored_at: float) -> None:
         # Counted per (topic, model_version) of the *served* rows (shadow rows: scoring_version_rows_total).
         results = scored.results
         if results.num_rows:
@@ -280,7 +282,7 @@ class StreamWorker:
             for row in scored.errors.group_by(["topic", "model_version"]).aggregate([("reason", "count")]).to_pylist():
                 self.metrics.dead_lettered.labels(row["topic"], row["model_version"]).inc(row["reason_count"])
         stamps = np.array(records.timestamps(), dtype=np.float64)
-        observe_many(self.metrics.end_to_end, np.maximum(time.time() - stamps[stamps >= 0] / 1000, 0))
+        observe_many(self.metrics.end_to_end, np.maximum(stored_at - stamps[stamps >= 0] / 1000, 0))
         self.metrics.batch_size.observe(len(records))
 
     def fail_on_bad(self, records: Batch, decoded: Decoded) -> None:

@@ -119,6 +119,9 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         # When the queue is full librdkafka waits this long before fetching again (default 1 s): with the
         # caps above that stalled a fast worker (13k records/s instead of 47k in a consume loop, measured).
         "fetch.queue.backoff.ms": 10,
+        # A fetch need not wait longer than a batch does (librdkafka's default is 500 ms): against Tansu, which
+        # holds a fetch that long, produce-to-stored p50 at 14k records/s went from 235 ms to 113 ms with 20 ms.
+        "fetch.wait.max.ms": min(s.max_wait_ms, 500),
     }
 
 
