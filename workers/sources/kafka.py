@@ -237,8 +237,15 @@ class KafkaSource:
         for m in self.consumer.consume(num_messages=1, timeout=timeout_ms / 1000):
             if m.error() is None:
                 # Not ours to skip (a partition that arrived unpaused): read it again after resume.
-                self.consumer.seek(TopicPartition(m.topic(), m.partition(), m.offset()))
-                self.consumer.pause([TopicPartition(m.topic(), m.partition())])
+                part = TopicPartition(m.topic(), m.partition(), m.offset())
+                try:
+                    self.consumer.seek(part)
+                    self.consumer.pause([part])
+                except KafkaException as exc:
+                    # Cannot rewind: give the partition up rather than skip the record. Leaving the group
+                    # is not possible here, so fail loudly; the restart re-reads from the last commit.
+                    raise ScoringError(f"cannot rewind {m.topic()}[{m.partition()}] to {m.offset()} while "
+                                       f"the sink is retried: {exc}") from None
 
     def resume(self) -> None:
         self.holding = False
