@@ -128,7 +128,7 @@ class KafkaSettings(BaseModel):
     """CA bundle (PEM) to verify the broker's certificate."""
 
     def client_config(self) -> dict[str, Any]:
-        """kafka-python keyword arguments shared by the consumer, producer and admin client."""
+        """kafka-python keyword arguments (the batch queue consumer and the demo producer)."""
         cfg: dict[str, Any] = {
             "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
             "client_id": self.client_id,

@@ -38,7 +38,7 @@ from workers.scoring import Scored
 from workers.settings import Settings
 from workers.sinks import Sink, open_result_sink
 from workers.sinks.deadletter import DeadLetters
-from workers.sinks.kafka import producer
+from workers.sinks.kafka import Producer
 from workers.sources.kafka import TP, Batch, KafkaSource
 
 log = logging.getLogger("workers.stream")
@@ -126,7 +126,7 @@ class StreamWorker:
             log.warning("sink not reachable at start; will retry", extra={"reason": str(exc)})
         self.source = KafkaSource(self.settings, self.metrics)  # ScoringError when the broker does not answer
         try:
-            self.dead = DeadLetters(producer(self.settings.kafka), s.dlq_for)
+            self.dead = DeadLetters(Producer(self.settings.kafka), s.dlq_for)
         except KafkaException as exc:
             raise ScoringError(f"Kafka producer: {exc}") from None
         log.info("stream start", extra={"topics": s.topics, "group": s.group, "sink": self.sink.name,

@@ -76,10 +76,6 @@ class Producer:
         self.producer.flush(timeout)
 
 
-def producer(kafka: KafkaSettings, **extra: object) -> Producer:
-    return Producer(kafka, **extra)
-
-
 def _default(value: object) -> object:
     if isinstance(value, dt.datetime):
         return value.isoformat()
@@ -123,7 +119,7 @@ class KafkaSink(Sink):
     @property
     def producer(self) -> Producer:
         if self._producer is None:
-            self._producer = producer(self.kafka)
+            self._producer = Producer(self.kafka)
         return self._producer
 
     def store(self, scored: Scored) -> None:
