@@ -28,3 +28,24 @@ class InputError(ScoringError):
 
 class SinkError(ScoringError):
     """Writing to the store failed. Retryable: offsets stay uncommitted."""
+
+
+class RowsRejected(ScoringError):
+    """The store cannot hold some rows of a batch as they are (a value its column type cannot take, a
+    number out of the column's range, a text too long for a key...). This is the *rows'* fault, not the
+    store's: retrying cannot help, so callers must not treat it like ``SinkError``.
+
+    Contract for sinks: raised by ``write``/``write_stream``/``UnitWriter.write`` *before any row of that
+    call is stored* (a transaction rolled back counts as not stored). ``rows`` maps a row index of
+    ``scored.results`` to the reason (one line, names the column). What callers do with it:
+    - stream: dead-letter those records with the reason (the result rows carry topic/partition/offset),
+      then write the remaining rows again; the partition moves on.
+    - serve: answer those events/requests with the reason; store and answer the rest.
+    - batch: the input file fails alone with the first reasons (``InputError``); other files go on.
+    """
+
+    def __init__(self, rows: dict[int, str]):
+        self.rows = dict(rows)
+        first = next(iter(self.rows.items()), (None, "no rows"))
+        more = f" (and {len(self.rows) - 1} more)" if len(self.rows) > 1 else ""
+        super().__init__(f"row {first[0]}: {first[1]}{more}")

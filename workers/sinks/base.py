@@ -9,7 +9,9 @@ partition's slice of a micro-batch in stream mode. The runtime's promises rest o
   returns, the unit is written again later.
 - Writing the same unit again must not duplicate: keyed stores upsert on ``(id, model_version)``;
   file stores name the output after the unit so a rewrite replaces it.
-- Failures raise ``SinkError`` (retryable). A writer that failed is ``abort()``-ed and nothing of it
+- Failures raise ``SinkError`` (retryable). Rows the store cannot hold as they are raise
+  ``RowsRejected`` (not retryable; nothing of that call stored), see ``workers.errors``. A writer that
+  failed is ``abort()``-ed and nothing of it
   is recorded as done.
 - ``done``/``mark_done`` keep the batch ledger (which inputs are finished, with their fingerprint) in
   the same store as the results, so results and ledger cannot disagree about another store.
@@ -53,6 +55,10 @@ class DirectUnit(UnitWriter):
 class Sink(ABC):
     #: a redacted description for logs (no passwords)
     name: str = "sink"
+    #: rows dropped because another row of the same write had the same (id, model_version) key: the later
+    #: row (input order; in stream mode the higher offset) is kept. Keyed sinks count them; the batch summary
+    #: reports the total.
+    duplicates_collapsed: int = 0
 
     @abstractmethod
     def begin(self, unit: str) -> UnitWriter: ...
