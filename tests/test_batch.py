@@ -215,3 +215,46 @@ def test_a_bad_sink_uri_names_the_setting_it_came_from(models, tmp_path):
     proc = cli("batch", "--model", models["binary"], "--input", str(tmp_path / "in"), "--output",
                "postgresql://u@h/db?table=a.b.c")
     assert proc.returncode == 2 and proc.stderr.startswith("error: SCORING_BATCH__OUTPUT (--output): table 'a.b.c'")
+
+
+def test_rows_the_store_cannot_hold_fail_that_file_alone(models, tmp_path, monkeypatch):
+    """A sink raising RowsRejected (the store cannot hold a value) fails that input alone, with the reason.
+
+    The store here is the real Parquet sink with one rule added (it "cannot hold" one id), because the table
+    sinks that raise RowsRejected for real (PostgreSQL/SQLite values out of range) have their own tests; what
+    is under test is batch's handling of the contract, so the rule stands in for any such store.
+    """
+    from workers import sinks
+    from workers.errors import RowsRejected
+    from workers.sinks.parquet import ParquetSink, _ParquetUnit
+
+    class PickyUnit(_ParquetUnit):
+        def write(self, scored):
+            ids = scored.results["id"].to_pylist()
+            if "r101-7" in ids:
+                raise RowsRejected({ids.index("r101-7"): "column 'id': the store cannot hold 'r101-7'"})
+            super().write(scored)
+
+    class PickySink(ParquetSink):
+        def begin(self, unit):
+            return PickyUnit(self, unit)
+
+    monkeypatch.setitem(sinks.SINKS, "picky", lambda uri, s3, setting, **_: PickySink(uri[len("picky://"):], s3))
+    inputs, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_inputs(inputs, files=3, rows=300, row_group=100)
+    settings = load_settings({"model": {"path": models["binary"]},
+                              "batch": {"input": inputs, "output": f"picky://{out}", "batch_rows": 100}})
+    report = run_batch(settings)
+    assert report.files_scored == 2 and report.rows == 600 and report.exit_code == 1
+    assert len(report.failed) == 1
+    name, reason = report.failed[0]
+    assert name.endswith("part-001.parquet")
+    assert "r101-7" in reason and "column 'id': the store cannot hold 'r101-7'" in reason
+    # Nothing of the failed file is published or recorded as done; the others are complete.
+    got = read_results(out)
+    assert len(got) == 600 and not got["id"].str.startswith("r101-").any()
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    assert len(os.listdir(os.path.join(out, "_state"))) == 2
+    # A rerun tries the failed file again (it is not in the ledger) and skips the two finished ones.
+    again = run_batch(settings)
+    assert again.files_skipped == 2 and len(again.failed) == 1

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from workers.drift import monitor_for
-from workers.errors import InputError, SinkError
+from workers.errors import InputError, RowsRejected, SinkError
 from workers.model import Model
 from workers.rollout.router import Router
 from workers.rollout.watch import RoutingSource
@@ -76,6 +76,17 @@ def shard_index(settings: Settings) -> int:
     return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
 
 
+def _rejected_reason(rel: str, scored, exc: RowsRejected, show: int = 3) -> str:
+    """One line: which rows of ``rel`` the store refused (by id, as row indices mean nothing to a user)."""
+    ids = scored.results.column("id") if "id" in scored.results.column_names else None
+    parts = []
+    for i, reason in list(exc.rows.items())[:show]:
+        who = repr(ids[i].as_py()) if ids is not None and 0 <= i < len(ids) else f"#{i}"
+        parts.append(f"id {who}: {reason}")
+    more = f" (and {len(exc.rows) - show} more)" if len(exc.rows) > show else ""
+    return f"the output cannot store {len(exc.rows)} row(s) of {rel}: " + "; ".join(parts) + more
+
+
 def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> tuple[int, int]:
     """Score one input file into one sink unit; returns (rows scored and served, rows rejected)."""
     pf = open_parquet(fs, f)
@@ -90,7 +101,12 @@ def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, pr
             scored = router.finish(router.from_table(rb), carry)
             if scored.rejected:
                 scored = scored.with_error_sources([f"{f.rel}#{offset + int(i)}" for i in scored.error_rows])
-            writer.write(scored)
+            try:
+                writer.write(scored)
+            except RowsRejected as exc:
+                # The store cannot hold some rows as they are: retrying cannot help, so this file fails
+                # alone (aborted below, never recorded as done) and the run goes on with the others.
+                raise InputError(_rejected_reason(f.rel, scored, exc)) from None
             ok, bad, offset = ok + rb.num_rows - scored.rejected, bad + scored.rejected, offset + rb.num_rows
             progress.advance(rb.num_rows, int(rb.num_rows * bytes_per_row))
         writer.commit()
