@@ -123,8 +123,14 @@ def test_crd_validation_catches_planted_mistakes(rendered, crd_schemas):
     assert crd_errors(ksvc, crd_schemas), "the Knative schema must reject a misspelled field"
 
 
-def config(docs: list[dict]) -> dict[str, str]:
-    return by_kind(docs, "ConfigMap")["data"]
+def config(docs: list[dict], name: str = "scoring-config") -> dict[str, str]:
+    """The data of the rendered ConfigMap generated as ``name`` (kustomize appends a hash to the name)."""
+    return next(d for d in docs if d["kind"] == "ConfigMap"
+                and d["metadata"]["name"].rsplit("-", 1)[0] == name)["data"]
+
+
+def settings_maps(docs: list[dict]) -> list[dict[str, str]]:
+    return [d["data"] for d in docs if d["kind"] == "ConfigMap" and any(k.startswith("SCORING_") for k in d["data"])]
 
 
 def test_env_files_are_valid_worker_settings(rendered, monkeypatch):
@@ -132,7 +138,7 @@ def test_env_files_are_valid_worker_settings(rendered, monkeypatch):
 
     known = known_env_names()
     for overlay, docs in rendered.items():
-        data = config(docs)
+        data = {k: v for m in settings_maps(docs) for k, v in m.items()}
         names = set(data)
         for doc in docs:
             for container in _containers(doc):
@@ -205,12 +211,12 @@ def test_batch_shards_and_queue_trigger_match(rendered):
     env = {e["name"]: e.get("value") for e in job["template"]["spec"]["containers"][0]["env"]}
     assert job["completionMode"] == "Indexed"
     assert job["completions"] == job["parallelism"] == int(env["SCORING_BATCH__SHARD_COUNT"])
+    assert "SCORING_BATCH__QUEUE_TOPIC" not in data and "SCORING_BATCH__QUEUE_TOPIC" not in env
     scaled = by_kind(docs, "ScaledJob")
     meta = scaled["spec"]["triggers"][0]["metadata"]
-    container = scaled["spec"]["jobTargetRef"]["template"]["spec"]["containers"][0]
-    queue_env = {e["name"]: e.get("value") for e in container["env"]}
-    assert meta["topic"] == data["SCORING_BATCH__QUEUE_TOPIC"] == queue_env["SCORING_BATCH__QUEUE_TOPIC"]
-    assert meta["consumerGroup"] == data["SCORING_BATCH__QUEUE_GROUP"]
+    queue = config(docs, "scoring-batch-queue")
+    assert meta["topic"] == queue["SCORING_BATCH__QUEUE_TOPIC"]
+    assert meta["consumerGroup"] == queue["SCORING_BATCH__QUEUE_GROUP"]
     assert meta["bootstrapServers"] == data["SCORING_KAFKA__BOOTSTRAP_SERVERS"]
 
 
@@ -262,3 +268,281 @@ def test_rollout_overlay_mounts_a_valid_routing_file_where_the_setting_points(re
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
     # A directory mount (no subPath): only then does the kubelet update the file in running pods.
     assert "subPath" not in mount and path == f"{mount['mountPath']}/routing.yaml"
+
+
+# -- Deploy semantics: what each workload actually runs ---------------------------------------------
+# Every workload the overlays render, and the mode it is meant to run. A workload not listed here fails the
+# test, so a new one cannot ship without saying what it is for.
+INTENDED = {
+    ("stream", "Deployment", "scoring-stream"): "stream",
+    ("batch", "CronJob", "scoring-batch"): "batch-files",
+    ("batch", "ScaledJob", "scoring-batch-queue"): "batch-queue",
+    ("serve", "Service", "scoring-serve"): "serve",
+    ("rollout", "Deployment", "scoring-stream"): "stream",
+}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "ScaledJob", "Pod"}
+IMAGE = "ghcr.io/scoring-workers/scoring-workers"
+SECRET = "<from secret {}/{}>"  # secrets are not in the manifests; a placeholder stands for the value
+
+
+def _pod_spec(doc: dict) -> dict:
+    spec = doc.get("spec", {})
+    for path in (("template", "spec"), ("jobTemplate", "spec", "template", "spec"),
+                 ("jobTargetRef", "template", "spec"), ()):
+        node = spec
+        for p in path:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get("containers"):
+            return node
+    return {}
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    """Documents that run our container: core workloads, KEDA ScaledJobs and Knative Services."""
+    return [d for d in docs if (d["kind"] in WORKLOAD_KINDS or d["kind"] == "Service" and not is_core(d))
+            and _pod_spec(d)]
+
+
+def effective_env(container: dict, docs: list[dict]) -> dict[str, str]:
+    """The environment Kubernetes gives the container: ``envFrom`` sources in order (a later source wins a
+    duplicate key), then ``env`` (which wins over every ``envFrom``), ``valueFrom`` resolved against the
+    rendered ConfigMaps and ``$(VAR)`` references expanded; a Secret's value is a placeholder naming it."""
+    maps = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        prefix = source.get("prefix", "")
+        if "configMapRef" in source:
+            name = source["configMapRef"]["name"]
+            assert name in maps or source["configMapRef"].get("optional"), f"envFrom names no ConfigMap {name!r} " \
+                f"(rendered: {sorted(maps)})"
+            env.update({prefix + k: v for k, v in maps.get(name, {}).items()})
+        elif "secretRef" in source:
+            raise AssertionError("envFrom a whole Secret: its keys cannot be checked here; use env secretKeyRef")
+    for item in container.get("env", []):
+        if "value" in item or "valueFrom" not in item:
+            value = str(item.get("value", ""))
+            for key, known in env.items():
+                value = value.replace(f"$({key})", known)
+            env[item["name"]] = value
+        elif "configMapKeyRef" in item["valueFrom"]:
+            ref = item["valueFrom"]["configMapKeyRef"]
+            assert ref["key"] in maps.get(ref["name"], {}), f"{item['name']}: no key {ref['key']} in {ref['name']}"
+            env[item["name"]] = maps[ref["name"]][ref["key"]]
+        elif "secretKeyRef" in item["valueFrom"]:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = SECRET.format(ref["name"], ref["key"])
+        else:  # fieldRef / resourceFieldRef: set by the kubelet
+            env[item["name"]] = "<from the pod>"
+    return env
+
+
+def parse_command(args: list[str], env: dict[str, str], monkeypatch):
+    """(command name, Settings) exactly as ``scoring-worker ARGS`` would load them under ``env``."""
+    from workers.cli import _overrides, cli
+    from workers.settings import load_settings
+
+    for key in list(os.environ):
+        if key.upper().startswith("SCORING_") or key == "JOB_COMPLETION_INDEX":
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ctx = cli.make_context("scoring-worker", list(args), resilient_parsing=False)
+    name, *rest = [*ctx._protected_args, *ctx.args]
+    command = cli.get_command(ctx, name)
+    assert command is not None, f"no command {name!r}"
+    sub = command.make_context(name, rest, parent=ctx)
+    return name, load_settings(_overrides(sub.params))
+
+
+def _mode(command: str, settings) -> str:
+    if command == "batch":
+        return "batch-queue" if settings.batch.queue_topic else "batch-files"
+    return command
+
+
+def _kafka_problems(settings, env: dict[str, str], container: dict, pod: dict, trigger_meta: dict | None) -> list[str]:
+    """What a container that talks to Kafka lacks: SASL credentials from the Secret, the CA file mounted."""
+    k = settings.kafka
+    out = []
+    if k.security_protocol.startswith("SASL_"):
+        if not k.sasl_mechanism:
+            out.append("SASL protocol without SCORING_KAFKA__SASL_MECHANISM")
+        for key in ("SCORING_KAFKA__SASL_USERNAME", "SCORING_KAFKA__SASL_PASSWORD"):
+            if not env.get(key, "").startswith("<from secret"):
+                out.append(f"{key} is not taken from a Secret")
+        if trigger_meta is not None and k.sasl_mechanism:
+            want = k.sasl_mechanism.lower().replace("-", "_").replace("scram_sha_", "scram_sha")
+            if trigger_meta.get("sasl") != want:
+                out.append(f"trigger sasl {trigger_meta.get('sasl')!r} but the worker uses {k.sasl_mechanism}")
+    if k.security_protocol.endswith("SSL"):
+        if trigger_meta is not None and trigger_meta.get("tls") != "enable":
+            out.append("the worker uses TLS but the trigger does not")
+        if not k.ssl_cafile:
+            out.append("TLS without SCORING_KAFKA__SSL_CAFILE")
+        else:
+            out += _file_mounted(k.ssl_cafile, container, pod)
+    return out
+
+
+def _file_mounted(path: str, container: dict, pod: dict) -> list[str]:
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(root):
+            continue
+        volume = volumes.get(mount["name"], {})
+        inner = path[len(root):]
+        source = volume.get("secret") or volume.get("configMap")
+        if source is None:
+            return [f"{path} is on volume {mount['name']}, which is neither a Secret nor a ConfigMap"]
+        items = source.get("items")
+        if items is not None and inner not in {i["path"] for i in items}:
+            return [f"{path}: volume {mount['name']} does not project {inner}"]
+        return []
+    return [f"{path} is not on any mounted volume"]
+
+
+def workload_problems(overlay: str, docs: list[dict], monkeypatch) -> list[str]:
+    """Everything wrong with what the overlay's workloads would run (empty when each runs its intended mode
+    with what that mode needs)."""
+    problems = []
+    for doc in workloads(docs):
+        name = doc["metadata"]["name"]
+        where = f"{overlay}/{doc['kind']}/{name}"
+        intended = INTENDED.get((overlay, doc["kind"], name))
+        if intended is None:
+            problems.append(f"{where}: a workload with no intended mode (add it to INTENDED)")
+            continue
+        pod = _pod_spec(doc)
+        container = pod["containers"][0]
+        if not str(container.get("image", "")).startswith(f"{IMAGE}:"):
+            problems.append(f"{where}: image {container.get('image')!r} is not {IMAGE}:<tag>")
+        args = container.get("command", [])[1:] + container.get("args", []) if container.get("command") \
+            else container.get("args", [])
+        try:
+            env = effective_env(container, docs)
+        except AssertionError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        spec = doc["spec"].get("jobTemplate", {}).get("spec", doc["spec"])
+        if spec.get("completionMode") == "Indexed":
+            env["JOB_COMPLETION_INDEX"] = str(spec.get("completions", 1) - 1)  # the kubelet sets it
+        try:
+            command, s = parse_command(args, env, monkeypatch)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
+            problems.append(f"{where}: settings do not load: {exc}")
+            continue
+        mode = _mode(command, s)
+        if mode != intended:
+            problems.append(f"{where}: runs {mode}, meant to run {intended}")
+            continue
+        trigger = (doc["spec"].get("triggers") or [None])[0]
+        triggers = [d for d in docs if d["kind"] in ("ScaledObject", "ScaledJob")]
+        if doc["kind"] != "ScaledJob":
+            scaler = next((d for d in triggers if d["kind"] == "ScaledObject"
+                           and d["spec"]["scaleTargetRef"]["name"] == name), None)
+            trigger = scaler["spec"]["triggers"][0] if scaler else None
+        meta = trigger["metadata"] if trigger else None
+        if mode == "batch-files":
+            if not (s.batch.input and s.batch.output):
+                problems.append(f"{where}: files mode without both input and output")
+            if spec.get("completionMode") == "Indexed":
+                if not spec["completions"] == spec["parallelism"] == s.batch.shard_count:
+                    problems.append(f"{where}: completions/parallelism differ from shard count {s.batch.shard_count}")
+            elif s.batch.shard_count != 1:
+                problems.append(f"{where}: {s.batch.shard_count} shards but not an Indexed Job")
+        elif mode == "batch-queue":
+            if not s.batch.output:
+                problems.append(f"{where}: queue mode without an output")
+            if meta is None or meta.get("topic") != s.batch.queue_topic:
+                problems.append(f"{where}: KEDA watches {meta and meta.get('topic')!r}, worker reads "
+                                f"{s.batch.queue_topic!r}")
+            elif meta.get("consumerGroup") != s.batch.queue_group:
+                problems.append(f"{where}: KEDA group {meta.get('consumerGroup')!r} != {s.batch.queue_group!r}")
+            elif meta.get("bootstrapServers") != s.kafka.bootstrap_servers:
+                problems.append(f"{where}: KEDA and the worker use different brokers")
+            problems += [f"{where}: {p}" for p in _kafka_problems(s, env, container, pod, meta)]
+        elif mode == "stream":
+            if meta is None:
+                problems.append(f"{where}: no KEDA ScaledObject scales it")
+            else:
+                if meta.get("topic", "").split(",") != s.stream.topics:
+                    problems.append(f"{where}: KEDA watches {meta.get('topic')!r}, worker reads {s.stream.topics}")
+                if meta.get("consumerGroup") != s.stream.group:
+                    problems.append(f"{where}: KEDA group {meta.get('consumerGroup')!r} != {s.stream.group!r}")
+                if meta.get("bootstrapServers") != s.kafka.bootstrap_servers:
+                    problems.append(f"{where}: KEDA and the worker use different brokers")
+            ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+            if s.stream.metrics_port is None or ports.get("metrics") != s.stream.metrics_port:
+                problems.append(f"{where}: metrics port {s.stream.metrics_port} is not the container's {ports}")
+            if s.routing.path:
+                problems += [f"{where}: routing file: {p}" for p in _file_mounted(s.routing.path, container, pod)]
+            problems += [f"{where}: {p}" for p in _kafka_problems(s, env, container, pod, meta)]
+        elif mode == "serve":
+            ports = [p["containerPort"] for p in container.get("ports", [])]
+            if ports != [s.serve.port]:
+                problems.append(f"{where}: serves on {s.serve.port}, the container exposes {ports}")
+            if s.serve.sink and s.serve.sink.startswith("kafka://"):
+                problems += [f"{where}: {p}" for p in _kafka_problems(s, env, container, pod, None)]
+    return problems
+
+
+def test_every_workload_runs_its_intended_mode_with_what_it_needs(rendered, monkeypatch):
+    seen = set()
+    for overlay, docs in rendered.items():
+        problems = workload_problems(overlay, docs, monkeypatch)
+        assert problems == [], "\n".join(problems)
+        seen |= {(overlay, d["kind"], d["metadata"]["name"]) for d in workloads(docs)}
+    assert seen == set(INTENDED), "every intended workload is rendered (and checked)"
+
+
+def _mutated(docs: list[dict], kind: str, change) -> list[dict]:
+    docs = copy.deepcopy(docs)
+    change(next(d for d in docs if d["kind"] == kind and (kind != "Service" or not is_core(d))), docs)
+    return docs
+
+
+def test_deploy_semantics_catch_planted_mistakes(rendered, monkeypatch):
+    batch, stream = rendered["batch"], rendered["stream"]
+
+    def old_configmap(_, docs):  # the layout of issue 14 case 3: the queue topic in the shared ConfigMap
+        next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("scoring-config-"))[
+            "data"]["SCORING_BATCH__QUEUE_TOPIC"] = "files-arrived"
+
+    def no_ca(job, _):
+        c = _pod_spec(job)["containers"][0]
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "kafka-ca"]
+
+    def no_password(job, _):
+        c = _pod_spec(job)["containers"][0]
+        c["env"] = [e for e in c["env"] if e["name"] != "SCORING_KAFKA__SASL_PASSWORD"]
+
+    def bare_configmap_name(job, _):  # what kustomize renders for a CRD it has no nameReference for
+        _pod_spec(job)["containers"][0]["envFrom"][0]["configMapRef"]["name"] = "scoring-config"
+
+    def bare_image(job, _):
+        _pod_spec(job)["containers"][0]["image"] = "scoring-workers"
+
+    def other_topic(scaled, _):
+        scaled["spec"]["triggers"][0]["metadata"]["topic"] = "events-v2"
+
+    def wrong_port(deployment, _):
+        _pod_spec(deployment)["containers"][0]["env"].append({"name": "SCORING_STREAM__METRICS_PORT", "value": "9100"})
+
+    def unknown_setting(deployment, _):
+        _pod_spec(deployment)["containers"][0]["env"].append({"name": "SCORING_STREAM__TOPIC", "value": "events"})
+
+    cases = [
+        ("batch", batch, "CronJob", old_configmap, "batch/CronJob/scoring-batch: runs batch-queue, meant to run "
+                                                   "batch-files"),
+        ("batch", batch, "ScaledJob", no_ca, "/etc/scoring/kafka/ca.crt is not on any mounted volume"),
+        ("batch", batch, "ScaledJob", no_password, "SCORING_KAFKA__SASL_PASSWORD is not taken from a Secret"),
+        ("batch", batch, "ScaledJob", bare_configmap_name, "envFrom names no ConfigMap 'scoring-config'"),
+        ("batch", batch, "CronJob", bare_image, "image 'scoring-workers' is not"),
+        ("stream", stream, "ScaledObject", other_topic, "KEDA watches 'events-v2'"),
+        ("stream", stream, "Deployment", wrong_port, "metrics port 9100"),
+        ("stream", stream, "Deployment", unknown_setting, "SCORING_STREAM__TOPIC: unknown setting"),
+    ]
+    for overlay, docs, kind, change, expected in cases:
+        problems = workload_problems(overlay, _mutated(docs, kind, change), monkeypatch)
+        assert any(expected in p for p in problems), (change.__name__, problems)
