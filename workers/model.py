@@ -34,7 +34,9 @@ class Model:
     sha256: str
     source: str
     feature_names: list[str]
-    # feature index -> category values (pandas categorical mapping) or None (integer codes used as is)
+    # feature index -> category values (pandas categorical mapping: a value is replaced by its position) or None
+    # (a categorical feature given by integer code, used as is). A feature with a list may be split on as a number
+    # (an ordered pandas categorical): its values are mapped all the same, as LightGBM's pandas path does.
     categorical: dict[int, list[Any] | None] = field(default_factory=dict)
     num_class: int = 1
     objective: str = ""
@@ -184,6 +186,84 @@ def _categorical_indices(text: str, n_features: int) -> list[int]:
     return [i for i, p in enumerate(parts[:n_features]) if p != "none" and not p.startswith("[")]
 
 
+def _feature_infos(text: str, n_features: int) -> list[str]:
+    infos = re.search(r"^feature_infos=(.*)$", text, re.MULTILINE)
+    parts = infos.group(1).split(" ") if infos else []
+    return (parts + ["none"] * n_features)[:n_features]
+
+
+def _fits_codes(info: str, categorical: bool, size: int) -> bool:
+    """Could a feature whose training values ``feature_infos`` describes hold the codes 0..size-1 of a list?"""
+    if info == "none":  # no value seen in training (or one only): nothing to contradict
+        return True
+    try:
+        if categorical:  # 'v1:v2:...' the values seen (-1 marks missing ones)
+            return all(0 <= v < size for v in (int(x) for x in info.split(":")) if v != -1)
+        low, high = (float(x) for x in info.strip("[]").split(":"))  # '[min:max]'
+    except ValueError:
+        return False
+    return low >= 0 and high <= size - 1 and low.is_integer() and high.is_integer()
+
+
+def _assignments(lists: list[list], candidates: list[list[int]], limit: int = 2) -> list[list[int]]:
+    """Increasing feature indices for the lists, each list on one of its candidates (up to ``limit`` found)."""
+    found: list[list[int]] = []
+
+    def walk(k: int, after: int, chosen: list[int]) -> None:
+        if len(found) >= limit:
+            return
+        if k == len(lists):
+            found.append(list(chosen))
+            return
+        for j in candidates[k]:
+            if j > after:
+                walk(k + 1, j, [*chosen, j])
+
+    walk(0, -1, [])
+    return found
+
+
+def categorical_mapping(text: str, names: list[str], mapping: list[list], uri: str = "the model"
+                        ) -> dict[int, list[Any] | None]:
+    """Feature index -> its pandas category list, or None for a categorical feature scored by integer code.
+
+    LightGBM writes one ``pandas_categorical`` list per *pandas categorical column of the training frame*, in
+    column order, without naming the column. Those columns are not the same set as the categorical features
+    (``[categorical_feature: ...]``): integer columns given by ``categorical_feature`` have no list, and an
+    ordered pandas categorical (or one left out of an explicit ``categorical_feature``) has a list but is split
+    on as a number. So each list is placed on a feature whose training values (``feature_infos``) can be its
+    codes 0..len-1, keeping the lists' order: first on categorical features only (the usual case); if that is
+    impossible, on any feature. Exactly one placement is accepted; none, or more than one (the file cannot
+    tell which feature had the list), refuses the model: scoring with a guess could be silently wrong.
+    """
+    n = len(names)
+    cat_idx = _categorical_indices(text, n)
+    categorical: dict[int, list[Any] | None] = dict.fromkeys(cat_idx)
+    if not mapping:
+        return categorical
+    infos = _feature_infos(text, n)
+    is_cat = set(cat_idx)
+    placed = None
+    for pool in (cat_idx, range(n)):
+        candidates = [[j for j in pool if _fits_codes(infos[j], j in is_cat, len(cats))] for cats in mapping]
+        found = _assignments(mapping, candidates)
+        if len(found) == 1:
+            placed = found[0]
+            break
+        if len(found) > 1:
+            shown = ", ".join(repr(names[j]) for j in sorted({j for c in candidates for j in c})[:8])
+            raise ModelError(PATH_SETTING, f"{uri}: its {len(mapping)} pandas category list(s) could belong to "
+                                           f"more than one set of the features {shown}; the file does not say "
+                                           "which, so it is refused rather than scored by a guess (train with "
+                                           "every categorical feature as a pandas categorical column)")
+    if placed is None:
+        raise ModelError(PATH_SETTING, f"{uri}: its {len(mapping)} pandas category list(s) fit no feature's "
+                                       "training values; the file is inconsistent")
+    for j, cats in zip(placed, mapping, strict=True):
+        categorical[j] = list(cats)
+    return dict(sorted(categorical.items()))
+
+
 def default_version(uri: str, sha256: str) -> str:
     stem = PurePosixPath(uri.split("://", 1)[-1]).name.split(".")[0] or "model"
     return f"{stem}-{sha256[:12]}"
@@ -217,11 +297,7 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
     except lgb.basic.LightGBMError as exc:
         raise ModelError(PATH_SETTING, f"{uri} is not a valid LightGBM model: {exc}") from None
     names = booster.feature_name()
-    mapping = booster.pandas_categorical or []
-    cat_idx = _categorical_indices(text, len(names))
-    categorical: dict[int, list[Any] | None] = {}
-    for pos, idx in enumerate(cat_idx):
-        categorical[idx] = list(mapping[pos]) if pos < len(mapping) else None
+    categorical = categorical_mapping(text, names, booster.pandas_categorical or [], uri)
     objective = re.search(r"^objective=(\S*)", text, re.MULTILINE)
     compiled = None
     if settings.backend == "lleaves":
