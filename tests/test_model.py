@@ -122,3 +122,52 @@ print(loaded, refused)
     assert proc.returncode == 0, proc.stderr[-500:]
     loaded, refused = map(int, proc.stdout.strip().splitlines()[-1].split())  # LightGBM warns on stdout too
     assert loaded + refused == 120 and refused > 20
+
+
+def _mixed_categorical_model(tmp_path, k_values: int):
+    """A model with an integer ``categorical_feature`` column ``k`` *before* a pandas categorical ``color``."""
+    import lightgbm as lgb
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    n = 2000
+    df = pd.DataFrame({
+        "x0": rng.normal(size=n),
+        "k": rng.integers(0, k_values, n),
+        "color": pd.Categorical(rng.choice(["red", "green", "blue"], n), categories=["red", "green", "blue"]),
+        "x1": rng.normal(size=n),
+    })
+    y = (df.x0 + (df.k % 3 == 1) * 1.5 - (df.color == "green") * 2.0 + rng.normal(size=n) * 0.3 > 0).astype(int)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 7, "min_data_per_group": 5,
+                         "cat_smooth": 1, "seed": 1},
+                        lgb.Dataset(df, y, categorical_feature=["k", "color"]), num_boost_round=15)
+    path = tmp_path / f"mixed-{k_values}.txt"
+    booster.save_model(path)
+    return str(path), booster, df
+
+
+def test_pandas_category_list_goes_to_the_pandas_categorical_feature_not_the_first_categorical(tmp_path):
+    """Issue #14 case 6: the category list was attached by position to the first categorical feature (the integer
+    ``k``), so ``color`` was scored by its raw values; scores must equal LightGBM's own pandas predict."""
+    import numpy as np
+    import pyarrow as pa
+
+    from workers.scoring import Scorer
+
+    path, booster, df = _mixed_categorical_model(tmp_path, k_values=8)
+    model = load_model(ModelSettings(path=path))
+    assert model.categorical == {1: None, 2: ["red", "green", "blue"]}
+    table = pa.table({"id": [f"r{i}" for i in range(len(df))], "x0": df.x0, "k": pa.array(df.k, pa.int64()),
+                      "color": pa.array(df.color.astype(str)), "x1": df.x1})
+    out = Scorer(model).score(table)
+    assert out.rejected == 0
+    assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(df))) <= 1e-9
+
+
+def test_a_category_list_that_fits_two_categorical_features_is_refused(tmp_path):
+    """When the integer categorical's training values could also be codes of the list, the file cannot say which
+    feature was the pandas categorical: refused with one line rather than scored by a guess."""
+    path, _, _ = _mixed_categorical_model(tmp_path, k_values=3)
+    with pytest.raises(ModelError, match="more than one set of the features"):
+        load_model(ModelSettings(path=path))
