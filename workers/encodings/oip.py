@@ -2,16 +2,19 @@
 
 Two input layouts are accepted:
 - one tensor of shape ``[N, n_features]`` (any name), columns in the model's feature order;
-- one tensor of shape ``[N]`` (or ``[N, 1]``) per feature, named by feature (``BYTES`` allowed for
-  categorical features, mapped through the model's categories).
-JSON ``data`` may be flat (row-major) or nested. The binary tensor extension is supported both ways:
-``Inference-Header-Content-Length`` gives the JSON header's length, tensors with
+- one tensor of shape ``[N]`` (or ``[N, 1]``) per feature, named by feature.
+A feature with a pandas category list takes its category *values*, mapped through the list to codes as batch and
+stream modes do (unknown values are missing): numbers for numeric categories (in either layout), BYTES strings
+for any. A categorical feature without a list (``categorical_feature`` integer codes) takes the codes as numbers.
+JSON ``data`` may be flat (row-major) or nested exactly like ``shape``. The binary tensor extension is supported
+both ways: ``Inference-Header-Content-Length`` gives the JSON header's length, tensors with
 ``parameters.binary_data_size`` follow it in order; outputs requested with ``binary_data`` (or the
 request parameter ``binary_data_output``) are returned the same way.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -40,63 +43,131 @@ class InferRequest:
     requested: list[str] | None
 
 
-def _bytes_tensor(raw: bytes) -> list[str]:
+# A shape dimension beyond this cannot be real (the body limit is far smaller); refusing it early keeps numpy from
+# ever seeing a shape whose product overflows.
+MAX_DIM = 2**31 - 1
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    """An object's ``parameters`` (absent or null: none); anything but a JSON object is a 400."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{where}: 'parameters' must be an object, got {_kind(params)}")
+    return params
+
+
+def _flag(params: dict, key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{where}: parameters.{key} must be true or false, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _bytes_tensor(name: str, raw: bytes) -> list[str]:
     out, i = [], 0
     while i < len(raw):
         if i + 4 > len(raw):
-            raise BadRequest("BYTES tensor is truncated")
+            raise BadRequest(f"input {name!r}: BYTES tensor is truncated")
         (n,) = struct.unpack_from("<I", raw, i)
         i += 4
-        out.append(raw[i:i + n].decode("utf-8", errors="replace"))
+        if i + n > len(raw):
+            raise BadRequest(f"input {name!r}: BYTES tensor is truncated (element of {n} bytes past the end)")
+        try:
+            out.append(raw[i:i + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadRequest(f"input {name!r}: BYTES element {len(out)} is not UTF-8 text") from None
         i += n
     return out
 
 
-def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndarray | list, int]:
+def _nesting(data: Any, depth: int = 0) -> tuple[int, ...] | None:
+    """The shape of nested JSON lists (a flat list: its length); None when ragged or deeper than a tensor here
+    can be (two dimensions)."""
+    if not isinstance(data, list):
+        return ()
+    if depth >= 2:
+        return None
+    if not data:
+        return (0,)
+    inner = [_nesting(d, depth + 1) for d in data]
+    if any(i is None or i != inner[0] for i in inner):
+        return None
+    return (len(data), *inner[0])
+
+
+def _json_values(name: str, dtype: str, data: Any, shape: list[int], size: int) -> np.ndarray:
+    """JSON ``data`` -> a flat array of ``size`` values: row-major flat, or nested exactly like ``shape``."""
+    if not isinstance(data, list):
+        raise BadRequest(f"input {name!r}: data must be a list, got {_kind(data)}")
+    nest = _nesting(data)
+    if nest is None or (len(nest) > 1 and list(nest) != shape):
+        what = "BYTES data" if dtype == "BYTES" else "data"
+        raise BadRequest(f"input {name!r}: {what} is nested as {list(nest) if nest else 'ragged lists'}; "
+                         f"send it flat (row-major) or nested like shape {shape}")
+    flat = data if len(nest) <= 1 else np.asarray(data, dtype=object).ravel().tolist()
+    if len(flat) != size:
+        raise BadRequest(f"input {name!r}: {len(flat)} values do not match shape {shape}")
+    if dtype == "BYTES":
+        if not all(isinstance(v, str) for v in flat):
+            bad = next(v for v in flat if not isinstance(v, str))
+            raise BadRequest(f"input {name!r}: BYTES data must be strings, got {_kind(bad)}")
+        return np.array(flat, dtype=object)
+    # Numbers only: numpy would also parse "1.5" or "nan" strings, which are not numbers in JSON.
+    if not all(type(v) in (int, float, bool) for v in flat):
+        bad = next(v for v in flat if type(v) not in (int, float, bool))
+        raise BadRequest(f"input {name!r}: data must be numbers for {dtype}, got {_kind(bad)}")
+    return np.array(flat, dtype=np.float64) if flat else np.empty(0)
+
+
+def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndarray, int]:
+    """One input tensor -> (values shaped [N] or [N, k]: float64, or object (str) for BYTES; next offset)."""
     name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"each input needs a name (a string), got {_kind(name)}")
     dtype = spec.get("datatype")
-    shape = spec.get("shape")
-    if not isinstance(name, str) or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0
-                                                                          for d in shape):
-        raise BadRequest(f"input {name!r}: needs a name and a shape of non-negative integers")
-    if dtype not in DTYPES and dtype != "BYTES":
+    if not isinstance(dtype, str) or (dtype not in DTYPES and dtype != "BYTES"):
         raise BadRequest(f"input {name!r}: datatype {dtype!r} is not supported (use FP32, FP64, INT*, BOOL or BYTES)")
-    size = int(np.prod(shape)) if shape else 1
-    params = spec.get("parameters") or {}
+    shape = spec.get("shape")
+    if (not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+            or len(shape) not in (1, 2)):
+        raise BadRequest(f"input {name!r}: shape must be [N] or [N, k] of non-negative integers, got {shape!r}")
+    size = math.prod(shape)
+    params = _parameters(spec, f"input {name!r}")
     if "binary_data_size" in params:
         n = params["binary_data_size"]
-        if binary is None or not isinstance(n, int) or n < 0 or offset + n > len(binary):
-            raise BadRequest(f"input {name!r}: binary_data_size {n!r} does not fit the binary body")
+        if type(n) is not int or n < 0:
+            raise BadRequest(f"input {name!r}: parameters.binary_data_size must be a non-negative integer, got {n!r}")
+        if binary is None or offset + n > len(binary):
+            raise BadRequest(f"input {name!r}: binary_data_size {n} does not fit the binary body")
         raw = bytes(binary[offset:offset + n])
         offset += n
         if dtype == "BYTES":
-            values: np.ndarray | list = _bytes_tensor(raw)
+            values = np.array(_bytes_tensor(name, raw), dtype=object)
+            if len(values) != size:
+                raise BadRequest(f"input {name!r}: {len(values)} values do not match shape {shape}")
         else:
             itemsize = np.dtype(DTYPES[dtype]).itemsize
             if len(raw) != size * itemsize:
                 raise BadRequest(f"input {name!r}: {len(raw)} bytes do not hold shape {shape} of {dtype}")
-            values = np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<"))
+            values = np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")).astype(np.float64)
     else:
         if "data" not in spec:
-            raise BadRequest(f"input {name!r}: no data")
-        data = spec["data"]
-        if dtype == "BYTES":
-            flat = np.asarray(data, dtype=object).ravel().tolist()
-            values = [v if isinstance(v, str) else str(v) for v in flat]
-        else:
-            try:
-                values = np.asarray(data, dtype=np.float64).ravel()
-            except (TypeError, ValueError):
-                raise BadRequest(f"input {name!r}: data must be numbers for {dtype}") from None
-    if len(values) != size:
-        raise BadRequest(f"input {name!r}: {len(values)} values do not match shape {shape}")
-    if isinstance(values, np.ndarray):
-        values = values.astype(np.float64).reshape(shape) if shape else values.astype(np.float64)
-    return values, offset
+            raise BadRequest(f"input {name!r}: no data (and no parameters.binary_data_size)")
+        values = _json_values(name, dtype, spec["data"], shape, size)
+    return values.reshape(shape), offset
 
 
 def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
-    """Decode an infer request (JSON, or JSON header + binary tensors) into the model's feature matrix."""
+    """Decode an infer request (JSON, or JSON header + binary tensors) into the model's feature matrix.
+
+    Every way a request can be malformed raises ``BadRequest`` (a 400 naming the field), never another error."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise BadRequest("Inference-Header-Content-Length is larger than the body")
@@ -109,61 +180,88 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise BadRequest("body must be an object with a non-empty 'inputs' list")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest(f"'id' must be a string, got {_kind(rid)}")
+    params = _parameters(req, "request")
     offset = 0
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, np.ndarray] = {}
     for spec in req["inputs"]:
         if not isinstance(spec, dict):
             raise BadRequest("each input must be an object")
         values, offset = _tensor(spec, binary, offset)
+        if spec["name"] in tensors:
+            raise BadRequest(f"input {spec['name']!r} is given twice")
         tensors[spec["name"]] = values
-    matrix = _to_matrix(tensors, model)
     outputs = req.get("outputs")
     requested, binary_out = None, set()
-    params = req.get("parameters") or {}
-    if isinstance(outputs, list):
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise BadRequest(f"'outputs' must be a list of objects, got {_kind(outputs)}")
         requested = []
         for o in outputs:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise BadRequest("each requested output needs a name")
+                raise BadRequest("each requested output needs a name (a string)")
             requested.append(o["name"])
-            if (o.get("parameters") or {}).get("binary_data"):
+            if _flag(_parameters(o, f"output {o['name']!r}"), "binary_data", f"output {o['name']!r}"):
                 binary_out.add(o["name"])
-    if params.get("binary_data_output"):
+    if _flag(params, "binary_data_output", "request"):
         binary_out.add("*")
-    rid = req.get("id")
-    return InferRequest(rid if isinstance(rid, str) else None, matrix, binary_out, requested)
+    matrix = _to_matrix(tensors, model)
+    return InferRequest(rid, matrix, binary_out, requested)
 
 
-def _to_matrix(tensors: dict[str, Any], model: Model) -> np.ndarray:
+def _category_codes(name: str, values: np.ndarray, cats: list) -> np.ndarray:
+    """Values of a pandas-categorical feature -> their positions in the category list (unknown: NaN, missing),
+    as LightGBM's pandas path and the other modes map them. Numbers match numeric categories (5.0 is category
+    5); BYTES strings match a category's text."""
+    if values.dtype == object:
+        index = {str(c): float(i) for i, c in enumerate(cats)}
+    else:
+        index = {c: float(i) for i, c in enumerate(cats) if isinstance(c, int | float) and not isinstance(c, bool)}
+        if not index:
+            raise BadRequest(f"input {name!r}: the categories of this feature are text ({cats[:3]!r}...); "
+                             "send them as BYTES")
+    return np.fromiter((index.get(v, np.nan) for v in values.tolist()), dtype=np.float64, count=len(values))
+
+
+def _column(name: str, values: np.ndarray, cats: list | None) -> np.ndarray:
+    if cats is not None:
+        return _category_codes(name, values, cats)
+    if values.dtype == object:
+        raise BadRequest(f"input {name!r}: BYTES only for features with a category list; send numbers")
+    return values
+
+
+def _to_matrix(tensors: dict[str, np.ndarray], model: Model) -> np.ndarray:
     names = model.feature_names
     if len(tensors) == 1:
         (name, values), = tensors.items()
-        if isinstance(values, np.ndarray) and values.ndim == 2 and name not in names:
+        if values.ndim == 2 and name not in names:
             if values.shape[1] != len(names):
                 raise BadRequest(f"input {name!r} has {values.shape[1]} columns; the model takes {len(names)}")
-            return np.ascontiguousarray(values, dtype=np.float64)
+            if values.dtype == object:
+                raise BadRequest(f"input {name!r}: an [N, {len(names)}] tensor must be numbers; send BYTES "
+                                 "categories as one [N] tensor per feature")
+            matrix = np.array(values, dtype=np.float64, order="C")
+            for j, cats in model.categorical.items():
+                if cats is not None:
+                    matrix[:, j] = _category_codes(names[j], matrix[:, j], cats)
+            return matrix
     missing = [n for n in names if n not in tensors]
     if missing:
         raise BadRequest(f"send one [N, {len(names)}] tensor, or one [N] tensor per feature; missing {missing[:10]}")
-    rows = {len(v) if isinstance(v, list) else v.shape[0] for v in (tensors[n] for n in names)}
+    for name in names:
+        values = tensors[name]
+        if values.ndim == 2 and values.shape[1] != 1:
+            raise BadRequest(f"input {name!r}: shape must be [N] or [N, 1] for a per-feature tensor, "
+                             f"got {list(values.shape)}")
+    rows = {tensors[n].shape[0] for n in names}
     if len(rows) != 1:
         raise BadRequest(f"per-feature tensors have different lengths {sorted(rows)}")
-    n = rows.pop()
-    matrix = np.empty((n, len(names)), dtype=np.float64)
+    matrix = np.empty((rows.pop(), len(names)), dtype=np.float64)
     for j, name in enumerate(names):
-        values = tensors[name]
-        cats = model.categorical.get(j)
-        if isinstance(values, list):  # BYTES
-            if cats is None:
-                raise BadRequest(f"input {name!r}: BYTES only for categorical features")
-            index = {str(c): float(i) for i, c in enumerate(cats)}
-            matrix[:, j] = [index.get(v, np.nan) for v in values]
-        else:
-            if values.ndim == 2 and values.shape[1] == 1:
-                values = values[:, 0]
-            if values.ndim != 1:
-                raise BadRequest(f"input {name!r}: shape must be [N] or [N, 1]")
-            matrix[:, j] = values
+        matrix[:, j] = _column(name, tensors[name].reshape(-1), model.categorical.get(j))
     return matrix
 
 
@@ -205,13 +303,14 @@ def response(pred: np.ndarray, model: Model, name: str, req: InferRequest) -> tu
     return header, None
 
 
-def metadata(model: Model, name: str) -> dict:
+def metadata(model: Model, name: str, versions: list[str]) -> dict:
+    """OIP model metadata of ``model``; ``versions`` are all the versions this server serves under ``name``."""
     inputs = []
     for j, feature in enumerate(model.feature_names):
         cats = model.categorical.get(j)
         inputs.append({"name": feature, "datatype": "BYTES" if cats else "FP64", "shape": [-1]})
     outs = [{"name": k, "datatype": d, "shape": [-1] + s[1:]} for k, (d, s, _) in
             outputs(np.zeros((0, model.num_class) if model.multiclass else 0), model).items()]
-    return {"name": name, "versions": [model.version], "platform": "lightgbm", "inputs": inputs, "outputs": outs,
+    return {"name": name, "versions": list(versions), "platform": "lightgbm", "inputs": inputs, "outputs": outs,
             "parameters": {"matrix_input": f"or one FP32/FP64 tensor of shape [-1, {len(model.feature_names)}] "
                                            "with the features in this order"}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
@@ -44,6 +45,7 @@ log = logging.getLogger("workers.serve")
 
 
 _ROW = "__row"  # carried through routing so replies come back in event order
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class HTTPError(Exception):
@@ -216,7 +218,7 @@ class App:
     async def body(self, request: Request) -> bytes:
         limit = self.settings.serve.max_body_bytes
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
+        if length and _DIGITS.fullmatch(length) and int(length) > limit:
             raise HTTPError(413, f"body of {length} bytes is over the limit of {limit} (SCORING_SERVE__MAX_BODY_BYTES)")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -254,7 +256,9 @@ class App:
 
     async def model_metadata(self, request: Request) -> Response:
         v = self.check_model(request)
-        return self.json(oip.metadata(v.model if v else self.model, self.name))
+        # Every version this name serves (Triton and KServe clients pick one with model_version).
+        versions = [ver.name for ver in self.routing.router.versions]
+        return self.json(oip.metadata(v.model if v else self.model, self.name, versions))
 
     async def model_ready(self, request: Request) -> Response:
         self.check_model(request)
@@ -267,8 +271,9 @@ class App:
         router = self.routing.current()
         body = await self.body(request)
         header = request.headers.get("inference-header-content-length")
-        if header is not None and not header.isdigit():
-            raise BadRequest("Inference-Header-Content-Length must be a number")
+        if header is not None and not _DIGITS.fullmatch(header):
+            # str.isdigit() would take '²' or Arabic-Indic digits, which int() then refuses or reads differently.
+            raise BadRequest("Inference-Header-Content-Length must be a number of bytes (ASCII digits)")
         length = int(header) if header is not None else None
         model = chosen.model if chosen else router.primary.model
         req = oip.parse(body, length, model)
