@@ -65,21 +65,21 @@ def pd_categorical_nan(col):
 
 
 def test_bad_values_reject_their_row_only(models):
+    """A text that is not a number rejects its row with a reason; "nan" and "inf" are the numbers they spell
+    (missing, infinity), as pandas and numpy read them and as a float column holding them scores."""
     table = pa.table({
-        "id": ["a", "b", "c", "d", None],
-        **{f: [0.1, 0.2, 0.3, 0.4, 0.5] for f in FEATURES[1:]},
-        "x0": ["1.5", "abc", "nan", None, "2"],
+        "id": ["a", "b", "c", "d", None, "f"],
+        **{f: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] for f in FEATURES[1:]},
+        "x0": ["1.5", "abc", "nan", None, "2", "-inf"],
     })
     out = scorer(models["binary"]).score(table)
-    assert out.results["id"].to_pylist() == ["a", "d"]
+    assert out.results["id"].to_pylist() == ["a", "c", "d", "f"]
     reasons = dict(zip(out.errors["id"].to_pylist(), out.errors["reason"].to_pylist(), strict=True))
-    assert reasons["b"] == "feature 'x0': 'abc' is not a number"
-    assert "not a finite number" in reasons["c"]
-    assert "missing id" in reasons[None]
-    assert list(out.error_rows) == [1, 2, 4]
+    assert reasons == {"b": "feature 'x0': 'abc' is not a number", None: "missing id ('id' is null)"}
+    assert list(out.error_rows) == [1, 4]
     assert '"x0":"abc"' in out.errors["raw"][0].as_py()
     booster = lgb.Booster(model_file=models["binary"])
-    row = np.array([[1.5, *[0.1] * 7], [np.nan, *[0.4] * 7]])
+    row = np.array([[1.5, *[0.1] * 7], [np.nan, *[0.3] * 7], [np.nan, *[0.4] * 7], [-np.inf, *[0.6] * 7]])
     assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(row))) <= 1e-9
 
 
@@ -104,3 +104,86 @@ def test_passthrough_columns_are_copied(models):
     assert out.results["customer"].to_pylist() == list(range(50))
     assert out.results.column_names[:4] == ["id", "score", "model_version", "scored_at"]
     assert str(out.results.schema.field("scored_at").type) == "timestamp[us, tz=UTC]"
+
+
+def test_float_column_of_integer_categories_maps_through_the_category_list(models, tmp_path):
+    """Issue #14 case 7: pandas writes an integer column with nulls as float64; its values are categories
+    (1, 5, 10), not codes. Before, a float column skipped the mapping and 99 of 300 scores were wrong."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    df = frame(300, seed=11, categorical=True)
+    booster = lgb.Booster(model_file=models["categorical"])
+    plain = df.copy()
+    plain["size"] = df["size"].astype(float)
+    plain.loc[::7, "size"] = np.nan  # what makes pandas keep the column as float64
+    plain["color"] = df["color"].astype(str)
+    path = tmp_path / "pandas.parquet"
+    plain.to_parquet(path, index=False)
+    table = pq.read_table(path)
+    assert table.schema.field("size").type == pa.float64()
+    expected_df = df.copy()
+    expected_df["size"] = pd.Categorical(plain["size"], categories=[1, 5, 10])
+    expected = booster.predict(expected_df[booster.feature_name()])
+    out = scorer(models["categorical"]).score(table)
+    assert out.rejected == 0
+    assert np.max(np.abs(out.results["score"].to_numpy() - expected)) <= 1e-9
+    # Every other physical type of the same values scores the same.
+    for t in (pa.int8(), pa.uint16(), pa.int64(), pa.float16(), pa.float32(), pa.decimal128(6, 2), pa.string(),
+              pa.large_string()):
+        values = [None if np.isnan(v) else (str(int(v)) if pa.types.is_string(t) or pa.types.is_large_string(t)
+                                            else v) for v in plain["size"]]
+        if pa.types.is_decimal(t):
+            from decimal import Decimal
+            values = [None if v is None else Decimal(int(v)) for v in values]
+        other = table.set_column(table.schema.get_field_index("size"), "size", pa.array(values).cast(t))
+        got = scorer(models["categorical"]).score(other).results["score"].to_numpy()
+        assert np.max(np.abs(got - expected)) <= 1e-9, t
+
+
+def test_numeric_strings_without_nulls_are_parsed_not_a_crash(models):
+    """Issue #14 case 11: a numeric-string column with no nulls crashed the run ('assignment destination is
+    read-only': Arrow's zero-copy view was written to)."""
+    df = frame(200, seed=12)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    for name in ("x0", "x3"):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(df[name].map(repr)))
+    out = scorer(models["binary"]).score(table)
+    assert out.rejected == 0
+    booster = lgb.Booster(model_file=models["binary"])
+    assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(df[FEATURES]))) <= 1e-9
+
+
+@pytest.mark.parametrize("t,big", [(pa.int64(), 1_700_000_000_123_456_789), (pa.uint64(), 2**64 - 3),
+                                   (pa.int64(), -(2**62) - 1)])
+def test_integers_beyond_2_to_53_are_rounded_to_float64_like_lightgbm(models, t, big):
+    """Issue #14 case 12: an integer feature beyond 2**53 (a nanosecond epoch, a uint64 counter) crashed the run
+    (Arrow's safe cast); LightGBM's pandas path rounds it to float64, and so do we."""
+    import pandas as pd
+
+    df = frame(50, seed=13)
+    values = [big - i for i in range(50)]
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.set_column(table.schema.get_field_index("x2"), "x2", pa.array(values, t))
+    out = scorer(models["binary"]).score(table)
+    assert out.rejected == 0
+    pdf = df[FEATURES].copy()
+    pdf["x2"] = pd.Series(values, dtype="uint64" if t == pa.uint64() else "int64")
+    booster = lgb.Booster(model_file=models["binary"])
+    assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(pdf))) <= 1e-9
+
+
+@pytest.mark.parametrize("ids,shown", [
+    (pa.array([b"k\x00", b"\xff\xfe", None], pa.binary()), ["k\x00", "\\xfffe", None]),
+    (pa.array([b"ab", b"\xff", b"c"], pa.large_binary()), ["ab", "\\xff", "c"]),
+    (pa.array([7, 8, 2**63 + 5], pa.uint64()), ["7", "8", str(2**63 + 5)]),
+    (pa.array([[1, 2], [3], None], pa.list_(pa.int32())), ["[1,2]", "[3]", None]),
+])
+def test_rejected_rows_keep_any_type_of_id_in_the_errors_output(models, ids, shown):
+    """The errors output's id is text: binary ids as UTF-8 when they are, else hex (``\\x...``, PostgreSQL's
+    bytea text form), other types as Arrow or JSON renders them. Before, a binary id crashed the errors table."""
+    table = pa.table({"id": ids, **{f: ["bad"] * 3 for f in FEATURES}})
+    out = scorer(models["binary"]).score(table)
+    assert out.rejected == 3 and out.errors["id"].type == pa.string()
+    assert out.errors["id"].to_pylist() == shown
+    assert all(r.startswith("{") for r in out.errors["raw"].to_pylist())

@@ -66,50 +66,149 @@ def _plain(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     return col
 
 
-def _numeric(name: str, col: pa.Array | pa.ChunkedArray, reasons: dict[int, str]) -> np.ndarray:
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
+
+
+def _floats(name: str, col: pa.Array | pa.ChunkedArray, reasons: dict[int, str] | None) -> np.ndarray:
+    """Values as float64 (null -> NaN), as LightGBM's pandas path converts a frame: every integer, float,
+    decimal and boolean type is cast, integers beyond 2**53 rounded to the nearest float64 like numpy does.
+
+    Text is parsed as a number (Python's ``float``): ``"inf"`` is infinity, ``"nan"`` is missing, like the
+    float values they spell. A text that is not a number gets a reason in ``reasons`` (its row is rejected), or
+    is missing when ``reasons`` is None (a category value the model has not seen). Other types (lists,
+    timestamps, binary...) are not numbers: InputError, the whole batch (file) fails.
+    """
     t = col.type
-    if pa.types.is_floating(t) and t == pa.float64():
-        return col.to_numpy(zero_copy_only=False)
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t):
-        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
     if pa.types.is_null(t):
         return np.full(len(col), np.nan)
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return _parse_strings(name, col, reasons)
-    raise InputError(f"feature column '{name}' has type {t}, which is not numeric")
-
-
-def _parse_strings(name: str, col: pa.Array | pa.ChunkedArray, reasons: dict[int, str]) -> np.ndarray:
-    # Fast path: Arrow parses the whole column; it raises if any value is not a number.
-    try:
-        values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    if _is_number(t):
+        # safe=False: an int64/uint64 beyond 2**53 has no exact float64; a safe cast refuses it, numpy and
+        # LightGBM round it.
+        return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+    if not _is_text(t):
+        raise InputError(f"feature column '{name}' has type {t}, which is not numeric")
+    try:  # fast path: Arrow parses the whole column, or raises if any value is not a number
+        return np.array(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        values = np.full(len(col), np.nan)
-        for i, raw in enumerate(col.to_pylist()):
-            if raw is None:
-                continue
-            try:
-                values[i] = float(raw)
-            except ValueError:
+        pass
+    values = np.full(len(col), np.nan)  # writable (a zero-copy Arrow view is not)
+    for i, raw in enumerate(col.to_pylist()):
+        if raw is None:
+            continue
+        try:
+            values[i] = float(raw)
+        except ValueError:
+            if reasons is not None:
                 reasons.setdefault(i, f"feature '{name}': {raw[:80]!r} is not a number")
-    # 'nan' / 'inf' strings parse, but they are not data: a missing value is null, not the text 'nan'.
-    bad = ~np.isfinite(values) & ~np.asarray(pc.is_null(col))
-    for i in np.flatnonzero(bad):
-        reasons.setdefault(int(i), f"feature '{name}': {col[int(i)].as_py()[:80]!r} is not a finite number")
-    values[bad] = np.nan
     return values
 
 
-def _categorical(col: pa.Array | pa.ChunkedArray, categories: list) -> np.ndarray:
+def _category_codes(name: str, col: pa.Array | pa.ChunkedArray, categories: list) -> np.ndarray:
+    """Each value's position in the model's category list (NaN for null or a category the model has not seen,
+    as LightGBM's pandas path does), whatever the column's type: numeric categories are matched as numbers
+    (so 5, 5.0, "5", Decimal("5.00") are all the category 5), text categories as text."""
     value_set = pa.array(categories)
-    if col.type != value_set.type:
+    vt = value_set.type
+    if pa.types.is_integer(vt) or pa.types.is_floating(vt):
+        values = pa.array(_floats(name, col, None), from_pandas=True)  # NaN -> null: no category
+        value_set = pc.cast(value_set, pa.float64(), safe=False)
+        col = values
+    elif _is_text(col.type) or _is_number(col.type) or pa.types.is_null(col.type):
         try:
-            col = pc.cast(col, value_set.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             col, value_set = pc.cast(col, pa.string()), pc.cast(value_set, pa.string())
-    # Unknown categories and nulls -> NaN, as LightGBM does for pandas categoricals it has not seen.
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(f"categorical feature column '{name}' has type {col.type}, which cannot hold its "
+                             f"categories ({vt})") from None
+    else:
+        raise InputError(f"categorical feature column '{name}' has type {col.type}, which cannot hold its "
+                         f"categories ({vt})")
     codes = pc.index_in(col, value_set=value_set)
     return pc.cast(codes, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def model_values(model: Model, j: int, values, reasons: dict[int, str]) -> np.ndarray:
+    """Feature ``j``'s values (an Arrow array or chunked array, a numpy array, or a list) -> what the model's
+    predict takes for it: float64, NaN for missing, a pandas-categorical feature's values replaced by their
+    positions in its category list. The one conversion every mode uses, so the same value scores the same
+    whatever the physical type it arrives in. Rows that cannot be scored get a reason in ``reasons`` (by
+    index); a column of a type that cannot hold the feature raises InputError."""
+    name = model.feature_names[j]
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        col = values
+    else:
+        try:
+            col = pa.array(values, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"feature '{name}': values of mixed or unsupported types ({str(exc)[:80]})") from None
+    col = _plain(col)
+    cats = model.categorical.get(j)
+    if cats:
+        return _category_codes(name, col, cats)
+    return _floats(name, col, reasons)  # numeric, or a categorical_feature given by integer code (used as is)
+
+
+def feature_matrix(model: Model, columns) -> Features:
+    """Columns by feature name (a mapping, or an Arrow table/batch) -> the model's float64 matrix in feature
+    order, with a reason for each row that cannot be scored. Raises InputError when a feature is missing."""
+    names = model.feature_names
+    present = set(columns.schema.names if hasattr(columns, "schema") else columns)
+    missing = [c for c in names if c not in present]
+    if missing:
+        shown = ", ".join(repr(c) for c in missing[:10])
+        raise InputError(f"missing feature column(s) {shown}{' ...' if len(missing) > 10 else ''}")
+    get = columns.column if hasattr(columns, "schema") else columns.__getitem__
+    n = columns.num_rows if hasattr(columns, "schema") else len(get(names[0])) if names else 0
+    matrix = np.empty((n, len(names)), dtype=np.float64)
+    reasons: dict[int, str] = {}
+    for j, name in enumerate(names):
+        matrix[:, j] = model_values(model, j, get(name), reasons)
+    return Features(matrix, reasons)
+
+
+def _bytes_text(b: bytes) -> str:
+    """Bytes as text: themselves when UTF-8, else ``\\x`` + hex (PostgreSQL's bytea text form)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\\x" + b.hex()
+
+
+def _json_default(v):
+    if isinstance(v, bytes | bytearray | memoryview):
+        return _bytes_text(bytes(v))
+    return str(v)  # Decimal, timedelta, an int beyond 64 bits...
+
+
+def to_json(value) -> str:
+    """JSON text of input values (the errors' ``raw`` column) whatever their Arrow type: never raises."""
+    try:
+        return orjson.dumps(value, default=_json_default).decode()
+    except (orjson.JSONEncodeError, TypeError):  # e.g. an integer beyond 64 bits nested where default is not called
+        import json
+
+        return json.dumps(value, default=_json_default)
+
+
+def error_ids(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Ids of rejected rows as text, for the errors output, whatever the id column's type (a file's ids may
+    be binary, integers, lists...): text as is, binary as UTF-8 or ``\\x`` hex, what Arrow can cast to text
+    as cast, anything else as JSON. Null stays null."""
+    t = ids.type
+    if _is_text(t) or pa.types.is_dictionary(t) and _is_text(t.value_type):
+        return pc.cast(_plain(ids), pa.string())
+    if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t)):
+        try:
+            return pc.cast(_plain(ids), pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass
+        return pa.array([None if v is None else to_json(v) for v in ids.to_pylist()], pa.string())
+    return pa.array([None if v is None else _bytes_text(v) for v in ids.to_pylist()], pa.string())
 
 
 class Scorer:
@@ -163,21 +262,12 @@ class Scorer:
 
     def features(self, batch: pa.RecordBatch | pa.Table) -> Features:
         self.check_columns(batch.schema)
-        n = batch.num_rows
-        matrix = np.empty((n, len(self.model.feature_names)), dtype=np.float64)
-        reasons: dict[int, str] = {}
-        for i, name in enumerate(self.model.feature_names):
-            col = _plain(batch.column(name))
-            cats = self.model.categorical.get(i)
-            if cats is not None and not (pa.types.is_floating(col.type) or pa.types.is_null(col.type)):
-                matrix[:, i] = _categorical(col, cats)
-            else:
-                matrix[:, i] = _numeric(name, col, reasons)
+        feats = feature_matrix(self.model, batch)
         ids = batch.column(self.id_column)
         if ids.null_count:
             for i in np.flatnonzero(np.asarray(pc.is_null(ids))):
-                reasons.setdefault(int(i), f"missing id ('{self.id_column}' is null)")
-        return Features(matrix, reasons)
+                feats.reasons.setdefault(int(i), f"missing id ('{self.id_column}' is null)")
+        return feats
 
     # -- stage 2 ---------------------------------------------------------------------------------
     def finish(
@@ -249,11 +339,11 @@ class Scorer:
         idx = pa.array(bad_idx, type=pa.int64())
         reasons = [feats.reasons[int(i)] for i in bad_idx]
         if raw_rows is not None:
-            raws = [orjson.dumps(raw_rows[int(i)], default=str).decode() for i in bad_idx]
+            raws = [to_json(raw_rows[int(i)]) for i in bad_idx]
         else:
             raws = [self._raw_from_matrix(feats.matrix[int(i)]) for i in bad_idx]
         cols: dict[str, pa.Array] = {
-            "id": pc.cast(ids.take(idx), pa.string()) if len(bad_idx) else pa.array([], pa.string()),
+            "id": error_ids(ids.take(idx)),
             "reason": pa.array(reasons, pa.string()),
             "raw": pa.array(raws, pa.string()),
             "model_version": pa.repeat(version, len(bad_idx)),
