@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from workers.errors import InputError
 from workers.model import Model
+from workers.scoring import model_values
 
 DTYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -211,26 +213,26 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
     return InferRequest(rid, matrix, binary_out, requested)
 
 
-def _category_codes(name: str, values: np.ndarray, cats: list) -> np.ndarray:
-    """Values of a pandas-categorical feature -> their positions in the category list (unknown: NaN, missing),
-    as LightGBM's pandas path and the other modes map them. Numbers match numeric categories (5.0 is category
-    5); BYTES strings match a category's text."""
-    if values.dtype == object:
-        index = {str(c): float(i) for i, c in enumerate(cats)}
-    else:
-        index = {c: float(i) for i, c in enumerate(cats) if isinstance(c, int | float) and not isinstance(c, bool)}
-        if not index:
-            raise BadRequest(f"input {name!r}: the categories of this feature are text ({cats[:3]!r}...); "
-                             "send them as BYTES")
-    return np.fromiter((index.get(v, np.nan) for v in values.tolist()), dtype=np.float64, count=len(values))
-
-
-def _column(name: str, values: np.ndarray, cats: list | None) -> np.ndarray:
-    if cats is not None:
-        return _category_codes(name, values, cats)
-    if values.dtype == object:
+def _model_values(model: Model, j: int, values: np.ndarray) -> np.ndarray:
+    """Feature ``j``'s tensor values -> what predict takes, through the conversion every mode uses
+    (``scoring.model_values``): a pandas-categorical feature's values mapped through its category list
+    (numbers matched as numbers, unknown values missing), a ``categorical_feature`` integer code used as is."""
+    name = model.feature_names[j]
+    cats = model.categorical.get(j)
+    if values.dtype == object and cats is None:
         raise BadRequest(f"input {name!r}: BYTES only for features with a category list; send numbers")
-    return values
+    if values.dtype != object and cats and all(isinstance(c, str) for c in cats):
+        # A number cannot be one of these categories; taking it as a code would be a guess, so refuse it.
+        raise BadRequest(f"input {name!r}: the categories of this feature are text ({cats[:3]!r}...); "
+                         "send them as BYTES")
+    reasons: dict[int, str] = {}
+    try:
+        out = model_values(model, j, values.tolist() if values.dtype == object else values, reasons)
+    except InputError as exc:
+        raise BadRequest(f"input {name!r}: {exc}") from None
+    if reasons:
+        raise BadRequest(f"input {name!r}, row {min(reasons)}: {reasons[min(reasons)]}")
+    return out
 
 
 def _to_matrix(tensors: dict[str, np.ndarray], model: Model) -> np.ndarray:
@@ -246,7 +248,7 @@ def _to_matrix(tensors: dict[str, np.ndarray], model: Model) -> np.ndarray:
             matrix = np.array(values, dtype=np.float64, order="C")
             for j, cats in model.categorical.items():
                 if cats is not None:
-                    matrix[:, j] = _category_codes(names[j], matrix[:, j], cats)
+                    matrix[:, j] = _model_values(model, j, np.ascontiguousarray(matrix[:, j]))
             return matrix
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -261,7 +263,7 @@ def _to_matrix(tensors: dict[str, np.ndarray], model: Model) -> np.ndarray:
         raise BadRequest(f"per-feature tensors have different lengths {sorted(rows)}")
     matrix = np.empty((rows.pop(), len(names)), dtype=np.float64)
     for j, name in enumerate(names):
-        matrix[:, j] = _column(name, tensors[name].reshape(-1), model.categorical.get(j))
+        matrix[:, j] = _model_values(model, j, tensors[name].reshape(-1))
     return matrix
 
 
