@@ -83,3 +83,27 @@ def test_categorical_records_map_through_the_model_categories(models):
     expected = booster.predict(df[booster.feature_name()])
     got = booster.predict(out.features.matrix)
     assert np.max(np.abs(got - expected)) <= 1e-12
+
+
+def test_category_values_spelled_as_the_other_kind_map_like_the_arrow_path(models):
+    """Issue #14 case 7 (stream side): every mode maps a value through the category list the same way. An
+    integer category sent as text ("5") or as a float (5.0) is the category 5 in the Arrow path (batch, serve)
+    and in the JSON decoder (stream); before, the decoder treated "5" as an unseen category (missing)."""
+    import pyarrow as pa
+
+    from workers.scoring import feature_matrix
+
+    model = load_model(ModelSettings(path=models["categorical"]))
+    sizes = ["5", 5.0, "10.0", 1, "abc", None, 7]
+    objs = [{"id": f"r{i}", **{f"x{j}": 0.1 for j in range(8)}, "color": "green", "size": s}
+            for i, s in enumerate(sizes)]
+    out = RecordDecoder(model).decode([orjson.dumps(o) for o in objs])
+    assert not out.features.reasons
+    size = model.feature_names.index("size")
+    assert out.features.matrix[:, size].tolist()[:4] == [1.0, 1.0, 2.0, 0.0]
+    assert np.isnan(out.features.matrix[4:, size]).all()  # not a category the model has seen: missing
+    for spelled in ([None if s is None else str(s) for s in sizes], [5, 5, 10, 1, None, None, 7]):
+        columns = {**{f"x{j}": pa.array([0.1] * 7) for j in range(8)}, "color": pa.array(["green"] * 7),
+                   "size": pa.array(spelled)}
+        arrow = feature_matrix(model, columns).matrix
+        assert np.array_equal(arrow, out.features.matrix, equal_nan=True), spelled

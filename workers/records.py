@@ -45,6 +45,26 @@ class RecordDecoder:
             for i, cats in model.categorical.items()
         }
         self.numeric_only = not self.categorical
+        # Whether a feature's categories are numbers: then "5" and 5.0 are the category 5, and for text
+        # categories 5 is "5", as the Arrow path (scoring.model_values) matches them.
+        self.numeric_categories = {i: bool(cats) and all(type(c) in (int, float) for c in cats)
+                                   for i, cats in model.categorical.items() if cats is not None}
+
+    def _other_spelling(self, j: int, v: Any) -> float | None:
+        """The code of a category value written as the other kind (a number as text, or text as a number)."""
+        mapping = self.categorical[j]
+        if self.numeric_categories[j]:
+            if type(v) is str:
+                try:
+                    return mapping.get(float(v))
+                except ValueError:
+                    return None
+            return None
+        if type(v) is int:
+            return mapping.get(str(v))
+        if type(v) is float:
+            return mapping.get(str(int(v)) if v.is_integer() else repr(v))
+        return None
 
     def _reason_for(self, row: list[Any]) -> str | None:
         """Slow path: find what is wrong in a row whose values are not all numbers or null."""
@@ -132,7 +152,8 @@ class RecordDecoder:
                 for j, mapping in self.categorical.items():
                     v = row[j]
                     if mapping is not None and v is not None:
-                        flat[i * width + j] = mapping.get(v)
+                        code = mapping.get(v)
+                        flat[i * width + j] = code if code is not None else self._other_spelling(j, v)
             if reason is not None:
                 reasons[i] = reason
                 flat[i * width:(i + 1) * width] = [None] * width

@@ -147,7 +147,7 @@ def model_values(model: Model, j: int, values, reasons: dict[int, str]) -> np.nd
             raise InputError(f"feature '{name}': values of mixed or unsupported types ({str(exc)[:80]})") from None
     col = _plain(col)
     cats = model.categorical.get(j)
-    if cats:
+    if cats is not None:
         return _category_codes(name, col, cats)
     return _floats(name, col, reasons)  # numeric, or a categorical_feature given by integer code (used as is)
 
