@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +21,40 @@ import orjson
 from workers import __version__
 from workers.errors import ConfigError, ScoringError
 from workers.logs import setup_logging
-from workers.settings import Settings, env_name, field_for, load_settings
+from workers.settings import Settings, env_name, field_for, load_settings, redact
 
 FLAGS: dict[tuple[str, ...], str] = {}
+
+
+class _OrEmpty(click.ParamType):
+    """``inner``, or the empty text: an optional setting given as ``--x ""`` means unset ("empty disables")."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = inner.name
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        return self.inner.get_metavar(param, ctx)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return "" if value == "" else self.inner.convert(value, param, ctx)
+
+
+def click_type(annotation: Any) -> click.ParamType:
+    """The click type of a settings field, so ``--help`` shows INTEGER, FLOAT or the choices and a wrong
+    value is refused by name; range checks stay with the settings (one place for env vars and flags)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(annotation))
+    base = args[0] if optional and len(args) == 1 else annotation
+    if typing.get_origin(base) is typing.Literal:
+        kind: click.ParamType = click.Choice([str(v) for v in typing.get_args(base)])
+    elif base is int:
+        kind = click.INT
+    elif base is float:
+        kind = click.FLOAT
+    else:
+        kind = click.STRING
+    return _OrEmpty(kind) if optional and kind is not click.STRING else kind
 
 
 def setting(flag: str, path: str, *, is_flag: bool = False, multiple: bool = False) -> Callable:
@@ -34,6 +67,8 @@ def setting(flag: str, path: str, *, is_flag: bool = False, multiple: bool = Fal
     kwargs: dict[str, Any] = {"default": None, "help": f"{text} [env: {env_name(parts)}]"}
     if is_flag:
         flag = f"{flag}/--no-{flag[2:]}"
+    elif not multiple:
+        kwargs["type"] = click_type(info.annotation)
     if multiple:
         kwargs["multiple"] = True
     return click.option(flag, dest, **kwargs)
@@ -78,24 +113,32 @@ def with_settings(fn: Callable) -> Callable:
     return wrapper
 
 
-common = options(
+# Option groups. A command lists only the options it uses: an option shown but ignored is a lie.
+model_options = options(
     setting("--model", "model.path"),
-    setting("--routing", "routing.path"),
-    setting("--routing-poll-s", "routing.poll_s"),
-    setting("--shadow-sink", "routing.shadow_sink"),
     setting("--model-sha256", "model.sha256"),
     setting("--model-version", "model.version"),
     setting("--threads", "model.threads"),
     setting("--backend", "model.backend"),
     setting("--cache-dir", "model.cache_dir"),
+)
+routing_options = options(
+    setting("--routing", "routing.path"),
+    setting("--routing-poll-s", "routing.poll_s"),
+    setting("--shadow-sink", "routing.shadow_sink"),
+)
+scoring_options = options(
     setting("--id-column", "scoring.id_column"),
     setting("--passthrough", "scoring.passthrough"),
     setting("--explain", "scoring.explain"),
     setting("--explain-top-k", "scoring.explain_top_k"),
+)
+s3_options = options(
     setting("--s3-endpoint-url", "s3.endpoint_url"),
     setting("--s3-region", "s3.region"),
     setting("--log-level", "log_level"),
 )
+common = options(model_options, routing_options, scoring_options, s3_options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -143,6 +186,7 @@ def batch(settings: Settings) -> None:
     else:
         report = run_batch(settings)
     summary = report.summary()
+    summary["output"] = redact(summary.get("output") or "")  # the logs redact it; so must the summary
     if report.failed:
         summary["failures"] = [{"input": rel, "reason": reason} for rel, reason in report.failed]
     click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
@@ -208,7 +252,25 @@ def serve(settings: Settings) -> None:
     """HTTP for Knative: the Open Inference Protocol (KServe v2) and CloudEvents (KafkaSource)."""
     from workers.runtime.serve import run_serve
 
+    _port_free(settings.serve.host, settings.serve.port, "SCORING_SERVE__PORT")
     sys.exit(run_serve(settings))
+
+
+def _port_free(host: str, port: int, setting: str) -> None:
+    """ConfigError naming ``setting`` when ``host:port`` cannot be bound. uvicorn would only log the bind
+    error after loading the model and exit 3; this says it in one line first (a port taken in between
+    still gets uvicorn's line)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
+            sock.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -250,51 +312,118 @@ def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int
     produce(bootstrap_servers, topic, source, partitions, bad, limit, id_column)
 
 
+def _output_file(path: str, setting: str = "--output") -> str:
+    """``path`` when a file can be written there; ConfigError before any work otherwise (a missing folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(setting, f"{path} is a folder; name the file to write")
+    if not os.path.isdir(folder):
+        raise ConfigError(setting, f"folder {os.path.dirname(path) or folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(setting, f"folder {os.path.dirname(path) or folder} is not writable")
+    return path
+
+
+def _write(path: str, text: str, setting: str = "--output") -> None:
+    try:
+        with open(path, "w") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _since(text: str | None):
+    from workers.rollout.compare import parse_since
+
+    return parse_since(text) if text else None
+
+
+def _primary_scorer(settings: Settings):
+    """The scorer whose features profile/report read: --model's, or the routing file's primary version's."""
+    from workers.rollout.watch import RoutingSource
+
+    return RoutingSource(settings).router.primary.scorer
+
+
 @cli.command("compile")
-@common
+@model_options
+@setting("--routing", "routing.path")
+@s3_options
 @with_settings
 def compile_cmd(settings: Settings) -> None:
-    """Compile the model with lleaves into the cache (e.g. in an init container or at image build)."""
+    """Compile the model (with --routing: every version's) with lleaves into the cache (e.g. in an init
+    container or at image build)."""
     from workers.model import load_model
 
-    model = load_model(settings.model.model_copy(update={"backend": "lleaves"}), settings.s3)
-    if model.backend != "lleaves":
-        click.echo("error: could not compile the model with lleaves (see the warning above)", err=True)
+    wanted = [settings.model]
+    if settings.routing.path:
+        from workers.rollout.spec import read_routing
+
+        spec, _ = read_routing(settings.routing.path)
+        wanted = [settings.model.model_copy(update={"path": v.model, "sha256": v.sha256, "version": v.name})
+                  for v in spec.versions]
+    failed = 0
+    for model_settings in wanted:
+        model = load_model(model_settings.model_copy(update={"backend": "lleaves"}), settings.s3)
+        if model.backend != "lleaves":
+            click.echo(f"error: could not compile {model.source} with lleaves (see the warning above)", err=True)
+            failed += 1
+            continue
+        click.echo(f"compiled {model.source} ({model.version}) into {settings.model.cache_dir}")
+    if failed:
         sys.exit(1)
-    click.echo(f"compiled {model.source} ({model.version}) into {settings.model.cache_dir}")
 
 
 @cli.command("profile")
-@common
+@model_options
+@setting("--routing", "routing.path")
+@setting("--id-column", "scoring.id_column")
+@s3_options
 @click.option("--data", required=True, help="Reference Parquet data (file, folder or glob), e.g. the training set.")
 @click.option("--output", "out", required=True, help="Where to write the profile JSON.")
-@click.option("--bins", default=10, show_default=True, help="Quantile bins per numeric feature.")
-@click.option("--max-rows", default=1_000_000, show_default=True, help="Rows sampled from the data at most.")
+@click.option("--bins", default=10, show_default=True, type=click.IntRange(2, 1000),
+              help="Quantile bins per numeric feature.")
+@click.option("--max-rows", default=1_000_000, show_default=True, type=click.IntRange(1),
+              help="Rows sampled from the data at most.")
 @with_settings
 def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: int) -> None:
-    """Compute a reference profile (per-feature bins, shares, null share, min/max) for drift metrics."""
+    """Compute a reference profile (per-feature bins, shares, null share, min/max) for drift metrics.
+
+    With --routing, the profile is of the primary (most-weighted served) version's features, as `report` reads.
+    """
     import numpy as np
 
     from workers.drift import build_profile, feature_batches
-    from workers.model import load_model
-    from workers.scoring import Scorer
 
-    model = load_model(settings.model, settings.s3)
-    n_files, batches = feature_batches(Scorer(model, settings.scoring.id_column), data, settings.s3)
+    _output_file(out)
+    scorer = _primary_scorer(settings)
+    n_files, batches = _as_data(lambda: feature_batches(scorer, data, settings.s3))
     parts, rows = [], 0
     for matrix in batches:
         parts.append(matrix)
         rows += matrix.shape[0]
         if rows >= max_rows:
             break
-    profile = build_profile(model, np.concatenate(parts)[:max_rows] if parts else np.empty((0, 0)), bins)
-    with open(out, "w") as fh:
-        fh.write(orjson.dumps(profile, option=orjson.OPT_INDENT_2).decode())
+    profile = build_profile(scorer.model, np.concatenate(parts)[:max_rows] if parts else np.empty((0, 0)), bins)
+    _write(out, orjson.dumps(profile, option=orjson.OPT_INDENT_2).decode())
     click.echo(f"profiled {min(rows, max_rows):,} rows of {n_files} file(s) into {out}")
 
 
+def _as_data(fn: Callable) -> Any:
+    """Run ``fn``; an input-listing error names --data (the option the user gave), not --input."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        if exc.setting == "SCORING_BATCH__INPUT":
+            raise ConfigError("--data", str(exc)[len(exc.setting) + 2:]) from None
+        raise
+
+
 @cli.command("schema")
-@common
+@model_options
+@setting("--id-column", "scoring.id_column")
+@setting("--passthrough", "scoring.passthrough")
+@s3_options
 @click.option("--check", "producer", default=None,
               help="A producer's JSON Schema to check against the model instead: one line per mismatch, exit 1 "
                    "when records shaped like it would be rejected.")
@@ -322,50 +451,60 @@ def schema_cmd(settings: Settings, producer: str | None) -> None:
     click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
 
 
+SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:00, UTC unless it has an offset) "
+              "or a duration ago (30m, 2h, 7d).")
+
+
 @cli.command("compare")
 @click.option("--results", required=True,
               help="Results to read: the sink URI (postgresql://...?table=T, sqlite:///db?table=T, a Parquet "
                    "directory or s3:// prefix).")
 @click.option("--threshold", type=float, default=None,
               help="Decision threshold for agreement [default: SCORING_ROUTING__THRESHOLD, 0.5].")
-@click.option("--since", default=None, help="Only rows scored at or after this ISO time (e.g. 2026-11-25T10:00).")
+@click.option("--since", default=None, help=SINCE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.option("--s3-endpoint-url", "s3__endpoint_url", default=None, help="S3 endpoint for s3:// results.")
+@setting("--s3-endpoint-url", "s3.endpoint_url")
 @with_settings
 def compare_cmd(settings: Settings, results: str, threshold: float | None, since: str | None,
                 as_json: bool) -> None:
     """Compare model versions from a results table: rows, score distribution, shadow agreement."""
     from workers.rollout.compare import compare, read_results, render_text
 
-    table = read_results(results, settings.s3, since)
+    table = read_results(results, settings.s3, _since(since))
     report = compare(table, settings.routing.threshold if threshold is None else threshold)
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else render_text(report))
 
 
 @cli.command("report")
-@common
+@model_options
+@setting("--routing", "routing.path")
+@setting("--id-column", "scoring.id_column")
+@s3_options
 @click.option("--results", required=True, help="Results to read: the sink URI (as for `compare`).")
 @click.option("--output", "out", required=True, help="File to write: .html (the page) or .svg (its charts).")
 @click.option("--threshold", type=float, default=None,
               help="Decision threshold [default: SCORING_ROUTING__THRESHOLD, 0.5].")
-@click.option("--since", default=None, help="Only rows scored at or after this ISO time.")
+@click.option("--since", default=None, help=SINCE_HELP)
 @click.option("--profile", "profile_path", default=None, help="Reference profile (from `profile`) for drift.")
 @click.option("--data", default=None, help="The scored inputs (Parquet) to measure drift on, with --profile.")
 @with_settings
 def report_cmd(settings: Settings, results: str, out: str, threshold: float | None, since: str | None,
                profile_path: str | None, data: str | None) -> None:
-    """Write a report page: score distributions per version, shadow agreement, drift per feature."""
+    """Write a report page: score distributions per version, shadow agreement, drift per feature.
+
+    The model (--model or --routing) is needed only for drift (--profile with --data).
+    """
     from workers import report as rep
     from workers.rollout.compare import compare, read_results
 
     if bool(profile_path) != bool(data):
         raise ConfigError("--profile" if data else "--data", "--profile and --data go together")
-    table = read_results(results, settings.s3, since)
+    _output_file(out)
+    table = read_results(results, settings.s3, _since(since))
     summary = compare(table, settings.routing.threshold if threshold is None else threshold)
-    drift = rep.drift_of(settings, data, profile_path) if profile_path and data else None
-    text = rep.picture(summary, drift) if out.endswith(".svg") else rep.page(summary, drift, results)
-    with open(out, "w") as fh:
-        fh.write(text)
+    drift = _as_data(lambda: rep.drift_of(settings, data, profile_path)) if profile_path and data else None
+    text = rep.picture(summary, drift) if out.endswith(".svg") else rep.page(summary, drift, redact(results))
+    _write(out, text)
     click.echo(f"wrote {out}: {summary['rows']:,} rows, {len(summary['versions'])} version(s)"
                f"{f', drift for {len(drift)} features' if drift else ''}")
 
@@ -400,11 +539,16 @@ def _friendly(exc: BaseException) -> str:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="scoring-worker", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as exc:  # one line, like every other mistake (click's own takes three)
+        message = " ".join(exc.format_message().split())
+        where = exc.ctx.command_path if exc.ctx else "scoring-worker"
+        click.echo(f"error: {message} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
     except ConfigError as exc:
         click.echo(_friendly(exc), err=True)

@@ -199,9 +199,19 @@ class _Server(ThreadingHTTPServer):
     metrics: Metrics
 
 
-def serve_probes(port: int, health: Health, metrics: Metrics, host: str = "0.0.0.0") -> _Server:  # noqa: S104
-    """Start the probe server in a daemon thread; ``server.server_address[1]`` is the bound port."""
-    server = _Server((host, port), _Handler)
+def serve_probes(port: int, health: Health, metrics: Metrics, host: str = "0.0.0.0",  # noqa: S104
+                 setting: str = "SCORING_STREAM__METRICS_PORT") -> _Server:
+    """Start the probe server in a daemon thread; ``server.server_address[1]`` is the bound port.
+
+    Raises ConfigError naming ``setting`` when the port cannot be bound (in use, not allowed).
+    """
+    from workers.errors import ConfigError
+
+    try:
+        server = _Server((host, port), _Handler)
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                                   f"(in use? pick another port, 0 for any, empty to disable)") from None
     server.health, server.metrics = health, metrics
     threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
     return server

@@ -7,15 +7,68 @@ from __future__ import annotations
 
 import json
 import os
+import types
+import typing
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from workers.errors import ConfigError
 
 ENV_PREFIX = "SCORING_"
 _GROUP_CONFIG = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+# Query parameters of a URI that hold secrets (libpq's password, sslpassword; S3-style keys).
+_SECRET_PARAMS = {"password", "sslpassword", "secret", "secret_access_key", "access_key", "token"}
+
+
+def redact(uri: str) -> str:
+    """``uri`` with the password of its userinfo and any secret query parameter replaced by ``***``.
+
+    For everything printed or logged (summaries, ``settings --env``, check lines, errors). Text that is not
+    a URI is returned unchanged.
+    """
+    if not isinstance(uri, str) or "://" not in uri:
+        return uri
+    try:
+        p = urlsplit(uri)
+        netloc = p.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":***"
+            netloc = f"{userinfo}@{host}"
+        query = p.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+                query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*/")
+        return urlunsplit(p._replace(netloc=netloc, query=query))
+    except ValueError:  # not parseable as a URI (e.g. a bad port): show nothing that could be a secret
+        return uri.split("://", 1)[0] + "://***"
+
+
+def _allows_none(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation)
+
+
+class _Group(BaseModel):
+    """A settings group. An empty value (``SCORING_X__Y=`` or ``--y ""``) of an optional setting means unset
+    (None): "empty disables" as the docs say, and what a ConfigMap with a blank line gives."""
+
+    model_config = _GROUP_CONFIG
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_none(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: None if v == "" and k in fields and _allows_none(fields[k].annotation) else v
+                    for k, v in data.items()}
+        return data
 
 
 def _names(value: Any) -> Any:
@@ -31,8 +84,7 @@ def _names(value: Any) -> Any:
 NameList = Annotated[list[str], NoDecode, BeforeValidator(_names)]
 
 
-class ModelSettings(BaseModel):
-    model_config = _GROUP_CONFIG
+class ModelSettings(_Group):
 
     path: str | None = None
     """LightGBM model file in the text format `Booster.save_model` writes: a path, `file://` or `s3://` URI."""
@@ -50,8 +102,7 @@ class ModelSettings(BaseModel):
     (share it between pods, or precompile with `compile`)."""
 
 
-class S3Settings(BaseModel):
-    model_config = _GROUP_CONFIG
+class S3Settings(_Group):
 
     endpoint_url: str | None = None
     """S3 endpoint, e.g. `http://127.0.0.1:9000` for MinIO or moto; empty means AWS."""
@@ -63,8 +114,7 @@ class S3Settings(BaseModel):
     """S3 region."""
 
 
-class ScoringSettings(BaseModel):
-    model_config = _GROUP_CONFIG
+class ScoringSettings(_Group):
 
     id_column: str = "id"
     """Input column (batch) or JSON field (stream) holding the record id; with the model version it keys each result."""
@@ -82,8 +132,7 @@ class ScoringSettings(BaseModel):
     """Records in the sliding window drift is computed over."""
 
 
-class BatchSettings(BaseModel):
-    model_config = _GROUP_CONFIG
+class BatchSettings(_Group):
 
     input: str | None = None
     """Parquet input: a file, a directory, a glob (`data/*.parquet`) or an `s3://bucket/prefix`."""
@@ -109,8 +158,7 @@ class BatchSettings(BaseModel):
     """With a queue topic: exit after this long with no new event (the queue is drained)."""
 
 
-class KafkaSettings(BaseModel):
-    model_config = _GROUP_CONFIG
+class KafkaSettings(_Group):
 
     bootstrap_servers: str = "127.0.0.1:9092"
     """Kafka bootstrap servers, comma-separated `host:port`."""
@@ -158,8 +206,7 @@ class KafkaSettings(BaseModel):
         return cfg
 
 
-class StreamSettings(BaseModel):
-    model_config = _GROUP_CONFIG
+class StreamSettings(_Group):
 
     topics: NameList = Field(default_factory=list)
     """Topics to consume (repeat --topic, or comma-separated in the env var)."""
@@ -203,8 +250,7 @@ class StreamSettings(BaseModel):
         return self.dead_letter_topic or f"{topic}.dlq"
 
 
-class ServeSettings(BaseModel):
-    model_config = _GROUP_CONFIG
+class ServeSettings(_Group):
 
     host: str = "0.0.0.0"  # noqa: S104 - a container listens on every interface
     """Address to listen on."""
@@ -224,8 +270,7 @@ class ServeSettings(BaseModel):
     """Optional: also write CloudEvent results to this sink (same URIs as stream mode) before replying."""
 
 
-class RoutingSettings(BaseModel):
-    model_config = _GROUP_CONFIG
+class RoutingSettings(_Group):
 
     path: str | None = None
     """Routing file (YAML or JSON) naming several model versions with weights (sticky A/B split by key) or
@@ -291,13 +336,41 @@ def known_env_names(model: type[BaseModel] = Settings, prefix: tuple[str, ...] =
     return names
 
 
+def _groups() -> dict[str, type[BaseModel]]:
+    return {env_name((name,)): info.annotation for name, info in Settings.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+
+
 def _check_unknown_env() -> None:
     # pydantic-settings silently ignores SCORING_* variables that match no field; a typo such as
-    # SCORING_MODLE__PATH would then run with defaults. Refuse instead.
+    # SCORING_MODLE__PATH would then run with defaults. Refuse instead. A group's own name
+    # (SCORING_MODEL=x) would be parsed by pydantic-settings as the group's JSON and fail with a traceback.
     known = known_env_names()
-    for key in os.environ:
-        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+    groups = _groups()
+    for key in sorted(os.environ):
+        name = key.upper()
+        if name in groups:
+            example = env_name((name.removeprefix(ENV_PREFIX).lower(), next(iter(groups[name].model_fields))))
+            raise ConfigError(key, f"is a group of settings, not a setting; set one of its settings, e.g. {example}")
+        if name.startswith(ENV_PREFIX) and name not in known:
             raise ConfigError(key, "unknown setting (see `scoring-worker --help` or the README for the list)")
+
+
+def job_completion_index() -> int | None:
+    """The pod's index in a Kubernetes Indexed Job (``JOB_COMPLETION_INDEX``), None when not in one.
+
+    Raises ConfigError when it is not a whole number >= 0.
+    """
+    raw = os.environ.get("JOB_COMPLETION_INDEX")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError("JOB_COMPLETION_INDEX", f"must be a whole number >= 0 (got {raw!r})")
+    return value
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
@@ -308,6 +381,9 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     _check_unknown_env()
     try:
         settings = Settings(**(overrides or {}))
+    except SettingsError as exc:  # an env var pydantic-settings could not even parse (e.g. bad JSON)
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else ""
+        raise ConfigError(env_name((field,)) if field else "settings", str(exc).split(" from source")[0]) from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
@@ -327,6 +403,12 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError(
             "SCORING_BATCH__SHARD_INDEX", f"{b.shard_index} must be below SCORING_BATCH__SHARD_COUNT ({b.shard_count})"
         )
+    # Without an explicit shard index the batch run takes the Indexed Job's; an index no shard has would
+    # score nothing and exit 0, so it is refused like --shard-index.
+    index = job_completion_index()
+    if b.shard_index is None and index is not None and index >= b.shard_count:
+        raise ConfigError("JOB_COMPLETION_INDEX", f"{index} must be below SCORING_BATCH__SHARD_COUNT "
+                          f"({b.shard_count}); set the shard count to the Job's completions")
     return settings
 
 
@@ -346,7 +428,8 @@ def reference_rows(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = 
 
 
 def env_lines(settings: Settings) -> list[str]:
-    """KEY=VALUE for every setting that differs from its default; secrets are never printed."""
+    """KEY=VALUE for every setting that differs from its default; secrets are never printed (SecretStr
+    settings are left out, passwords inside URIs are shown as ``***``)."""
     lines = []
     defaults = Settings.model_construct()
 
@@ -356,10 +439,12 @@ def env_lines(settings: Settings) -> list[str]:
             path = (*prefix, name)
             if isinstance(value, BaseModel):
                 walk(value, base if isinstance(base, BaseModel) else type(value)(), path)
-            elif isinstance(value, SecretStr) or value == base or value is None:
+            elif isinstance(value, SecretStr) or value == base:
                 continue
+            elif value is None:  # unset where the default is set: "empty disables" (e.g. the metrics port)
+                lines.append(f"{env_name(path)}=")
             else:
-                shown = ",".join(value) if isinstance(value, list) else str(value)
+                shown = ",".join(value) if isinstance(value, list) else redact(str(value))
                 lines.append(f"{env_name(path)}={shown}")
 
     walk(settings, defaults, ())

@@ -8,7 +8,10 @@ threshold; multiclass: the same label) and the mean and max absolute score diffe
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+import datetime as dt
+import os
+import re
+from urllib.parse import parse_qsl, quote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -21,8 +24,29 @@ SETTING = "--results"
 COLUMNS = ["id", "model_version", "served", "score", "label", "scored_at"]
 
 
-def read_results(uri: str, s3: S3Settings, since: str | None = None) -> pd.DataFrame:
-    """Rows of a results table or dataset (the columns of ``COLUMNS`` that exist)."""
+REQUIRED = ("id", "model_version", "score")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, setting: str = "--since", now: dt.datetime | None = None) -> dt.datetime:
+    """``--since`` as an aware UTC datetime: an ISO 8601 time or date (UTC unless it has an offset), or a
+    duration before ``now`` (``90s``, ``30m``, ``2h``, ``7d``, ``1w``). Raises ConfigError naming ``setting``."""
+    m = _DURATION.match(text)
+    if m:
+        ago = float(m.group(1)) * _UNIT_S[m.group(2).lower()]
+        return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=ago)
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(setting, f"{text!r} is not a time: use ISO 8601 (2026-11-25T10:00, UTC unless it "
+                                   f"has an offset) or a duration ago (30m, 2h, 7d)") from None
+    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+
+
+def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None) -> pd.DataFrame:
+    """Rows of a results table or dataset (the columns of ``COLUMNS`` that exist), scored at or after
+    ``since`` when given. Never creates or changes anything at ``uri``; ConfigError when it holds no results."""
     scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
     if scheme in ("postgresql", "postgres"):
         df = _read_postgres(uri, since)
@@ -32,6 +56,9 @@ def read_results(uri: str, s3: S3Settings, since: str | None = None) -> pd.DataF
         df = _read_parquet(uri, s3, since)
     else:
         raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, SQLite or Parquet)")
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ConfigError(SETTING, f"{_shown(uri)} holds no scoring results (no column {', '.join(missing)})")
     if "served" not in df.columns:  # results written before rollout support: every row was served
         df["served"] = True
     df["served"] = df["served"].astype(bool)
@@ -39,11 +66,53 @@ def read_results(uri: str, s3: S3Settings, since: str | None = None) -> pd.DataF
     return df
 
 
-def _since_clause(since: str | None, placeholder: str) -> tuple[str, list]:
+def _shown(uri: str) -> str:
+    from workers.settings import redact
+
+    return redact(uri)
+
+
+def _since_clause(since: dt.datetime | None, placeholder: str) -> tuple[str, list]:
     return (f" WHERE scored_at >= {placeholder}", [since]) if since else ("", [])
 
 
-def _read_postgres(uri: str, since: str | None) -> pd.DataFrame:
+def _filter_since(df: pd.DataFrame, since: dt.datetime | None) -> pd.DataFrame:
+    """Rows scored at or after ``since``, comparing times (not text: SQLite holds ISO text, Parquet may
+    hold naive UTC timestamps)."""
+    if since is None or "scored_at" not in df.columns:
+        return df
+    when = pd.to_datetime(df["scored_at"], utc=True, format="ISO8601")
+    return df[when >= pd.Timestamp(since)].reset_index(drop=True)
+
+
+def sqlite_location(uri: str) -> tuple[str, str]:
+    """(database path, table) of a ``sqlite:///`` URI, parsed as the SQLite sink parses it."""
+    p = urlparse(uri)
+    path = p.path if p.netloc in ("", "localhost") else p.netloc + p.path
+    if uri.startswith("sqlite:////"):
+        path = "/" + path.lstrip("/")
+    elif uri.startswith("sqlite:///"):
+        path = path[1:] if path.startswith("/") else path
+    return path, dict(parse_qsl(p.query)).get("table", "scores")
+
+
+def open_sqlite_readonly(uri: str, setting: str = SETTING):
+    """A read-only connection to an existing SQLite database (``mode=ro``: it never creates the file, and
+    with it a stray empty database in the current folder). ConfigError when there is none."""
+    import sqlite3
+
+    path, _ = sqlite_location(uri)
+    if not path:
+        raise ConfigError(setting, f"{uri}: no database path (use sqlite:///relative.db or sqlite:////abs.db)")
+    if not os.path.isfile(path):
+        raise ConfigError(setting, f"SQLite database {path} does not exist")
+    try:
+        return sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise ConfigError(setting, f"cannot open SQLite database {path}: {exc}") from None
+
+
+def _read_postgres(uri: str, since: dt.datetime | None) -> pd.DataFrame:
     import psycopg
     from psycopg import sql
 
@@ -68,28 +137,26 @@ def _read_postgres(uri: str, since: str | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _read_sqlite(uri: str, since: str | None) -> pd.DataFrame:
+def _read_sqlite(uri: str, since: dt.datetime | None) -> pd.DataFrame:
     import sqlite3
 
-    from workers.sinks.sqlite import SqliteSink
-
-    sink = SqliteSink(uri, SETTING)
+    path, table = sqlite_location(uri)
+    conn = open_sqlite_readonly(uri)
     try:
-        conn = sink._conn
-        present = {r[1] for r in conn.execute(f'PRAGMA table_info("{sink.table}")')}
+        quoted = '"' + table.replace('"', '""') + '"'
+        present = {r[1] for r in conn.execute(f"PRAGMA table_info({quoted})")}
         if not present:
-            raise ConfigError(SETTING, f"table {sink.table!r} does not exist in {sink.path}")
+            raise ConfigError(SETTING, f"table {table!r} does not exist in {path}")
         cols = [c for c in COLUMNS if c in present]
-        where, params = _since_clause(since, "?")
-        rows = conn.execute(f'SELECT {", ".join(cols)} FROM "{sink.table}"{where}', params).fetchall()  # noqa: S608
+        rows = conn.execute(f'SELECT {", ".join(cols)} FROM {quoted}').fetchall()  # noqa: S608
     except sqlite3.Error as exc:
-        raise SinkError(f"cannot read {sink.name}: {exc}") from None
+        raise SinkError(f"cannot read sqlite:///{path}?table={table}: {exc}") from None
     finally:
-        sink.close()
-    return pd.DataFrame(rows, columns=cols)
+        conn.close()
+    return _filter_since(pd.DataFrame(rows, columns=cols), since)
 
 
-def _read_parquet(uri: str, s3: S3Settings, since: str | None) -> pd.DataFrame:
+def _read_parquet(uri: str, s3: S3Settings, since: dt.datetime | None) -> pd.DataFrame:
     import pyarrow.dataset as ds
 
     from workers.storage import resolve
@@ -104,9 +171,7 @@ def _read_parquet(uri: str, s3: S3Settings, since: str | None) -> pd.DataFrame:
         table = ds.dataset(path, filesystem=fs, format="parquet").to_table()
         parts.append(table.select([c for c in COLUMNS if c in table.column_names]).to_pandas())
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["id", "model_version", "score"])
-    if since and "scored_at" in df.columns:
-        df = df[df["scored_at"] >= pd.Timestamp(since, tz="UTC")]
-    return df
+    return _filter_since(df, since)
 
 
 def compare(df: pd.DataFrame, threshold: float = 0.5, bins: int = 20) -> dict:

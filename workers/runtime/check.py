@@ -6,11 +6,13 @@ Usable by a person and as a startup/liveness probe (it connects, then exits).
 from __future__ import annotations
 
 import logging
+import os
+from urllib.parse import urlparse
 
 import click
 
-from workers.errors import ScoringError
-from workers.settings import Settings
+from workers.errors import ScoringError, SinkError
+from workers.settings import Settings, redact
 
 
 def _line(ok: bool, what: str, detail: str) -> bool:
@@ -19,8 +21,9 @@ def _line(ok: bool, what: str, detail: str) -> bool:
 
 
 def run_checks(settings: Settings) -> int:
+    """One line per check (settings, model(s), broker and topics, sink, shadow sink); 0 when all pass.
+    Creates nothing: no database, folder or topic."""
     from workers.model import load_model
-    from workers.sinks import open_sink
 
     results = [_line(True, "settings", "valid")]
     try:
@@ -53,13 +56,59 @@ def run_checks(settings: Settings) -> int:
             reason = exc.args[0].str() if exc.args else str(exc)
             results.append(_line(False, "broker", f"{settings.kafka.bootstrap_servers}: {reason}"))
     uri = settings.stream.sink if settings.stream.topics or not settings.batch.output else settings.batch.output
-    try:
-        sink = open_sink(uri, settings.s3, kafka=settings.kafka)
+    sinks = [("sink", uri)] + ([("shadow sink", settings.routing.shadow_sink)] if settings.routing.shadow_sink else [])
+    for what, target in sinks:
         try:
-            sink.check()
-        finally:
-            sink.close()
-        results.append(_line(True, "sink", sink.name))
-    except ScoringError as exc:
-        results.append(_line(False, "sink", str(exc)))
+            results.append(_line(True, what, check_sink(target, settings)))
+        except ScoringError as exc:
+            results.append(_line(False, what, str(exc)))
     return 0 if all(results) else 1
+
+
+def check_sink(uri: str, settings: Settings) -> str:
+    """Reach the sink at ``uri`` without creating anything (a probe must leave no file behind): a SQLite
+    database or a local Parquet folder that does not exist yet passes when its nearest existing folder is
+    writable, as the worker will create it. Returns the line to show; raises ScoringError."""
+    from workers.sinks import open_sink
+
+    scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
+    if scheme == "sqlite":
+        return _check_sqlite(uri)
+    if scheme in ("", "file"):
+        path = uri.removeprefix("file://")
+        if not os.path.exists(path):
+            return _creatable(path, redact(uri), "folder")
+    sink = open_sink(uri, settings.s3, kafka=settings.kafka)
+    try:
+        sink.check()
+    finally:
+        sink.close()
+    return redact(sink.name)
+
+
+def _check_sqlite(uri: str) -> str:
+    import sqlite3
+
+    from workers.rollout.compare import open_sqlite_readonly, sqlite_location
+
+    path, table = sqlite_location(uri)
+    name = f"sqlite:///{path}?table={table}"
+    if path and not os.path.exists(path):
+        return _creatable(path, name, "database")
+    conn = open_sqlite_readonly(uri, "sink")
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        raise SinkError(f"cannot use {name}: {exc}") from None
+    finally:
+        conn.close()
+    return name
+
+
+def _creatable(path: str, name: str, kind: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SinkError(f"cannot create {name}: {parent} is not a writable folder")
+    return f"{name} (the {kind} does not exist yet; the worker will create it under {parent})"
