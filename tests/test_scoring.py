@@ -187,3 +187,52 @@ def test_rejected_rows_keep_any_type_of_id_in_the_errors_output(models, ids, sho
     assert out.rejected == 3 and out.errors["id"].type == pa.string()
     assert out.errors["id"].to_pylist() == shown
     assert all(r.startswith("{") for r in out.errors["raw"].to_pylist())
+
+
+@pytest.mark.parametrize("name", ["score", "Model_Version", "id", "label", "scores", "scored_at", "served",
+                                  "explanation", "explanation_v2", "reason", "raw", "source", "topic", "partition",
+                                  "OFFSET", "timestamp", "__row"])
+def test_passthrough_named_like_a_result_column_is_refused(models, name):
+    """Issue #14 case 5: such a column silently replaced ours (batch stored the input's old score and
+    model_version, the upsert key too; serve answered the event's own score; stream crashed)."""
+    from workers.errors import ConfigError
+    from workers.scoring import PASSTHROUGH_SETTING
+
+    with pytest.raises(ConfigError, match="named like a column the workers write") as err:
+        scorer(models["binary"], passthrough=["customer", name])
+    assert err.value.setting == PASSTHROUGH_SETTING == "SCORING_SCORING__PASSTHROUGH"
+    assert "\n" not in str(err.value)
+
+
+def test_passthrough_same_name_in_two_cases_is_refused_and_plain_names_are_fine(models):
+    from workers.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'Region' and 'region' are one column"):
+        scorer(models["binary"], passthrough=["Region", "region"])
+    ok = scorer(models["binary"], id_column="user", passthrough=["user", "scorecard", "ids", "x0"])
+    assert ok.passthrough == ["user", "scorecard", "ids", "x0"]
+
+
+@pytest.mark.parametrize("mode", ["batch", "stream", "serve"])
+def test_every_mode_refuses_a_reserved_passthrough_at_start_up_with_one_line(models, tmp_path, mode):
+    """Through the real CLI: exit 2, one line naming the setting, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    df = frame(20).assign(score=0.123)  # an input scored before, by another system: its score must not win
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "in" / "part-0.parquet")
+    args = {"batch": ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+            "stream": ["--bootstrap-servers", "127.0.0.1:1", "--topic", "t", "--group", "g",
+                       "--sink", f"sqlite:///{tmp_path / 's.db'}?table=scores"],
+            "serve": ["--port", "1"]}[mode]
+    proc = subprocess.run([sys.executable, "-m", "workers", mode, "--model", models["binary"], *args],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                          env={**os.environ, "SCORING_SCORING__PASSTHROUGH": "x0,score"})
+    assert proc.returncode == 2, (proc.stdout[-300:], proc.stderr[-500:])
+    assert proc.stderr.count("\n") == 1 and "SCORING_SCORING__PASSTHROUGH" in proc.stderr, proc.stderr[-500:]
+    assert "'score'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()

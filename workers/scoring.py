@@ -21,10 +21,51 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workers.errors import InputError
+from workers.errors import ConfigError, InputError
 from workers.model import Model
 
 ERROR_FIELDS = [("reason", pa.string()), ("raw", pa.string())]
+PASSTHROUGH_SETTING = "SCORING_SCORING__PASSTHROUGH"
+
+# Columns we write, by the mode that writes them. A passthrough column of the same name would replace ours
+# (the input's old score, or model_version, which is half the upsert key), so such names are refused at
+# start-up, compared case-insensitively (SQLite's column names are, and a reader should not have to care).
+# One set for every mode: modes share settings (one ConfigMap), and a name fine in batch would break stream.
+RESULT_COLUMNS = frozenset({"id", "score", "label", "scores", "model_version", "scored_at", "served",
+                            "explanation", "explanation_base"})
+ERROR_COLUMNS = frozenset({"id", "reason", "raw", "model_version", "scored_at", "source"})
+RESERVED_BY_MODE: dict[str, frozenset[str]] = {
+    "batch": RESULT_COLUMNS | ERROR_COLUMNS,
+    "stream": RESULT_COLUMNS | ERROR_COLUMNS | {"topic", "partition", "offset", "timestamp"},
+    "serve": RESULT_COLUMNS | ERROR_COLUMNS | {"topic", "partition", "offset", "__row"},
+}
+RESERVED_COLUMNS: frozenset[str] = frozenset().union(*RESERVED_BY_MODE.values())
+RESERVED_PREFIXES = ("explanation", "__")  # explanation_*: ours to add; __*: internal (serve's __row)
+
+
+def reserved_column(name: str) -> bool:
+    """Is ``name`` (any case) one of the columns the workers write, in any mode?"""
+    low = name.casefold()
+    return low in RESERVED_COLUMNS or low.startswith(RESERVED_PREFIXES)
+
+
+def check_passthrough(passthrough: list[str], id_column: str = "id") -> None:
+    """Raise ConfigError (naming SCORING_SCORING__PASSTHROUGH) when a passthrough column would replace one of
+    ours or another passthrough column: a reserved name, or the same name twice in any case."""
+    clash = [c for c in passthrough if reserved_column(c)]
+    if clash:
+        shown = ", ".join(repr(c) for c in clash)
+        hint = (f" (the results' 'id' holds the id column {id_column!r})"
+                if any(c.casefold() == "id" for c in clash) and id_column.casefold() != "id" else "")
+        raise ConfigError(PASSTHROUGH_SETTING, f"{shown}: named like a column the workers write "
+                          f"({', '.join(sorted(RESERVED_COLUMNS))}, explanation*, __*){hint}; it would replace "
+                          "ours. Rename the input column, or leave it out")
+    seen: dict[str, str] = {}
+    for c in passthrough:
+        if c.casefold() in seen:
+            raise ConfigError(PASSTHROUGH_SETTING, f"{seen[c.casefold()]!r} and {c!r} are one column to a table "
+                                                   "sink (names compare case-insensitively); list it once")
+        seen[c.casefold()] = c
 
 
 @dataclass
@@ -219,6 +260,7 @@ class Scorer:
         self.model = model
         self.id_column = id_column
         self.passthrough = list(passthrough or [])
+        check_passthrough(self.passthrough, id_column)
         self.explain = explain
         self.explain_top_k = explain_top_k
         # Called with the matrix of the rows about to be predicted (drift tracking in batch and serve modes).
