@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from starlette.testclient import TestClient
 
 from tests.conftest import free_port, wait_port
 from tests.helpers import FEATURES
+from workers.errors import ConfigError
 from workers.runtime.serve import App
 from workers.settings import load_settings
 
@@ -252,3 +254,171 @@ def test_oip_categorical_values_score_like_lightgbm_pandas_predict(models):
                            tensor(name="size", shape=[40], data=[1] * 40)]}
         resp = c.post("/v2/models/categorical/infer", content=orjson.dumps(body))
         assert resp.status_code == 400 and "'color'" in resp.json()["error"], resp.text
+
+
+# -- case 4: a CloudEvents batch holding a bad event, with --sink --------------------------------------------
+def kafka_event(record: dict | str, offset: int, source: str = "/apis/v1/namespaces/ns/kafkasources/src#events",
+                **extra) -> dict:
+    """A structured CloudEvent as Knative's KafkaSource sends it."""
+    event = {"specversion": "1.0", "type": "dev.knative.kafka.event", "source": source,
+             "id": f"partition:2/offset:{offset}", "datacontenttype": "application/json", **extra}
+    event["data"] = record
+    return event
+
+
+def good_record(i: int) -> dict:
+    x = np.random.default_rng(500 + i).normal(size=len(FEATURES))
+    return {"id": f"e{i}", **{f: float(v) for f, v in zip(FEATURES, x, strict=True)}}
+
+
+def read_table(sink: str, table: str) -> list[dict]:
+    if sink.startswith("sqlite"):
+        conn = sqlite3.connect(sink.split("sqlite:///", 1)[1].split("?", 1)[0])
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
+        except sqlite3.OperationalError:
+            return []
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(sink.split("?", 1)[0], row_factory=dict_row) as conn:
+        exists = conn.execute("SELECT to_regclass(%s)", (f'"{table}"',)).fetchone()["to_regclass"]
+        return list(conn.execute(f'SELECT * FROM "{table}"')) if exists else []
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sink_uri(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/serve.db?table=scores", "scores"
+    pg_dsn, table = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_table")
+    return f"{pg_dsn}?table={table}", table
+
+
+def test_batch_with_a_bad_event_stores_and_answers_the_good_ones(models, sink_uri):
+    uri, table = sink_uri
+    booster = lgb.Booster(model_file=models["binary"])
+    records = [good_record(i) for i in range(5)]
+    batch = [kafka_event(r, 100 + i) for i, r in enumerate(records)]
+    batch.insert(2, kafka_event({"id": "bad", "x0": "abc"}, 99))
+    batch.insert(4, kafka_event("{not json", 98))
+    with TestClient(app_for(models["binary"], serve={"sink": uri}).asgi()) as c:
+        for attempt in range(2):  # Knative retries a delivery: the same answer, nothing stored twice
+            resp = c.post("/", headers=BATCH, content=orjson.dumps(batch))
+            assert resp.status_code == 200, resp.text
+            events = resp.json()
+            kinds = [e["type"] for e in events]
+            assert kinds == ["scoring.result"] * 2 + ["scoring.result.error"] + ["scoring.result"] + \
+                ["scoring.result.error"] + ["scoring.result"] * 2, (attempt, kinds)
+            assert "expected a number" in events[2]["data"]["error"] and "JSON" in events[4]["data"]["error"]
+            scores = [e["data"]["score"] for e in events if e["type"] == "scoring.result"]
+            x = np.array([[r[f] for f in FEATURES] for r in records])
+            assert np.max(np.abs(np.array(scores) - booster.predict(x))) <= 1e-9
+    stored = sorted(read_table(uri, table), key=lambda r: r["id"])
+    assert [r["id"] for r in stored] == [f"e{i}" for i in range(5)]
+    assert [r["offset"] for r in stored] == [100, 101, 102, 103, 104]
+    errors = sorted(read_table(uri, f"{table}_errors"), key=lambda r: r["source"])
+    assert len(errors) == 2, errors  # the retry replaced the error rows, it did not add copies
+    assert [e["source"] for e in errors] == [
+        "/apis/v1/namespaces/ns/kafkasources/src#events#partition:2/offset:98",
+        "/apis/v1/namespaces/ns/kafkasources/src#events#partition:2/offset:99"]
+    assert {e["id"] for e in errors} == {None, "bad"}
+
+
+def test_rows_the_sink_cannot_hold_are_answered_with_the_reason_and_the_rest_stored(models, pg_dsn, pg_table):
+    """PostgreSQL text cannot hold NUL: that event's row is refused by the sink (RowsRejected); it is answered
+    with the reason, the others are stored and answered, and a redelivery gives the same answers."""
+    uri = f"{pg_dsn}?table={pg_table}"
+    records = [good_record(i) for i in range(4)]
+    for i, r in enumerate(records):
+        r["note"] = "a\u0000b" if i == 1 else f"n{i}"
+    batch = [kafka_event(r, 10 + i) for i, r in enumerate(records)]
+    with TestClient(app_for(models["binary"], serve={"sink": uri}, scoring={"passthrough": ["note"]}).asgi()) as c:
+        for _ in range(2):
+            resp = c.post("/", headers=BATCH, content=orjson.dumps(batch))
+            assert resp.status_code == 200, resp.text
+            events = resp.json()
+            assert [e["type"] for e in events] == ["scoring.result", "scoring.result.error", "scoring.result",
+                                                   "scoring.result"]
+            assert "'note'" in events[1]["data"]["error"] and events[1]["subject"] == "e1"
+            assert [e["data"]["note"] for e in events if "note" in e["data"]] == ["n0", "n2", "n3"]
+        # A single event the sink refuses: 400 with the reason (Knative dead-letters it, no retry loop).
+        msg = {"ce-specversion": "1.0", "ce-id": "x1", "ce-source": "s", "ce-type": "t",
+               "content-type": "application/json"}
+        resp = c.post("/", headers=msg, content=orjson.dumps(records[1]))
+        assert resp.status_code == 400 and "'note'" in resp.json()["error"], resp.text
+    assert sorted(r["id"] for r in read_table(uri, pg_table)) == ["e0", "e2", "e3"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "none"])
+def test_passthrough_values_of_every_json_type_are_answered_as_sent(models, tmp_path, kind):
+    """Case 13 (serve): an integer of 2**63 or more, types changing between events, lists with nulls, objects:
+    never a 500; the reply carries each event's own value."""
+    values = [2**63 + 5, -1, 15.5, "text", None, [1, None], {"a": [1, 2]}, True, 2**64 - 1, [], ""]
+    records = [{**good_record(i), "extra": v} for i, v in enumerate(values)]
+    serve = {"sink": f"sqlite:///{tmp_path}/s.db?table=scores"} if kind == "sqlite" else {}
+    with TestClient(app_for(models["binary"], serve=serve, scoring={"passthrough": ["extra"]}).asgi()) as c:
+        for chunk in (records[:1], records, records[1:2], records[5:6]):  # 2**63 alone first: it was a 500
+            resp = c.post("/", headers=BATCH, content=orjson.dumps([kafka_event(r, i) for i, r in enumerate(chunk)]))
+            assert resp.status_code == 200, resp.text
+            got = resp.json()
+            assert all(e["type"] == "scoring.result" for e in got), got
+            assert [e["data"]["extra"] for e in got] == [r["extra"] for r in chunk]
+    if kind == "sqlite":
+        assert len(read_table(serve["sink"], "scores")) == len(values)
+
+
+@pytest.mark.parametrize("names", [["score"], ["model_version"], ["served"], ["explanation_x0"], ["__row"],
+                                   ["id"], ["offset"], ["source"]])
+def test_passthrough_named_like_a_result_field_is_refused_at_start_up(models, tmp_path, names):
+    sink = {"sink": f"sqlite:///{tmp_path}/s.db?table=scores"}
+    with pytest.raises(ConfigError, match="SCORING_SCORING__PASSTHROUGH"):
+        app_for(models["binary"], serve=sink, scoring={"passthrough": names})
+    proc = subprocess.run([sys.executable, "-m", "workers", "serve", "--model", models["binary"], "--port", "0",
+                           "--sink", sink["sink"], "--passthrough", names[0]], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "SCORING_SCORING__PASSTHROUGH" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_event_shapes_a_sender_can_get_wrong_are_answered_per_event_never_500(models):
+    """Siblings of case 4: one malformed batch item is answered with its reason; the others are scored."""
+    good = kafka_event(good_record(0), 1)
+    items = [
+        good,
+        "not an object",
+        [1, 2],
+        {"specversion": "1.0", "type": "t", "source": "s"},  # no id
+        {**kafka_event(good_record(1), 2), "specversion": "9.9"},
+        {k: v for k, v in kafka_event(good_record(2), 3).items() if k != "data"},  # no data
+        {**kafka_event(good_record(3), 4), "datacontenttype": "application/xml"},
+        {**kafka_event(good_record(4), 5), "data": "{not json"},
+        {**kafka_event(good_record(5), 6), "data": [1, 2]},
+        {k: v for k, v in kafka_event(good_record(6), 7).items() if k != "data"} | {"data_base64": "***"},
+        kafka_event(good_record(7), 8),
+    ]
+    with TestClient(app_for(models["binary"]).asgi()) as c:
+        resp = c.post("/", headers=BATCH, content=orjson.dumps(items))
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+        assert len(got) == len(items)
+        assert [e["type"] for e in got] == ["scoring.result"] + ["scoring.result.error"] * 9 + ["scoring.result"]
+        says = ["JSON str", "JSON list", "'id'", "specversion", "without data", "not JSON", "not valid JSON",
+                "where an object was expected", "base64"]
+        for reply, word in zip(got[1:-1], says, strict=True):
+            assert word in reply["data"]["error"], (word, reply)
+        assert got[3]["id"] == "batch-item-3/result" and got[4]["id"] == "partition:2/offset:2/result"
+        assert c.post("/", headers=BATCH, content=b"[]").json() == []
+        for body in (b"{}", b"null", b'"x"'):
+            resp = c.post("/", headers=BATCH, content=body)
+            assert resp.status_code == 400 and "array" in resp.json()["error"], resp.text
+        binary = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "s", "ce-type": "t"}
+        for headers, body, word in [({**binary, "content-type": "application/json"}, b"{not json", "not valid JSON"),
+                                    ({**binary, "content-type": "image/png"}, b"{}", "not JSON"),
+                                    ({**binary, "content-type": "application/json"}, b"", "not valid JSON"),
+                                    ({"content-type": "application/cloudevents+json"}, b"[]", "object"),
+                                    ({"content-type": "application/cloudevents+json"},
+                                     orjson.dumps({k: v for k, v in good.items() if k != "data"}), "without data")]:
+            resp = c.post("/", headers=headers, content=body)
+            assert resp.status_code == 400 and word in resp.json()["error"], (headers, resp.text)
+        assert 'status="500"' not in c.get("/metrics").text

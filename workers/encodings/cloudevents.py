@@ -3,6 +3,9 @@
 KafkaSource events: ``type=dev.knative.kafka.event``, ``source=/apis/v1/namespaces/NS/kafkasources/NAME#TOPIC``,
 ``id=partition:P/offset:O``, the record key in the ``key`` extension, Kafka headers as ``kafkaheader<name>``.
 The data is the same JSON record stream mode reads.
+
+A malformed request (not JSON, not a CloudEvent) raises ``BadRequest``. Inside a batch, one malformed item
+does not spoil the others: it comes back as an ``Event`` with ``error`` set, to be answered with that reason.
 """
 
 from __future__ import annotations
@@ -22,11 +25,23 @@ REQUIRED = ("specversion", "id", "source", "type")
 _KAFKA_ID = re.compile(r"^partition:(\d+)/offset:(\d+)$")
 
 
+# Media types whose data can be a JSON record. text/plain is how KafkaSource labels records sent without a
+# content-type header; their bytes are parsed all the same (a record that is not JSON gets that reason).
+_JSON_TYPES = ("application/json", "text/json", "text/plain")
+
+
 @dataclass
 class Event:
     attributes: dict[str, Any]
     data: bytes | None
     extensions: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # a batch item that is not a usable CloudEvent: answered with this reason
+
+    @property
+    def locator(self) -> str:
+        """``source#id``: what identifies an event (CloudEvents: unique per distinct event), so a redelivery
+        keys the same stored error row."""
+        return f"{self.attributes.get('source', '')}#{self.attributes.get('id', '')}"
 
     @property
     def key(self) -> bytes | None:
@@ -51,11 +66,21 @@ def _check(attrs: dict[str, Any]) -> None:
         raise BadRequest(f"CloudEvents specversion {attrs['specversion']!r} is not supported (use 1.0)")
 
 
+def _check_type(attrs: dict[str, Any]) -> None:
+    ctype = attrs.get("datacontenttype")
+    if ctype is None:
+        return
+    media = str(ctype).split(";", 1)[0].strip().lower()
+    if media not in _JSON_TYPES and not media.endswith("+json"):
+        raise BadRequest(f"datacontenttype {str(ctype)[:80]!r} is not JSON; the data must be a JSON record")
+
+
 def _structured(obj: Any) -> Event:
     if not isinstance(obj, dict):
-        raise BadRequest("a structured CloudEvent must be a JSON object")
+        raise BadRequest(f"a structured CloudEvent must be a JSON object, got JSON {type(obj).__name__}")
     attrs = {k: v for k, v in obj.items() if k not in ("data", "data_base64")}
     _check(attrs)
+    _check_type(attrs)
     if "data_base64" in obj:
         try:
             data = base64.b64decode(obj["data_base64"], validate=True)
@@ -63,11 +88,22 @@ def _structured(obj: Any) -> Event:
             raise BadRequest("data_base64 is not base64") from None
     elif "data" in obj:
         raw = obj["data"]
-        data = raw.encode() if isinstance(raw, str) and not raw.lstrip().startswith("{") else (
-            raw.encode() if isinstance(raw, str) else orjson.dumps(raw))
+        # A string is the record's JSON text (some senders embed it so); anything else is the record itself.
+        data = raw.encode() if isinstance(raw, str) else orjson.dumps(raw)
     else:
-        data = None
+        raise BadRequest("CloudEvent without data (the data must be a JSON record)")
     return Event(attrs, data)
+
+
+def _batch_item(i: int, obj: Any) -> Event:
+    try:
+        return _structured(obj)
+    except BadRequest as exc:
+        attrs = obj if isinstance(obj, dict) else {}
+        eid = attrs.get("id")
+        # Its reply needs an id: the item's own, else its position in the batch.
+        ident = eid if isinstance(eid, str) and eid else f"batch-item-{i}"
+        return Event({"id": ident, "source": str(attrs.get("source", ""))}, None, error=str(exc))
 
 
 def parse(headers: dict[str, str], body: bytes) -> tuple[list[Event], bool]:
@@ -80,7 +116,7 @@ def parse(headers: dict[str, str], body: bytes) -> tuple[list[Event], bool]:
             raise BadRequest(f"batch body is not valid JSON: {exc}") from None
         if not isinstance(items, list):
             raise BadRequest("a CloudEvents batch must be a JSON array")
-        return [_structured(i) for i in items], True
+        return [_batch_item(i, item) for i, item in enumerate(items)], True
     if ctype == STRUCTURED:
         try:
             return [_structured(orjson.loads(body))], False
@@ -92,6 +128,7 @@ def parse(headers: dict[str, str], body: bytes) -> tuple[list[Event], bool]:
     _check(attrs)
     if ctype:
         attrs["datacontenttype"] = ctype
+    _check_type(attrs)
     return [Event(attrs, body)], False
 
 

@@ -23,6 +23,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,13 +33,14 @@ from starlette.routing import Route
 from workers.encodings import cloudevents as ce
 from workers.encodings import oip
 from workers.encodings.oip import BadRequest
+from workers.errors import ConfigError
 from workers.model import Model
 from workers.observability import LATENCY_BUCKETS, SIZE_BUCKETS, Metrics
 from workers.records import RecordDecoder
 from workers.rollout import split
 from workers.rollout.router import Router, Version
 from workers.rollout.watch import RoutingSource
-from workers.scoring import Scored
+from workers.scoring import Scored, to_json
 from workers.settings import Settings
 
 log = logging.getLogger("workers.serve")
@@ -46,6 +48,31 @@ log = logging.getLogger("workers.serve")
 
 _ROW = "__row"  # carried through routing so replies come back in event order
 _DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def _passthrough_array(values: list) -> pa.Array:
+    """Passthrough values as an Arrow array; what Arrow cannot type (an integer beyond 64 bits next to a
+    negative one, ...) is kept as JSON text rather than failing the request."""
+    try:
+        return RecordDecoder.passthrough_array(values)
+    except (OverflowError, TypeError, ValueError):  # ArrowInvalid/ArrowTypeError are ValueError/TypeError
+        return pa.array([None if v is None else to_json(v) for v in values], pa.string())
+
+
+# Fields of a reply (and of a stored row) that are ours; a passthrough field of the same name would replace our
+# value with the event's (its own old "score"), so such names are refused at start-up.
+_RESULT_FIELDS = frozenset({"id", "score", "label", "scores", "model_version", "scored_at", "served", _ROW})
+_STORED_FIELDS = frozenset({"topic", "partition", "offset", "source", "reason", "raw"})  # with --sink
+
+
+def _check_passthrough(names: list[str], stored: bool) -> None:
+    reserved = _RESULT_FIELDS | (_STORED_FIELDS if stored else frozenset())
+    clash = [n for n in names if n in reserved or n.startswith("explanation")]
+    if clash:
+        raise ConfigError("SCORING_SCORING__PASSTHROUGH",
+                          f"{', '.join(map(repr, clash))} would replace a field of the result; passthrough "
+                          f"cannot use {', '.join(sorted(n for n in reserved if n != _ROW))}, explanation*"
+                          f"{' or ' + _ROW if _ROW in clash else ''}")
 
 
 class HTTPError(Exception):
@@ -141,6 +168,7 @@ class App:
         self.batcher = Batcher(sv.max_batch_rows, sv.max_latency_ms / 1000, rows, reqs)
         self.sink = None
         self.sink_executor = ThreadPoolExecutor(1, thread_name_prefix="sink")
+        _check_passthrough(settings.scoring.passthrough, stored=bool(sv.sink))
         if sv.sink:
             from workers.sinks import open_result_sink
 
@@ -294,9 +322,34 @@ class App:
 
     # -- CloudEvents -----------------------------------------------------------------------------
     async def cloudevent(self, request: Request) -> Response:
+        """CloudEvents in, one reply per event. A bad record, a batch item that is not a CloudEvent, or a row the
+        sink cannot hold is answered with its reason (a single event: 400, so Knative dead-letters it; in a
+        batch: a ``.error`` reply); the other events are stored and answered. Only a failing sink is a 503."""
         body = await self.body(request)
         headers = {k.lower(): v for k, v in request.headers.items()}
         events, is_batch = ce.parse(headers, body)
+        live = [i for i, e in enumerate(events) if e.error is None]
+        replies: list[tuple[dict, dict] | None] = [None] * len(events)
+        reasons = {i: e.error for i, e in enumerate(events) if e.error is not None}
+        if live:
+            scored_replies, live_reasons = await self.score_events([events[i] for i in live])
+            for k, i in enumerate(live):
+                replies[i] = scored_replies[k]
+                if k in live_reasons:
+                    reasons[i] = live_reasons[k]
+        for i in reasons:
+            if replies[i] is None:
+                attrs = ce.reply_attributes(events[i], f"{self.settings.serve.reply_type}.error", self.source, None)
+                replies[i] = (attrs, {"error": reasons[i]})
+        if is_batch:
+            return Response(orjson.dumps([ce.structured(a, d) for a, d in replies]), 200, media_type=ce.BATCH)
+        if 0 in reasons:
+            raise BadRequest(reasons[0])
+        attrs, data = replies[0]
+        return Response(orjson.dumps(data), 200, headers=ce.binary_headers(attrs))
+
+    async def score_events(self, events: list[ce.Event]) -> tuple[list[tuple[dict, dict]], dict[int, str]]:
+        """Score, store and answer well-formed events: (reply per event, reason per rejected event)."""
         router = self.routing.current()
         routed, decoded = router.decode([e.data for e in events], [e.key for e in events], key_as_id=True)
         self.observe_drift(router.primary.scorer.good_matrix(decoded.features))
@@ -311,8 +364,7 @@ class App:
                 router.failed(job, job.matrix().shape[0], pred)
                 pred = None
             predictions.append(pred)
-        carry: dict[str, pa.Array] = {
-            name: RecordDecoder.passthrough_array(values) for name, values in decoded.passthrough.items()}
+        carry: dict[str, pa.Array] = {name: _passthrough_array(values) for name, values in decoded.passthrough.items()}
         if self.sink is not None:
             positions = [e.kafka_position() for e in events]
             carry["topic"] = pa.array([p[0] for p in positions], pa.string())
@@ -320,22 +372,24 @@ class App:
             carry["offset"] = pa.array([p[2] for p in positions], pa.int64())
         carry[_ROW] = pa.array(np.arange(len(events)), pa.int64())
         scored = router.finish(routed, carry, predictions, jobs)
+        reasons = dict(zip(scored.error_rows.tolist(), scored.errors["reason"].to_pylist(), strict=True))
         table = scored.results
-        if self.sink is not None and scored.ok:
-            from workers.errors import SinkError
-
-            stored = Scored(table.drop_columns([_ROW]), scored.errors.drop_columns([_ROW]), scored.error_rows)
-            try:
-                await asyncio.get_running_loop().run_in_executor(self.sink_executor, self.sink.write_stream, stored)
-            except SinkError as exc:
-                # Not the sender's fault: 503 so Knative retries the delivery later.
-                raise HTTPError(503, f"sink unavailable: {exc}") from None
+        if self.sink is not None and (scored.ok or scored.rejected):
+            refused = await self.store(scored, [e.locator for e in events])
+            if refused:
+                reasons.update(refused)
+                table = table.filter(pc.invert(pc.is_in(table[_ROW], pa.array(list(refused), pa.int64()))))
         # The reply holds each event's served result, in event order (shadow rows are stored, not replied).
         if len(router.versions) > 1:
-            table = table.filter(table["served"]).sort_by(_ROW)
+            table = table.filter(table["served"])
+        table = table.sort_by(_ROW)
         results = table.drop_columns([c for c in ("topic", "partition", "offset", _ROW, "served")
                                       if c in table.column_names]).to_pylist()
-        reasons = dict(zip(scored.error_rows.tolist(), scored.errors["reason"].to_pylist(), strict=True))
+        # Passthrough values are answered as the event sent them (the stored column may hold JSON text).
+        for result, i in zip(results, table[_ROW].to_pylist(), strict=True):
+            for name, values in decoded.passthrough.items():
+                if name in result:
+                    result[name] = values[i]
         replies, r = [], 0
         for i, event in enumerate(events):
             if i in reasons:
@@ -346,12 +400,57 @@ class App:
                 attrs = ce.reply_attributes(event, self.settings.serve.reply_type, self.source, results[r]["id"])
                 replies.append((attrs, results[r]))
                 r += 1
-        if is_batch:
-            return Response(orjson.dumps([ce.structured(a, d) for a, d in replies]), 200, media_type=ce.BATCH)
-        attrs, data = replies[0]
-        if 0 in reasons:
-            raise BadRequest(reasons[0])
-        return Response(orjson.dumps(data), 200, headers=ce.binary_headers(attrs))
+        return replies, reasons
+
+    async def store(self, scored: Scored, locators: list[str]) -> dict[int, str]:
+        """Write results and rejected rows to the sink; returns the events whose rows it cannot hold (event
+        index -> reason), which are left out and the rest written again. SinkError -> 503 (Knative retries).
+
+        Rejected rows are keyed by their event's ``source#id``: a redelivered batch replaces them."""
+        from workers.errors import RowsRejected, SinkError
+
+        results = scored.results
+        errors = scored.errors.append_column("source", pa.array([locators[i] for i in scored.error_rows.tolist()],
+                                                                 pa.string()))
+        # One event twice in a batch (same source#id) is one error row; the later copy is kept.
+        last = {src: k for k, src in enumerate(errors["source"].to_pylist())}
+        if len(last) < errors.num_rows:
+            errors = errors.take(pa.array(sorted(last.values()), pa.int64()))
+        refused: dict[int, str] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            stored = Scored(results.drop_columns([_ROW]), errors.drop_columns([_ROW]))
+            try:
+                await loop.run_in_executor(self.sink_executor, self.sink.write_stream, stored)
+                return refused
+            except SinkError as exc:
+                # Not the sender's fault: 503 so Knative retries the delivery later.
+                raise HTTPError(503, f"sink unavailable: {exc}") from None
+            except RowsRejected as exc:
+                results, errors = self._without_rejected(results, errors, exc, refused)
+
+    def _without_rejected(self, results: pa.Table, errors: pa.Table, exc, refused: dict[int, str]
+                          ) -> tuple[pa.Table, pa.Table]:
+        """Drop the rows a sink refused: a refused served row takes its whole event (its shadow rows too) out,
+        answered with the reason; a refused shadow row alone is dropped (counted as an error of its version)."""
+        n = results.num_rows
+        named = {int(i): reason for i, reason in exc.rows.items() if 0 <= int(i) < n}
+        if not named:  # a sink breaking the contract: loud, never a silent retry loop
+            raise RuntimeError(f"{self.sink.name} rejected rows without naming any of the {n} written: {exc}")
+        rows = results[_ROW].to_pylist()
+        served = results["served"].to_pylist()
+        versions = results["model_version"].to_pylist()
+        drop = set()
+        for i, reason in sorted(named.items()):
+            if served[i]:
+                refused.setdefault(rows[i], f"cannot be stored: {reason}")
+            else:
+                self.metrics.version_errors.labels(versions[i]).inc()
+            drop.add(i)
+        keep = [i not in drop and rows[i] not in refused for i in range(n)]
+        log.warning("rows the sink cannot hold answered with the reason",
+                    extra={"events": len(refused), "rows": n - sum(keep), "reason": next(iter(named.values()))})
+        return results.filter(pa.array(keep)), errors
 
     # -- probes ----------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
