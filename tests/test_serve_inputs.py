@@ -422,3 +422,27 @@ def test_event_shapes_a_sender_can_get_wrong_are_answered_per_event_never_500(mo
             resp = c.post("/", headers=headers, content=body)
             assert resp.status_code == 400 and word in resp.json()["error"], (headers, resp.text)
         assert 'status="500"' not in c.get("/metrics").text
+
+
+def test_cloudevents_categorical_values_score_like_lightgbm_pandas_predict(models):
+    """Case 7 (serve, CloudEvents): the JSON record's category values (text, integers, the integer category as a
+    float) are mapped through the model's lists, as LightGBM's pandas predict maps the same values."""
+    from tests.helpers import frame
+
+    df = frame(30, seed=41, categorical=True)
+    df.loc[2, "color"] = np.nan
+    df.loc[4, "size"] = np.nan
+    booster = lgb.Booster(model_file=models["categorical"])
+    expected = booster.predict(df[[*FEATURES, "color", "size"]])
+    records = []
+    for i, row in enumerate(df.to_dict("records")):
+        size = None if row["size"] != row["size"] else int(row["size"])
+        rec = {"id": row["id"], **{f: row[f] for f in FEATURES},
+               "color": None if not isinstance(row["color"], str) else row["color"],
+               "size": float(size) if (size is not None and i % 2) else size}
+        records.append(rec)
+    with TestClient(app_for(models["categorical"]).asgi()) as c:
+        resp = c.post("/", headers=BATCH, content=orjson.dumps([kafka_event(r, i) for i, r in enumerate(records)]))
+        assert resp.status_code == 200, resp.text
+        got = np.array([e["data"]["score"] for e in resp.json()])
+    assert np.max(np.abs(got - expected)) <= 1e-9
