@@ -446,3 +446,21 @@ def test_cloudevents_categorical_values_score_like_lightgbm_pandas_predict(model
         assert resp.status_code == 200, resp.text
         got = np.array([e["data"]["score"] for e in resp.json()])
     assert np.max(np.abs(got - expected)) <= 1e-9
+
+
+def test_rows_refused_with_routing_take_the_event_out_with_its_shadow_rows(models, tmp_path, pg_dsn, pg_table):
+    uri = f"{pg_dsn}?table={pg_table}"
+    routing = write_routing(tmp_path, models)
+    records = [{**good_record(i), "note": "a\u0000b" if i == 3 else f"n{i}"} for i in range(8)]
+    settings = load_settings({"routing": {"path": routing}, "serve": {"sink": uri, "model_name": "m"},
+                              "scoring": {"passthrough": ["note"]}})
+    with TestClient(App(settings).asgi()) as c:
+        resp = c.post("/", headers=BATCH, content=orjson.dumps([kafka_event(r, i) for i, r in enumerate(records)]))
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+    assert [e["type"] for e in got] == ["scoring.result"] * 3 + ["scoring.result.error"] + ["scoring.result"] * 4
+    assert {e["data"]["model_version"] for e in got if "score" in e["data"]} <= {"v1", "v2"}
+    stored = read_table(uri, pg_table)
+    assert sorted({r["id"] for r in stored}) == [f"e{i}" for i in range(8) if i != 3]
+    assert sorted(r["model_version"] for r in stored if r["id"] == "e0")[-1] == "v3"  # shadow rows stored
+    assert all(not r["served"] for r in stored if r["model_version"] == "v3")
