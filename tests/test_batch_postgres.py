@@ -63,7 +63,9 @@ def test_folder_to_postgres_with_correct_scores_and_no_duplicates_on_rerun(model
         assert x0 == expected_df["x0"].iloc[i]
         assert version.startswith("multiclass-") and scored_at.tzinfo is not None
     assert types["scores"] == "ARRAY" and types["scored_at"] == "timestamp with time zone"
-    assert errors == [("r42-4", "feature 'x2': 'bad' is not a number", "messy.parquet#4", errors[0][3])]
+    # the source names the file (relative or absolute, as the batch runtime spells the unit) and the row
+    assert errors == [("r42-4", "feature 'x2': 'bad' is not a number", errors[0][2], errors[0][3])]
+    assert errors[0][2].endswith("messy.parquet#4")
     assert errors[0][3]["x2"] == "bad"
 
 

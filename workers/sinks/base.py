@@ -21,8 +21,34 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from workers.scoring import Scored
+
+_SECRET_WORDS = ("password", "secret", "token", "access_key")
+
+
+def redact(uri: str) -> str:
+    """``uri`` without secrets, for a sink's ``name`` (what logs and summaries print): the userinfo password
+    and every query parameter whose name holds password/secret/token/access_key become ``***``."""
+    if "://" not in uri:
+        return uri
+    try:
+        p = urlsplit(uri)
+        netloc, query = p.netloc, p.query
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                netloc = userinfo.split(":", 1)[0] + ":***@" + host
+        pairs = parse_qsl(p.query, keep_blank_values=True)
+        if any(w in k.lower() for k, _ in pairs for w in _SECRET_WORDS):
+            query = urlencode([(k, "***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in pairs],
+                              safe="*/")
+        if (netloc, query) == (p.netloc, p.query):
+            return uri  # nothing secret: as written (urlunsplit would respell sqlite:/// paths)
+        return urlunsplit(p._replace(netloc=netloc, query=query))
+    except ValueError:  # not parseable (a bad port...): show nothing that could be a secret
+        return uri.split("://", 1)[0] + "://***"
 
 
 class UnitWriter(ABC):
@@ -53,7 +79,7 @@ class DirectUnit(UnitWriter):
 
 
 class Sink(ABC):
-    #: a redacted description for logs (no passwords)
+    #: a redacted description for logs and summaries (never a password: build it with ``redact``)
     name: str = "sink"
     #: rows dropped because another row of the same write had the same (id, model_version) key: the later
     #: row (input order; in stream mode the higher offset) is kept. Keyed sinks count them; the batch summary
@@ -61,7 +87,10 @@ class Sink(ABC):
     duplicates_collapsed: int = 0
 
     @abstractmethod
-    def begin(self, unit: str) -> UnitWriter: ...
+    def begin(self, unit: str) -> UnitWriter:
+        """A writer for one unit (batch: one input file). Table sinks write the whole unit in one transaction
+        that first deletes every result and error an earlier run stored for ``unit``, so a rewritten input
+        leaves nothing stale (an emptied input leaves nothing at all); ``abort`` keeps the old ones."""
 
     def write(self, unit: str, scored: Scored) -> None:
         """Write one batch as a whole unit (stream mode)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 
 import orjson
 import pyarrow as pa
@@ -18,10 +19,11 @@ import pyarrow.compute as pc
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import Producer as _RdProducer
 
-from workers.errors import ConfigError, SinkError
+from workers.errors import ConfigError, RowsRejected, SinkError
 from workers.scoring import Scored
 from workers.settings import KafkaSettings
-from workers.sinks.base import DirectUnit, Sink, UnitWriter
+from workers.sinks.base import DirectUnit, Sink, UnitWriter, redact
+from workers.sinks.tables import is_uuid, json_default, plain
 
 
 class Producer:
@@ -77,9 +79,26 @@ class Producer:
 
 
 def _default(value: object) -> object:
+    """Values JSON has no type for: the table sinks' mapping (decimal exact, bytes base64...), else text."""
     if isinstance(value, dt.datetime):
         return value.isoformat()
-    return str(value)
+    try:
+        return json_default(value)
+    except TypeError:
+        return str(value)
+
+
+def _key(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+#: librdkafka's default message.max.bytes; a larger record is refused by the producer, never delivered
+MAX_MESSAGE = 1_000_000
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 def _json_ready(col: pa.ChunkedArray) -> list:
@@ -101,18 +120,33 @@ def result_messages(scored: Scored) -> list[tuple[bytes, bytes]]:
     table = scored.results
     names = table.column_names
     columns = [_json_ready(table.column(name)) for name in names]
-    keys = [str(i).encode() for i in columns[names.index("id")]]
+    keys = [_key(i) for i in columns[names.index("id")]]
     dumps = orjson.dumps
     return [(key, dumps(dict(zip(names, row, strict=True)), default=_default))
             for key, row in zip(keys, zip(*columns, strict=True), strict=True)]
 
 
+def _plain_columns(scored: Scored) -> Scored:
+    """Column types to_pylist gives no JSON-able value for, made plain (views, float16, extensions)."""
+    table = scored.results
+    if all(not pa.types.is_string_view(t) and not isinstance(t, pa.BaseExtensionType) for t in table.schema.types):
+        return scored
+    cols = [c if is_uuid(c.type) else plain(c) for c in table.columns]
+    return Scored(pa.table(cols, names=table.column_names), scored.errors, scored.error_rows)
+
+
 class KafkaSink(Sink):
     def __init__(self, uri: str, kafka: KafkaSettings, setting: str):
         self.topic = uri[len("kafka://"):].strip("/")
+        self.name = redact(uri)
         if not self.topic:
-            raise ConfigError(setting, f"{uri}: name the output topic, e.g. kafka://scores")
-        self.name = uri
+            raise ConfigError(setting, f"{self.name}: name the output topic, e.g. kafka://scores")
+        if not _TOPIC.fullmatch(self.topic) or self.topic in (".", ".."):
+            # e.g. kafka://user:password@host/topic: brokers come from the Kafka settings, not the URI
+            raise ConfigError(setting, f"{self.name}: {redact(self.topic)!r} is not a topic name (letters, digits, "
+                                       "'.', '_', '-'; at most 249); brokers and credentials come from the "
+                                       "SCORING_KAFKA__* settings")
+        self.max_message = int(kafka.librdkafka_config().get("message.max.bytes", MAX_MESSAGE))
         self.kafka = kafka
         self._producer: Producer | None = None
 
@@ -122,13 +156,22 @@ class KafkaSink(Sink):
             self._producer = Producer(self.kafka)
         return self._producer
 
-    def store(self, scored: Scored) -> None:
-        for key, value in result_messages(scored):
+    def write_stream(self, scored: Scored) -> None:
+        """Send one message per result; rows too large for a message are rejected before any is sent."""
+        messages = result_messages(_plain_columns(scored))
+        limit = self.max_message - 512  # room for the record's framing and headers
+        big = {i: f"the result is {len(k or b'') + len(v)} bytes, more than a Kafka message holds ({limit})"
+               for i, (k, v) in enumerate(messages) if len(k or b"") + len(v) > limit}
+        if big:
+            raise RowsRejected(big)
+        for key, value in messages:
             self.producer.send(self.topic, value, key)
         try:
             self.producer.flush(30)
         except SinkError as exc:
             raise SinkError(f"producing to {self.name}: {exc}") from None
+
+    store = write_stream
 
     def begin(self, unit: str) -> UnitWriter:
         return DirectUnit(self.store)

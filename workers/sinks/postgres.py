@@ -5,35 +5,41 @@ Tables, created when missing:
     NAME         results, primary key (id, model_version)
     NAME_errors  rejected rows, primary key (source, model_version)
     NAME_inputs  the batch ledger: finished inputs and their fingerprints
-Within one write, rows with the same key are collapsed (the highest ``offset`` wins when present),
-because ``ON CONFLICT DO UPDATE`` cannot touch a row twice in one statement.
+Column types follow ``pgtypes`` (a column whose type changes is widened once). Rules:
+- Within one write, rows with the same key are collapsed to the later one (``duplicates_collapsed``).
+- Batch (``begin(unit)``): the whole unit is one transaction that first deletes the unit's old results and
+  errors (column ``input_file``), so a rewritten input leaves nothing stale. Stream/serve (``write_stream``):
+  each call is its own transaction and touches only its keys.
+- Rows the server cannot take (SQLSTATE class 22/23, 42804) are found (checks in Arrow, then bisection of
+  the batch under savepoints) and raised as ``RowsRejected`` after a rollback: never an endless retry.
+- DDL runs under a transaction-scoped advisory lock on the table name (shards starting together), in its
+  own transaction when possible; ``lock_timeout``/``statement_timeout`` bound every statement, so a locked
+  table gives a retryable ``SinkError`` instead of a hang.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import psycopg
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
-from workers.errors import ConfigError, SinkError
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring import Scored
-from workers.sinks.base import DirectUnit, Sink, UnitWriter
+from workers.sinks.base import Sink, UnitWriter, redact
+from workers.sinks.pgtypes import USING, csv_column, join, pg_type
+from workers.sinks.tables import UNIT_COLUMN, dedupe_last, missing_keys, with_unit
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
-
-
-def redact(uri: str) -> str:
-    """The URI without its password, for logs."""
-    p = urlparse(uri)
-    if p.password:
-        p = p._replace(netloc=p.netloc.replace(f":{p.password}@", ":***@"))
-    return urlunparse(p)
+MAX_IDENT = 63  # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes)
+SUFFIXES = ("", "_errors", "_inputs")
+FIND_AT_MOST = 20  # rows named per RowsRejected when bisecting: the caller writes the rest again
 
 
 def split_uri(uri: str, setting: str) -> tuple[str, list[str]]:
@@ -44,63 +50,75 @@ def split_uri(uri: str, setting: str) -> tuple[str, list[str]]:
     parts = table.split(".")
     if len(parts) > 2 or not all(parts):
         raise ConfigError(setting, f"table {table!r} must be NAME or SCHEMA.NAME")
+    for part, longest in zip(parts, [parts[0]] * (len(parts) - 1) + [parts[-1] + "_errors"], strict=True):
+        if len(longest.encode()) > MAX_IDENT:
+            raise ConfigError(setting, f"table name {part!r} is too long: PostgreSQL identifiers hold at most "
+                                       f"{MAX_IDENT} bytes and {longest!r} must fit (use at most "
+                                       f"{MAX_IDENT - (len(longest) - len(part))} bytes)")
     return urlunparse(p._replace(scheme="postgresql", query=urlencode(params))), parts
 
 
-# Columns whose text holds JSON: stored as jsonb so they can be queried.
-JSON_COLUMNS = {"raw", "explanation"}
+def _data_error(exc: psycopg.Error) -> bool:
+    """The rows' fault (a value the column cannot take), not the server's: retrying cannot help."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in ("22", "23") or state == "42804"
 
 
-def _pg_type(t: pa.DataType, name: str = "") -> str:
-    if name in JSON_COLUMNS and (pa.types.is_string(t) or pa.types.is_large_string(t)):
-        return "jsonb"
-    if pa.types.is_integer(t):
-        return "bigint"
-    if pa.types.is_floating(t):
-        return "double precision"
-    if pa.types.is_boolean(t):
-        return "boolean"
-    if pa.types.is_timestamp(t):
-        return "timestamptz"
-    if pa.types.is_date(t):
-        return "date"
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type):
-        return "double precision[]"
-    if pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
-        return "jsonb"
-    return "text"
+def _reason(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    message = (diag.message_primary or str(exc)).strip()
+    column = diag.column_name
+    if not column and diag.context and ", column " in diag.context:
+        column = diag.context.split(", column ", 1)[1].split(":", 1)[0]
+    return f"column {column!r}: {message}" if column else message
 
 
-def _csv_ready(table: pa.Table) -> pa.Table:
-    """Columns Arrow's CSV writer cannot write become PostgreSQL literals (arrays, JSON)."""
-    cols = []
-    for field, col in zip(table.schema, table.columns, strict=True):
-        t = field.type
-        if pa.types.is_dictionary(t):
-            col = col.cast(t.value_type)
-        elif _pg_type(t) == "double precision[]":
-            col = pa.array(
-                [None if v is None else "{" + ",".join(repr(x) for x in v) + "}" for v in col.to_pylist()],
-                pa.string(),
-            )
-        elif _pg_type(t) == "jsonb":
-            import orjson
+class _Unit(UnitWriter):
+    """One batch unit: one transaction deleting the unit's old rows, then every write, then commit."""
 
-            col = pa.array([None if v is None else orjson.dumps(v).decode() for v in col.to_pylist()], pa.string())
-        elif pa.types.is_timestamp(t) and t.tz is None:
-            col = pc.assume_timezone(col, "UTC")
-        cols.append(col)
-    return pa.table(cols, names=table.column_names)
+    def __init__(self, sink: PostgresSink, unit: str):
+        self.sink, self.unit = sink, unit
+        self.started = self.failed = False
+        self.collapsed = 0
+
+    def write(self, scored: Scored) -> None:
+        if self.failed:
+            raise SinkError(f"writing {self.unit} to {self.sink.name}: an earlier write of this unit failed")
+        try:
+            self.collapsed += self.sink._store(scored, self.unit, first=not self.started)
+        except ConfigError as exc:  # columns this table cannot hold: this input fails alone, the run goes on
+            self.failed = True
+            self.sink._rollback()
+            raise InputError(str(exc)) from None
+        except BaseException:
+            self.failed = True
+            raise
+        self.started = True
+
+    def commit(self) -> None:
+        if not self.started:  # an emptied input: its old rows still go
+            self.write(Scored(pa.table({}), pa.table({})))
+        self.sink._commit("writing results")
+        self.sink.duplicates_collapsed += self.collapsed
+
+    def abort(self) -> None:
+        self.sink._rollback()
 
 
 class PostgresSink(Sink):
-    def __init__(self, uri: str, setting: str):
+    def __init__(self, uri: str, setting: str, lock_timeout_s: float = 15.0, statement_timeout_s: float = 300.0):
         self.conninfo, parts = split_uri(uri, setting)
+        self.setting = setting
         self.schema = parts[0] if len(parts) == 2 else None
         self.table = parts[-1]
         self.name = redact(uri)
+        self.timeouts = (lock_timeout_s, statement_timeout_s)
         self._conn: psycopg.Connection | None = None
-        self._known: dict[str, set[str]] = {}  # table -> columns known to exist
+        self._known: dict[str, dict[str, str]] = {}  # suffix -> the table's columns and types, once read
+        self._stages: set[str] = set()  # staging tables created in this session
+        qualified = f"{self.schema or ''}.{self.table}"
+        self._lock_key = int.from_bytes(hashlib.sha256(f"scoring-sink:{qualified}".encode()).digest()[:8],
+                                        "big", signed=True)
 
     # -- connection ------------------------------------------------------------------------------
     def _ident(self, suffix: str = "") -> sql.Identifier:
@@ -109,24 +127,44 @@ class PostgresSink(Sink):
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
+            lock_s, statement_s = self.timeouts
             try:
                 self._conn = psycopg.connect(self.conninfo, connect_timeout=5, autocommit=False)
+                # Session settings: every statement (a COPY into a locked table...) fails instead of hanging.
+                self._conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_s * 1000)}ms")))
+                self._conn.execute(sql.SQL("SET statement_timeout = {}").format(
+                    sql.Literal(f"{int(statement_s * 1000)}ms")))
+                self._conn.commit()
             except psycopg.Error as exc:
                 raise SinkError(f"cannot connect to {self.name}: {exc}".strip()) from exc
             self._known.clear()
+            self._stages.clear()
         return self._conn
 
-    def _fail(self, what: str, exc: Exception) -> SinkError:
-        # Any error leaves the transaction unusable; a broken connection must be replaced.
-        if self._conn is not None:
+    def _rollback(self) -> None:
+        # What the transaction created (tables, staging tables) is gone with it: forget it.
+        self._known.clear()
+        self._stages.clear()
+        if self._conn is not None and not self._conn.closed:
             try:
                 self._conn.rollback()
             except psycopg.Error:
-                pass
-            if self._conn.broken or isinstance(exc, psycopg.OperationalError):
                 self._conn.close()
                 self._conn = None
+
+    def _fail(self, what: str, exc: Exception) -> SinkError:
+        # Any error leaves the transaction unusable; a broken connection must be replaced.
+        self._rollback()
+        if self._conn is not None and (self._conn.broken or isinstance(exc, psycopg.OperationalError)):
+            self._conn.close()
+            self._conn = None
         return SinkError(f"{what} in {self.name}: {str(exc).strip()}")
+
+    def _commit(self, what: str) -> None:
+        try:
+            self._connection().commit()
+        except psycopg.Error as exc:
+            raise self._fail(what, exc) from exc
 
     def check(self) -> None:
         conn = self._connection()
@@ -142,77 +180,218 @@ class PostgresSink(Sink):
             self._conn = None
 
     # -- schema ----------------------------------------------------------------------------------
-    def _ensure(self, cur: psycopg.Cursor, suffix: str, schema: pa.Schema, key: tuple[str, ...]) -> None:
-        ident = self._ident(suffix)
-        known = self._known.get(suffix)
-        if known is not None and all(n in known for n in schema.names):
-            return
-        if self.schema:
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-        cols = [sql.SQL("{} {}").format(sql.Identifier(f.name), sql.SQL(_pg_type(f.type, f.name))) for f in schema]
-        pk = sql.SQL(", PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
-        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}{})").format(ident, sql.SQL(", ").join(cols), pk))
-        for f in schema:
-            cur.execute(
-                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                    ident, sql.Identifier(f.name), sql.SQL(_pg_type(f.type, f.name))
-                )
-            )
-        self._known[suffix] = set(schema.names)
+    def _catalog(self, cur: psycopg.Cursor, suffix: str) -> dict[str, str] | None:
+        """The table's columns and their types, or None when it does not exist."""
+        cur.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                    "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+                    (self._ident(suffix).as_string(cur),))
+        rows = cur.fetchall()
+        return dict(rows) if rows else None
 
-    def _upsert(self, cur: psycopg.Cursor, suffix: str, table: pa.Table, key: tuple[str, ...]) -> None:
-        if table.num_rows == 0:
-            return
-        self._ensure(cur, suffix, table.schema, key)
-        target = self._ident(suffix)
-        stage = sql.Identifier(f"stage_{self.table}{suffix}")
-        names = table.column_names
-        cols = sql.SQL(", ").join(map(sql.Identifier, names))
-        cur.execute(
-            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(stage, target)
-        )
+    def _ensure(self, cur: psycopg.Cursor, suffix: str, schema: pa.Schema, key: tuple[str, ...]) -> dict[str, str]:
+        """Create or widen the table so it holds ``schema``; returns its columns' types. Runs its DDL in its own
+        committed transaction unless a unit's transaction is open (then inside it)."""
+        want = {f.name: pg_type(f.type, f.name) for f in schema}
+        have = self._known.get(suffix)
+        if have is not None and all(n in have and join(have[n], t, n in key) == have[n] for n, t in want.items()):
+            return have
+        conn = cur.connection
+        own = conn.info.transaction_status == TransactionStatus.IDLE
+        # Shards starting together: one at a time past this point (released at commit/rollback).
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+        ident = self._ident(suffix)
+        have = self._catalog(cur, suffix)
+        if have is None:
+            if self.schema:
+                cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            cols = [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in want.items()]
+            for k in key:
+                if k not in want:  # a key the rows lack (never expected): text, so the table is still usable
+                    cols.append(sql.SQL("{} text").format(sql.Identifier(k)))
+            pk = sql.SQL(", PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
+            cur.execute(sql.SQL("CREATE TABLE {} ({}{})").format(ident, sql.SQL(", ").join(cols), pk))
+        else:
+            for n, t in want.items():
+                if n not in have:
+                    cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(ident, sql.Identifier(n),
+                                                                                  sql.SQL(t)))
+                elif join(have[n], t, n in key) != have[n]:
+                    wider = join(have[n], t, n in key)
+                    cur.execute(sql.SQL("ALTER TABLE {t} ALTER COLUMN {c} TYPE {w} USING " + USING[wider]).format(
+                        t=ident, c=sql.Identifier(n), w=sql.SQL(wider)))
+        if UNIT_COLUMN in want:
+            # Rewriting a unit deletes its rows by this column: it must not scan the whole table.
+            index = "ix_" + hashlib.sha256(f"{self.schema}.{self.table}{suffix}".encode()).hexdigest()[:20]
+            cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                sql.Identifier(index), ident, sql.Identifier(UNIT_COLUMN)))
+        have = self._catalog(cur, suffix) or {}
+        if own:
+            conn.commit()
+        self._known[suffix] = have
+        return have
+
+    def _stage(self, cur: psycopg.Cursor, suffix: str, types: dict[str, str]) -> sql.Identifier:
+        """A session-local staging table with exactly these columns and types, empty. Named by a hash (short:
+        long table names cannot collide after truncation), so each column set has its own."""
+        signature = f"{self.schema}.{self.table}{suffix}|" + "|".join(f"{n}:{t}" for n, t in types.items())
+        name = "_stage_" + hashlib.sha256(signature.encode()).hexdigest()[:20]
+        stage = sql.Identifier(name)
+        if name not in self._stages:
+            cols = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in types.items())
+            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(stage, cols))
+            self._stages.add(name)
+        cur.execute(sql.SQL("TRUNCATE {}").format(stage))
+        return stage
+
+    def _render(self, table: pa.Table, types: dict[str, str], key: tuple[str, ...]) -> tuple[bytes, dict[int, str]]:
+        """The table as CSV for COPY, and the rows known not to fit before the server sees them."""
+        bad = missing_keys(table, key)
+        cols = []
+        for name in table.column_names:
+            col, rows = csv_column(name, table.column(name), types[name])
+            cols.append(col)
+            for i, reason in rows.items():
+                bad.setdefault(i, reason)
         buf = io.BytesIO()
-        pacsv.write_csv(_csv_ready(table), buf, pacsv.WriteOptions(include_header=False))
+        pacsv.write_csv(pa.table(cols, names=table.column_names), buf, pacsv.WriteOptions(include_header=False))
+        return buf.getvalue(), bad
+
+    def _upsert(self, cur: psycopg.Cursor, suffix: str, table: pa.Table, csv: bytes, key: tuple[str, ...]) -> None:
+        names = table.column_names
+        types = {n: self._known[suffix][n] for n in names}
+        stage = self._stage(cur, suffix, types)
+        cols = sql.SQL(", ").join(map(sql.Identifier, names))
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(stage, cols)) as copy:
-            copy.write(buf.getbuffer())
+            copy.write(csv)
         keys = sql.SQL(", ").join(map(sql.Identifier, key))
-        order = sql.SQL(", {} DESC").format(sql.Identifier("offset")) if "offset" in names else sql.SQL("")
-        updates = sql.SQL(", ").join(
-            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names if n not in key
-        )
-        cur.execute(
-            sql.SQL(
-                "INSERT INTO {t} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM {s} ORDER BY {keys}{order} "
-                "ON CONFLICT ({keys}) DO UPDATE SET {updates}"
-            ).format(t=target, cols=cols, keys=keys, s=stage, order=order, updates=updates)
-        )
+        updates = [sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names if n not in key]
+        action = sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates) if updates else sql.SQL("DO NOTHING")
+        cur.execute(sql.SQL("INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({keys}) {action}").format(
+            t=self._ident(suffix), cols=cols, s=stage, keys=keys, action=action))
 
     # -- writing ---------------------------------------------------------------------------------
-    def store(self, scored: Scored) -> None:
-        """Upsert one batch of results and errors in one transaction."""
+    def _prepare(self, scored: Scored, unit: str | None) -> tuple[pa.Table, list[int] | None, pa.Table]:
+        missing = missing_keys(scored.results, RESULT_KEY)
+        if missing:  # before collapsing duplicates: rows without a key are refused one by one
+            raise RowsRejected(missing)
+        results = with_unit(scored.results, unit, self.setting)
+        errors = scored.errors
+        if errors.num_rows and "source" not in errors.column_names:
+            # Rows without a locator (a mode that does not set one): keyed by their id instead.
+            ids = errors.column("id").to_pylist() if "id" in errors.column_names else [None] * errors.num_rows
+            errors = errors.append_column("source", pa.array([f"id:{i}" for i in ids], pa.string()))
+        errors = with_unit(errors, unit, self.setting)
+        results, keep = dedupe_last(results, RESULT_KEY)
+        errors, _ = dedupe_last(errors, ERROR_KEY)
+        return results, keep, errors
+
+    def _store(self, scored: Scored, unit: str | None, first: bool = False) -> int:
+        """Write results and errors (not committed); returns how many duplicate rows were collapsed."""
+        results, keep, errors = self._prepare(scored, unit)
+        back = (lambda i: keep[i]) if keep is not None else (lambda i: i)  # noqa: E731 - index into the caller's
+        conn = self._connection()
+        parts = [(s, t, k) for s, t, k in (("", results, RESULT_KEY), ("_errors", errors, ERROR_KEY)) if t.num_rows]
+        rendered: list[tuple] = []
+        try:
+            with conn.cursor() as cur:
+                for suffix, table, key in parts:
+                    types = self._ensure(cur, suffix, table.schema, key)
+                    csv, bad = self._render(table, types, key)
+                    if bad:
+                        self._rollback()
+                        if suffix:
+                            raise InputError(f"the errors table of {self.name} cannot store rejected row(s): "
+                                             f"{next(iter(bad.values()))}")
+                        raise RowsRejected({back(i): reason for i, reason in bad.items()})
+                    rendered.append((suffix, table, csv, key))
+                if first and unit is not None:
+                    self._forget(cur, unit)
+                for suffix, table, csv, key in rendered:
+                    self._upsert(cur, suffix, table, csv, key)
+        except psycopg.Error as exc:
+            if not _data_error(exc):
+                raise self._fail("writing results", exc) from exc
+            self._rollback()
+            bad = self._bisect(rendered[0] if rendered and not rendered[0][0] else None)
+            if not bad:
+                raise InputError(f"{self.name} cannot store some rejected rows: {_reason(exc)}") from None
+            raise RowsRejected({back(i): reason for i, reason in bad.items()}) from None
+        return scored.results.num_rows - results.num_rows
+
+    def _forget(self, cur: psycopg.Cursor, unit: str) -> None:
+        """Delete what an earlier run stored for ``unit`` (results and errors), in the unit's transaction."""
+        for suffix in ("", "_errors"):
+            have = self._known.get(suffix) or self._catalog(cur, suffix)
+            if have is None:
+                continue
+            if UNIT_COLUMN not in have:  # a table from before units were recorded: add the column first
+                have = self._ensure(cur, suffix, pa.schema([(UNIT_COLUMN, pa.string())]), ())
+            cur.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(self._ident(suffix),
+                                                                      sql.Identifier(UNIT_COLUMN)), (unit,))
+
+    def _bisect(self, part: tuple | None) -> dict[int, str]:
+        """After a data error: the rows of ``part`` the server refuses, found by halving under savepoints (at
+        most ``FIND_AT_MOST``), then rolled back. Empty when the results alone go in."""
+        if part is None:
+            return {}
+        suffix, table, _, key = part
+        found: dict[int, str] = {}
         conn = self._connection()
         try:
             with conn.cursor() as cur:
-                self._upsert(cur, "", scored.results, RESULT_KEY)
-                self._upsert(cur, "_errors", scored.errors, ERROR_KEY)
-            conn.commit()
+                types = self._ensure(cur, suffix, table.schema, key)
+                self._stage(cur, suffix, {n: types[n] for n in table.column_names})  # outside the savepoints
+
+                def probe(lo: int, hi: int) -> None:
+                    if len(found) >= FIND_AT_MOST:
+                        return
+                    chunk = table.slice(lo, hi - lo)
+                    csv, _ = self._render(chunk, types, key)
+                    cur.execute("SAVEPOINT probe")
+                    try:
+                        self._upsert(cur, suffix, chunk, csv, key)
+                        cur.execute("ROLLBACK TO SAVEPOINT probe")
+                        return
+                    except psycopg.Error as exc:
+                        if not _data_error(exc):
+                            raise
+                        cur.execute("ROLLBACK TO SAVEPOINT probe")
+                        if hi - lo == 1:
+                            found[lo] = _reason(exc)
+                            return
+                    mid = (lo + hi) // 2
+                    probe(lo, mid)
+                    probe(mid, hi)
+
+                probe(0, table.num_rows)
         except psycopg.Error as exc:
-            self._known.clear()
-            raise self._fail("writing results", exc) from exc
+            raise self._fail("finding the rows the table refuses", exc) from exc
+        finally:
+            self._rollback()
+        return found
+
+    def write_stream(self, scored: Scored) -> None:
+        """Upsert one micro-batch's results and errors in one transaction."""
+        collapsed = self._store(scored, None)
+        self._commit("writing results")
+        self.duplicates_collapsed += collapsed
 
     def begin(self, unit: str) -> UnitWriter:
-        return DirectUnit(self.store)
+        return _Unit(self, unit)
 
     def _ledger(self, cur: psycopg.Cursor) -> None:
         if "_inputs" in self._known:
             return
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+        if self.schema:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
         cur.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (unit text PRIMARY KEY, fingerprint text NOT NULL, "
                 "rows bigint, rejected bigint, finished_at timestamptz NOT NULL DEFAULT now())"
             ).format(self._ident("_inputs"))
         )
-        self._known["_inputs"] = set()
+        self._known["_inputs"] = {}
 
     def done(self, unit: str) -> str | None:
         conn = self._connection()
@@ -225,7 +404,6 @@ class PostgresSink(Sink):
                 row = cur.fetchone()
             conn.commit()
         except psycopg.Error as exc:
-            self._known.clear()
             raise self._fail("reading the ledger", exc) from exc
         return row[0] if row else None
 
@@ -244,6 +422,4 @@ class PostgresSink(Sink):
                 )
             conn.commit()
         except psycopg.Error as exc:
-            self._known.clear()
             raise self._fail("recording an input as done", exc) from exc
-

@@ -2,26 +2,43 @@
 
 Both writes complete before the unit counts as stored (offsets committed / input marked done), so the
 shadow store is as complete as the main one. The batch ledger and rejected rows stay in the main sink.
+``RowsRejected`` from either sink names rows of the caller's table (each sink sees only its part). When the
+main sink rejects rows after the shadow part was stored, the caller writes the rest again: the shadow rows
+are upserted once more (keyed stores), so nothing is duplicated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import pyarrow.compute as pc
 
+from workers.errors import RowsRejected
 from workers.scoring import Scored
 from workers.sinks.base import Sink, UnitWriter
 
 
-def split(scored: Scored) -> tuple[Scored, Scored | None]:
+def split(scored: Scored) -> tuple[Scored, Scored | None, np.ndarray, np.ndarray]:
+    """(served part, shadow part or None, the caller's row index of each served row, of each shadow row)."""
     results = scored.results
-    if results.num_rows == 0:
-        return scored, None
-    served = results["served"]
-    if served.null_count == 0 and pc.all(served).as_py():
-        return scored, None
-    main = Scored(results.filter(served), scored.errors, scored.error_rows)
-    shadow = Scored(results.filter(pc.invert(served)), scored.errors.slice(0, 0))
-    return main, shadow
+    n = results.num_rows
+    served = results["served"] if n else None
+    if served is None or (served.null_count == 0 and pc.all(served).as_py()):
+        return scored, None, np.arange(n), np.empty(0, np.int64)
+    mask = pc.fill_null(served, False).to_numpy(zero_copy_only=False).astype(bool)
+    main = Scored(results.filter(mask), scored.errors, scored.error_rows)
+    shadow = Scored(results.filter(~mask), scored.errors.slice(0, 0))
+    return main, shadow, np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def _mapped(call: Callable[[Scored], None], part: Scored, rows: np.ndarray) -> None:
+    """``call(part)``, with rejected row indices turned back into the caller's."""
+    try:
+        call(part)
+    except RowsRejected as exc:
+        raise RowsRejected({int(rows[i]): reason for i, reason in exc.rows.items() if 0 <= int(i) < len(rows)}) \
+            from None
 
 
 class _SplitUnit(UnitWriter):
@@ -29,10 +46,10 @@ class _SplitUnit(UnitWriter):
         self.main, self.shadow = main, shadow
 
     def write(self, scored: Scored) -> None:
-        main, shadow = split(scored)
-        self.main.write(main)
+        main, shadow, at_main, at_shadow = split(scored)
+        _mapped(self.main.write, main, at_main)
         if shadow is not None:
-            self.shadow.write(shadow)
+            _mapped(self.shadow.write, shadow, at_shadow)
 
     def commit(self) -> None:
         self.shadow.commit()
@@ -48,15 +65,19 @@ class SplitSink(Sink):
         self.main, self.shadow = main, shadow
         self.name = f"{main.name} (shadow rows: {shadow.name})"
 
+    @property
+    def duplicates_collapsed(self) -> int:  # type: ignore[override]
+        return self.main.duplicates_collapsed + self.shadow.duplicates_collapsed
+
     def begin(self, unit: str) -> UnitWriter:
         return _SplitUnit(self.main.begin(unit), self.shadow.begin(unit))
 
     def write_stream(self, scored: Scored) -> None:
-        main, shadow = split(scored)
+        main, shadow, at_main, at_shadow = split(scored)
         if shadow is not None and shadow.ok:
-            self.shadow.write_stream(shadow)
+            _mapped(self.shadow.write_stream, shadow, at_shadow)
         if main.ok or main.rejected:
-            self.main.write_stream(main)
+            _mapped(self.main.write_stream, main, at_main)
 
     def done(self, unit: str) -> str | None:
         return self.main.done(unit)

@@ -1,7 +1,17 @@
 """SQLite sink: the embedded default that needs no server. ``sqlite:///path/to.db?table=NAME``.
 
-Same tables and keys as the PostgreSQL sink; each write is one transaction with an upsert.
-Timestamps are stored as ISO-8601 text, lists as JSON text.
+Same tables, keys and rules as the PostgreSQL sink (the later duplicate wins and is counted; a batch unit is
+one transaction that first deletes the unit's old results and errors; rows SQLite cannot take are raised as
+``RowsRejected`` before anything of the call is stored). Nothing is created before the first write: not the
+database file, not its folder (``check`` only looks).
+
+Value mapping (SQLite has few types; columns keep the affinity they were created with):
+    ints, bool -> INTEGER; uint64 -> no affinity (INTEGER, or exact decimal TEXT beyond 2**63 - 1)
+    floats -> REAL (NaN is stored as NULL, SQLite's own rule); decimal -> TEXT (exact digits)
+    binary -> BLOB; duration -> INTEGER (the count in the column's unit: s, ms, us or ns)
+    timestamp -> ISO-8601 TEXT (with the offset when it has a zone); date, time, uuid -> ISO TEXT
+    lists, structs, maps, intervals -> JSON TEXT (see ``tables.json_texts``); everything else -> TEXT
+SQLite column names ignore ASCII case: columns ``ID`` and ``id`` cannot both exist, and are refused.
 """
 
 from __future__ import annotations
@@ -10,21 +20,40 @@ import os
 import sqlite3
 from urllib.parse import parse_qsl, urlparse
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workers.errors import ConfigError, SinkError
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring import Scored
-from workers.sinks.base import DirectUnit, Sink, UnitWriter
+from workers.sinks.base import Sink, UnitWriter, redact
 from workers.sinks.postgres import ERROR_KEY, RESULT_KEY
+from workers.sinks.tables import (
+    UNIT_COLUMN,
+    dedupe_last,
+    is_listlike,
+    is_uuid,
+    json_texts,
+    missing_keys,
+    plain,
+    with_unit,
+)
+
+FIND_AT_MOST = 20
+_ROW_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)  # what binding a bad value raises
 
 
 def _sqlite_type(t: pa.DataType) -> str:
-    if pa.types.is_integer(t) or pa.types.is_boolean(t):
+    if pa.types.is_dictionary(t):
+        return _sqlite_type(t.value_type)
+    if pa.types.is_uint64(t):
+        return ""
+    if pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_duration(t):
         return "INTEGER"
     if pa.types.is_floating(t):
         return "REAL"
+    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t)):
+        return "BLOB"
     return "TEXT"
 
 
@@ -32,15 +61,53 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _pylist(col: pa.ChunkedArray) -> list:
+def _values(name: str, col: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
+    """The column's values as Python values sqlite3 binds, and rows that cannot be written."""
+    t = col.type
+    if is_uuid(t):
+        return [None if v is None else str(v) for v in col.to_pylist()], {}
+    col = plain(col)
     t = col.type
     if pa.types.is_timestamp(t):
-        return pc.strftime(col, format="%Y-%m-%dT%H:%M:%S%z" if t.tz else "%Y-%m-%dT%H:%M:%S").to_pylist()
-    if pa.types.is_list(t) or pa.types.is_struct(t) or pa.types.is_large_list(t) or pa.types.is_map(t):
-        return [None if v is None else orjson.dumps(v).decode() for v in col.to_pylist()]
-    if pa.types.is_dictionary(t):
-        return col.cast(t.value_type).to_pylist()
-    return col.to_pylist()
+        return pc.strftime(col, format="%Y-%m-%dT%H:%M:%S%z" if t.tz else "%Y-%m-%dT%H:%M:%S").to_pylist(), {}
+    if pa.types.is_date(t) or pa.types.is_time(t) or pa.types.is_decimal(t):
+        return pc.cast(col, pa.string()).to_pylist(), {}
+    if pa.types.is_uint64(t):
+        return [v if v is None or v < 2**63 else str(v) for v in col.to_pylist()], {}
+    if pa.types.is_duration(t):
+        return pc.cast(col, pa.int64()).to_pylist(), {}
+    if pa.types.is_null(t):
+        return [None] * len(col), {}
+    if is_listlike(t) or pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_interval(t) \
+            or pa.types.is_union(t):
+        return json_texts(name, col)
+    return col.to_pylist(), {}
+
+
+class _Unit(UnitWriter):
+    """One batch unit: one transaction deleting the unit's old rows, then every write, then commit."""
+
+    def __init__(self, sink: SqliteSink, unit: str):
+        self.sink, self.unit = sink, unit
+        self.started = False
+        self.collapsed = 0
+
+    def write(self, scored: Scored) -> None:
+        first = not self.started
+        self.started = True
+        try:
+            self.collapsed += self.sink._store(scored, self.unit, first=first)
+        except ConfigError as exc:  # columns this table cannot hold: this input fails alone, the run goes on
+            raise InputError(str(exc)) from None
+
+    def commit(self) -> None:
+        if not self.started:  # an emptied input: its old rows still go
+            self.write(Scored(pa.table({}), pa.table({})))
+        self.sink._finish()
+        self.sink.duplicates_collapsed += self.collapsed
+
+    def abort(self) -> None:
+        self.sink._abort()
 
 
 class SqliteSink(Sink):
@@ -54,84 +121,207 @@ class SqliteSink(Sink):
         if not path:
             raise ConfigError(setting, f"{uri}: no database path (use sqlite:///relative.db or sqlite:////abs.db)")
         self.path = path
+        self.setting = setting
         self.table = dict(parse_qsl(p.query)).get("table", "scores")
-        self.name = f"sqlite:///{path}?table={self.table}"
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        self.name = redact(f"sqlite:///{path}?table={self.table}")
+        self._conn: sqlite3.Connection | None = None
         self._known: dict[str, set[str]] = {}
 
+    # -- connection: opened (and the file created) on first use, never by construction or check ----------
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            try:
+                if self.path != ":memory:":
+                    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+            except (OSError, sqlite3.Error) as exc:
+                self._conn = None
+                raise SinkError(f"cannot open {self.name}: {exc}") from exc
+        return self._conn
+
+    def _exists(self) -> bool:
+        return self._conn is not None or self.path == ":memory:" or os.path.exists(self.path)
+
+    def _abort(self) -> None:
+        self._known.clear()
+        if self._conn is not None and self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    def _finish(self) -> None:
+        try:
+            conn = self._connection()
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._abort()
+            raise SinkError(f"writing to {self.name}: {exc}") from exc
+
+    # -- schema ----------------------------------------------------------------------------------
     def _ensure(self, table: str, schema: pa.Schema, key: tuple[str, ...]) -> None:
+        seen: dict[str, str] = {}
+        for n in schema.names:
+            if n.lower() in seen:
+                raise ConfigError(self.setting, f"columns {seen[n.lower()]!r} and {n!r} differ only in case, and "
+                                                f"SQLite treats them as one column ({self.name}): rename one")
+            seen[n.lower()] = n
         known = self._known.get(table)
-        if known is not None and all(n in known for n in schema.names):
+        if known is not None and all(n.lower() in known for n in schema.names):
             return
         cols = ", ".join(f"{_q(f.name)} {_sqlite_type(f.type)}" for f in schema)
-        self._conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} ({cols}, PRIMARY KEY ({', '.join(map(_q, key))}))")
-        have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({_q(table)})")}
+        keys = ", ".join(map(_q, key))
+        if key:
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} ({cols}, PRIMARY KEY ({keys}))")
+        have = {row[1].lower() for row in self._conn.execute(f"PRAGMA table_info({_q(table)})")}
         for f in schema:
-            if f.name not in have:
+            if f.name.lower() not in have:
                 self._conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(f.name)} {_sqlite_type(f.type)}")
-        self._known[table] = set(schema.names) | have
+        if UNIT_COLUMN in schema.names:
+            self._conn.execute(f"CREATE INDEX IF NOT EXISTS {_q(table + '_by_' + UNIT_COLUMN)} "
+                               f"ON {_q(table)} ({_q(UNIT_COLUMN)})")
+        self._known[table] = {n.lower() for n in schema.names} | have
 
-    def _upsert(self, table: str, data: pa.Table, key: tuple[str, ...]) -> None:
-        if data.num_rows == 0:
-            return
+    def _upsert(self, table: str, data: pa.Table, key: tuple[str, ...]) -> dict[int, str]:
+        """Insert or update every row; returns the rows that cannot be written (then nothing of them is)."""
         self._ensure(table, data.schema, key)
         names = data.column_names
         cols = ", ".join(map(_q, names))
         updates = ", ".join(f"{_q(n)} = excluded.{_q(n)}" for n in names if n not in key)
-        stmt = (
-            f"INSERT INTO {_q(table)} ({cols}) VALUES ({', '.join('?' * len(names))}) "
-            f"ON CONFLICT ({', '.join(map(_q, key))}) DO UPDATE SET {updates}"
-        )
-        # Rows in offset order: with duplicates in one batch the later record wins, as in PostgreSQL.
-        self._conn.executemany(stmt, zip(*(_pylist(c) for c in data.columns), strict=True))
-
-    def store(self, scored: Scored) -> None:
+        action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+        stmt = (f"INSERT INTO {_q(table)} ({cols}) VALUES ({', '.join('?' * len(names))}) "
+                f"ON CONFLICT ({', '.join(map(_q, key))}) {action}")
+        bad = missing_keys(data, key)
+        columns = []
+        for name in names:
+            values, rows = _values(name, data.column(name))
+            columns.append(values)
+            for i, reason in rows.items():
+                bad.setdefault(i, reason)
+        if bad:
+            return bad
+        rows = list(zip(*columns, strict=True))
+        self._conn.execute("SAVEPOINT upsert")
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._upsert(self.table, scored.results, RESULT_KEY)
-            self._upsert(f"{self.table}_errors", scored.errors, ERROR_KEY)
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            self._known.clear()
+            self._conn.executemany(stmt, rows)
+        except _ROW_ERRORS:
+            # Find the rows at fault one by one, then store none of them.
+            for i, row in enumerate(rows):
+                try:
+                    self._conn.execute(stmt, row)
+                except _ROW_ERRORS as exc:
+                    bad[i] = f"SQLite cannot store this row: {exc}"
+                    if len(bad) >= FIND_AT_MOST:
+                        break
+            self._conn.execute("ROLLBACK TO upsert")
+            if not bad:
+                raise
+        self._conn.execute("RELEASE upsert")
+        return bad
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _store(self, scored: Scored, unit: str | None, first: bool = False) -> int:
+        """Write results and errors inside the open (or a new) transaction; returns the duplicates collapsed."""
+        missing = missing_keys(scored.results, RESULT_KEY)
+        if missing:  # before collapsing duplicates: rows without a key are refused one by one
+            raise RowsRejected(missing)
+        results = with_unit(scored.results, unit, self.setting)
+        errors = with_unit(scored.errors, unit, self.setting)
+        results, keep = dedupe_last(results, RESULT_KEY)
+        errors, _ = dedupe_last(errors, ERROR_KEY)
+        conn = self._connection()
+        try:
+            if not conn.in_transaction:
+                conn.execute("BEGIN IMMEDIATE")
+            if first and unit is not None:
+                self._forget(unit)
+            bad = self._upsert(self.table, results, RESULT_KEY) if results.num_rows else {}
+            if bad:
+                self._abort()
+                raise RowsRejected({(keep[i] if keep is not None else i): reason for i, reason in bad.items()})
+            bad = self._upsert(f"{self.table}_errors", errors, ERROR_KEY) if errors.num_rows else {}
+            if bad:
+                self._abort()
+                raise InputError(f"the errors table of {self.name} cannot store rejected row(s): "
+                                 f"{next(iter(bad.values()))}")
+        except (sqlite3.Error, OverflowError) as exc:
+            self._abort()
             raise SinkError(f"writing to {self.name}: {exc}") from exc
+        except BaseException:
+            self._abort()
+            raise
+        return scored.results.num_rows - results.num_rows
+
+    def _forget(self, unit: str) -> None:
+        """Delete what an earlier run stored for ``unit`` (results and errors), in the unit's transaction."""
+        for table in (self.table, f"{self.table}_errors"):
+            have = {row[1].lower() for row in self._conn.execute(f"PRAGMA table_info({_q(table)})")}
+            if not have:
+                continue
+            if UNIT_COLUMN not in have:
+                self._ensure(table, pa.schema([(UNIT_COLUMN, pa.string())]), ())
+            self._conn.execute(f"DELETE FROM {_q(table)} WHERE {_q(UNIT_COLUMN)} = ?", (unit,))
+
+    def write_stream(self, scored: Scored) -> None:
+        collapsed = self._store(scored, None)
+        self._finish()
+        self.duplicates_collapsed += collapsed
 
     def begin(self, unit: str) -> UnitWriter:
-        return DirectUnit(self.store)
+        return _Unit(self, unit)
 
     def _ledger(self) -> None:
-        self._conn.execute(
+        self._connection().execute(
             f"CREATE TABLE IF NOT EXISTS {_q(self.table + '_inputs')} (unit TEXT PRIMARY KEY, "
             "fingerprint TEXT NOT NULL, rows INTEGER, rejected INTEGER, finished_at TEXT)"
         )
 
     def done(self, unit: str) -> str | None:
-        self._ledger()
-        row = self._conn.execute(
-            f"SELECT fingerprint FROM {_q(self.table + '_inputs')} WHERE unit = ?", (unit,)
-        ).fetchone()
+        if not self._exists():  # nothing written yet: nothing done, and nothing to create for asking
+            return None
+        try:
+            self._ledger()
+            row = self._conn.execute(
+                f"SELECT fingerprint FROM {_q(self.table + '_inputs')} WHERE unit = ?", (unit,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise SinkError(f"reading the ledger of {self.name}: {exc}") from exc
         return row[0] if row else None
 
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        self._ledger()
-        self._conn.execute(
-            f"INSERT INTO {_q(self.table + '_inputs')} VALUES (?, ?, ?, ?, datetime('now')) "
-            "ON CONFLICT (unit) DO UPDATE SET fingerprint = excluded.fingerprint, rows = excluded.rows, "
-            "rejected = excluded.rejected, finished_at = excluded.finished_at",
-            (unit, fingerprint, rows, rejected),
-        )
+        try:
+            self._ledger()
+            self._conn.execute(
+                f"INSERT INTO {_q(self.table + '_inputs')} VALUES (?, ?, ?, ?, datetime('now')) "
+                "ON CONFLICT (unit) DO UPDATE SET fingerprint = excluded.fingerprint, rows = excluded.rows, "
+                "rejected = excluded.rejected, finished_at = excluded.finished_at",
+                (unit, fingerprint, rows, rejected),
+            )
+        except sqlite3.Error as exc:
+            raise SinkError(f"recording an input as done in {self.name}: {exc}") from exc
 
     def check(self) -> None:
-        try:
-            self._conn.execute("SELECT 1")
-        except sqlite3.Error as exc:
-            raise SinkError(f"cannot use {self.name}: {exc}") from exc
+        """Can the database be used? Looks only: an existing file is opened read-only; a missing one needs a
+        folder that exists (or can be made) and is writable."""
+        if self.path == ":memory:" or self._conn is not None:
+            return
+        if os.path.exists(self.path):
+            try:
+                ro = sqlite3.connect(f"file:{os.path.abspath(self.path)}?mode=ro", uri=True, timeout=5)
+                try:
+                    ro.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                finally:
+                    ro.close()
+            except sqlite3.Error as exc:
+                raise SinkError(f"cannot use {self.name}: {exc}") from exc
+            return
+        folder = os.path.dirname(os.path.abspath(self.path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise SinkError(f"cannot create {self.name}: {folder} is not a writable folder")
 
     def close(self) -> None:
-        self._conn.close()
-
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,167 @@
+"""What the table sinks (PostgreSQL, SQLite) share, on the Arrow side, before any SQL.
+
+- ``dedupe_last``: one row per key within one write, the *later* row kept (input order; in stream mode
+  the higher offset of a partition), as the README promises; the caller counts the dropped rows.
+- ``plain``: the value type a column really holds (dictionary decoded, views and extensions to their
+  ordinary types), so type mapping looks at a small set of families.
+- ``json_texts``: values as JSON text, per row, with a reason for a value JSON cannot hold (never a
+  traceback). Documented mapping for values JSON has no type for: decimal -> number (exact digits), bytes ->
+  base64 text, duration -> seconds (number), month-day-nano interval -> {"months", "days", "nanoseconds"},
+  NaN/infinity -> null (orjson's choice; JSON has no such numbers), map -> object when every key is text,
+  else a list of [key, value] pairs.
+- ``UNIT_COLUMN``: the column naming the unit (input file) a batch row came from, so a rewritten unit can
+  replace all of its old results and errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import Iterable
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from workers.errors import ConfigError
+
+#: set on every row written through ``Sink.begin(unit)`` (batch); NULL for stream/serve rows
+UNIT_COLUMN = "input_file"
+
+
+def is_listlike(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+            or pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
+
+
+def is_uuid(t: pa.DataType) -> bool:
+    return isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.uuid"
+
+
+def plain(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """The column as an ordinary Arrow type: dictionary decoded, string/binary views as string/binary,
+    float16 as float32, extension types (other than uuid, which the sinks map) as their storage."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        return plain(col.cast(t.value_type))
+    if pa.types.is_string_view(t):
+        return col.cast(pa.large_string())
+    if pa.types.is_binary_view(t):
+        return col.cast(pa.large_binary())
+    if pa.types.is_float16(t):
+        return col.cast(pa.float32())
+    if isinstance(t, pa.BaseExtensionType) and not is_uuid(t):
+        storage = col.storage if isinstance(col, pa.Array) else pa.chunked_array(
+            [c.storage for c in col.chunks], t.storage_type)
+        return plain(storage)
+    return col
+
+
+def dedupe_last(table: pa.Table, key: Iterable[str]) -> tuple[pa.Table, list[int] | None]:
+    """(table with one row per key, the kept rows' indices in ``table`` or None when nothing was dropped).
+
+    The last row of each key wins. Arrow's group_by cannot hash every type (lists, structs as ids): those
+    keys fall back to Python values."""
+    key = [k for k in key if k in table.column_names]
+    n = table.num_rows
+    if n < 2 or not key:
+        return table, None
+    try:
+        probe = pa.table({k: plain(table.column(k)) for k in key}).append_column("__row", pa.array(range(n),
+                                                                                                   pa.int64()))
+        last = probe.group_by(key, use_threads=False).aggregate([("__row", "max")])["__row_max"]
+        if len(last) == n:
+            return table, None
+        keep = sorted(last.to_pylist())
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid):
+        seen: dict[bytes, int] = {}
+        columns = [table.column(k).to_pylist() for k in key]
+        for i, values in enumerate(zip(*columns, strict=True)):
+            seen[orjson.dumps(list(values), default=json_default)] = i
+        if len(seen) == n:
+            return table, None
+        keep = sorted(seen.values())
+    return table.take(pa.array(keep, pa.int64())), keep
+
+
+def json_default(value: object) -> object:
+    """orjson's fallback for values JSON has no type for (the documented mapping in the module docstring)."""
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return None
+        return orjson.Fragment(format(value, "f"))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, dt.timedelta):
+        # pandas' Timedelta (what Arrow returns for ns durations) keeps nanoseconds in .value
+        ns = getattr(value, "value", None)
+        return ns / 1e9 if isinstance(ns, int) else value.total_seconds()
+    if isinstance(value, pa.MonthDayNano):
+        return {"months": value.months, "days": value.days, "nanoseconds": value.nanoseconds}
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, int):  # beyond 64 bits: exact digits
+        return orjson.Fragment(str(value))
+    raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
+def _mapish(t: pa.DataType, v: object) -> object:
+    """Arrow gives maps as lists of (key, value) tuples: an object when every key is text."""
+    if isinstance(v, list) and all(isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str) for kv in v):
+        return dict(v)
+    return v
+
+
+def json_texts(name: str, col: pa.ChunkedArray | pa.Array) -> tuple[list[str | None], dict[int, str]]:
+    """Each value as JSON text (None stays None) and, per row that cannot be written, the reason."""
+    col = plain(col)
+    values = col.to_pylist()
+    is_map = pa.types.is_map(col.type)
+    out: list[str | None] = []
+    bad: dict[int, str] = {}
+    dumps = orjson.dumps
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            out.append(dumps(_mapish(col.type, v) if is_map else v, default=json_default).decode())
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            out.append(None)
+            bad[i] = f"column {name!r}: the value has no JSON form ({exc})"
+    return out, bad
+
+
+def nul_rows(name: str, col: pa.ChunkedArray | pa.Array, what: str) -> dict[int, str]:
+    """Rows whose text holds a NUL character, which PostgreSQL text and jsonb cannot store."""
+    col = plain(col)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return {}
+    hit = pc.match_substring(col, "\x00")
+    if not pc.any(hit).as_py():
+        return {}
+    return {i: f"column {name!r}: {what} cannot hold the NUL character (\\x00) in this text"
+            for i, h in enumerate(hit.to_pylist()) if h}
+
+
+def missing_keys(table: pa.Table, key: Iterable[str]) -> dict[int, str]:
+    """Rows with a null in a key column (keys cannot be null)."""
+    bad: dict[int, str] = {}
+    for k in key:
+        if k in table.column_names and table.column(k).null_count:
+            for i, valid in enumerate(pc.is_valid(table.column(k)).to_pylist()):
+                if not valid:
+                    bad.setdefault(i, f"{k} is missing (null); rows are stored by ({', '.join(key)})")
+    return bad
+
+
+def with_unit(table: pa.Table, unit: str | None, setting: str) -> pa.Table:
+    """The table with ``UNIT_COLUMN`` set to ``unit`` (batch writes); unchanged for stream/serve writes."""
+    if unit is None:
+        return table
+    if UNIT_COLUMN in table.column_names:
+        raise ConfigError(setting, f"a column named {UNIT_COLUMN!r} (a passthrough?) clashes with the column "
+                                   "table outputs use for the input file of each row; rename it")
+    return table.append_column(UNIT_COLUMN, pa.array([unit] * table.num_rows, pa.string()))
