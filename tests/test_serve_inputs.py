@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
+import threading
+import time
 
+import httpx
 import lightgbm as lgb
 import numpy as np
 import orjson
@@ -464,3 +468,68 @@ def test_rows_refused_with_routing_take_the_event_out_with_its_shadow_rows(model
     assert sorted({r["id"] for r in stored}) == [f"e{i}" for i in range(8) if i != 3]
     assert sorted(r["model_version"] for r in stored if r["id"] == "e0")[-1] == "v3"  # shadow rows stored
     assert all(not r["served"] for r in stored if r["model_version"] == "v3")
+
+
+# -- a hanging store (case 17's class, serve side): every sink call bounded, SIGTERM too --------------------
+@pytest.fixture
+def locked(pg_dsn):
+    """lock(table): hold an ACCESS EXCLUSIVE lock on it from another connection until the test ends."""
+    import psycopg
+
+    conns = []
+
+    def lock(table: str) -> None:
+        conn = psycopg.connect(pg_dsn)
+        conn.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+        conns.append(conn)
+
+    yield lock
+    for conn in conns:
+        conn.rollback()
+        conn.close()
+
+
+def test_a_hung_sink_write_is_answered_503_within_the_bound(models, pg_dsn, pg_table, locked):
+    uri = f"{pg_dsn}?table={pg_table}"
+    app = app_for(models["binary"], serve={"sink": uri})
+    app.store.timeout_s = 2.0
+    batch = orjson.dumps([kafka_event(good_record(i), i) for i in range(3)])
+    with TestClient(app.asgi()) as c:
+        assert c.post("/", headers=BATCH, content=batch).status_code == 200  # creates the tables
+        locked(pg_table)
+        started = time.monotonic()
+        resp = c.post("/", headers=BATCH, content=batch)
+        assert resp.status_code == 503 and "no answer within 2 s" in resp.json()["error"], resp.text
+        assert time.monotonic() - started < 10
+        # The next request queues behind the hung write: bounded the same way, never stuck.
+        assert c.post("/", headers=BATCH, content=batch).status_code == 503
+        assert c.get("/healthz").status_code == 200
+
+
+def test_sigterm_with_a_sink_write_hung_on_a_lock_exits_promptly(models, pg_dsn, pg_table, locked):
+    uri = f"{pg_dsn}?table={pg_table}"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "serve", "--model", models["binary"], "--port",
+                             str(port), "--sink", uri], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_port(port, 30), "server did not start"
+        batch = orjson.dumps([kafka_event(good_record(i), i) for i in range(3)])
+        url = f"http://127.0.0.1:{port}/"
+        assert httpx.post(url, headers=BATCH, content=batch, timeout=30).status_code == 200
+        locked(pg_table)
+        answers: list = []
+        sender = threading.Thread(target=lambda: answers.append(httpx.post(url, headers=BATCH, content=batch,
+                                                                            timeout=60)))
+        sender.start()
+        time.sleep(1.5)  # the write is now waiting on the lock
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(15)
+        elapsed = time.monotonic() - started
+        sender.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0 and elapsed < 6, (code, elapsed, proc.stderr.read().decode()[-2000:])
+    assert answers and answers[0].status_code == 503 and "stopping" in answers[0].json()["error"]

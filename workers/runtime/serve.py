@@ -40,7 +40,8 @@ from workers.records import RecordDecoder
 from workers.rollout import split
 from workers.rollout.router import Router, Version
 from workers.rollout.watch import RoutingSource
-from workers.scoring import Scored, to_json
+from workers.runtime.serve_store import DEFAULT_TIMEOUT_S, EventStore, StoreUnavailable
+from workers.scoring import to_json
 from workers.settings import Settings
 
 log = logging.getLogger("workers.serve")
@@ -167,13 +168,15 @@ class App:
                          registry=r)
         self.batcher = Batcher(sv.max_batch_rows, sv.max_latency_ms / 1000, rows, reqs)
         self.sink = None
-        self.sink_executor = ThreadPoolExecutor(1, thread_name_prefix="sink")
+        self.store: EventStore | None = None
         _check_passthrough(settings.scoring.passthrough, stored=bool(sv.sink))
         if sv.sink:
             from workers.sinks import open_result_sink
 
             self.sink = open_result_sink(settings, sv.sink, "SCORING_SERVE__SINK")
+            self.store = EventStore(self.sink, self.metrics, _ROW, getattr(sv, "sink_timeout_s", DEFAULT_TIMEOUT_S))
         self.ready = False
+        self.stopping: asyncio.Event | None = None  # set on SIGTERM
         from workers.drift import monitor_for
 
         self.drift = monitor_for(settings, self.model)
@@ -204,6 +207,9 @@ class App:
     # -- plumbing --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette):
+        self.stopping = asyncio.Event()
+        if self.store is not None:
+            self.store.stopping = self.stopping
         self.batcher.task = asyncio.create_task(self.batcher.run())
         self.routing.start()
         self.ready = True
@@ -215,8 +221,8 @@ class App:
             self.ready = False
             self.routing.stop()
             self.batcher.task.cancel()
-            if self.sink is not None:
-                self.sink.close()
+            if self.store is not None:
+                self.store.close()
 
     def route(self, name: str, fn):
         async def endpoint(request: Request) -> Response:
@@ -375,7 +381,10 @@ class App:
         reasons = dict(zip(scored.error_rows.tolist(), scored.errors["reason"].to_pylist(), strict=True))
         table = scored.results
         if self.sink is not None and (scored.ok or scored.rejected):
-            refused = await self.store(scored, [e.locator for e in events])
+            try:
+                refused = await self.store.write(scored, [e.locator for e in events])
+            except StoreUnavailable as exc:
+                raise HTTPError(503, str(exc)) from None  # not the sender's fault: Knative retries later
             if refused:
                 reasons.update(refused)
                 table = table.filter(pc.invert(pc.is_in(table[_ROW], pa.array(list(refused), pa.int64()))))
@@ -401,56 +410,6 @@ class App:
                 replies.append((attrs, results[r]))
                 r += 1
         return replies, reasons
-
-    async def store(self, scored: Scored, locators: list[str]) -> dict[int, str]:
-        """Write results and rejected rows to the sink; returns the events whose rows it cannot hold (event
-        index -> reason), which are left out and the rest written again. SinkError -> 503 (Knative retries).
-
-        Rejected rows are keyed by their event's ``source#id``: a redelivered batch replaces them."""
-        from workers.errors import RowsRejected, SinkError
-
-        results = scored.results
-        errors = scored.errors.append_column("source", pa.array([locators[i] for i in scored.error_rows.tolist()],
-                                                                 pa.string()))
-        # One event twice in a batch (same source#id) is one error row; the later copy is kept.
-        last = {src: k for k, src in enumerate(errors["source"].to_pylist())}
-        if len(last) < errors.num_rows:
-            errors = errors.take(pa.array(sorted(last.values()), pa.int64()))
-        refused: dict[int, str] = {}
-        loop = asyncio.get_running_loop()
-        while True:
-            stored = Scored(results.drop_columns([_ROW]), errors.drop_columns([_ROW]))
-            try:
-                await loop.run_in_executor(self.sink_executor, self.sink.write_stream, stored)
-                return refused
-            except SinkError as exc:
-                # Not the sender's fault: 503 so Knative retries the delivery later.
-                raise HTTPError(503, f"sink unavailable: {exc}") from None
-            except RowsRejected as exc:
-                results, errors = self._without_rejected(results, errors, exc, refused)
-
-    def _without_rejected(self, results: pa.Table, errors: pa.Table, exc, refused: dict[int, str]
-                          ) -> tuple[pa.Table, pa.Table]:
-        """Drop the rows a sink refused: a refused served row takes its whole event (its shadow rows too) out,
-        answered with the reason; a refused shadow row alone is dropped (counted as an error of its version)."""
-        n = results.num_rows
-        named = {int(i): reason for i, reason in exc.rows.items() if 0 <= int(i) < n}
-        if not named:  # a sink breaking the contract: loud, never a silent retry loop
-            raise RuntimeError(f"{self.sink.name} rejected rows without naming any of the {n} written: {exc}")
-        rows = results[_ROW].to_pylist()
-        served = results["served"].to_pylist()
-        versions = results["model_version"].to_pylist()
-        drop = set()
-        for i, reason in sorted(named.items()):
-            if served[i]:
-                refused.setdefault(rows[i], f"cannot be stored: {reason}")
-            else:
-                self.metrics.version_errors.labels(versions[i]).inc()
-            drop.add(i)
-        keep = [i not in drop and rows[i] not in refused for i in range(n)]
-        log.warning("rows the sink cannot hold answered with the reason",
-                    extra={"events": len(refused), "rows": n - sum(keep), "reason": next(iter(named.values()))})
-        return results.filter(pa.array(keep)), errors
 
     # -- probes ----------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -507,6 +466,8 @@ def run_serve(settings: Settings) -> int:
         def capture_signals(self):
             def stop(signum, frame):
                 self.should_exit = True
+                if app.stopping is not None:  # requests waiting on a hung sink are answered 503 at once
+                    app.stopping.set()
 
             previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
             try:

@@ -1,0 +1,133 @@
+"""Serve mode's sink side (``--sink``): CloudEvent results and rejected rows stored before the reply.
+
+- Rejected rows are keyed by their event's ``source#id`` (the errors table's ``source`` key column), so a
+  redelivered batch replaces them instead of failing on a key column serve rows lacked.
+- Rows the sink cannot hold (``RowsRejected``) take their event out, answered with the reason; the rest is
+  written again. A refused shadow row alone is dropped and counted as an error of its version.
+- Every sink call is bounded: a write that does not return within ``timeout_s`` (a locked table, a hung
+  connection) is answered 503 (Knative retries; writes are idempotent upserts), and so is one in flight when
+  the server is told to stop. Calls run on one *daemon* thread, so a hung call never keeps the process alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pyarrow as pa
+
+from workers.errors import RowsRejected, SinkError
+from workers.scoring import Scored
+
+log = logging.getLogger("workers.serve")
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class StoreUnavailable(Exception):
+    """The sink failed, did not answer in time, or the server is stopping: a 503 with this message."""
+
+
+class Lane:
+    """Runs calls one at a time, in order, on one daemon thread (ThreadPoolExecutor threads are joined at
+    interpreter exit, so a call hung on a lock would keep a stopped server running)."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.busy = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if not future.set_running_or_notify_cancel():  # its caller gave up before it started
+                continue
+            self.busy = True
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+            finally:
+                self.busy = False
+
+
+class EventStore:
+    def __init__(self, sink, metrics, row_column: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.sink, self.metrics, self.row_column, self.timeout_s = sink, metrics, row_column, timeout_s
+        self.lane = Lane("sink")
+        self.stopping: asyncio.Event | None = None  # set by the server on SIGTERM (created in its loop)
+
+    async def write(self, scored: Scored, locators: list[str]) -> dict[int, str]:
+        """Store results and rejected rows (both carrying ``row_column``, the event index); returns the events
+        whose rows the sink cannot hold (event index -> reason). Raises StoreUnavailable."""
+        row = self.row_column
+        results = scored.results
+        sources = pa.array([locators[i] for i in scored.error_rows.tolist()], pa.string())
+        errors = scored.errors.append_column("source", sources)
+        # One event twice in a batch (same source#id) is one error row; the later copy is kept.
+        last = {src: k for k, src in enumerate(sources.to_pylist())}
+        if len(last) < errors.num_rows:
+            errors = errors.take(pa.array(sorted(last.values()), pa.int64()))
+        refused: dict[int, str] = {}
+        while True:
+            try:
+                await self.call(self.sink.write_stream, Scored(results.drop_columns([row]),
+                                                               errors.drop_columns([row])))
+                return refused
+            except SinkError as exc:
+                raise StoreUnavailable(f"sink unavailable: {exc}") from None
+            except RowsRejected as exc:
+                results = self._without_rejected(results, exc, refused)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the sink's lane, waited for at most ``timeout_s`` and never past a stop."""
+        work = asyncio.ensure_future(asyncio.wrap_future(self.lane.submit(fn, *args)))
+        waits = {work}
+        if self.stopping is not None:
+            waits.add(asyncio.ensure_future(self.stopping.wait()))
+        done, _ = await asyncio.wait(waits, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits - {work}:
+            w.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()  # a call still queued will not start; one running finishes on its own (idempotent)
+        why = "the server is stopping" if self.stopping is not None and self.stopping.is_set() else \
+            f"no answer within {self.timeout_s:g} s (a locked table or a hung connection?)"
+        log.warning("sink call abandoned", extra={"sink": self.sink.name, "reason": why})
+        raise StoreUnavailable(f"sink unavailable: {why}; nothing is lost, retry the delivery")
+
+    def _without_rejected(self, results: pa.Table, exc: RowsRejected, refused: dict[int, str]) -> pa.Table:
+        n = results.num_rows
+        named = {int(i): reason for i, reason in exc.rows.items() if 0 <= int(i) < n}
+        if not named:  # a sink breaking the contract: loud, never a silent retry loop
+            raise RuntimeError(f"{self.sink.name} rejected rows without naming any of the {n} written: {exc}")
+        rows = results[self.row_column].to_pylist()
+        served = results["served"].to_pylist()
+        versions = results["model_version"].to_pylist()
+        for i, reason in sorted(named.items()):
+            if served[i]:
+                refused.setdefault(rows[i], f"cannot be stored: {reason}")
+            else:
+                self.metrics.version_errors.labels(versions[i]).inc()
+        keep = [i not in named and rows[i] not in refused for i in range(n)]
+        log.warning("rows the sink cannot hold answered with the reason",
+                    extra={"events": len(refused), "rows": n - sum(keep), "reason": next(iter(named.values()))})
+        return results.filter(pa.array(keep, pa.bool_()))
+
+    def close(self) -> None:
+        """Close the sink, unless a call is still running on it (closing under it could hang: leave it)."""
+        if self.lane.busy:
+            log.warning("sink call still running at shutdown; exiting without waiting for it",
+                        extra={"sink": self.sink.name})
+            return
+        self.sink.close()
