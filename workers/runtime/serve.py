@@ -2,7 +2,10 @@
 
 Routes: the Open Inference Protocol v2 REST API under ``/v2``; CloudEvents (binary, structured, batch) on
 ``POST /``; ``/healthz``, ``/readyz`` and ``/metrics``. User input never produces a 5xx: malformed bodies,
-wrong shapes or types, unknown models and oversized bodies get a 4xx with ``{"error": "..."}``.
+wrong shapes or types, unknown models and oversized bodies get a 4xx with ``{"error": "..."}``. Inside a
+CloudEvents batch each event is answered on its own: a bad record, an item that is not a CloudEvent, or a row
+the sink cannot hold gets a ``.error`` reply with the reason, the others are scored, stored and answered.
+With ``--sink`` a failing or hung store (bounded, see ``serve_store``) is the only 503.
 
 Adaptive batching: concurrent requests are queued and gathered into one predict call of at most
 ``max_batch_rows`` rows, waiting at most ``max_latency_ms`` for company. Predict runs on one worker thread,
@@ -71,9 +74,9 @@ def _check_passthrough(names: list[str], stored: bool) -> None:
     clash = [n for n in names if n in reserved or n.startswith("explanation")]
     if clash:
         raise ConfigError("SCORING_SCORING__PASSTHROUGH",
-                          f"{', '.join(map(repr, clash))} would replace a field of the result; passthrough "
-                          f"cannot use {', '.join(sorted(n for n in reserved if n != _ROW))}, explanation*"
-                          f"{' or ' + _ROW if _ROW in clash else ''}")
+                          f"{', '.join(map(repr, clash))}: named like a field serve writes "
+                          f"({', '.join(sorted(reserved))}, explanation*); it would replace ours. Rename the "
+                          "input field, or leave it out")
 
 
 class HTTPError(Exception):
