@@ -276,9 +276,14 @@ def _port_free(host: str, port: int, setting: str) -> None:
 @cli.command()
 @common
 @kafka_options
+@setting("--output", "batch.output")
 @with_settings
 def check(settings: Settings) -> None:
-    """Load the settings and the model, reach the broker and the sink: one line per check, exit 0 or 1."""
+    """Load the settings and the model, reach the broker and the sink: one line per check, exit 0 or 1.
+
+    The sink checked is --sink with --topic (stream), else --output when given (batch), else --sink; and the
+    --shadow-sink. Nothing is created: a database or folder that does not exist yet passes if it can be made.
+    """
     from workers.runtime.check import run_checks
 
     sys.exit(run_checks(settings))

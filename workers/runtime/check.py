@@ -55,17 +55,21 @@ def run_checks(settings: Settings) -> int:
         except KafkaException as exc:
             reason = exc.args[0].str() if exc.args else str(exc)
             results.append(_line(False, "broker", f"{settings.kafka.bootstrap_servers}: {reason}"))
-    uri = settings.stream.sink if settings.stream.topics or not settings.batch.output else settings.batch.output
-    sinks = [("sink", uri)] + ([("shadow sink", settings.routing.shadow_sink)] if settings.routing.shadow_sink else [])
-    for what, target in sinks:
+    if settings.stream.topics or not settings.batch.output:
+        sinks = [("sink", settings.stream.sink, "SCORING_STREAM__SINK")]
+    else:
+        sinks = [("sink", settings.batch.output, "SCORING_BATCH__OUTPUT")]
+    if settings.routing.shadow_sink:
+        sinks.append(("shadow sink", settings.routing.shadow_sink, "SCORING_ROUTING__SHADOW_SINK"))
+    for what, target, setting in sinks:
         try:
-            results.append(_line(True, what, check_sink(target, settings)))
+            results.append(_line(True, what, check_sink(target, settings, setting)))
         except ScoringError as exc:
             results.append(_line(False, what, str(exc)))
     return 0 if all(results) else 1
 
 
-def check_sink(uri: str, settings: Settings) -> str:
+def check_sink(uri: str, settings: Settings, setting: str) -> str:
     """Reach the sink at ``uri`` without creating anything (a probe must leave no file behind): a SQLite
     database or a local Parquet folder that does not exist yet passes when its nearest existing folder is
     writable, as the worker will create it. Returns the line to show; raises ScoringError."""
@@ -73,12 +77,12 @@ def check_sink(uri: str, settings: Settings) -> str:
 
     scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
     if scheme == "sqlite":
-        return _check_sqlite(uri)
+        return _check_sqlite(uri, setting)
     if scheme in ("", "file"):
         path = uri.removeprefix("file://")
         if not os.path.exists(path):
             return _creatable(path, redact(uri), "folder")
-    sink = open_sink(uri, settings.s3, kafka=settings.kafka)
+    sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka)
     try:
         sink.check()
     finally:
@@ -86,7 +90,7 @@ def check_sink(uri: str, settings: Settings) -> str:
     return redact(sink.name)
 
 
-def _check_sqlite(uri: str) -> str:
+def _check_sqlite(uri: str, setting: str) -> str:
     import sqlite3
 
     from workers.rollout.compare import open_sqlite_readonly, sqlite_location
@@ -95,7 +99,7 @@ def _check_sqlite(uri: str) -> str:
     name = f"sqlite:///{path}?table={table}"
     if path and not os.path.exists(path):
         return _creatable(path, name, "database")
-    conn = open_sqlite_readonly(uri, "sink")
+    conn = open_sqlite_readonly(uri, setting)
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as exc:
