@@ -31,6 +31,25 @@ def read_results(out: str) -> pd.DataFrame:
     return ds.dataset(out, format="parquet").to_table().to_pandas()
 
 
+def result_files(out: str) -> list[str]:
+    """Result files under a Parquet output, relative to it (not ``_state``/``_errors``, no temporary file)."""
+    found = []
+    for folder, dirs, names in os.walk(out):
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        found += [os.path.relpath(os.path.join(folder, n), out) for n in names
+                  if n.endswith(".parquet") and not n.startswith((".", "_"))]
+    return sorted(found)
+
+
+def temporary_files(out: str) -> list[str]:
+    return [n for _, _, names in os.walk(out) for n in names if n.startswith(".tmp-")]
+
+
+def result_of(path: str) -> str:
+    """Where an input's results land under the output root: the input's real path without its leading '/'."""
+    return os.path.realpath(path)[1:]
+
+
 def expected_scores(model_path: str, files: int, rows: int, categorical: bool = False) -> pd.Series:
     """Booster.predict on the very frames write_inputs wrote (pandas categoricals intact)."""
     booster = lgb.Booster(model_file=model_path)
@@ -47,7 +66,8 @@ def test_folder_to_parquet_dataset_scores_every_row_once(models, tmp_path):
     assert summary["rows_scored"] == 12000 and summary["files_scored"] == 3
     got = read_results(out)
     assert len(got) == 12000 and got["id"].is_unique
-    assert sorted(os.listdir(out)) == ["_state", "part-000.parquet", "part-001.parquet", "part-002.parquet"]
+    assert sorted(os.listdir(out)) == ["_state", result_of(out).split("/")[0]]
+    assert result_files(out) == [result_of(f"{inputs}/part-00{k}.parquet") for k in range(3)]
     expected = expected_scores(models["categorical"], 3, 4000, categorical=True)
     assert np.max(np.abs(got.set_index("id")["score"] - expected.loc[got["id"]].to_numpy()).to_numpy()) <= 1e-9
     # A rerun skips finished inputs and changes nothing.
@@ -62,7 +82,7 @@ def test_glob_input_and_single_file(models, tmp_path):
     out = str(tmp_path / "out")
     proc = cli("batch", "--model", models["binary"], "--input", f"{inputs}/part-00[02].parquet", "--output", out)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == ["part-000.parquet", "part-002.parquet"]
+    assert result_files(out) == [result_of(f"{inputs}/part-000.parquet"), result_of(f"{inputs}/part-002.parquet")]
     single = str(tmp_path / "single")
     assert cli("batch", "--model", models["binary"], "--input", f"{inputs}/part-001.parquet",
                "--output", single).returncode == 0
@@ -92,7 +112,7 @@ def test_sigkill_partway_then_rerun_gives_every_row_exactly_once(models, tmp_pat
     assert summary["files_skipped"] >= finished_before and summary["files_scored"] == files - summary["files_skipped"]
     got = read_results(out)
     assert len(got) == files * rows and got["id"].is_unique
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")], "no temporary file may be left visible"
+    assert not temporary_files(out), "no temporary file may be left visible"
 
 
 def test_two_shards_cover_every_file_exactly_once(models, tmp_path):
@@ -105,10 +125,10 @@ def test_two_shards_cover_every_file_exactly_once(models, tmp_path):
         assert proc.returncode == 0, proc.stderr
         summary = json.loads(proc.stdout)
         assert 0 < summary["files_in_shard"] < 12  # both shards got work
-        seen += [f for f in os.listdir(out) if f.endswith(".parquet") and f not in seen]
+        seen += [f for f in result_files(out) if f not in seen]
     assert len(seen) == 12
     assert len(read_results(out)) == 600
-    # The assignment is a pure function of the relative path: the same in any process.
+    # The assignment is a pure function of the canonical location: the same in any process.
     assert [shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)] == [
         shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)]
     probe = subprocess.run([sys.executable, "-c", "from workers.sources.parquet import shard_of;"
@@ -136,9 +156,10 @@ def test_bad_files_fail_alone_and_bad_rows_go_to_errors(models, tmp_path):
     assert summary["files_failed"] == 2 and summary["rows_scored"] == 608 and summary["rows_rejected"] == 2
     got = read_results(out)
     assert len(got) == 608 and got["id"].is_unique
-    errors = pq.read_table(os.path.join(out, "_errors", "messy.parquet")).to_pandas()
+    errors = pq.read_table(os.path.join(out, "_errors", result_of(inputs / "messy.parquet"))).to_pandas()
     assert errors["id"].tolist() == ["r5-2", "r5-7"]
-    assert errors["source"].tolist() == ["messy.parquet#2", "messy.parquet#7"]
+    # The source is the input's canonical location: unique across input roots (the errors tables' key).
+    assert errors["source"].tolist() == [f"{inputs.resolve()}/messy.parquet#2", f"{inputs.resolve()}/messy.parquet#7"]
     assert errors["reason"].tolist() == ["feature 'x1': 'oops' is not a number",
                                          "feature 'x1': '1e999' is not a finite number"]
     # --allow-bad-rows: rejected rows alone do not fail the run; failed files still do.
@@ -160,7 +181,7 @@ def test_user_mistakes_get_one_line_and_exit_2(models, tmp_path):
     cases = [
         (["--model", str(pickle_path)], {}, "SCORING_MODEL__PATH (--model): ", "pickle"),
         (["--model", models["binary"], "--model-sha256", "f" * 64], {}, "SCORING_MODEL__SHA256", "not the pinned"),
-        (["--model", models["binary"], "--threads", "many"], {}, "SCORING_MODEL__THREADS (--threads)", "integer"),
+        (["--model", models["binary"], "--threads", "many"], {}, "--threads", "integer"),
         (["--model", models["binary"]], {"SCORING_MODEL__THREAD": "2"}, "SCORING_MODEL__THREAD:", "unknown setting"),
         (["--model", models["binary"], "--shard-index", "2", "--shard-count", "2"], {},
          "SCORING_BATCH__SHARD_INDEX", "must be below"),
@@ -253,7 +274,7 @@ def test_rows_the_store_cannot_hold_fail_that_file_alone(models, tmp_path, monke
     # Nothing of the failed file is published or recorded as done; the others are complete.
     got = read_results(out)
     assert len(got) == 600 and not got["id"].str.startswith("r101-").any()
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    assert not temporary_files(out)
     assert len(os.listdir(os.path.join(out, "_state"))) == 2
     # A rerun tries the failed file again (it is not in the ledger) and skips the two finished ones.
     again = run_batch(settings)

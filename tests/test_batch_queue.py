@@ -12,6 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from tests.helpers import write_inputs
+from tests.test_batch import result_files, result_of
 
 pytestmark = pytest.mark.kafka
 
@@ -46,8 +47,8 @@ def test_queue_events_are_scored_once_and_the_job_exits_when_drained(models, kaf
     assert summary["files_scored"] == 1 and summary["files_skipped"] == 1
     ids = ds.dataset(out, format="parquet").to_table(columns=["id"])["id"].to_pylist()
     assert len(ids) == 4000 and len(set(ids)) == 4000
-    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == [
-        "part-000.parquet", "part-001.parquet", "part-002.parquet", "part-003.parquet"]
+    # Named by each file's canonical location, as in listed runs (a file:// URI is the same file).
+    assert result_files(out) == sorted(result_of(p) for p in paths)
     # Drained: a third run finds nothing and exits 0 quickly.
     third = run(models, kafka, topic, out, root)
     assert third.returncode == 0 and json.loads(third.stdout)["files_found"] == 0

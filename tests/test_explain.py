@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import FEATURES, frame, write_inputs
+from tests.test_batch import result_of
 from workers.model import load_model
 from workers.runtime.batch import run_batch
 from workers.scoring import Scorer
@@ -53,7 +54,7 @@ def test_explanations_land_in_parquet_and_table_sinks(models, tmp_path):
         settings = load_settings({"model": {"path": models["binary"]}, "scoring": {"explain": "top", "explain_top_k": 2},
                                   "batch": {"input": inputs, "output": out}})
         assert run_batch(settings).exit_code == 0
-    table = pq.read_table(tmp_path / "pq" / "part-000.parquet")
+    table = pq.read_table(tmp_path / "pq" / result_of(f"{inputs}/part-000.parquet"))
     kind = table.schema.field("explanation").type
     assert pa.types.is_list(kind) and [f.name for f in kind.value_type] == ["feature", "value", "contribution"]
     import orjson

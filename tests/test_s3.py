@@ -34,11 +34,12 @@ def test_s3_model_input_and_output(models, s3_endpoint, s3_bucket):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["rows_scored"] == 9000
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
+    # Named by the input's canonical location (bucket and key), so other input roots never collide.
     assert [k for k in keys if not k.startswith("out/_state/")] == [
-        "out/day=0/data.parquet", "out/day=1/data.parquet", "out/day=2/data.parquet"]
+        f"out/{bucket}/in/day={k}/data.parquet" for k in range(3)]
     booster = lgb.Booster(model_file=models["binary"])
     for k, df in enumerate(frames):
-        body = client.get_object(Bucket=bucket, Key=f"out/day={k}/data.parquet")["Body"].read()
+        body = client.get_object(Bucket=bucket, Key=f"out/{bucket}/in/day={k}/data.parquet")["Body"].read()
         got = pq.read_table(io.BytesIO(body)).to_pandas()
         assert got["id"].tolist() == df["id"].tolist()
         assert np.max(np.abs(got["score"].to_numpy() - booster.predict(df[booster.feature_name()]))) <= 1e-9

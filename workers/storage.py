@@ -1,12 +1,53 @@
-"""Local and object-storage paths as pyarrow filesystems, chosen by URI scheme."""
+"""Local and object-storage paths as pyarrow filesystems, chosen by URI scheme; canonical locations.
+
+A *canonical location* is the one spelling of a place, so that two spellings of it compare equal:
+``s3://bucket/key`` (no trailing or doubled slashes, ``.`` and ``..`` resolved) or an absolute local path
+with ``..`` and symlinks resolved (``file://`` dropped). Batch mode names its outputs and its ledger entries
+by the canonical location of each input, and refuses an output root that is, or contains, the input root.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+import os
+import posixpath
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 from workers.settings import S3Settings
+
+__all__ = ["canonical", "inside", "is_s3", "output_name", "read_bytes", "redact", "resolve", "s3_filesystem"]
+
+
+# Query parameters of a URI that hold secrets (libpq's password and sslpassword, S3-style keys, tokens).
+SECRET_PARAMS = frozenset({"password", "sslpassword", "secret", "secret_access_key", "access_key",
+                           "aws_secret_access_key", "token", "session_token"})
+
+
+def redact(uri: str) -> str:
+    """``uri`` with the password of its userinfo and every secret query parameter replaced by ``***``.
+
+    For anything printed or logged (summaries, errors, log lines). Text that is not a URI is returned as it is;
+    a URI that cannot be parsed shows only its scheme.
+    """
+    if not isinstance(uri, str) or "://" not in uri:
+        return uri
+    try:
+        p = urlsplit(uri)
+        netloc = p.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":***"
+            netloc = f"{userinfo}@{host}"
+        query = p.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() in SECRET_PARAMS for k, _ in pairs):
+                query = urlencode([(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*/")
+        return urlunsplit(p._replace(netloc=netloc, query=query))
+    except ValueError:
+        return uri.split("://", 1)[0] + "://***"
 
 
 def is_s3(uri: str) -> bool:
@@ -38,3 +79,42 @@ def read_bytes(uri: str, s3: S3Settings) -> bytes:
     fs, path = resolve(uri, s3)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def canonical(uri: str) -> str:
+    """The canonical location of a local path, ``file://`` or ``s3://`` URI (see the module docstring).
+
+    A local path need not exist: the part that exists has its symlinks resolved, the rest is normalised.
+    """
+    if is_s3(uri):
+        key = posixpath.normpath("/" + uri[len("s3://"):]).lstrip("/")  # also collapses '//' and drops a '/' end
+        return "s3://" + key
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return os.path.realpath(os.path.abspath(uri or "."))
+
+
+def inside(path: str, root: str) -> bool:
+    """True when canonical ``path`` is ``root`` or below it (both canonical; local and s3:// never overlap)."""
+    if root.endswith("/"):  # "/" or "s3://": everything on that filesystem
+        return path.startswith(root)
+    return path == root or path.startswith(root + "/")
+
+
+def _escape(segment: str) -> str:
+    # Readers of a dataset (pyarrow, Spark, DuckDB) skip names starting with '_' or '.': an input under
+    # '/home/u/.data/' or '/work/_lake/' must not get invisible results. Percent-escape that first character
+    # (and '%' itself, so the mapping stays one-to-one).
+    segment = segment.replace("%", "%25")
+    if segment[:1] in ("_", "."):
+        segment = f"%{ord(segment[0]):02X}{segment[1:]}"
+    return segment
+
+
+def output_name(unit: str) -> str:
+    """The relative name under an output root for a unit: a canonical input location loses its scheme (or its
+    leading '/'), each segment is escaped so no name is hidden; other units (stream slices) are kept as they are
+    apart from that escaping. Different canonical locations map to different names, except a local path and an
+    S3 key spelled the same (``/b/k`` and ``s3://b/k``), which the Parquet ledger tells apart."""
+    bare = unit[len("s3://"):] if is_s3(unit) else unit
+    return "/".join(_escape(seg) for seg in bare.split("/") if seg)

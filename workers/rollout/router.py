@@ -6,7 +6,8 @@ Each record is *served* by one version, chosen by a sticky hash of its routing k
 
 Versions may differ in their features: versions with the same features and category mappings share one
 decoding ("signature"); a record is rejected (errors / dead letter) only when its *served* version cannot
-decode it. A shadow version that cannot decode a record, or whose predict fails, skips it (counted).
+decode it. A shadow version that cannot decode a record, whose predict fails, or (batch) whose feature
+columns an input file lacks, skips those rows (counted in ``skipped`` and the version-errors metric).
 A served canary whose predict raises is replaced by the primary version for those rows (counted as errors,
 which a guardrail can act on). The primary is the served version with the largest weight.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workers.errors import ConfigError
+from workers.errors import ConfigError, InputError
 from workers.model import Model, load_model
 from workers.records import Decoded, RecordDecoder
 from workers.rollout import split
@@ -62,6 +64,7 @@ class Routed:
     raw: list | None = None  # input values of rejected rows (index -> dict), for the errors' raw column
     passthrough: dict[str, list] = field(default_factory=dict)
     tables: list[pa.RecordBatch | pa.Table] | None = None  # batch mode: the input batch (for raw values)
+    absent: frozenset[int] = frozenset()  # signatures (shadow-only) whose feature columns the batch lacks
 
     @property
     def primary(self) -> Features:
@@ -122,6 +125,8 @@ class Router:
         self.guards = guards or GuardBook()
         if guards is None:
             self.guards.attach(self)
+        #: rows each shadow version could not score (it skipped them), since this router was built
+        self.skipped: Counter = Counter()
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -186,23 +191,39 @@ class Router:
         for v in self.versions:
             self.metrics.routing_weight.labels(v.name, v.role).set(0 if v.shadow else weights[v.name])
 
-    def check_columns(self, names: list[str] | pa.Schema) -> None:
-        for scorer in self.feature_scorers:
-            scorer.check_columns(names)
+    def _served_signatures(self) -> set[int]:
+        return {v.signature for v in self.served}
+
+    def check_columns(self, names: list[str] | pa.Schema) -> dict[str, str]:
+        """Raise InputError when a column a *served* version needs (or the routing key) is missing: only served
+        versions decide whether an input can be scored. Returns, per shadow version that cannot score this
+        input, the reason (it is skipped for the input, its rows counted in ``skipped``)."""
+        served = self._served_signatures()
+        absent: dict[str, str] = {}
+        for sig, scorer in enumerate(self.feature_scorers):
+            if sig in served:
+                scorer.check_columns(names)
+                continue
+            try:
+                scorer.check_columns(names)
+            except InputError as exc:
+                absent.update({v.name: str(exc) for v in self.versions if v.signature == sig})
         if self.key:
             present = names.names if isinstance(names, pa.Schema) else names
             if self.key not in present:
-                from workers.errors import InputError
-
                 raise InputError(f"missing routing key column '{self.key}'")
+        return absent
 
-    def input_columns(self) -> list[str]:
+    def input_columns(self, schema: pa.Schema | None = None) -> list[str]:
+        """The columns to read; with ``schema``, those it has (a shadow-only feature may be absent)."""
         cols = [self.id_column]
         for scorer in self.feature_scorers:
             cols += scorer.model.feature_names
         cols += self.scoring.passthrough
         if self.key:
             cols.append(self.key)
+        if schema is not None:
+            cols = [c for c in cols if c in schema.names]
         return list(dict.fromkeys(cols))
 
     # -- decoding --------------------------------------------------------------------------------
@@ -225,8 +246,16 @@ class Router:
         return routed, Decoded(first.ids, first.features, passthrough, first.raw)
 
     def from_table(self, batch: pa.RecordBatch | pa.Table) -> Routed:
-        """An Arrow batch (batch mode) -> a routed batch."""
-        feats = [scorer.features(batch) for scorer in self.feature_scorers]
+        """An Arrow batch (batch mode) -> a routed batch. A shadow-only decoding whose columns the batch lacks
+        is marked absent (its versions skip the batch); a served one raises InputError."""
+        served = self._served_signatures()
+        feats, absent = [], set()
+        for sig, scorer in enumerate(self.feature_scorers):
+            if sig not in served and any(c not in batch.schema.names for c in scorer.model.feature_names):
+                absent.add(sig)
+                feats.append(Features(np.empty((batch.num_rows, 0)), {}))
+            else:
+                feats.append(scorer.features(batch))
         ids = batch.column(self.id_column)
         keys: list[str] = []
         if len(self.served) > 1:
@@ -243,7 +272,7 @@ class Router:
             raw = [{}] * batch.num_rows
             for i, row in zip(bad, rows, strict=True):
                 raw[i] = row
-        return Routed(batch.num_rows, ids, feats, keys, raw)
+        return Routed(batch.num_rows, ids, feats, keys, raw, absent=frozenset(absent))
 
     # -- routing and scoring ---------------------------------------------------------------------
     def plan(self, routed: Routed) -> list[Job]:
@@ -268,12 +297,16 @@ class Router:
         for v in self.shadows:
             feats = routed.features[v.signature]
             bad = served_bad.copy()
-            if feats.reasons:
+            if v.signature in routed.absent:
+                bad[:] = True
+            elif feats.reasons:
                 bad[list(feats.reasons)] = True
             rows = np.flatnonzero(~bad)
             skipped = int(n - rows.size - np.count_nonzero(served_bad))
-            if skipped and self.metrics is not None:
-                self.metrics.version_errors.labels(v.name).inc(skipped)
+            if skipped:
+                self.skipped[v.name] += skipped
+                if self.metrics is not None:
+                    self.metrics.version_errors.labels(v.name).inc(skipped)
             if rows.size:
                 jobs.append(Job(v, rows, Features(np.ascontiguousarray(feats.matrix[rows]), {})))
         return jobs
@@ -322,6 +355,7 @@ class Router:
         for job, pred in zip(jobs, predictions, strict=True):
             if pred is None:
                 if job.version.shadow:
+                    self.skipped[job.version.name] += int(job.rows.size)
                     continue
                 job = self.fallback(routed, job)
                 pred = self.predict(job)

@@ -7,6 +7,11 @@ Order per file, which makes a killed run safe to start again:
   4. ``mark_done`` records it in the ledger.
 A crash between any two steps leaves the file unrecorded, so the next run writes it again, and the
 sink's idempotency (same file name, or upsert on (id, model_version)) keeps one copy of each row.
+
+A file's unit (its output name, ledger entry, errors' source and shard) is its canonical location, so runs
+from different input roots into one output never replace each other and a rerun from another spelling of
+the same root still finds its files finished. Before anything is written, ``check_layout`` refuses an
+output that could land on an input (exit 2), and the listing leaves out the output's own files.
 """
 
 from __future__ import annotations
@@ -14,17 +19,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
+import pyarrow.fs as pafs
+
 from workers.drift import monitor_for
-from workers.errors import InputError, RowsRejected, SinkError
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.model import Model
 from workers.rollout.router import Router
 from workers.rollout.watch import RoutingSource
 from workers.runtime.progress import Progress
 from workers.settings import Settings
 from workers.sinks import Sink, open_result_sink
-from workers.sources.parquet import InputFile, iter_batches, list_inputs, open_parquet, shard_of
+from workers.sources.parquet import InputFile, Listing, find_inputs, iter_batches, open_parquet, shard_of
+from workers.storage import canonical, inside, redact
 
 log = logging.getLogger("workers.batch")
 
@@ -42,6 +51,14 @@ class BatchReport:
     output: str = ""
     allow_bad_rows: bool = False
     drift: dict = field(default_factory=dict)  # feature -> psi, null_share, out_of_range_share (with a profile)
+    shadow_skipped: Counter = field(default_factory=Counter)  # shadow version -> rows it could not score
+
+    def add(self, result: FileResult) -> None:
+        """Count one scored file."""
+        self.files_scored += 1
+        self.rows += result.ok
+        self.rejected += result.bad
+        self.shadow_skipped.update(result.shadow_skipped)
 
     @property
     def rows_per_s(self) -> float:
@@ -65,6 +82,9 @@ class BatchReport:
             "seconds": round(self.seconds, 3),
             "rows_per_s": round(self.rows_per_s),
             "output": self.output,
+            # Rows a shadow version could not score (a feature column the file lacks, a value it cannot decode,
+            # its predict failing): skipped, never failing the served results.
+            **({"shadow_rows_skipped": dict(sorted(self.shadow_skipped.items()))} if self.shadow_skipped else {}),
             **({"drift": self.drift} if self.drift else {}),
         }
 
@@ -87,20 +107,114 @@ def _rejected_reason(rel: str, scored, exc: RowsRejected, show: int = 3) -> str:
     return f"the output cannot store {len(exc.rows)} row(s) of {rel}: " + "; ".join(parts) + more
 
 
-def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> tuple[int, int]:
-    """Score one input file into one sink unit; returns (rows scored and served, rows rejected)."""
+OUTPUT_SETTING = "SCORING_BATCH__OUTPUT"
+
+
+@dataclass(frozen=True)
+class OutputPlace:
+    """A place in a filesystem this run writes to."""
+
+    setting: str
+    uri: str
+    root: str  # canonical location
+    dataset: bool  # a Parquet dataset root; False: an SQLite database file (or its -wal/-shm/-journal)
+
+
+def output_places(settings: Settings) -> list[OutputPlace]:
+    """The Parquet dataset roots and SQLite database files of the result and shadow sinks (server stores and
+    topics cannot meet an input file)."""
+    places = []
+    for setting, uri in ((OUTPUT_SETTING, settings.batch.output),
+                         ("SCORING_ROUTING__SHADOW_SINK", settings.routing.shadow_sink)):
+        if not uri:
+            continue
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+        if scheme in ("", "file", "s3"):
+            places.append(OutputPlace(setting, uri, canonical(uri), True))
+        elif scheme == "sqlite":
+            path = uri.split("://", 1)[1].split("?", 1)[0]
+            path = path[1:] if path.startswith("/") else path  # sqlite:///relative.db, sqlite:////abs.db
+            if path and path != ":memory:":
+                db = canonical(path)
+                places += [OutputPlace(setting, uri, db + end, False) for end in ("", "-wal", "-shm", "-journal")]
+    return places
+
+
+def _ours(listing: Listing, place: OutputPlace) -> set[str]:
+    """Canonical locations under a dataset root that are results of ours: those this run's inputs would
+    write, and those the root's ledger records."""
+    from workers.sinks.parquet import ledger_file, result_name
+
+    names = {result_name(f.source) for f in listing.files}
+    names |= {result_name(f.source) for f in listing.excluded}  # an output of an excluded file is ours too
+    state = place.root[len("s3://"):] if place.root.startswith("s3://") else place.root
+    try:
+        entries = listing.fs.get_file_info(pafs.FileSelector(f"{state}/_state", allow_not_found=True))
+        recorded = {e.base_name for e in entries}
+    except OSError:
+        recorded = set()
+    ours = {f"{place.root}/{n}" for n in names}
+    for f in listing.excluded:
+        if f.source.startswith(place.root + "/") and ledger_file(f.source[len(place.root) + 1:]) in recorded:
+            ours.add(f.source)
+    return ours
+
+
+def check_layout(spec: str, listing: Listing, places: list[OutputPlace]) -> None:
+    """Refuse, before anything is written, an output that could land on an input (ConfigError: exit 2).
+
+    - A dataset root that is the input root (a folder, a single file's folder, a glob's fixed prefix) or
+      contains it: results would be written among the inputs (with ``--output /`` onto them).
+    - A dataset root inside the input root is allowed: the listing leaves it out, so its results never become
+      inputs; unless it already holds input files that are not results of ours, which would never be scored.
+    - An SQLite database that is the only input named.
+    """
+    for place in places:
+        shown = redact(place.uri)
+        if place.dataset and inside(listing.root, place.root):
+            raise ConfigError(place.setting, f"{shown} is the input folder {listing.root} or contains it: results "
+                                             f"would be written among the inputs; choose an output outside it")
+        mine = [f for f in listing.excluded if inside(f.source, place.root)]
+        if not mine:
+            continue
+        if not place.dataset:
+            if not listing.files:
+                raise ConfigError(place.setting, f"{shown} is the database the output goes to, and the only "
+                                                 f"input {spec} names")
+            continue
+        foreign = [f for f in mine if f.source not in _ours(listing, place)]
+        if foreign:
+            raise ConfigError(place.setting, f"{shown} is inside the input {listing.root} and holds "
+                                             f"{len(foreign)} input file(s) that are not its results (e.g. "
+                                             f"{foreign[0].rel}), which would never be scored; choose an output "
+                                             f"folder of its own")
+
+
+@dataclass
+class FileResult:
+    ok: int  # rows scored and served
+    bad: int  # rows rejected
+    shadow_skipped: Counter = field(default_factory=Counter)  # shadow version -> rows it could not score
+
+
+def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
+    """Score one input file into one sink unit (named by the file's canonical location)."""
     pf = open_parquet(fs, f)
-    router.check_columns(pf.schema_arrow)
-    columns = router.input_columns()
+    absent = router.check_columns(pf.schema_arrow)
+    for name, missing in absent.items():
+        log.warning("shadow version skipped for this input", extra={"input": f.rel, "model_version": name,
+                                                                    "reason": missing})
+    columns = router.input_columns(pf.schema_arrow)
     bytes_per_row = f.size / max(pf.metadata.num_rows, 1)
-    writer = sink.begin(f.rel)
+    before = router.skipped.copy()
+    writer = sink.begin(f.source)
     ok = bad = offset = 0
     try:
         for rb in iter_batches(pf, columns, batch_rows):
             carry = {c: rb.column(c) for c in router.scoring.passthrough}
             scored = router.finish(router.from_table(rb), carry)
             if scored.rejected:
-                scored = scored.with_error_sources([f"{f.rel}#{offset + int(i)}" for i in scored.error_rows])
+                scored = scored.with_error_sources([f"{f.source}#{offset + int(i)}" for i in scored.error_rows])
             try:
                 writer.write(scored)
             except RowsRejected as exc:
@@ -113,7 +227,7 @@ def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, pr
     except BaseException:
         writer.abort()
         raise
-    return ok, bad
+    return FileResult(ok, bad, router.skipped - before)
 
 
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
@@ -124,12 +238,15 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     drift = monitor_for(settings, model, window=2**62)
     if drift is not None:
         router.primary.scorer.on_matrix = drift.observe
-    fs, files = list_inputs(b.input or "", settings.s3)
+    places = output_places(settings)
+    listing = find_inputs(b.input or "", settings.s3, exclude=tuple(p.root for p in places))
+    check_layout(b.input or "", listing, places)
+    fs, files = listing.fs, listing.files
     index = shard_index(settings)
-    mine = [f for f in files if shard_of(f.rel, b.shard_count) == index]
-    report = BatchReport(files_found=len(files), files_in_shard=len(mine), output=b.output or "",
+    mine = [f for f in files if shard_of(f.source, b.shard_count) == index]
+    report = BatchReport(files_found=len(files), files_in_shard=len(mine), output=redact(b.output or ""),
                          allow_bad_rows=b.allow_bad_rows)
-    sink = open_result_sink(settings, b.output or "", "SCORING_BATCH__OUTPUT")
+    sink = open_result_sink(settings, b.output or "", OUTPUT_SETTING)
     started = time.monotonic()
     log.info("batch start", extra={"files_found": len(files), "shard": f"{index}/{b.shard_count}",
                                    "files_in_shard": len(mine), "model_version": model.version, "output": sink.name,
@@ -139,22 +256,20 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         sink.check()
         for f in mine:
             fingerprint = f"{f.fingerprint};model={router.fingerprint}"
-            if sink.done(f.rel) == fingerprint:
-                report.files_skipped += 1
-                progress.file_done()
-                continue
             try:
-                ok, bad = score_file(router, fs, f, sink, b.batch_rows, progress)
+                if sink.done(f.source) == fingerprint:
+                    report.files_skipped += 1
+                    progress.file_done()
+                    continue
+                result = score_file(router, fs, f, sink, b.batch_rows, progress)
             except InputError as exc:
                 report.failed.append((f.rel, str(exc)))
                 log.error("input failed", extra={"input": f.rel, "reason": str(exc)})
                 continue
-            sink.mark_done(f.rel, fingerprint, ok, bad)
-            report.files_scored += 1
-            report.rows += ok
-            report.rejected += bad
+            sink.mark_done(f.source, fingerprint, result.ok, result.bad)
+            report.add(result)
             progress.file_done()
-            log.debug("input done", extra={"input": f.rel, "rows": ok, "rejected": bad})
+            log.debug("input done", extra={"input": f.rel, "rows": result.ok, "rejected": result.bad})
     except SinkError as exc:
         # The store failed: stop here; what was committed stays, the rest is picked up by a rerun.
         report.failed.append(("<sink>", str(exc)))
@@ -166,5 +281,3 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         if drift is not None:
             report.drift = {k: {m: round(v, 6) for m, v in values.items()} for k, values in drift.report().items()}
     return report
-
-

@@ -5,6 +5,9 @@ Each event's value is a path or URI (``s3://bucket/key.parquet``), as text or as
 per-file unit and ledger as listed inputs), then commit the event's offset. A crash re-delivers at most
 the events after the last commit, and the ledger skips files already finished. The run ends when no
 event arrives for ``idle_exit_s`` after the group assigned partitions: the queue is drained.
+
+A file's results are named by its canonical location, as in listed batch runs, so a file queued and the
+same file listed share one output and one ledger entry. A queued file inside an output fails alone.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from kafka.structs import OffsetAndMetadata
 
 from workers.errors import InputError, ScoringError, SinkError
 from workers.rollout.watch import RoutingSource
-from workers.runtime.batch import BatchReport, score_file
+from workers.runtime.batch import OUTPUT_SETTING, BatchReport, output_places, score_file
 from workers.runtime.progress import Progress
 from workers.settings import Settings
 from workers.sinks import open_result_sink
 from workers.sources.parquet import InputFile
-from workers.storage import resolve
+from workers.storage import canonical, inside, redact, resolve
 
 log = logging.getLogger("workers.batch")
 
@@ -50,21 +53,11 @@ def event_path(value: bytes | None) -> str:
     return text
 
 
-def _relative(path: str, root: str | None) -> str:
-    """Output name for a queued file: relative to ``--input`` when under it, else the path without scheme."""
-    bare = path.split("://", 1)[-1]
-    if root:
-        base = root.split("://", 1)[-1].rstrip("/") + "/"
-        if bare.startswith(base):
-            return bare[len(base):]
-    return bare.lstrip("/")
-
-
 def run_batch_queue(settings: Settings) -> BatchReport:
     b = settings.batch
     router = RoutingSource(settings).router
-    sink = open_result_sink(settings, b.output or "", "SCORING_BATCH__OUTPUT")
-    report = BatchReport(output=b.output or "", allow_bad_rows=b.allow_bad_rows)
+    sink = open_result_sink(settings, b.output or "", OUTPUT_SETTING)
+    report = BatchReport(output=redact(b.output or ""), allow_bad_rows=b.allow_bad_rows)
     progress = Progress("log" if b.progress == "auto" else b.progress, 0, 0)
     try:
         consumer = KafkaConsumer(
@@ -113,24 +106,25 @@ def run_batch_queue(settings: Settings) -> BatchReport:
 def _score_event(router, settings, sink, value, report, progress, version) -> None:
     try:
         path = event_path(value)
-        fs, inner = resolve(path, settings.s3)
+        source = canonical(path)
+        place = next((p for p in output_places(settings) if inside(source, p.root)), None)
+        if place is not None:
+            raise InputError(f"{path} is inside the output {redact(place.uri)}: results are never inputs")
+        fs, inner = resolve(source, settings.s3)
         info = fs.get_file_info(inner)
         if info.type != pafs.FileType.File:
             raise InputError(f"{path} does not exist")
-        f = InputFile(path=inner, rel=_relative(path, settings.batch.input), size=info.size or 0,
-                      mtime_ns=info.mtime_ns)
+        f = InputFile(path=inner, rel=path, size=info.size or 0, mtime_ns=info.mtime_ns, source=source)
         report.files_found += 1
         report.files_in_shard += 1
         fingerprint = f"{f.fingerprint};model={version}"
-        if sink.done(f.rel) == fingerprint:
+        if sink.done(f.source) == fingerprint:
             report.files_skipped += 1
             return
-        ok, bad = score_file(router, fs, f, sink, settings.batch.batch_rows, progress)
-        sink.mark_done(f.rel, fingerprint, ok, bad)
-        report.files_scored += 1
-        report.rows += ok
-        report.rejected += bad
-        log.info("input done", extra={"input": path, "rows": ok, "rejected": bad})
+        result = score_file(router, fs, f, sink, settings.batch.batch_rows, progress)
+        sink.mark_done(f.source, fingerprint, result.ok, result.bad)
+        report.add(result)
+        log.info("input done", extra={"input": path, "rows": result.ok, "rejected": result.bad})
     except (InputError, OSError) as exc:
         name = value.decode("utf-8", errors="replace")[:200] if value else "<empty>"
         report.failed.append((name, str(exc)))

@@ -1,11 +1,16 @@
 """Parquet dataset sink: one results file per unit, written under a temporary name then moved in place.
 
 Layout under the root (local directory or s3:// prefix):
-    <unit>.parquet           results of one input file (batch) or one partition slice (stream)
-    _errors/<unit>.parquet   rejected rows of that unit (only when there are any)
-    _state/<hash>.json       the ledger: finished inputs and their fingerprints
+    <name>.parquet           results of one input file (batch) or one partition slice (stream)
+    _errors/<name>.parquet   rejected rows of that unit (only when there are any)
+    _state/<hash>.json       the ledger: per output name, the unit (input location) and its fingerprint
+In batch mode a unit is the input's canonical location (``/data/lake/day=1/part-0.parquet`` or
+``s3://lake/day=1/part-0.parquet``) and its name that location without the scheme or leading '/'
+(``storage.output_name``), so runs from different input roots never replace each other's files.
 Readers of the dataset (pyarrow, Spark, DuckDB) skip names starting with '_' and '.'.
 On S3 an object appears only when its upload completes, so the final key is written directly.
+A unit rewritten replaces everything of its earlier write: a file of results or errors not written this time
+(an input emptied, no rejected rows any more) is removed.
 """
 
 from __future__ import annotations
@@ -18,15 +23,22 @@ import uuid
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from workers.errors import SinkError
+from workers.errors import InputError, SinkError
 from workers.scoring import Scored
 from workers.settings import S3Settings
 from workers.sinks.base import Sink, UnitWriter
-from workers.storage import is_s3, resolve
+from workers.storage import is_s3, output_name, redact, resolve
 
 
-def _name(unit: str) -> str:
-    return unit if unit.endswith(".parquet") else f"{unit}.parquet"
+def result_name(unit: str) -> str:
+    """The file of a unit's results, relative to the root (its errors: ``_errors/`` + the same)."""
+    name = output_name(unit)
+    return name if name.endswith(".parquet") else f"{name}.parquet"
+
+
+def ledger_file(name: str) -> str:
+    """The ledger entry (under ``_state/``) of the result file ``name``."""
+    return f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
 
 
 class _File:
@@ -72,23 +84,32 @@ class _File:
     def abort(self) -> None:
         if self.writer is not None:
             try:
+                # On S3 there is no temporary name and closing completes the upload: the partial object is
+                # then deleted, so a failed write never stands as if it were the unit's results.
                 self.writer.close()
-                if self.tmp != self.final:
-                    self.fs.delete_file(self.tmp)
+                self.fs.delete_file(self.tmp)
             except OSError:
                 pass
+
+    def remove(self) -> None:
+        """Delete the published file (a rewrite that wrote nothing here must not leave the old one)."""
+        try:
+            self.fs.delete_file(self.final)
+        except (FileNotFoundError, OSError):
+            pass
 
 
 class _ParquetUnit(UnitWriter):
     def __init__(self, sink: ParquetSink, unit: str):
         self.sink = sink
-        name = _name(unit)
+        name = result_name(unit)
         self.results = _File(sink.fs, f"{sink.root}/{name}", sink.atomic_rename)
         self.errors = _File(sink.fs, f"{sink.root}/_errors/{name}", sink.atomic_rename)
 
     def write(self, scored: Scored) -> None:
         try:
-            if scored.results.num_rows or self.results.writer is None:
+            # Nothing is written for no rows: commit then removes an older file instead (an emptied input).
+            if scored.results.num_rows:
                 self.results.write(scored.results)
             if scored.errors.num_rows:
                 self.errors.write(scored.errors)
@@ -97,13 +118,11 @@ class _ParquetUnit(UnitWriter):
 
     def commit(self) -> None:
         try:
-            self.results.commit()
-            if not self.errors.commit():
-                # A rewrite without rejected rows must not leave an older errors file behind.
-                try:
-                    self.sink.fs.delete_file(self.errors.final)
-                except (FileNotFoundError, OSError):
-                    pass
+            # A rewrite must not leave an older file behind: no rows now (an emptied input) means no results
+            # file, no rejected rows now means no errors file.
+            for part in (self.results, self.errors):
+                if not part.commit():
+                    part.remove()
         except OSError as exc:
             raise SinkError(f"publishing {self.results.final}: {exc}") from exc
 
@@ -117,7 +136,7 @@ class ParquetSink(Sink):
         self.fs, self.root = resolve(uri, s3)
         self.root = self.root.rstrip("/")
         self.atomic_rename = not is_s3(uri)
-        self.name = uri
+        self.name = redact(uri)
 
     def begin(self, unit: str) -> UnitWriter:
         return _ParquetUnit(self, unit)
@@ -127,18 +146,28 @@ class ParquetSink(Sink):
             self.write(unit, part)
 
     def _state_path(self, unit: str) -> str:
-        return f"{self.root}/_state/{hashlib.sha256(unit.encode()).hexdigest()[:32]}.json"
+        # Keyed by the output name, not the unit: the entry says which unit owns that name.
+        return f"{self.root}/_state/{ledger_file(result_name(unit))}"
 
     def done(self, unit: str) -> str | None:
+        """The unit's recorded fingerprint. InputError when its output name holds another unit's results
+        (only ``/b/k`` and ``s3://b/k`` share a name): that input fails alone rather than replace them."""
         try:
             with self.fs.open_input_stream(self._state_path(unit)) as f:
                 entry = json.loads(f.read())
         except (FileNotFoundError, OSError, ValueError):
             return None
-        return entry.get("fingerprint") if entry.get("unit") == unit else None
+        owner = entry.get("unit")
+        if owner != unit:
+            if owner and entry.get("output") == result_name(unit):
+                raise InputError(f"{self.name}/{result_name(unit)} already holds the results of {owner}; "
+                                 f"score {unit} into another output")
+            return None
+        return entry.get("fingerprint")
 
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        entry = {"unit": unit, "fingerprint": fingerprint, "rows": rows, "rejected": rejected, "at": time.time()}
+        entry = {"unit": unit, "output": result_name(unit), "fingerprint": fingerprint, "rows": rows,
+                 "rejected": rejected, "at": time.time()}
         out = _File(self.fs, self._state_path(unit), self.atomic_rename)
         path = out.tmp
         try:

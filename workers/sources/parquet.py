@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 
 from workers.errors import ConfigError, InputError
 from workers.settings import S3Settings
-from workers.storage import is_s3, resolve
+from workers.storage import canonical, inside, is_s3, resolve
 
 INPUT_SETTING = "SCORING_BATCH__INPUT"
 _GLOB_CHARS = "*?["
@@ -23,9 +22,13 @@ _GLOB_CHARS = "*?["
 @dataclass(frozen=True)
 class InputFile:
     path: str  # path inside the filesystem
-    rel: str  # path relative to the input root: names the output file and picks the shard
+    rel: str  # path relative to the input root: how messages name the file
     size: int
     mtime_ns: int | None
+    # Canonical location (``storage.canonical``): names the output file, the ledger entry, the errors' source
+    # and the shard, so two runs from different roots (or spellings) agree on it and different files never
+    # share it.
+    source: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -33,53 +36,92 @@ class InputFile:
         return f"size={self.size};mtime_ns={self.mtime_ns}"
 
 
+@dataclass(frozen=True)
+class Listing:
+    fs: pafs.FileSystem
+    files: list[InputFile]
+    root: str  # canonical input root: the folder, the folder of a single file, or the glob's fixed prefix
+    excluded: list[InputFile]  # files the spec names that lie under an excluded root (an output), not inputs
+
+
 def _visible(rel: str) -> bool:
     # Spark/Hive markers (_SUCCESS), our own state (_state, _errors) and hidden temp files are not data.
     return not any(part.startswith(("_", ".")) for part in rel.split("/"))
 
 
-def _info(info: pafs.FileInfo, rel: str) -> InputFile:
-    return InputFile(path=info.path, rel=rel, size=info.size or 0, mtime_ns=info.mtime_ns)
+def _match(pattern: list[str], parts: list[str]) -> bool:
+    """Segment-wise glob: ``*``, ``?`` and ``[...]`` stay within one path segment; ``**`` spans any depth
+    (zero or more segments), as in shell globstar and Python's ``glob(recursive=True)``."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_match(pattern[1:], parts[k:]) for k in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(pattern[1:], parts[1:])
 
 
-def list_inputs(spec: str, s3: S3Settings) -> tuple[pafs.FileSystem, list[InputFile]]:
-    """Every Parquet file named by ``spec`` (a file, a directory, a glob or an s3:// prefix), sorted."""
+def _canonical_path(fs_path: str, s3_spec: bool) -> str:
+    return canonical("s3://" + fs_path) if s3_spec else canonical(fs_path)
+
+
+def find_inputs(spec: str, s3: S3Settings, exclude: tuple[str, ...] = ()) -> Listing:
+    """Every Parquet file named by ``spec`` (a file, a directory, a glob or an s3:// prefix), sorted.
+
+    ``exclude``: canonical roots (the run's outputs) whose files are never inputs, even when the spec covers
+    them; they are returned in ``excluded`` for the caller to judge.
+    """
     fs, path = resolve(spec, s3)
-    if not is_s3(spec) and not path.startswith("/"):
-        path = os.path.abspath(path)
+    on_s3 = is_s3(spec)
     glob_at = min((path.find(c) for c in _GLOB_CHARS if c in path), default=-1)
     if glob_at >= 0:
-        base = path[:glob_at].rsplit("/", 1)[0]
-        pattern = path
+        head, sep, _ = path[:glob_at].rpartition("/")
+        rest = path[len(head) + 1:] if sep else path
+        base = _canonical_path((head or "/") if sep else ".", on_s3)
+        pattern: list[str] | None = [seg for seg in rest.split("/") if seg]
     else:
-        base, pattern = path, None
+        base, pattern = _canonical_path(path, on_s3), None
+    inner = base[len("s3://"):] if on_s3 else base
     try:
-        info = fs.get_file_info(base)
+        info = fs.get_file_info(inner)
     except OSError as exc:
         raise ConfigError(INPUT_SETTING, f"cannot list {spec}: {exc}") from None
     if info.type == pafs.FileType.File and pattern is None:
-        return fs, [_info(info, info.base_name)]
+        root = base.rsplit("/", 1)[0] or "/"
+        one = _info(info, info.base_name, base)
+        hidden = [x for x in exclude if inside(base, x)]
+        return Listing(fs, [] if hidden else [one], root, [one] if hidden else [])
     if info.type != pafs.FileType.Directory:
         raise ConfigError(INPUT_SETTING, f"{spec} does not exist")
-    found = []
-    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+    found, excluded = [], []
+    for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
         if entry.type != pafs.FileType.File:
             continue
-        rel = entry.path[len(base):].lstrip("/")
+        rel = entry.path[len(inner):].lstrip("/")
         if not _visible(rel):
             continue
         if pattern is not None:
-            if not fnmatch.fnmatchcase(entry.path, pattern):
+            if not _match(pattern, rel.split("/")):
                 continue
         elif not entry.path.endswith((".parquet", ".parq", ".pq")):
             continue
-        found.append(_info(entry, rel))
-    return fs, sorted(found, key=lambda f: f.rel)
+        f = _info(entry, rel, _canonical_path(entry.path, on_s3))
+        (excluded if any(inside(f.source, x) for x in exclude) else found).append(f)
+    return Listing(fs, sorted(found, key=lambda f: f.rel), base, excluded)
 
 
-def shard_of(rel: str, shard_count: int) -> int:
-    """A stable shard for a path: the same on every pod, process and Python version (not ``hash()``)."""
-    digest = hashlib.sha256(rel.encode("utf-8")).digest()
+def _info(info: pafs.FileInfo, rel: str, source: str) -> InputFile:
+    return InputFile(path=info.path, rel=rel, size=info.size or 0, mtime_ns=info.mtime_ns, source=source)
+
+
+def list_inputs(spec: str, s3: S3Settings) -> tuple[pafs.FileSystem, list[InputFile]]:
+    """(filesystem, files) of ``find_inputs`` without exclusions (profile and report read inputs this way)."""
+    listing = find_inputs(spec, s3)
+    return listing.fs, listing.files
+
+
+def shard_of(source: str, shard_count: int) -> int:
+    """A stable shard for an input's canonical location: the same on every pod, process and Python version
+    (not ``hash()``)."""
+    digest = hashlib.sha256(source.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % shard_count
 
 
