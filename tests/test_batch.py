@@ -279,3 +279,33 @@ def test_rows_the_store_cannot_hold_fail_that_file_alone(models, tmp_path, monke
     # A rerun tries the failed file again (it is not in the ledger) and skips the two finished ones.
     again = run_batch(settings)
     assert again.files_skipped == 2 and len(again.failed) == 1
+
+
+def test_a_shadow_that_cannot_score_a_file_is_skipped_not_the_file(models, tmp_path):
+    """Only served versions decide whether a file can be scored (issue #14 case 16): a shadow version needing
+    columns a file lacks is skipped for that file (counted in the summary, logged); the served results stay."""
+    import yaml
+
+    plain, rich = tmp_path / "in" / "plain", tmp_path / "in" / "rich"
+    write_inputs(str(plain), files=2, rows=150)  # no 'color' / 'size': the shadow's model needs them
+    write_inputs(str(rich), files=1, rows=80, categorical=True, prefix="cat")
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(yaml.safe_dump({"versions": [
+        {"name": "v1", "model": models["binary"], "weight": 100},
+        {"name": "cat", "model": models["categorical"], "shadow": True}]}))
+    out = str(tmp_path / "out")
+    proc = cli("batch", "--routing", str(routing), "--input", str(tmp_path / "in"), "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["files_scored"] == 3 and summary["files_failed"] == 0 and summary["rows_scored"] == 380
+    assert summary["shadow_rows_skipped"] == {"cat": 300}
+    assert "shadow version skipped" in proc.stderr and "'color'" in proc.stderr
+    got = read_results(out)
+    served, shadow = got[got["served"]], got[~got["served"]]
+    assert len(served) == 380 and set(served["model_version"]) == {"v1"}
+    # The file that has the shadow's columns is shadowed, with the shadow model's own scores.
+    booster = lgb.Booster(model_file=models["categorical"])
+    df = frame(80, seed=100, categorical=True)
+    assert sorted(shadow["id"]) == sorted(df["id"]) and set(shadow["model_version"]) == {"cat"}
+    want = pd.Series(booster.predict(df[booster.feature_name()]), index=df["id"])
+    assert np.max(np.abs(shadow.set_index("id")["score"] - want.loc[shadow["id"]].to_numpy())) <= 1e-9
