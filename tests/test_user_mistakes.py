@@ -347,3 +347,28 @@ def test_click_type_keeps_empty_for_optional_numbers():
     assert click_type(int | None).convert("7", None, None) == 7
     with pytest.raises(click.BadParameter):
         click_type(int).convert("", None, None)
+
+
+def test_redact_hides_passwords_and_keeps_every_other_spelling():
+    from workers.settings import redact
+
+    assert redact("sqlite:///rel.db?table=a.b") == "sqlite:///rel.db?table=a.b"
+    assert redact("sqlite:////abs/x.db?table=t") == "sqlite:////abs/x.db?table=t"
+    assert redact("postgresql://u:pa/ss@h:5432/db?table=t") == "postgresql://u:***@h:5432/db?table=t"
+    assert redact("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://h/db?table=t&password=x&sslpassword=y") == \
+        "postgresql://h/db?table=t&password=***&sslpassword=***"
+    assert redact("postgresql://u@h/db?table=t") == "postgresql://u@h/db?table=t"
+    assert redact("s3://bucket/day=1/") == "s3://bucket/day=1/"
+    assert redact("plain/folder") == "plain/folder"
+
+
+def test_a_multi_line_driver_error_is_one_line(tmp_path):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    closed = port.getsockname()[1]
+    port.close()  # nothing listens there: psycopg's refusal message spans two lines
+    proc = run_cli(["compare", "--results", f"postgresql://postgres:pw@127.0.0.1:{closed}/test?table=t"], tmp_path)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: cannot read postgresql://postgres:***@127.0.0.1:") and "pw" not in \
+        proc.stderr.replace("postgresql", ""), proc.stderr

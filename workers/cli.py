@@ -535,11 +535,14 @@ def settings_reference(settings: Settings, as_env: bool) -> None:
 
 
 def _friendly(exc: BaseException) -> str:
+    """One line (a driver's multi-line message folded), naming the setting and its flag."""
     if isinstance(exc, ConfigError):
         parts = tuple(p.lower() for p in exc.setting.removeprefix("SCORING_").split("__"))
         flag = FLAGS.get(parts)
-        return f"error: {exc.setting}{f' ({flag})' if flag else ''}: {str(exc).split(': ', 1)[1]}"
-    return f"error: {exc}"
+        text = f"error: {exc.setting}{f' ({flag})' if flag else ''}: {str(exc).split(': ', 1)[1]}"
+    else:
+        text = f"error: {exc}"
+    return " ".join(text.split())
 
 
 def main() -> None:

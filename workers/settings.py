@@ -10,7 +10,7 @@ import os
 import types
 import typing
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,27 +27,30 @@ _SECRET_PARAMS = {"password", "sslpassword", "secret", "secret_access_key", "acc
 def redact(uri: str) -> str:
     """``uri`` with the password of its userinfo and any secret query parameter replaced by ``***``.
 
-    For everything printed or logged (summaries, ``settings --env``, check lines, errors). Text that is not
-    a URI is returned unchanged.
+    For everything printed or logged (summaries, ``settings --env``, check lines, errors). Only those parts
+    are rewritten; the rest keeps its exact spelling (``sqlite:///x.db`` stays so). Text that is not a URI
+    is returned unchanged.
     """
     if not isinstance(uri, str) or "://" not in uri:
         return uri
-    try:
-        p = urlsplit(uri)
-        netloc = p.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                userinfo = userinfo.split(":", 1)[0] + ":***"
-            netloc = f"{userinfo}@{host}"
-        query = p.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
-                query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*/")
-        return urlunsplit(p._replace(netloc=netloc, query=query))
-    except ValueError:  # not parseable as a URI (e.g. a bad port): show nothing that could be a secret
-        return uri.split("://", 1)[0] + "://***"
+    scheme, rest = uri.split("://", 1)
+    # The authority ends at the first / ? # after its last @ (a password may hold a raw / or #).
+    head = rest.split("?", 1)[0]
+    at = head.rfind("@") + 1
+    cut = min((i for i in (rest.find("/", at), rest.find("?", at), rest.find("#", at)) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = userinfo.split(":", 1)[0] + ":***@" + host
+    if "?" in tail:
+        path, query = tail.split("?", 1)
+        query, hash_, fragment = query.partition("#")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*/")
+        tail = f"{path}?{query}{hash_}{fragment}"
+    return f"{scheme}://{netloc}{tail}"
 
 
 def _allows_none(annotation: Any) -> bool:

@@ -16,7 +16,7 @@ from workers.settings import Settings, redact
 
 
 def _line(ok: bool, what: str, detail: str) -> bool:
-    click.echo(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+    click.echo(f"{'ok  ' if ok else 'FAIL'} {what}: {' '.join(detail.split())}")  # one line, whatever the driver says
     return ok
 
 
@@ -32,12 +32,12 @@ def run_checks(settings: Settings) -> int:
 
             router = RoutingSource(settings).router
             for v in router.versions:
-                results.append(_line(True, "model", f"{v.model.source} version {v.name} ({v.role}"
+                results.append(_line(True, "model", f"{redact(v.model.source)} version {v.name} ({v.role}"
                                                     f"{'' if v.shadow else f', weight {v.weight}'}), "
                                                     f"{len(v.model.feature_names)} features"))
         else:
             model = load_model(settings.model, settings.s3)
-            results.append(_line(True, "model", f"{model.source} version {model.version}, "
+            results.append(_line(True, "model", f"{redact(model.source)} version {model.version}, "
                                                 f"{len(model.feature_names)} features"))
     except ScoringError as exc:
         results.append(_line(False, "model", str(exc)))
