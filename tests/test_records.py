@@ -107,3 +107,23 @@ def test_category_values_spelled_as_the_other_kind_map_like_the_arrow_path(model
                    "size": pa.array(spelled)}
         arrow = feature_matrix(model, columns).matrix
         assert np.array_equal(arrow, out.features.matrix, equal_nan=True), spelled
+
+
+def test_schema_check_calls_an_error_exactly_what_the_decoder_dead_letters(models):
+    """``schema --check`` must predict the decoder: a JSON type it reports as an error is dead-lettered, and
+    one it accepts is scored (before, a float or a numeric text for an integer category was called an error, and
+    "5" an unknown category, though the decoder maps both)."""
+    from workers.schema import check_producer
+
+    model = load_model(ModelSettings(path=models["categorical"]))
+    samples = {"number": 5.0, "integer": 5, "string": "5", "boolean": True, "array": [5], "object": {"a": 5}}
+    for feature in ("x3", "color", "size"):
+        for json_type, value in samples.items():
+            record = {"id": "a", **{f"x{j}": 0.1 for j in range(8)}, "color": "red", "size": 1, feature: value}
+            rejected = bool(RecordDecoder(model).decode([orjson.dumps(record)]).features.reasons)
+            schema = {"properties": {"id": {"type": "string"}, feature: {"type": json_type}}, "required": ["id"]}
+            errors, _ = check_producer(schema, model)
+            assert bool(errors) == rejected, (feature, json_type, errors)
+    _, warnings = check_producer({"properties": {"id": {}, "size": {"enum": ["5", 10.0, 7]}}}, model)
+    assert [w for w in warnings if "unknown" in w] == ["feature 'size': categories [7] are unknown to the model "
+                                                       "(missing)"]

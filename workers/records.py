@@ -50,6 +50,13 @@ class RecordDecoder:
         self.numeric_categories = {i: bool(cats) and all(type(c) in (int, float) for c in cats)
                                    for i, cats in model.categorical.items() if cats is not None}
 
+    def category_code(self, j: int, v: Any) -> float | None:
+        """The code of value ``v`` of pandas-categorical feature ``j``, or None (an unseen category)."""
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            return None
+        code = self.categorical[j].get(v)
+        return code if code is not None else self._other_spelling(j, v)
+
     def _other_spelling(self, j: int, v: Any) -> float | None:
         """The code of a category value written as the other kind (a number as text, or text as a number)."""
         mapping = self.categorical[j]

@@ -53,6 +53,9 @@ def check_producer(schema: dict, model: Model, id_field: str = "id") -> tuple[li
     Errors: records shaped like this will be rejected (missing id, a numeric feature typed as text, ...).
     Warnings: they will be scored, but worse than the producer may think (a feature never sent is missing
     on every record; categories the model has not seen are missing)."""
+    from workers.records import RecordDecoder
+
+    decoder = RecordDecoder(model, id_field)
     props = schema.get("properties") or {}
     required = set(schema.get("required") or [])
     errors, warnings = [], []
@@ -72,8 +75,10 @@ def check_producer(schema: dict, model: Model, id_field: str = "id") -> tuple[li
         types = _types(prop)
         cats = model.categorical.get(j) if j in model.categorical else False
         if cats:
-            allowed = {"string", "integer", "null"}
-            unseen = [v for v in prop.get("enum", []) if v is not None and v not in cats]
+            # What the record decoder maps (a category as text or number, in either spelling) or treats as
+            # unseen; booleans, lists and objects it dead-letters.
+            allowed = {"string", "integer", "number", "null"}
+            unseen = [v for v in prop.get("enum", []) if v is not None and decoder.category_code(j, v) is None]
             if unseen:
                 warnings.append(f"feature '{name}': categories {unseen[:10]} are unknown to the model (missing)")
         else:
