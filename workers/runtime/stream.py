@@ -5,30 +5,41 @@ One iteration, in this order (the order is the guarantee):
   2. decode and score them (bad records get a reason);
   3. send bad records to the dead-letter topic and flush;
   4. store the results in the sink (idempotent: upsert on (id, model_version), or files named by offset);
+     rows the sink cannot hold as they are (``RowsRejected``) send their records to the dead-letter topic
+     (step 3 again) and the rest is written again;
   5. commit, per partition, the offset after the last record of the batch.
 A crash anywhere before 5 re-reads the batch from the last commit; steps 3 and 4 repeat harmlessly.
-While the sink fails, step 4 is retried with backoff and partitions paused, polling so that the group
-keeps us (no rebalance storm); readiness is false meanwhile and nothing is committed.
+While the sink fails (``SinkError``: the store is down), step 4 is retried with backoff and partitions
+paused, polling so that the group keeps us (no rebalance storm); readiness is false meanwhile and nothing
+is committed. A problem of one record's values is never retried: whatever step raises for it (decoding,
+scoring, the sink), the record is dead-lettered with the reason and the partition moves on.
+Every sink call runs on a helper thread; the main thread never waits on one unbounded: while a store is in
+flight it keeps the consumer in the group (partitions paused), ticks health and watches the shutdown bound.
 On SIGTERM/SIGINT: stop polling, finish the batch in hand if the sink allows within
-``shutdown_timeout_s`` (else drop it uncommitted), close, exit 0.
+``shutdown_timeout_s``, else exit without committing it (it is redelivered; a write still hanging in the
+store is abandoned, and its transaction dies with the connection), exit 0.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from confluent_kafka import KafkaException
 
 from workers.drift import monitor_for
-from workers.errors import ConfigError, ScoringError, SinkError
+from workers.errors import ConfigError, InputError, RowsRejected, ScoringError, SinkError
 from workers.model import Model
 from workers.observability import Health, Metrics, observe_many, serve_probes
 from workers.records import Decoded, RecordDecoder
@@ -39,9 +50,88 @@ from workers.settings import Settings
 from workers.sinks import Sink, open_result_sink
 from workers.sinks.deadletter import DeadLetters
 from workers.sinks.kafka import Producer
-from workers.sources.kafka import TP, Batch, KafkaSource
+from workers.sources.kafka import TP, Batch, KafkaSource, Record
 
 log = logging.getLogger("workers.stream")
+
+TOPIC_RECHECK_S = 5.0  # how often topics missing from the broker are looked for again (readiness names them)
+
+_ABANDONED = object()  # await_call: the shutdown bound passed with the call still running
+
+
+class Lane:
+    """One daemon thread running the calls handed to it, in order, each with a Future.
+
+    Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so a write hanging in the
+    store (a locked table) would keep the process alive past ``shutdown_timeout_s``. A daemon thread does
+    not; the store's connection, and its uncommitted transaction, end with the process.
+    """
+
+    def __init__(self, name: str):
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self.calls.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (call := self.calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.calls.put(None)
+        if wait:
+            self.thread.join()
+
+
+@dataclass
+class StoreState:
+    """What the store attempts of one batch still have to do; a retry goes on from here.
+
+    ``parts`` are result tables written one after the other (one, unless scoring had to isolate records);
+    rows the sink rejected are taken out of them and their records join ``letters``.
+    """
+
+    parts: list[pa.Table]
+    letters: list[tuple[Record, str, str]]  # dead letters not flushed yet: (record, reason, model_version)
+    no_errors: pa.Table  # an empty errors table (what write_stream is handed beside the results)
+    written: list[pa.Table] = field(default_factory=list)  # parts stored (metrics count their served rows)
+    dead: list[tuple[str, str]] = field(default_factory=list)  # (topic, version) of records dead-lettered
+    failed: tuple[Record, str] | None = None  # on_bad_record=fail met a record the sink rejected
+
+
+# What a sink raises for the data of a write without naming the rows (not retryable: retrying the same rows
+# fails the same way). Stream mode writes the batch in halves until each such row is alone and dead-lettered.
+UNNAMED_DATA_ERRORS: tuple[type[Exception], ...] = (InputError, ValueError, TypeError, OverflowError,
+                                                    pa.ArrowNotImplementedError)
+
+
+class BadRecordStop(ScoringError):
+    """on_bad_record=fail and the sink rejected a record: stop without committing the batch."""
+
+
+@dataclass
+class StreamHealth(Health):
+    """Health plus the subscribed topics the broker does not have yet: not ready while any is missing (the
+    worker waits for them and consumes them once created, but it is not doing its job meanwhile)."""
+
+    missing_topics: list[str] = field(default_factory=list)
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        ok, problems = super().readiness()
+        missing = list(self.missing_topics)
+        if missing:
+            problems = [*problems, f"topics missing on the broker: {', '.join(missing)}"]
+        return ok and not missing, problems
 
 
 @dataclass
@@ -64,8 +154,9 @@ class StreamWorker:
             raise ConfigError("SCORING_STREAM__TOPICS", "no topic given (set --topic or SCORING_STREAM__TOPICS)")
         self.settings = settings
         self.metrics = Metrics()
-        self.health = Health(stall_seconds=s.stall_seconds,
-                             liveness_timeout_s=max(60.0, s.max_poll_interval_ms / 1000))
+        self.health = StreamHealth(stall_seconds=s.stall_seconds,
+                                   liveness_timeout_s=max(60.0, s.max_poll_interval_ms / 1000))
+        self.topics_checked = 0.0
         given = Router.single(model, settings.scoring, self.metrics) if model is not None else None
         self.routing = RoutingSource(settings, self.metrics, given)
         self.router = self.routing.router
@@ -79,8 +170,10 @@ class StreamWorker:
         self.next_offsets: dict[TP, int] = {}
         self.exit_code = 0
         self.probes = None
-        self.score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
-        self.store_pool = ThreadPoolExecutor(1, thread_name_prefix="store")
+        self.score_pool = Lane("score")
+        self.store_pool = Lane("store")  # first attempt of each batch, in order
+        self.retry_pool = Lane("store-retry")  # retries (the store lane may be waiting for the batch retried)
+        self.abandoned = False  # a sink call still running was given up at the shutdown bound
         self.pending: deque[InFlight] = deque()
         self.source: KafkaSource | None = None
         self.dead: DeadLetters | None = None
@@ -119,12 +212,14 @@ class StreamWorker:
         if s.metrics_port is not None:
             self.probes = serve_probes(s.metrics_port, self.health, self.metrics)
         try:
-            self.sink.check()
-            self.health.sink_ok = True
+            checked = self.await_call(self.store_pool.submit(self.sink.check))
+            if checked is not _ABANDONED:
+                self.health.sink_ok = True
         except SinkError as exc:
             self.health.sink_error = str(exc)
             log.warning("sink not reachable at start; will retry", extra={"reason": str(exc)})
         self.source = KafkaSource(self.settings, self.metrics)  # ScoringError when the broker does not answer
+        self.health.missing_topics, self.topics_checked = list(self.source.missing), time.monotonic()
         try:
             self.dead = DeadLetters(Producer(self.settings.kafka), s.dlq_for)
         except KafkaException as exc:
@@ -151,13 +246,18 @@ class StreamWorker:
         self.routing.stop()
         for flight in self.pending:  # an exception left batches behind: release their store attempts
             flight.settled.set()
-        self.score_pool.shutdown(wait=True)
-        self.store_pool.shutdown(wait=True)
+        # After an abandoned sink call, waiting for the lanes or closing the sink under the call still running
+        # there would hang (or free a connection in use): the process exit ends them.
+        for lane in (self.score_pool, self.store_pool, self.retry_pool):
+            lane.shutdown(wait=not self.abandoned)
         if self.source is not None:
             self.source.close()
         if self.dead is not None:
             self.dead.close()
-        self.sink.close()
+        if self.abandoned:
+            log.warning("sink call still running at exit; not closing the sink under it")
+        else:
+            self.sink.close()
         if self.probes is not None:
             self.probes.shutdown()
         log.info("stream stopped", extra={"exit_code": self.exit_code})
@@ -171,11 +271,21 @@ class StreamWorker:
     def step(self) -> None:
         assert self.source is not None
         self.health.tick()
+        self.check_topics()
         router = self.routing.current()  # a reloaded routing starts with this batch
         if router is not self.router:
             self.switch(router)
         records = self.source.poll_batch(self.limit, self.settings.stream.max_wait_ms)
-        routed, decoded = self.decode(records) if records else (None, None)
+        routed, decoded = None, None
+        if records:
+            try:
+                routed, decoded = self.decode(records)
+            except Exception as exc:  # noqa: BLE001 - some record breaks the decoder: the score thread isolates it
+                log.warning("decoding a batch failed; isolating the records that fail",
+                            extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "records": len(records)})
+                self.submit(records, None, None, router)
+                self.update_lag(records.partition_set())
+                return
         if decoded is not None and self.drift is not None:
             self.drift.observe(router.primary.scorer.good_matrix(decoded.features))
             if time.monotonic() - self.drift_reported > 1.0:
@@ -189,6 +299,14 @@ class StreamWorker:
             self.submit(records, routed, decoded, router)
         self.update_lag(records.partition_set())
 
+    def check_topics(self) -> None:
+        """Look again for subscribed topics the broker lacks (often while some are missing, rarely after)."""
+        assert self.source is not None
+        every = TOPIC_RECHECK_S if self.source.missing else 12 * TOPIC_RECHECK_S
+        if time.monotonic() - self.topics_checked >= every:
+            self.topics_checked = time.monotonic()
+            self.health.missing_topics = self.source.find_missing()
+
     def switch(self, router: Router) -> None:
         """Start scoring with a reloaded routing (between batches)."""
         if router.primary.model.feature_names != self.router.primary.model.feature_names:
@@ -199,7 +317,10 @@ class StreamWorker:
     def decode(self, records: Batch) -> tuple[Routed, Decoded]:
         return self.router.decode(records.values(), records.keys(), self.settings.stream.key_as_id)
 
-    def submit(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> None:
+    def submit(self, records: Batch, routed: Routed | None, decoded: Decoded | None, router: Router) -> None:
+        self.drain(keep=1)
+        if self.stopping:
+            return
         before = self.pending[-1] if self.pending else None
         scoring = self.score_pool.submit(self.score_timed, records, routed, decoded, router)
         flight = InFlight(records, time.monotonic())
@@ -217,30 +338,120 @@ class StreamWorker:
         carry["timestamp"] = pa.array(stamps, pa.timestamp("ms", tz="UTC"), mask=stamps < 0)
         return router.finish(routed, carry)
 
-    def score_timed(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> tuple[Scored, float]:
-        """Score thread: predict with the routing the batch was decoded with."""
+    def score_timed(self, records: Batch, routed: Routed | None, decoded: Decoded | None, router: Router
+                    ) -> tuple[Scored, float, StoreState]:
+        """Score thread: predict with the routing the batch was decoded with.
+
+        When decoding or scoring the batch raises, the records responsible are found by splitting the batch
+        (a record that fails alone is dead-lettered with the exception as its reason) and the others are
+        scored in the parts that succeed: one record's values never stop or wedge a partition."""
         started = time.monotonic()
-        scored = self.score(records, routed, decoded, router)
-        return scored, time.monotonic() - started
+        try:
+            if routed is None or decoded is None:
+                raise ScoringError("the batch could not be decoded")
+            scored = self.score(records, routed, decoded, router)
+            parts = [(records, scored)]
+            culprits: list[tuple[Record, str]] = []
+        except Exception as exc:  # noqa: BLE001 - isolate the records that cause it (below)
+            log.warning("scoring a batch failed; isolating the records that fail",
+                        extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "records": len(records)})
+            parts, culprits = [], []
+            self.isolate(records.messages, router, parts, culprits)
+            scored = parts[0][1] if parts else None
+        version = router.primary.model.version
+        letters = [(record, reason, version) for record, reason in culprits]
+        for part, part_scored in parts:
+            if part_scored.rejected:
+                for i, reason, v in zip(part_scored.error_rows, part_scored.errors["reason"].to_pylist(),
+                                        part_scored.errors["model_version"].to_pylist(), strict=True):
+                    letters.append((part[int(i)], reason, v))
+        if scored is None:  # every record failed alone
+            scored = self.score(Batch([]), *router.decode([], [], self.settings.stream.key_as_id), router)
+        state = StoreState([s.results for _, s in parts if s.results.num_rows], letters, scored.errors.slice(0, 0))
+        if culprits and self.settings.stream.on_bad_record == "fail":
+            state.failed = culprits[0]
+        return scored, time.monotonic() - started, state
+
+    def isolate(self, messages: list, router: Router, parts: list[tuple[Batch, Scored]],
+                culprits: list[tuple[Record, str]]) -> None:
+        """Split ``messages`` until each part scores or is one record that fails (appended, in order).
+
+        The parts are scored again (their rows count again in the per-version metrics: a rare path)."""
+        if not messages:
+            return
+        part = Batch(messages)
+        try:
+            routed, decoded = router.decode(part.values(), part.keys(), self.settings.stream.key_as_id)
+            parts.append((part, self.score(part, routed, decoded, router)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a record whose values break decoding or scoring
+            if len(messages) == 1:
+                record = part[0]
+                reason = f"cannot be scored: {type(exc).__name__}: {exc}"[:500]
+                log.error("record cannot be scored; dead-lettered", extra={
+                    "topic": record.topic, "partition": record.partition, "offset": record.offset,
+                    "reason": reason})
+                culprits.append((record, reason))
+                return
+        mid = len(messages) // 2
+        self.isolate(messages[:mid], router, parts, culprits)
+        self.isolate(messages[mid:], router, parts, culprits)
 
     def store_once(self, flight: InFlight, scoring: Future, before: InFlight | None
-                   ) -> tuple[Scored, float, bool, dict]:
+                   ) -> tuple[Scored, float, bool, StoreState]:
         """Store thread: one attempt to store, once the batch before is stored for good. Never touches the consumer."""
         records = flight.records
-        scored, scoring_s = scoring.result()
-        state = {"dead_done": not scored.rejected}
+        scored, scoring_s, state = scoring.result()
+        if state.failed is not None:  # on_bad_record=fail: the main thread stops, nothing stored
+            return scored, scoring_s, False, state
         if before is not None:
             before.settled.wait()
             if not before.stored:  # dropped uncommitted: the main thread decides about this one
                 return scored, scoring_s, False, state
         try:
-            self.attempt(records, scored, state)
+            self.attempt(records, state)
         except SinkError as exc:
             self.sink_failed(exc, 0.2)
+            return scored, scoring_s, False, state
+        except BadRecordStop:
             return scored, scoring_s, False, state
         flight.stored, flight.stored_at = True, time.time()
         flight.settled.set()
         return scored, scoring_s, True, state
+
+    def await_call(self, future: Future) -> Any:
+        """Main thread: the result of a call running on a lane, never waiting on it unbounded.
+
+        While the call runs (a slow or hanging store), the consumer stays in the group with its partitions
+        paused, health ticks and lag stays current. Returns ``_ABANDONED`` when the shutdown bound passes
+        first: the call is left running and its batch is not committed (it is redelivered)."""
+        try:
+            return future.result(timeout=max(0.0, min(0.5, self.stop_deadline - time.monotonic())))
+        except FutureTimeout:
+            pass
+        held = False
+        try:
+            while True:
+                now = time.monotonic()
+                if self.stopping and now >= self.stop_deadline:
+                    self.abandoned = True
+                    log.warning("shutdown bound reached with a sink call in flight; exiting without committing "
+                                "its batch (it is redelivered)",
+                                extra={"bound_s": self.settings.stream.shutdown_timeout_s})
+                    return _ABANDONED
+                self.health.tick()
+                wait = max(min(0.2, self.stop_deadline - now), 0.01)
+                if self.source is not None:
+                    held = True
+                    self.source.keep_alive(int(wait * 1000))
+                    self.update_lag(set())
+                try:
+                    return future.result(timeout=0 if self.source is not None else wait)
+                except FutureTimeout:
+                    continue
+        finally:
+            if held and self.source is not None:
+                self.source.resume()
 
     def drain(self, keep: int = 0) -> None:
         """Main thread: for the oldest batches in flight, wait for the store, retry it if it failed, commit."""
@@ -250,10 +461,15 @@ class StreamWorker:
             records, stored = flight.records, False
             try:
                 assert flight.future is not None
-                scored, scoring_s, stored, state = flight.future.result()
-                if not stored:
-                    stored = self.store(records, scored, state)
-                    flight.stored_at = time.time()
+                outcome = self.await_call(flight.future)
+                if outcome is not _ABANDONED:
+                    scored, scoring_s, stored, state = outcome
+                    if not stored and state.failed is None:
+                        stored = self.store(records, state)
+                        flight.stored_at = time.time()
+                    if state.failed is not None:
+                        self.stop_on_bad(*state.failed)
+                        stored = False
             finally:
                 flight.stored = stored
                 flight.settled.set()  # lets the store thread go on with the next batch
@@ -266,52 +482,116 @@ class StreamWorker:
                 continue
             self.source.commit(offsets)
             self.next_offsets.update(offsets)
-            self.account(records, scored, flight.stored_at)
+            self.account(records, scored, state, flight.stored_at)
             self.metrics.batch_seconds.observe(time.monotonic() - flight.started)
             self.adapt(len(records), scoring_s)
 
-    def account(self, records: Batch, scored: Scored, stored_at: float) -> None:
+    def account(self, records: Batch, scored: Scored, state: StoreState, stored_at: float) -> None:
         # Counted per (topic, model_version) of the *served* rows (shadow rows: scoring_version_rows_total).
-        results = scored.results
-        if results.num_rows:
+        for results in state.written:
             served = results.filter(results["served"])
             for row in served.group_by(["topic", "model_version"]).aggregate([("id", "count")]).to_pylist():
                 self.metrics.scored.labels(row["topic"], row["model_version"]).inc(row["id_count"])
                 self.metrics.written.labels(row["topic"], row["model_version"]).inc(row["id_count"])
-        if scored.rejected:
-            for row in scored.errors.group_by(["topic", "model_version"]).aggregate([("reason", "count")]).to_pylist():
-                self.metrics.dead_lettered.labels(row["topic"], row["model_version"]).inc(row["reason_count"])
+        for (topic, version), n in Counter(state.dead).items():
+            self.metrics.dead_lettered.labels(topic, version).inc(n)
         stamps = np.array(records.timestamps(), dtype=np.float64)
         observe_many(self.metrics.end_to_end, np.maximum(stored_at - stamps[stamps >= 0] / 1000, 0))
         self.metrics.batch_size.observe(len(records))
 
     def fail_on_bad(self, records: Batch, decoded: Decoded) -> None:
         i = min(decoded.features.reasons)
-        first = records[i]
+        self.stop_on_bad(records[i], decoded.features.reasons[i])
+
+    def stop_on_bad(self, first: Record, reason: str) -> None:
         log.error("bad record; stopping (on_bad_record=fail), nothing of this batch committed",
                   extra={"topic": first.topic, "partition": first.partition, "offset": first.offset,
-                         "reason": decoded.features.reasons[i]})
+                         "reason": reason})
         self.exit_code = 1
         self.request_stop()
         self.stop_deadline = time.monotonic()
 
-    def attempt(self, records: Batch, scored: Scored, state: dict) -> None:
-        """One try at dead letters then results; raises SinkError. ``state["dead_done"]`` records that the
-        dead letters were flushed, so a retry after a sink failure does not send them again."""
-        assert self.dead is not None
-        if not state["dead_done"]:
-            errors = scored.errors
-            for i, reason, version in zip(scored.error_rows, errors["reason"].to_pylist(),
-                                          errors["model_version"].to_pylist(), strict=True):
-                self.dead.send(records[int(i)], reason, version)
-            self.dead.flush()
-            state["dead_done"] = True
-        if scored.results.num_rows:
-            to_sink = Scored(scored.results, scored.errors.slice(0, 0)) if scored.rejected else scored
-            self.sink.write_stream(to_sink)
+    def attempt(self, records: Batch, state: StoreState) -> None:
+        """One try at dead letters then results; raises SinkError (state keeps what is done: a retry after a
+        sink failure sends no dead letter twice and rewrites only the parts not stored yet)."""
+        self.flush_letters(state)
+        while state.parts:
+            part = state.parts[0]
+            try:
+                self.sink.write_stream(Scored(part, state.no_errors))
+            except (RowsRejected, *UNNAMED_DATA_ERRORS) as exc:
+                if not isinstance(exc, RowsRejected):
+                    exc = self.split(state, exc)
+                    if exc is None:
+                        continue
+                self.reject(records, state, exc)
+                if self.settings.stream.on_bad_record == "fail" and state.letters:
+                    state.failed = (state.letters[0][0], state.letters[0][1])
+                    raise BadRecordStop(state.failed[1]) from None
+                self.flush_letters(state)
+                continue
+            state.written.append(state.parts.pop(0))
         if not self.health.sink_ok:
             log.info("sink recovered")
         self.health.sink_ok, self.health.sink_error = True, ""
+
+    def split(self, state: StoreState, exc: Exception) -> RowsRejected | None:
+        """The sink refused the part being written for its data without naming rows: write it in halves, so
+        the row responsible ends up alone; a row alone that fails is rejected with the error as its reason."""
+        part = state.parts[0]
+        if part.num_rows > 1:
+            log.warning("the sink refused a batch for its data without naming rows; writing it in halves",
+                        extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "rows": part.num_rows})
+            mid = part.num_rows // 2
+            state.parts[0:1] = [part.slice(0, mid), part.slice(mid)]
+            return None
+        return RowsRejected({0: f"cannot be stored: {exc}"[:500]})
+
+    def flush_letters(self, state: StoreState) -> None:
+        if not state.letters:
+            return
+        assert self.dead is not None
+        for record, reason, version in state.letters:
+            self.dead.send(record, reason, version)
+        self.dead.flush()  # SinkError: the letters stay pending and are sent again with the retry
+        state.dead += [(record.topic, version) for record, _, version in state.letters]
+        state.letters = []
+
+    def reject(self, records: Batch, state: StoreState, exc: RowsRejected) -> None:
+        """Take the rows the sink rejected out of the part being written; their records become dead letters.
+
+        A record whose *served* row is rejected is dead-lettered, and its shadow rows are dropped with it; a
+        rejected shadow row alone is dropped and the record stored. Dropped shadow rows count as errors of
+        their version (``scoring_version_errors_total``)."""
+        part = state.parts[0]
+        n = part.num_rows
+        named = {int(i): reason for i, reason in exc.rows.items() if 0 <= int(i) < n}
+        if not named:  # a sink breaking the contract: loud, never a silent retry loop
+            raise ScoringError(f"{self.sink.name} rejected rows without naming any of the {n} written: {exc}")
+        where = {(m.topic(), m.partition(), m.offset()): i for i, m in enumerate(records.messages)}
+        keys = list(zip(part["topic"].to_pylist(), part["partition"].to_pylist(), part["offset"].to_pylist(),
+                        strict=True))
+        served = part["served"].to_pylist()
+        versions = part["model_version"].to_pylist()
+        dead: dict[tuple, tuple[str, str]] = {}
+        drop = set()
+        for i, reason in sorted(named.items()):
+            if served[i]:
+                dead.setdefault(keys[i], (reason, versions[i]))
+            drop.add(i)
+        drop |= {i for i in range(n) if keys[i] in dead}
+        shadow = Counter(versions[i] for i in drop if not served[i])
+        for version, count in shadow.items():
+            self.metrics.version_errors.labels(version).inc(count)
+        if shadow:
+            log.warning("shadow rows the sink cannot hold dropped", extra={"rows": dict(shadow)})
+        for key, (reason, version) in dead.items():
+            state.letters.append((records[where[key]], reason, version))
+        keep = np.ones(n, dtype=bool)
+        keep[list(drop)] = False
+        state.parts[0] = part.filter(pa.array(keep))
+        if state.parts[0].num_rows == 0:
+            state.parts.pop(0)
 
     def sink_failed(self, exc: Exception, backoff: float) -> None:
         self.metrics.sink_errors.inc()
@@ -319,10 +599,10 @@ class StreamWorker:
         log.warning("store failed; retrying without committing", extra={"reason": str(exc)[:300],
                                                                          "retry_in_s": backoff})
 
-    def store(self, records: Batch, scored: Scored, state: dict) -> bool:
+    def store(self, records: Batch, state: StoreState) -> bool:
         """Main thread: retry the store with backoff, staying in the group; False when the batch was dropped.
 
-        Dead letters already flushed by a failed attempt (the sink failed after them) are not sent again.
+        Each attempt runs on the retry lane and is awaited with ``await_call`` (bounded by the shutdown).
         """
         assert self.source is not None
         backoff = 0.2
@@ -343,11 +623,15 @@ class StreamWorker:
                 return False
             backoff = min(backoff * 2, self.settings.stream.retry_backoff_max_s)
             try:
-                self.attempt(records, scored, state)
+                if self.await_call(self.retry_pool.submit(self.attempt, records, state)) is _ABANDONED:
+                    return False
                 self.source.resume()
                 return True
             except SinkError as exc:
                 self.sink_failed(exc, backoff)
+            except BadRecordStop:
+                self.source.resume()
+                return False
 
     def adapt(self, n: int, seconds: float) -> None:
         """Keep one batch's processing well inside max.poll.interval.ms (a slow model gets smaller batches)."""

@@ -34,6 +34,8 @@ from workers.settings import Settings
 
 log = logging.getLogger("workers.stream")
 
+METADATA_REFRESH_MS = 3000
+
 TP = tuple[str, int]  # (topic, partition): the source's partition key everywhere outside this module
 
 
@@ -126,6 +128,9 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         # A fetch need not wait longer than a batch does (librdkafka's default is 500 ms): against Tansu, which
         # holds a fetch that long, produce-to-stored p50 at 14k records/s went from 235 ms to 113 ms with 20 ms.
         "fetch.wait.max.ms": min(s.max_wait_ms, 500),
+        # A subscribed topic created after start-up is seen at the next metadata refresh: librdkafka's default
+        # (300 s) left a new topic unconsumed for five minutes (brokers like Tansu do not auto-create topics).
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
     }
 
 
@@ -145,11 +150,26 @@ class KafkaSource:
             self.consumer.close()
             raise ScoringError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: "
                                f"{exc.args[0].str() if exc.args else exc}") from None
-        missing = [t for t in settings.stream.topics if t not in known]
-        if missing:
-            log.warning("topics not on the broker yet; waiting for them", extra={"topics": missing})
+        self.missing = [t for t in settings.stream.topics if t not in known]
+        if self.missing:
+            log.warning("topics not on the broker yet; waiting for them", extra={"topics": self.missing})
         self.consumer.subscribe(settings.stream.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
+
+    def find_missing(self) -> list[str]:
+        """The subscribed topics the broker does not have (asked again; the last answer if it does not reply)."""
+        try:
+            known = self.consumer.list_topics(timeout=2).topics
+        except KafkaException:
+            return list(self.missing)
+        now = [t for t in self.settings.stream.topics if t not in known or known[t].error is not None]
+        if now != self.missing:
+            if now:
+                log.warning("topics not on the broker; waiting for them", extra={"topics": now})
+            else:
+                log.info("every subscribed topic is on the broker", extra={"topics": self.settings.stream.topics})
+        self.missing = now
+        return list(now)
 
     # -- rebalance callbacks (run inside consume, on the calling thread) ---------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
