@@ -127,3 +127,29 @@ def test_schema_check_calls_an_error_exactly_what_the_decoder_dead_letters(model
     _, warnings = check_producer({"properties": {"id": {}, "size": {"enum": ["5", 10.0, 7]}}}, model)
     assert [w for w in warnings if "unknown" in w] == ["feature 'size': categories [7] are unknown to the model "
                                                        "(missing)"]
+
+
+def test_passthrough_values_of_any_json_shape_become_an_array_never_an_exception():
+    """Issue #14 case 13 (the decoder's part): a passthrough integer >= 2**63 raised OverflowError out of
+    ``passthrough_array`` (stream crash-looped, serve answered 500). Any JSON values give an array."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import pyarrow as pa
+
+    assert RecordDecoder.passthrough_array([1, 2**63, None]).to_pylist() == [1, 2**63, None]
+    assert RecordDecoder.passthrough_array([-1, 2**63]).to_pylist() == ["-1", str(2**63)]
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        max_leaves=8)
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(json_values, min_size=1, max_size=6))
+    def never_raises(values):
+        out = RecordDecoder.passthrough_array(values)
+        assert isinstance(out, pa.Array) and len(out) == len(values)
+        assert [v is None for v in out.to_pylist()] == [v is None for v in values]
+
+    never_raises()

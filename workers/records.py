@@ -18,7 +18,7 @@ import orjson
 import pyarrow as pa
 
 from workers.model import Model
-from workers.scoring import Features
+from workers.scoring import Features, to_json
 
 _NUMERIC = frozenset({int, float, type(None)})
 MAX_ID_LENGTH = 1024
@@ -167,8 +167,13 @@ class RecordDecoder:
 
     @staticmethod
     def passthrough_array(values: list[Any]) -> pa.Array:
-        """Arrow array of passthrough values; mixed types are kept as JSON text."""
+        """Arrow array of passthrough values, never an exception: integers from 2**63 up to 2**64 (JSON's
+        unsigned 64-bit counters) as uint64, mixed types (and integers out of every 64-bit range) as JSON text."""
         try:
             return pa.array(values)
+        except OverflowError:
+            if all(v is None or type(v) is int and 0 <= v < 2**64 for v in values):
+                return pa.array(values, pa.uint64())
         except (pa.ArrowInvalid, pa.ArrowTypeError):
-            return pa.array([None if v is None else orjson.dumps(v).decode() for v in values], pa.string())
+            pass
+        return pa.array([None if v is None else to_json(v) for v in values], pa.string())
