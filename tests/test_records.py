@@ -132,10 +132,9 @@ def test_schema_check_calls_an_error_exactly_what_the_decoder_dead_letters(model
 def test_passthrough_values_of_any_json_shape_become_an_array_never_an_exception():
     """Issue #14 case 13 (the decoder's part): a passthrough integer >= 2**63 raised OverflowError out of
     ``passthrough_array`` (stream crash-looped, serve answered 500). Any JSON values give an array."""
+    import pyarrow as pa
     from hypothesis import given, settings
     from hypothesis import strategies as st
-
-    import pyarrow as pa
 
     assert RecordDecoder.passthrough_array([1, 2**63, None]).to_pylist() == [1, 2**63, None]
     assert RecordDecoder.passthrough_array([-1, 2**63]).to_pylist() == ["-1", str(2**63)]
