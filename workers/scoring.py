@@ -4,7 +4,10 @@ Shared by every mode. Two stages, so a mode can enter at the second one:
 
 1. ``Scorer.features(batch)``: Arrow columns -> a float64 matrix in the model's feature order
    (null -> NaN, which LightGBM treats as missing; categorical values -> the model's category codes)
-   plus a reason for each row that cannot be scored (e.g. a string that is not a number).
+   plus a reason for each row that cannot be scored (e.g. a string that is not a number). The conversion of
+   one column is ``model_values``, which every mode uses (serve's OIP tensors too), so a value scores the same
+   whatever its physical type: the contract is LightGBM's own predict on the equivalent pandas frame
+   (``tests/test_differential.py``).
 2. ``Scorer.finish(...)``: predict the good rows and assemble the result and error tables.
 
 A bad row never fails the batch; a batch missing a feature column does (``InputError``).
