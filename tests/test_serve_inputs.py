@@ -533,3 +533,60 @@ def test_sigterm_with_a_sink_write_hung_on_a_lock_exits_promptly(models, pg_dsn,
             proc.wait()
     assert code == 0 and elapsed < 6, (code, elapsed, proc.stderr.read().decode()[-2000:])
     assert answers and answers[0].status_code == 503 and "stopping" in answers[0].json()["error"]
+
+
+# Structure-aware generation for CloudEvents: items that look like KafkaSource events, each field mostly right
+# (so most events get scored) and sometimes of any JSON kind.
+def mostly(value: st.SearchStrategy | object) -> st.SearchStrategy:
+    right = value if isinstance(value, st.SearchStrategy) else st.just(value)
+    return st.integers(0, 9).flatmap(lambda k: json_any if k == 0 else right)  # one_of would pick json_any half
+
+
+records = st.fixed_dictionaries({"id": mostly(st.text(min_size=1, max_size=4)),
+                                 **{f: mostly(st.floats(allow_nan=False) | st.none()) for f in FEATURES}},
+                                optional={"extra": json_any})
+events = st.fixed_dictionaries(
+    {"specversion": mostly("1.0"), "id": mostly(st.text(min_size=1, max_size=5)), "source": mostly("s"),
+     "type": mostly("t"), "data": mostly(records)},
+    optional={"datacontenttype": mostly("application/json"), "data_base64": st.text(max_size=8) | json_any,
+              "key": st.text(max_size=3) | json_any})
+
+
+def test_cloudevents_never_answer_5xx_to_generated_events(models, tmp_path):
+    app = app_for(models["binary"], serve={"sink": f"sqlite:///{tmp_path}/s.db?table=scores"},
+                  scoring={"passthrough": ["extra"]})
+    with TestClient(app.asgi()) as c:
+        @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(events, max_size=4) | json_any, events, st.booleans())
+        def run(batch, single, structured):
+            resp = c.post("/", headers=BATCH, content=json.dumps(batch).encode())
+            assert resp.status_code < 500, (batch, resp.text)
+            if resp.status_code == 200:
+                assert isinstance(batch, list) and len(resp.json()) == len(batch)
+            headers = {"content-type": "application/cloudevents+json"} if structured else {
+                "ce-specversion": "1.0", "ce-id": "1", "ce-source": "s", "ce-type": "t",
+                "content-type": "application/json"}
+            body = json.dumps(single if structured else single.get("data")).encode()
+            resp = c.post("/", headers=headers, content=body)
+            assert resp.status_code < 500, (single, resp.text)
+
+        run()
+    assert 'status="500"' not in c.get("/metrics").text
+
+
+def test_binary_mode_attributes_outside_ascii_are_percent_encoded_both_ways(models):
+    """A record id like 'café 1' or '\u0100' goes into the reply's ce-subject header: the CloudEvents HTTP binding
+    percent-encodes it (a raw value cannot be sent: it was a 500). Read back with the cloudevents SDK."""
+    from cloudevents.core.bindings import http as ce_http
+    from cloudevents.core.v1.event import CloudEvent
+
+    with TestClient(app_for(models["binary"]).asgi()) as c:
+        for rid in ("café 1", "\u0100", "100%", 'a"b', "日本"):
+            event = CloudEvent({"type": "t", "source": "/s", "id": f"ev-{rid}", "datacontenttype": "application/json"},
+                               orjson.dumps(good_record(0) | {"id": rid}))
+            for to_http in (ce_http.to_binary_event, ce_http.to_structured_event):
+                msg = to_http(event)
+                resp = c.post("/", headers=msg.headers, content=msg.body)
+                assert resp.status_code == 200, (rid, resp.text)
+                reply = ce_http.from_http_event(ce_http.HTTPMessage(dict(resp.headers), resp.content))
+                assert reply.get_subject() == rid and reply.get_id() == f"ev-{rid}/result", (rid, resp.headers)

@@ -14,6 +14,7 @@ import base64
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
@@ -122,7 +123,7 @@ def parse(headers: dict[str, str], body: bytes) -> tuple[list[Event], bool]:
             return [_structured(orjson.loads(body))], False
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"structured event is not valid JSON: {exc}") from None
-    attrs = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
+    attrs = {k[3:]: _from_header(v) for k, v in headers.items() if k.startswith("ce-")}
     if not attrs:
         raise BadRequest("not a CloudEvent: no ce-* headers and no CloudEvents content type")
     _check(attrs)
@@ -140,8 +141,26 @@ def reply_attributes(event: Event, reply_type: str, source: str, subject: str | 
     return attrs
 
 
+def _to_header(value: str) -> str:
+    """An attribute value as an HTTP header value: the CloudEvents HTTP binding percent-encodes (UTF-8) space,
+    '"', '%' and everything outside printable ASCII (a header cannot carry a record id like 'é' or '\u0100')."""
+    if all("!" <= c <= "~" and c not in '"%' for c in value):
+        return value
+    return "".join(c if "!" <= c <= "~" and c not in '"%' else
+                   "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")) for c in value)
+
+
+def _from_header(value: str) -> str:
+    """A binary-mode attribute header -> its value: percent-decoded (UTF-8) as the binding says. The server hands
+    header bytes over as latin-1 text; raw UTF-8 bytes (a sender skipping the encoding) are read as UTF-8 too."""
+    if "%" not in value and value.isascii():
+        return value
+    raw = unquote_to_bytes(value.encode("latin-1", "replace"))
+    return raw.decode("utf-8", "replace")
+
+
 def binary_headers(attrs: dict[str, str]) -> dict[str, str]:
-    headers = {f"ce-{k}": v for k, v in attrs.items() if k != "datacontenttype"}
+    headers = {f"ce-{k}": _to_header(str(v)) for k, v in attrs.items() if k != "datacontenttype"}
     headers["content-type"] = attrs.get("datacontenttype", "application/json")
     return headers
 
