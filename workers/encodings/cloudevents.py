@@ -26,9 +26,10 @@ REQUIRED = ("specversion", "id", "source", "type")
 _KAFKA_ID = re.compile(r"^partition:(\d+)/offset:(\d+)$")
 
 
-# Media types whose data can be a JSON record. text/plain is how KafkaSource labels records sent without a
-# content-type header; their bytes are parsed all the same (a record that is not JSON gets that reason).
-_JSON_TYPES = ("application/json", "text/json", "text/plain")
+# Media types whose data can be a JSON record. text/plain and application/octet-stream are what senders put on
+# records that carry no type of their own (a Kafka record without a content-type header); their bytes are
+# parsed all the same (a record that is not JSON gets that reason). Any other type is refused.
+_JSON_TYPES = ("application/json", "text/json", "text/plain", "application/octet-stream")
 
 
 @dataclass
