@@ -171,3 +171,32 @@ def test_a_category_list_that_fits_two_categorical_features_is_refused(tmp_path)
     path, _, _ = _mixed_categorical_model(tmp_path, k_values=3)
     with pytest.raises(ModelError, match="more than one set of the features"):
         load_model(ModelSettings(path=path))
+
+
+def test_an_ordered_pandas_categorical_keeps_its_list_though_it_is_split_on_as_a_number(tmp_path):
+    """Case 6's sibling: an ordered pandas categorical is not a categorical feature (LightGBM splits on its codes
+    as numbers) but still has a category list; it goes on that feature, the unordered one's list on its own."""
+    import lightgbm as lgb
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    from workers.scoring import Scorer
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    df = pd.DataFrame({
+        "x0": rng.normal(size=n),
+        "grade": pd.Categorical(rng.choice(["low", "mid", "high"], n), categories=["low", "mid", "high"],
+                                ordered=True),
+        "color": pd.Categorical(rng.choice(["r", "g", "b"], n), categories=["r", "g", "b"]),
+    })
+    y = (df.x0 + (df.grade == "high") * 1.0 - (df.color == "g") > 0).astype(int)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 7}, lgb.Dataset(df, y), 10)
+    booster.save_model(tmp_path / "ordered.txt")
+    model = load_model(ModelSettings(path=str(tmp_path / "ordered.txt")))
+    assert model.categorical == {1: ["low", "mid", "high"], 2: ["r", "g", "b"]}
+    table = pa.table({"id": [str(i) for i in range(n)], "x0": df.x0, "grade": pa.array(df.grade.astype(str)),
+                      "color": pa.array(df.color.astype(str)).dictionary_encode()})
+    out = Scorer(model).score(table)
+    assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(df))) <= 1e-9
