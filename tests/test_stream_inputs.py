@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import free_port
 from tests.kafka_util import FAST_GROUP, wait_for
 from tests.test_stream import FEATURES, count, probe, records
-from workers.errors import RowsRejected, SinkError
+from workers.errors import InputError, RowsRejected, SinkError
 from workers.runtime.stream import StreamWorker
 from workers.scoring import Scored
 from workers.settings import load_settings
@@ -126,6 +126,59 @@ def test_rows_the_sink_refuses_are_dead_lettered_and_the_rest_stored_once(models
         assert h["error.source.topic"].decode() == topic and int(h["error.source.offset"]) >= 0
     assert sink.calls > 2 and sink.refused_calls >= 1  # the SinkErrors were retried, not dead-lettered
     assert len(dead) == len(reasons), "a dead letter sent twice"
+
+
+class UnnamingSink(PostgresSink):
+    """The real PostgreSQL sink, failing any write holding the row ``unstorable`` with an ``InputError`` that
+    names no row (what a sink does when it cannot tell which row its store refused)."""
+
+    def write_stream(self, scored: Scored) -> None:
+        if "unstorable" in scored.results["id"].to_pylist():
+            raise InputError("the store refused this batch (planted, no row named)")
+        super().write_stream(scored)
+
+
+def test_records_breaking_scoring_or_a_sink_without_rows_named_are_isolated(models, kafka, pg_dsn, pg_table):
+    """The safety net for the next decoder or sink bug of this class (issue #14 case 13 was one: an OverflowError
+    building the results crash-looped the worker): the batch is halved until the record responsible is alone,
+    which is dead-lettered with the error; the others are stored once. No real input triggers it any more, so a
+    planted fault: ``score`` raises for a batch holding ``unscorable``, the sink refuses one holding ``unstorable``."""
+    topic = kafka.topic(partitions=1)
+    group = f"g-{pg_table}"
+    recs = records(120)
+    recs[30] = {**recs[30], "id": "unscorable"}
+    recs[90] = {**recs[90], "id": "unstorable"}
+    kafka.produce_json(topic, recs)
+    settings = load_settings({
+        "model": {"path": models["binary"]},
+        "kafka": {"bootstrap_servers": kafka.bootstrap},
+        "stream": {"topics": [topic], "group": group, "metrics_port": 0, "session_timeout_ms": 6000,
+                   "heartbeat_interval_ms": 2000, "max_records": 200},
+    })
+    worker = StreamWorker(settings, sink=UnnamingSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK"))
+    real_score = worker.score
+
+    def score(records, routed, decoded, router):
+        if "unscorable" in decoded.ids:
+            raise ValueError("planted: cannot build the results")
+        return real_score(records, routed, decoded, router)
+
+    worker.score = score
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: committed_sum(kafka, group, topic, 1) == len(recs), 60, what="all committed")
+        dead = kafka.consume_all(f"{topic}.dlq", 2)
+    finally:
+        worker.request_stop()
+        thread.join(30)
+    reasons = {orjson.loads(m.value())["id"]: dict(m.headers())["error.reason"].decode() for m in dead}
+    assert reasons == {
+        "unscorable": "cannot be scored: ValueError: planted: cannot build the results",
+        "unstorable": "cannot be stored: the store refused this batch (planted, no row named)",
+    }
+    ids = stored_ids(pg_dsn, pg_table)
+    assert sorted(ids) == sorted(r["id"] for r in recs if r["id"] not in reasons)
 
 
 # -- case 17: SIGTERM is bounded even when a sink write hangs ----------------------------------------------------
