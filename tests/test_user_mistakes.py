@@ -315,6 +315,7 @@ def test_settings_env_and_check_never_print_a_password(models, tmp_path):
     assert "pa55word" not in proc.stdout and "k3y" not in proc.stdout and "sasl-secret" not in proc.stdout
     assert "SCORING_STREAM__SINK=postgresql://scorer:***@db.internal:5432/prod?table=t&sslpassword=***" in \
         proc.stdout.splitlines()
+    assert proc.stderr.startswith("note: passwords inside URIs are shown as ***"), proc.stderr
 
 
 @pytest.mark.postgres
