@@ -309,3 +309,29 @@ def test_a_shadow_that_cannot_score_a_file_is_skipped_not_the_file(models, tmp_p
     assert sorted(shadow["id"]) == sorted(df["id"]) and set(shadow["model_version"]) == {"cat"}
     want = pd.Series(booster.predict(df[booster.feature_name()]), index=df["id"])
     assert np.max(np.abs(shadow.set_index("id")["score"] - want.loc[shadow["id"]].to_numpy())) <= 1e-9
+
+
+def test_redact_hides_userinfo_passwords_and_secret_query_parameters():
+    from workers.storage import redact
+
+    assert redact("postgresql://scorer:hunter2@db:5432/prod?table=scores") == \
+        "postgresql://scorer:***@db:5432/prod?table=scores"
+    shown = redact("postgresql://scorer@db/prod?table=s&password=hunter2&sslpassword=pw2&application_name=x")
+    assert "hunter2" not in shown and "pw2" not in shown and "table=s" in shown and "application_name=x" in shown
+    assert redact("s3://bucket/out/") == "s3://bucket/out/" and redact("results/") == "results/"
+    assert "hunter2" not in redact("postgresql://u:hunter2@db:notaport/x")
+
+
+def test_the_summary_never_prints_the_output_password(models, pg_dsn, pg_table, tmp_path):
+    from urllib.parse import urlsplit, urlunsplit
+
+    inputs = str(tmp_path / "in")
+    write_inputs(inputs, files=1, rows=20)
+    p = urlsplit(pg_dsn)
+    user = p.username or "postgres"
+    # The server trusts local connections, so any password works; what is checked is that none is shown.
+    uri = urlunsplit(p._replace(netloc=f"{user}:hunter2@{p.hostname}:{p.port or 5432}", query=f"table={pg_table}"))
+    proc = cli("batch", "--model", models["binary"], "--input", inputs, "--output", uri)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["output"].startswith(f"postgresql://{user}:***@")
+    assert "hunter2" not in proc.stdout and "hunter2" not in proc.stderr

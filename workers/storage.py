@@ -10,44 +10,15 @@ from __future__ import annotations
 
 import os
 import posixpath
-from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from workers.settings import S3Settings
+# One redaction for everything printed or logged (userinfo passwords and secret query parameters); re-exported
+# here beside the other URI helpers.
+from workers.settings import S3Settings, redact
 
 __all__ = ["canonical", "inside", "is_s3", "output_name", "read_bytes", "redact", "resolve", "s3_filesystem"]
-
-
-# Query parameters of a URI that hold secrets (libpq's password and sslpassword, S3-style keys, tokens).
-SECRET_PARAMS = frozenset({"password", "sslpassword", "secret", "secret_access_key", "access_key",
-                           "aws_secret_access_key", "token", "session_token"})
-
-
-def redact(uri: str) -> str:
-    """``uri`` with the password of its userinfo and every secret query parameter replaced by ``***``.
-
-    For anything printed or logged (summaries, errors, log lines). Text that is not a URI is returned as it is;
-    a URI that cannot be parsed shows only its scheme.
-    """
-    if not isinstance(uri, str) or "://" not in uri:
-        return uri
-    try:
-        p = urlsplit(uri)
-        netloc = p.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                userinfo = userinfo.split(":", 1)[0] + ":***"
-            netloc = f"{userinfo}@{host}"
-        query = p.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            if any(k.lower() in SECRET_PARAMS for k, _ in pairs):
-                query = urlencode([(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*/")
-        return urlunsplit(p._replace(netloc=netloc, query=query))
-    except ValueError:
-        return uri.split("://", 1)[0] + "://***"
 
 
 def is_s3(uri: str) -> bool:

@@ -182,7 +182,8 @@ def check_layout(spec: str, listing: Listing, places: list[OutputPlace]) -> None
                 raise ConfigError(place.setting, f"{shown} is the database the output goes to, and the only "
                                                  f"input {spec} names")
             continue
-        foreign = [f for f in mine if f.source not in _ours(listing, place)]
+        ours = _ours(listing, place)
+        foreign = [f for f in mine if f.source not in ours]
         if foreign:
             raise ConfigError(place.setting, f"{shown} is inside the input {listing.root} and holds "
                                              f"{len(foreign)} input file(s) that are not its results (e.g. "
