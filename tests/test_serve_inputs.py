@@ -354,13 +354,18 @@ def test_rows_the_sink_cannot_hold_are_answered_with_the_reason_and_the_rest_sto
     assert sorted(r["id"] for r in read_table(uri, pg_table)) == ["e0", "e2", "e3"]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "none"])
-def test_passthrough_values_of_every_json_type_are_answered_as_sent(models, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "none"])
+def test_passthrough_values_of_every_json_type_are_answered_as_sent(models, tmp_path, kind, request):
     """Case 13 (serve): an integer of 2**63 or more, types changing between events, lists with nulls, objects:
-    never a 500; the reply carries each event's own value."""
+    never a 500; the reply carries each event's own value, and every event is stored."""
     values = [2**63 + 5, -1, 15.5, "text", None, [1, None], {"a": [1, 2]}, True, 2**64 - 1, [], ""]
     records = [{**good_record(i), "extra": v} for i, v in enumerate(values)]
-    serve = {"sink": f"sqlite:///{tmp_path}/s.db?table=scores"} if kind == "sqlite" else {}
+    serve, table = {}, "scores"
+    if kind == "sqlite":
+        serve = {"sink": f"sqlite:///{tmp_path}/s.db?table=scores"}
+    elif kind == "postgresql":
+        table = request.getfixturevalue("pg_table")
+        serve = {"sink": f"{request.getfixturevalue('pg_dsn')}?table={table}"}
     with TestClient(app_for(models["binary"], serve=serve, scoring={"passthrough": ["extra"]}).asgi()) as c:
         for chunk in (records[:1], records, records[1:2], records[5:6]):  # 2**63 alone first: it was a 500
             resp = c.post("/", headers=BATCH, content=orjson.dumps([kafka_event(r, i) for i, r in enumerate(chunk)]))
@@ -368,8 +373,8 @@ def test_passthrough_values_of_every_json_type_are_answered_as_sent(models, tmp_
             got = resp.json()
             assert all(e["type"] == "scoring.result" for e in got), got
             assert [e["data"]["extra"] for e in got] == [r["extra"] for r in chunk]
-    if kind == "sqlite":
-        assert len(read_table(serve["sink"], "scores")) == len(values)
+    if serve:
+        assert len(read_table(serve["sink"], table)) == len(values)
 
 
 @pytest.mark.parametrize("names", [["score"], ["model_version"], ["served"], ["explanation_x0"], ["__row"],

@@ -36,7 +36,6 @@ from starlette.routing import Route
 from workers.encodings import cloudevents as ce
 from workers.encodings import oip
 from workers.encodings.oip import BadRequest
-from workers.errors import ConfigError
 from workers.model import Model
 from workers.observability import LATENCY_BUCKETS, SIZE_BUCKETS, Metrics
 from workers.records import RecordDecoder
@@ -44,7 +43,6 @@ from workers.rollout import split
 from workers.rollout.router import Router, Version
 from workers.rollout.watch import RoutingSource
 from workers.runtime.serve_store import DEFAULT_TIMEOUT_S, EventStore, StoreUnavailable
-from workers.scoring import to_json
 from workers.settings import Settings
 
 log = logging.getLogger("workers.serve")
@@ -52,31 +50,6 @@ log = logging.getLogger("workers.serve")
 
 _ROW = "__row"  # carried through routing so replies come back in event order
 _DIGITS = re.compile(r"[0-9]{1,18}")
-
-
-def _passthrough_array(values: list) -> pa.Array:
-    """Passthrough values as an Arrow array; what Arrow cannot type (an integer beyond 64 bits next to a
-    negative one, ...) is kept as JSON text rather than failing the request."""
-    try:
-        return RecordDecoder.passthrough_array(values)
-    except (OverflowError, TypeError, ValueError):  # ArrowInvalid/ArrowTypeError are ValueError/TypeError
-        return pa.array([None if v is None else to_json(v) for v in values], pa.string())
-
-
-# Fields of a reply (and of a stored row) that are ours; a passthrough field of the same name would replace our
-# value with the event's (its own old "score"), so such names are refused at start-up.
-_RESULT_FIELDS = frozenset({"id", "score", "label", "scores", "model_version", "scored_at", "served", _ROW})
-_STORED_FIELDS = frozenset({"topic", "partition", "offset", "source", "reason", "raw"})  # with --sink
-
-
-def _check_passthrough(names: list[str], stored: bool) -> None:
-    reserved = _RESULT_FIELDS | (_STORED_FIELDS if stored else frozenset())
-    clash = [n for n in names if n in reserved or n.startswith("explanation")]
-    if clash:
-        raise ConfigError("SCORING_SCORING__PASSTHROUGH",
-                          f"{', '.join(map(repr, clash))}: named like a field serve writes "
-                          f"({', '.join(sorted(reserved))}, explanation*); it would replace ours. Rename the "
-                          "input field, or leave it out")
 
 
 class HTTPError(Exception):
@@ -172,7 +145,6 @@ class App:
         self.batcher = Batcher(sv.max_batch_rows, sv.max_latency_ms / 1000, rows, reqs)
         self.sink = None
         self.store: EventStore | None = None
-        _check_passthrough(settings.scoring.passthrough, stored=bool(sv.sink))
         if sv.sink:
             from workers.sinks import open_result_sink
 
@@ -373,7 +345,8 @@ class App:
                 router.failed(job, job.matrix().shape[0], pred)
                 pred = None
             predictions.append(pred)
-        carry: dict[str, pa.Array] = {name: _passthrough_array(values) for name, values in decoded.passthrough.items()}
+        carry: dict[str, pa.Array] = {name: RecordDecoder.passthrough_array(values)
+                                     for name, values in decoded.passthrough.items()}
         if self.sink is not None:
             positions = [e.kafka_position() for e in events]
             carry["topic"] = pa.array([p[0] for p in positions], pa.string())
