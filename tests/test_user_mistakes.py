@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import click
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests import helpers
@@ -51,11 +53,15 @@ def workspace(models, tmp_path_factory):
     helpers.write_inputs(str(inputs), files=1, rows=50)
     (root / "bad.yaml").write_text("versions: [\n")
     (root / "afile").write_text("not a folder")
+    empty = root / "empty"
+    empty.mkdir()
+    table = pa.Table.from_pandas(helpers.frame(1), preserve_index=False)
+    pq.write_table(table.slice(0, 0), empty / "none.parquet")  # a file of the right columns and no rows
     taken = socket.socket()
     taken.bind(("0.0.0.0", 0))  # noqa: S104 - the workers bind every interface by default
     taken.listen()
     yield {"model": models["binary"], "in": str(inputs), "root": root, "bad_routing": str(root / "bad.yaml"),
-           "afile": str(root / "afile"), "port": str(taken.getsockname()[1])}
+           "afile": str(root / "afile"), "empty": str(empty), "port": str(taken.getsockname()[1])}
     taken.close()
 
 
@@ -129,6 +135,8 @@ def cases(w: dict) -> list[Case]:
                                                str(root / "nope" / "p.json")], "--output"),
         Case("profile-data-missing", ["profile", "--model", m, "--data", str(root / "nope"), "--output",
                                       str(root / "p.json")], "--data"),
+        Case("profile-data-without-rows", ["profile", "--model", m, "--data", w["empty"], "--output", "p.json"],
+             "--data"),
         Case("profile-bad-bins", ["profile", "--model", m, "--data", inp, "--output", "p.json", "--bins", "x"],
              "'--bins'"),
         Case("profile-missing-model", ["profile", "--model", "nope.txt", "--data", inp, "--output", "p.json"],
@@ -155,7 +163,7 @@ def cases(w: dict) -> list[Case]:
 
 
 CASE_IDS = [c.id for c in cases({"model": "", "in": "", "root": __import__("pathlib").Path("/"), "port": "0",
-                                 "bad_routing": "", "afile": ""})]
+                                 "bad_routing": "", "afile": "", "empty": ""})]
 
 
 @pytest.fixture(scope="module")

@@ -275,6 +275,8 @@ def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: in
         rows += matrix.shape[0]
         if rows >= max_rows:
             break
+    if rows == 0:
+        raise ConfigError("--data", f"{data}: no rows to profile ({n_files} file(s))")
     profile = build_profile(scorer.model, np.concatenate(parts)[:max_rows] if parts else np.empty((0, 0)), bins)
     _write(out, orjson.dumps(profile, option=orjson.OPT_INDENT_2).decode())
     click.echo(f"profiled {min(rows, max_rows):,} rows of {n_files} file(s) into {out}")
