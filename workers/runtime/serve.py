@@ -152,6 +152,7 @@ class App:
             self.store = EventStore(self.sink, self.metrics, _ROW, getattr(sv, "sink_timeout_s", DEFAULT_TIMEOUT_S))
         self.ready = False
         self.stopping: asyncio.Event | None = None  # set on SIGTERM
+        self.loop: asyncio.AbstractEventLoop | None = None
         from workers.drift import monitor_for
 
         self.drift = monitor_for(settings, self.model)
@@ -183,6 +184,7 @@ class App:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette):
         self.stopping = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
         if self.store is not None:
             self.store.stopping = self.stopping
         self.batcher.task = asyncio.create_task(self.batcher.run())
@@ -198,6 +200,11 @@ class App:
             self.batcher.task.cancel()
             if self.store is not None:
                 self.store.close()
+
+    def request_stop(self) -> None:
+        """From a signal handler: requests waiting on a hung sink are answered 503 at once (thread-safe)."""
+        if self.loop is not None and self.stopping is not None:
+            self.loop.call_soon_threadsafe(self.stopping.set)
 
     def route(self, name: str, fn):
         async def endpoint(request: Request) -> Response:
@@ -442,8 +449,7 @@ def run_serve(settings: Settings) -> int:
         def capture_signals(self):
             def stop(signum, frame):
                 self.should_exit = True
-                if app.stopping is not None:  # requests waiting on a hung sink are answered 503 at once
-                    app.stopping.set()
+                app.request_stop()
 
             previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
             try:
