@@ -340,3 +340,18 @@ def test_a_model_uploaded_after_the_routing_file_is_picked_up_when_it_appears(mo
     later.write_bytes(open(models["binary_v2"], "rb").read())
     assert source.check() is True
     assert [v.name for v in source.current().versions] == ["v1", "v2"]
+
+
+def test_compile_with_a_routing_file_compiles_every_version(models, tmp_path):
+    """`compile --routing` (issue #14 case 20: the flag was listed but ignored, so only --model was compiled)."""
+    routing = write_routing(tmp_path / "routing.yaml", [
+        {"name": "v1", "model": models["binary"], "weight": 100},
+        {"name": "v2-shadow", "model": models["binary_v2"], "shadow": True},
+    ])
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "workers", "compile", "--routing", routing, "--cache-dir", str(cache)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split()[:3] for line in proc.stdout.splitlines()] == [
+        ["compiled", models["binary"], "(v1)"], ["compiled", models["binary_v2"], "(v2-shadow)"]]
+    assert len(list(cache.glob("*.so"))) == 2
