@@ -102,10 +102,11 @@ def _batch_item(i: int, obj: Any) -> Event:
         return _structured(obj)
     except BadRequest as exc:
         attrs = obj if isinstance(obj, dict) else {}
-        eid = attrs.get("id")
-        # Its reply needs an id: the item's own, else its position in the batch.
+        eid, source = attrs.get("id"), attrs.get("source")
+        # Every event has an id and a source, even this one: its own, else its position / "unknown".
         ident = eid if isinstance(eid, str) and eid else f"batch-item-{i}"
-        return Event({"id": ident, "source": str(attrs.get("source", ""))}, None, error=str(exc))
+        source = source if isinstance(source, str) and source else "unknown"
+        return Event({"id": ident, "source": source}, None, error=str(exc))
 
 
 def parse(headers: dict[str, str], body: bytes) -> tuple[list[Event], bool]:
