@@ -18,17 +18,18 @@ flight it keeps the consumer in the group (partitions paused), ticks health and 
 On SIGTERM/SIGINT: stop polling, finish the batch in hand if the sink allows within
 ``shutdown_timeout_s``, else exit without committing it (it is redelivered; a write still hanging in the
 store is abandoned, and its transaction dies with the connection), exit 0.
+Subscribed topics missing on the broker make readiness false (named in ``/readyz``); the consumer refreshes
+metadata every few seconds, so a topic created later is consumed within seconds.
+The store side (lanes, one store attempt, rows a sink refuses) is in ``workers.runtime.stream_store``.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -39,12 +40,13 @@ import pyarrow as pa
 from confluent_kafka import KafkaException
 
 from workers.drift import monitor_for
-from workers.errors import ConfigError, InputError, RowsRejected, ScoringError, SinkError
+from workers.errors import ConfigError, ScoringError, SinkError
 from workers.model import Model
 from workers.observability import Health, Metrics, observe_many, serve_probes
 from workers.records import Decoded, RecordDecoder
 from workers.rollout.router import Routed, Router
 from workers.rollout.watch import RoutingSource
+from workers.runtime.stream_store import ABANDONED, BadRecordStop, Lane, StoreState, StoreSteps
 from workers.scoring import Scored
 from workers.settings import Settings
 from workers.sinks import Sink, open_result_sink
@@ -55,68 +57,6 @@ from workers.sources.kafka import TP, Batch, KafkaSource, Record
 log = logging.getLogger("workers.stream")
 
 TOPIC_RECHECK_S = 5.0  # how often topics missing from the broker are looked for again (readiness names them)
-
-_ABANDONED = object()  # await_call: the shutdown bound passed with the call still running
-
-
-class Lane:
-    """One daemon thread running the calls handed to it, in order, each with a Future.
-
-    Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so a write hanging in the
-    store (a locked table) would keep the process alive past ``shutdown_timeout_s``. A daemon thread does
-    not; the store's connection, and its uncommitted transaction, end with the process.
-    """
-
-    def __init__(self, name: str):
-        self.calls: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        self.calls.put((future, fn, args))
-        return future
-
-    def _run(self) -> None:
-        while (call := self.calls.get()) is not None:
-            future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                future.set_exception(exc)
-
-    def shutdown(self, wait: bool = True) -> None:
-        self.calls.put(None)
-        if wait:
-            self.thread.join()
-
-
-@dataclass
-class StoreState:
-    """What the store attempts of one batch still have to do; a retry goes on from here.
-
-    ``parts`` are result tables written one after the other (one, unless scoring had to isolate records);
-    rows the sink rejected are taken out of them and their records join ``letters``.
-    """
-
-    parts: list[pa.Table]
-    letters: list[tuple[Record, str, str]]  # dead letters not flushed yet: (record, reason, model_version)
-    no_errors: pa.Table  # an empty errors table (what write_stream is handed beside the results)
-    written: list[pa.Table] = field(default_factory=list)  # parts stored (metrics count their served rows)
-    dead: list[tuple[str, str]] = field(default_factory=list)  # (topic, version) of records dead-lettered
-    failed: tuple[Record, str] | None = None  # on_bad_record=fail met a record the sink rejected
-
-
-# What a sink raises for the data of a write without naming the rows (not retryable: retrying the same rows
-# fails the same way). Stream mode writes the batch in halves until each such row is alone and dead-lettered.
-UNNAMED_DATA_ERRORS: tuple[type[Exception], ...] = (InputError, ValueError, TypeError, OverflowError,
-                                                    pa.ArrowNotImplementedError)
-
-
-class BadRecordStop(ScoringError):
-    """on_bad_record=fail and the sink rejected a record: stop without committing the batch."""
 
 
 @dataclass
@@ -147,7 +87,7 @@ class InFlight:
     exclude: set[TP] = field(default_factory=set)  # partitions an earlier dropped batch left uncommitted
 
 
-class StreamWorker:
+class StreamWorker(StoreSteps):
     def __init__(self, settings: Settings, model: Model | None = None, sink: Sink | None = None):
         s = settings.stream
         if not s.topics:
@@ -213,7 +153,7 @@ class StreamWorker:
             self.probes = serve_probes(s.metrics_port, self.health, self.metrics)
         try:
             checked = self.await_call(self.store_pool.submit(self.sink.check))
-            if checked is not _ABANDONED:
+            if checked is not ABANDONED:
                 self.health.sink_ok = True
         except SinkError as exc:
             self.health.sink_error = str(exc)
@@ -423,7 +363,7 @@ class StreamWorker:
         """Main thread: the result of a call running on a lane, never waiting on it unbounded.
 
         While the call runs (a slow or hanging store), the consumer stays in the group with its partitions
-        paused, health ticks and lag stays current. Returns ``_ABANDONED`` when the shutdown bound passes
+        paused, health ticks and lag stays current. Returns ``ABANDONED`` when the shutdown bound passes
         first: the call is left running and its batch is not committed (it is redelivered)."""
         try:
             return future.result(timeout=max(0.0, min(0.5, self.stop_deadline - time.monotonic())))
@@ -438,7 +378,7 @@ class StreamWorker:
                     log.warning("shutdown bound reached with a sink call in flight; exiting without committing "
                                 "its batch (it is redelivered)",
                                 extra={"bound_s": self.settings.stream.shutdown_timeout_s})
-                    return _ABANDONED
+                    return ABANDONED
                 self.health.tick()
                 wait = max(min(0.2, self.stop_deadline - now), 0.01)
                 if self.source is not None:
@@ -462,7 +402,7 @@ class StreamWorker:
             try:
                 assert flight.future is not None
                 outcome = self.await_call(flight.future)
-                if outcome is not _ABANDONED:
+                if outcome is not ABANDONED:
                     scored, scoring_s, stored, state = outcome
                     if not stored and state.failed is None:
                         stored = self.store(records, state)
@@ -511,88 +451,6 @@ class StreamWorker:
         self.request_stop()
         self.stop_deadline = time.monotonic()
 
-    def attempt(self, records: Batch, state: StoreState) -> None:
-        """One try at dead letters then results; raises SinkError (state keeps what is done: a retry after a
-        sink failure sends no dead letter twice and rewrites only the parts not stored yet)."""
-        self.flush_letters(state)
-        while state.parts:
-            part = state.parts[0]
-            try:
-                self.sink.write_stream(Scored(part, state.no_errors))
-            except (RowsRejected, *UNNAMED_DATA_ERRORS) as exc:
-                if not isinstance(exc, RowsRejected):
-                    exc = self.split(state, exc)
-                    if exc is None:
-                        continue
-                self.reject(records, state, exc)
-                if self.settings.stream.on_bad_record == "fail" and state.letters:
-                    state.failed = (state.letters[0][0], state.letters[0][1])
-                    raise BadRecordStop(state.failed[1]) from None
-                self.flush_letters(state)
-                continue
-            state.written.append(state.parts.pop(0))
-        if not self.health.sink_ok:
-            log.info("sink recovered")
-        self.health.sink_ok, self.health.sink_error = True, ""
-
-    def split(self, state: StoreState, exc: Exception) -> RowsRejected | None:
-        """The sink refused the part being written for its data without naming rows: write it in halves, so
-        the row responsible ends up alone; a row alone that fails is rejected with the error as its reason."""
-        part = state.parts[0]
-        if part.num_rows > 1:
-            log.warning("the sink refused a batch for its data without naming rows; writing it in halves",
-                        extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "rows": part.num_rows})
-            mid = part.num_rows // 2
-            state.parts[0:1] = [part.slice(0, mid), part.slice(mid)]
-            return None
-        return RowsRejected({0: f"cannot be stored: {exc}"[:500]})
-
-    def flush_letters(self, state: StoreState) -> None:
-        if not state.letters:
-            return
-        assert self.dead is not None
-        for record, reason, version in state.letters:
-            self.dead.send(record, reason, version)
-        self.dead.flush()  # SinkError: the letters stay pending and are sent again with the retry
-        state.dead += [(record.topic, version) for record, _, version in state.letters]
-        state.letters = []
-
-    def reject(self, records: Batch, state: StoreState, exc: RowsRejected) -> None:
-        """Take the rows the sink rejected out of the part being written; their records become dead letters.
-
-        A record whose *served* row is rejected is dead-lettered, and its shadow rows are dropped with it; a
-        rejected shadow row alone is dropped and the record stored. Dropped shadow rows count as errors of
-        their version (``scoring_version_errors_total``)."""
-        part = state.parts[0]
-        n = part.num_rows
-        named = {int(i): reason for i, reason in exc.rows.items() if 0 <= int(i) < n}
-        if not named:  # a sink breaking the contract: loud, never a silent retry loop
-            raise ScoringError(f"{self.sink.name} rejected rows without naming any of the {n} written: {exc}")
-        where = {(m.topic(), m.partition(), m.offset()): i for i, m in enumerate(records.messages)}
-        keys = list(zip(part["topic"].to_pylist(), part["partition"].to_pylist(), part["offset"].to_pylist(),
-                        strict=True))
-        served = part["served"].to_pylist()
-        versions = part["model_version"].to_pylist()
-        dead: dict[tuple, tuple[str, str]] = {}
-        drop = set()
-        for i, reason in sorted(named.items()):
-            if served[i]:
-                dead.setdefault(keys[i], (reason, versions[i]))
-            drop.add(i)
-        drop |= {i for i in range(n) if keys[i] in dead}
-        shadow = Counter(versions[i] for i in drop if not served[i])
-        for version, count in shadow.items():
-            self.metrics.version_errors.labels(version).inc(count)
-        if shadow:
-            log.warning("shadow rows the sink cannot hold dropped", extra={"rows": dict(shadow)})
-        for key, (reason, version) in dead.items():
-            state.letters.append((records[where[key]], reason, version))
-        keep = np.ones(n, dtype=bool)
-        keep[list(drop)] = False
-        state.parts[0] = part.filter(pa.array(keep))
-        if state.parts[0].num_rows == 0:
-            state.parts.pop(0)
-
     def sink_failed(self, exc: Exception, backoff: float) -> None:
         self.metrics.sink_errors.inc()
         self.health.sink_ok, self.health.sink_error = False, str(exc)[:300]
@@ -623,7 +481,7 @@ class StreamWorker:
                 return False
             backoff = min(backoff * 2, self.settings.stream.retry_backoff_max_s)
             try:
-                if self.await_call(self.retry_pool.submit(self.attempt, records, state)) is _ABANDONED:
+                if self.await_call(self.retry_pool.submit(self.attempt, records, state)) is ABANDONED:
                     return False
                 self.source.resume()
                 return True
