@@ -83,7 +83,7 @@ def batch(settings: Settings) -> None:
         summary["failures"] = [{"input": rel, "reason": reason} for rel, reason in report.failed]
     click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     for rel, reason in report.failed:
-        click.echo(f"failed: {rel}: {reason}", err=True)
+        click.echo(f"failed: {rel}: {' '.join(reason.split())}", err=True)  # one line per file
     if report.rejected and not report.allow_bad_rows:
         click.echo(f"rejected {report.rejected} rows: see the errors output (or pass --allow-bad-rows)", err=True)
     sys.exit(report.exit_code)
