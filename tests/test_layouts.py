@@ -312,3 +312,19 @@ def test_a_queued_file_inside_the_output_fails_alone(models, tmp_path):
     assert "is inside the output" in report.failed[0][1]
     assert len(pq.read_table(inside_out)) == 10  # untouched
     sink.close()
+
+
+def test_the_one_name_two_sources_can_share_is_guarded_by_the_ledger(tmp_path):
+    """``/b/k`` and ``s3://b/k`` map to the same output name; the ledger records which source owns it, so the
+    second fails alone (InputError, that file only) instead of replacing the first one's results."""
+    from workers.errors import InputError
+    from workers.settings import S3Settings
+    from workers.sinks.parquet import ParquetSink
+
+    sink = ParquetSink(str(tmp_path / "out"), S3Settings())
+    sink.check()
+    sink.mark_done("/lake/day=1/part-0.parquet", "fp", 10, 0)
+    assert sink.done("/lake/day=1/part-0.parquet") == "fp"
+    with pytest.raises(InputError, match="already holds the results of /lake/day=1/part-0.parquet"):
+        sink.done("s3://lake/day=1/part-0.parquet")
+    assert sink.done("/lake/day=2/part-0.parquet") is None
