@@ -381,3 +381,17 @@ def test_a_multi_line_driver_error_is_one_line(tmp_path):
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error: cannot read postgresql://postgres:***@127.0.0.1:") and "pw" not in \
         proc.stderr.replace("postgresql", ""), proc.stderr
+
+
+@pytest.mark.postgres
+def test_compare_since_in_postgres_takes_durations_and_offsets(models, pg_dsn, pg_table, tmp_path):
+    inputs = tmp_path / "in"
+    helpers.write_inputs(str(inputs), files=1, rows=25)
+    results = f"{pg_dsn}?table={pg_table}"
+    proc = run_cli(["batch", "--model", models["binary"], "--input", str(inputs), "--output", results], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).astimezone(dt.timezone(dt.timedelta(hours=-7)))
+    for since, rows in (("1h", 25), (later.isoformat(), 0), ("2000-01-01T00:00", 25)):
+        proc = run_cli(["compare", "--results", results, "--json", "--since", since], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert orjson.loads(proc.stdout)["rows"] == rows, since
