@@ -395,3 +395,12 @@ def test_compare_since_in_postgres_takes_durations_and_offsets(models, pg_dsn, p
         proc = run_cli(["compare", "--results", results, "--json", "--since", since], tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert orjson.loads(proc.stdout)["rows"] == rows, since
+
+
+def test_every_command_has_mistake_cases():
+    """A command added later must bring its mistakes here too."""
+    from workers.cli import cli
+
+    covered = {c.args[0] for c in cases({"model": "", "in": "", "root": __import__("pathlib").Path("/"),
+                                         "port": "0", "bad_routing": "", "afile": "", "empty": ""})}
+    assert set(cli.commands) <= covered, sorted(set(cli.commands) - covered)
