@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pathlib
 import socket
 import sqlite3
 import subprocess
@@ -162,8 +163,9 @@ def cases(w: dict) -> list[Case]:
     ]
 
 
-CASE_IDS = [c.id for c in cases({"model": "", "in": "", "root": __import__("pathlib").Path("/"), "port": "0",
-                                 "bad_routing": "", "afile": "", "empty": ""})]
+# The workspace's keys with dummy values: enough to list the cases (ids, commands) before any fixture runs.
+DRY = {"model": "", "in": "", "root": pathlib.Path("/"), "port": "0", "bad_routing": "", "afile": "", "empty": ""}
+CASE_IDS = [c.id for c in cases(DRY)]
 
 
 @pytest.fixture(scope="module")
@@ -401,6 +403,5 @@ def test_every_command_has_mistake_cases():
     """A command added later must bring its mistakes here too."""
     from workers.cli import cli
 
-    covered = {c.args[0] for c in cases({"model": "", "in": "", "root": __import__("pathlib").Path("/"),
-                                         "port": "0", "bad_routing": "", "afile": "", "empty": ""})}
+    covered = {c.args[0] for c in cases(DRY)}
     assert set(cli.commands) <= covered, sorted(set(cli.commands) - covered)
