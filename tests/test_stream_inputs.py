@@ -128,6 +128,26 @@ def test_rows_the_sink_refuses_are_dead_lettered_and_the_rest_stored_once(models
     assert len(dead) == len(reasons), "a dead letter sent twice"
 
 
+def test_on_bad_record_fail_stops_on_a_row_the_sink_refuses_without_committing(models, kafka, pg_dsn, pg_table):
+    topic = kafka.topic(partitions=1)
+    group = f"g-{pg_table}"
+    kafka.produce_json(topic, [*records(10), {**records(1, start=50)[0], "id": "refuse-1"}])
+    settings = load_settings({
+        "model": {"path": models["binary"]},
+        "kafka": {"bootstrap_servers": kafka.bootstrap},
+        "stream": {"topics": [topic], "group": group, "metrics_port": 0, "session_timeout_ms": 6000,
+                   "heartbeat_interval_ms": 2000, "on_bad_record": "fail", "retry_backoff_max_s": 0.5},
+    })
+    worker = StreamWorker(settings, sink=RefusingSink(f"{pg_dsn}?table={pg_table}"))
+    done: list[int] = []
+    thread = threading.Thread(target=lambda: done.append(worker.run()), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done == [1], "the worker must stop with exit code 1"
+    assert committed_sum(kafka, group, topic, 1) == 0
+    assert kafka.consume_all(f"{topic}.dlq", 0, timeout=2) == []
+
+
 class UnnamingSink(PostgresSink):
     """The real PostgreSQL sink, failing any write holding the row ``unstorable`` with an ``InputError`` that
     names no row (what a sink does when it cannot tell which row its store refused)."""

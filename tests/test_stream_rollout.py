@@ -100,3 +100,69 @@ def test_canary_shadow_broken_file_and_rollback_mid_stream(models, kafka, pg_dsn
         assert abs(score - boosters[version].predict(x)[0]) <= 1e-9
     log = (tmp_path / "w.log").read_text()
     assert "routing reload failed; the previous routing keeps serving" in log and "not the pinned" in log
+
+
+class ShadowRefusingSink:
+    """Wraps the real PostgreSQL sink: refuses (``RowsRejected``, nothing stored) the *served* row of id
+    ``s3`` and the *shadow* row of id ``s5``. In-process because the test chooses which rows a sink refuses
+    (which values PostgreSQL refuses is the sink's own business, tested with it)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def write_stream(self, scored):
+        from workers.errors import RowsRejected
+
+        t = scored.results
+        refuse = {i: f"planted: {rid} {'served' if served else 'shadow'}" for i, (rid, served) in
+                  enumerate(zip(t["id"].to_pylist(), t["served"].to_pylist(), strict=True))
+                  if (rid, served) in (("s3", True), ("s5", False))}
+        if refuse:
+            raise RowsRejected(refuse)
+        self.inner.write_stream(scored)
+
+
+def test_refused_served_row_dead_letters_its_record_and_a_refused_shadow_row_alone_is_dropped(
+        models, kafka, pg_dsn, pg_table, tmp_path):
+    import threading
+
+    import orjson
+
+    from workers.runtime.stream import StreamWorker
+    from workers.settings import load_settings
+    from workers.sinks.postgres import PostgresSink
+
+    topic = kafka.topic(partitions=1)
+    group = f"g-{pg_table}"
+    routing = write_routing(tmp_path / "routing.yaml", [{"name": "v1", "model": models["binary"]},
+                                                        {"name": "s", "model": models["binary_v2"], "shadow": True}])
+    kafka.produce_json(topic, records(20))
+    settings = load_settings({
+        "routing": {"path": routing},
+        "kafka": {"bootstrap_servers": kafka.bootstrap},
+        "stream": {"topics": [topic], "group": group, "metrics_port": 0, "session_timeout_ms": 6000,
+                   "heartbeat_interval_ms": 2000},
+    })
+    worker = StreamWorker(settings, sink=ShadowRefusingSink(PostgresSink(f"{pg_dsn}?table={pg_table}",
+                                                                         "SCORING_STREAM__SINK")))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: count(pg_dsn, pg_table)[0] >= 37, 60, what="rows stored")
+        dead = kafka.consume_all(f"{topic}.dlq", 1)
+        from tests.test_stream_inputs import committed_sum
+
+        wait_for(lambda: committed_sum(kafka, group, topic, 1) == 20, 20, what="committed")
+    finally:
+        worker.request_stop()
+        thread.join(30)
+    stored = {(r[0], r[1]) for r in rows(pg_dsn, pg_table)}
+    expected = {(f"s{i}", v) for i in range(20) for v in ("v1", "s")} - {("s3", "v1"), ("s3", "s"), ("s5", "s")}
+    assert stored == expected
+    assert [(orjson.loads(m.value())["id"], dict(m.headers())["error.reason"].decode()) for m in dead] == [
+        ("s3", "planted: s3 served")]
+    errors = worker.metrics.version_errors.labels("s")._value.get()
+    assert errors == 2  # the shadow rows dropped: s3's (with its record) and s5's
