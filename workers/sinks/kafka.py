@@ -143,7 +143,7 @@ class KafkaSink(Sink):
             raise ConfigError(setting, f"{self.name}: name the output topic, e.g. kafka://scores")
         if not _TOPIC.fullmatch(self.topic) or self.topic in (".", ".."):
             # e.g. kafka://user:password@host/topic: brokers come from the Kafka settings, not the URI
-            raise ConfigError(setting, f"{self.name}: {redact(self.topic)!r} is not a topic name (letters, digits, "
+            raise ConfigError(setting, f"{self.name}: what follows kafka:// is not a topic name (letters, digits, "
                                        "'.', '_', '-'; at most 249); brokers and credentials come from the "
                                        "SCORING_KAFKA__* settings")
         self.max_message = int(kafka.librdkafka_config().get("message.max.bytes", MAX_MESSAGE))
