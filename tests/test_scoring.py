@@ -178,6 +178,8 @@ def test_integers_beyond_2_to_53_are_rounded_to_float64_like_lightgbm(models, t,
     (pa.array([b"ab", b"\xff", b"c"], pa.large_binary()), ["ab", "\\xff", "c"]),
     (pa.array([7, 8, 2**63 + 5], pa.uint64()), ["7", "8", str(2**63 + 5)]),
     (pa.array([[1, 2], [3], None], pa.list_(pa.int32())), ["[1,2]", "[3]", None]),
+    (pa.array([b"ab", b"\xff", b"ab"], pa.binary()).dictionary_encode(), ["ab", "\\xff", "ab"]),
+    (pa.array([b"\x00\x01", b"ok", None], pa.binary(2)), ["\x00\x01", "ok", None]),
 ])
 def test_rejected_rows_keep_any_type_of_id_in_the_errors_output(models, ids, shown):
     """The errors output's id is text: binary ids as UTF-8 when they are, else hex (``\\x...``, PostgreSQL's

@@ -242,13 +242,14 @@ def error_ids(ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """Ids of rejected rows as text, for the errors output, whatever the id column's type (a file's ids may
     be binary, integers, lists...): text as is, binary as UTF-8 or ``\\x`` hex, what Arrow can cast to text
     as cast, anything else as JSON. Null stays null."""
+    ids = _plain(ids)
     t = ids.type
-    if _is_text(t) or pa.types.is_dictionary(t) and _is_text(t.value_type):
-        return pc.cast(_plain(ids), pa.string())
+    if _is_text(t):
+        return pc.cast(ids, pa.string())
     if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
             or pa.types.is_binary_view(t)):
         try:
-            return pc.cast(_plain(ids), pa.string())
+            return pc.cast(ids, pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             pass
         return pa.array([None if v is None else to_json(v) for v in ids.to_pylist()], pa.string())
