@@ -77,6 +77,10 @@ def cases(w: dict) -> list[Case]:
         Case("batch-missing-model", ["batch", "--model", "nope.txt", "--input", inp, "--output", out],
              "SCORING_MODEL__PATH (--model)"),
         Case("batch-bad-uri-scheme", [*batch[:-1], "ftp://host/x"], "SCORING_BATCH__OUTPUT (--output)"),
+        Case("batch-bad-model-uri-scheme", ["batch", "--model", "ftp://host/m.txt", "--input", inp, "--output", out],
+             "SCORING_MODEL__PATH (--model): unknown scheme 'ftp'"),
+        Case("batch-bad-input-uri-scheme", ["batch", "--model", m, "--input", "ftp://host/day=1/", "--output", out],
+             "SCORING_BATCH__INPUT (--input): unknown scheme 'ftp'"),
         Case("batch-bad-int-flag", [*batch, "--batch-rows", "lots"], "'--batch-rows'"),
         Case("batch-int-out-of-range", [*batch, "--batch-rows", "0"], "SCORING_BATCH__BATCH_ROWS (--batch-rows)"),
         Case("batch-bad-int-env", batch, "SCORING_BATCH__BATCH_ROWS", {"SCORING_BATCH__BATCH_ROWS": "lots"}),
@@ -405,3 +409,10 @@ def test_every_command_has_mistake_cases():
 
     covered = {c.args[0] for c in cases(DRY)}
     assert set(cli.commands) <= covered, sorted(set(cli.commands) - covered)
+
+
+def test_a_refused_value_is_shown_without_its_password(tmp_path):
+    proc = run_cli(["schema", "--model", "ftp://reader:hunter2@models.internal/m.txt"], tmp_path)
+    assert proc.returncode == 2 and "hunter2" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ("error: SCORING_MODEL__PATH (--model): unknown scheme 'ftp'; use a path, file:// "
+                                   "or s3:// (got 'ftp://reader:***@models.internal/m.txt')")

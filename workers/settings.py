@@ -12,7 +12,16 @@ import typing
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -53,6 +62,18 @@ def redact(uri: str) -> str:
     return f"{scheme}://{netloc}{tail}"
 
 
+def _readable_uri(value: Any) -> Any:
+    """A path, ``file://`` or ``s3://`` URI: the places models and Parquet inputs are read from."""
+    if isinstance(value, str) and "://" in value:
+        scheme = value.split("://", 1)[0].lower()
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"unknown scheme {scheme!r}; use a path, file:// or s3://")
+    return value
+
+
+ReadableUri = Annotated[str | None, AfterValidator(_readable_uri)]
+
+
 def _allows_none(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
         annotation)
@@ -88,8 +109,7 @@ NameList = Annotated[list[str], NoDecode, BeforeValidator(_names)]
 
 
 class ModelSettings(_Group):
-
-    path: str | None = None
+    path: ReadableUri = None
     """LightGBM model file in the text format `Booster.save_model` writes: a path, `file://` or `s3://` URI."""
     sha256: str | None = None
     """Pinned SHA-256 (hex) of the model file; when set, a file with another hash is refused before parsing."""
@@ -106,7 +126,6 @@ class ModelSettings(_Group):
 
 
 class S3Settings(_Group):
-
     endpoint_url: str | None = None
     """S3 endpoint, e.g. `http://127.0.0.1:9000` for MinIO or moto; empty means AWS."""
     access_key_id: str | None = None
@@ -118,7 +137,6 @@ class S3Settings(_Group):
 
 
 class ScoringSettings(_Group):
-
     id_column: str = "id"
     """Input column (batch) or JSON field (stream) holding the record id; with the model version it keys each result."""
     passthrough: NameList = Field(default_factory=list)
@@ -136,8 +154,7 @@ class ScoringSettings(_Group):
 
 
 class BatchSettings(_Group):
-
-    input: str | None = None
+    input: ReadableUri = None
     """Parquet input: a file, a directory, a glob (`data/*.parquet`) or an `s3://bucket/prefix`."""
     output: str | None = None
     """Where results go: a directory or `s3://` prefix (Parquet dataset, one file per input file) or
@@ -162,7 +179,6 @@ class BatchSettings(_Group):
 
 
 class KafkaSettings(_Group):
-
     bootstrap_servers: str = "127.0.0.1:9092"
     """Kafka bootstrap servers, comma-separated `host:port`."""
     client_id: str = "scoring-worker"
@@ -210,7 +226,6 @@ class KafkaSettings(_Group):
 
 
 class StreamSettings(_Group):
-
     topics: NameList = Field(default_factory=list)
     """Topics to consume (repeat --topic, or comma-separated in the env var)."""
     group: str = "scoring-workers"
@@ -254,7 +269,6 @@ class StreamSettings(_Group):
 
 
 class ServeSettings(_Group):
-
     host: str = "0.0.0.0"  # noqa: S104 - a container listens on every interface
     """Address to listen on."""
     port: int = Field(8080, ge=0, le=65535)
@@ -274,7 +288,6 @@ class ServeSettings(_Group):
 
 
 class RoutingSettings(_Group):
-
     path: str | None = None
     """Routing file (YAML or JSON) naming several model versions with weights (sticky A/B split by key) or
     `shadow: true`; replaces `--model`. Watched for changes and reloaded between batches (also on SIGHUP)."""
@@ -392,8 +405,10 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
         name = env_name(loc) if loc else "settings"
         value = err.get("input")
-        shown = "" if isinstance(value, dict) or "secret" in name.lower() else f" (got {value!r})"
-        raise ConfigError(name, f"{err['msg']}{shown}") from None
+        shown = "" if isinstance(value, dict) or "secret" in name.lower() or "password" in name.lower() else \
+            f" (got {redact(value) if isinstance(value, str) else value!r})"
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        raise ConfigError(name, f"{message}{shown}") from None
     st = settings.stream
     if st.max_poll_interval_ms < st.session_timeout_ms:
         raise ConfigError("SCORING_STREAM__MAX_POLL_INTERVAL_MS", f"{st.max_poll_interval_ms} must be at least "
