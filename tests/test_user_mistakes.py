@@ -53,6 +53,7 @@ def workspace(models, tmp_path_factory):
     inputs = root / "in"
     helpers.write_inputs(str(inputs), files=1, rows=50)
     (root / "bad.yaml").write_text("versions: [\n")
+    (root / "ftp.yaml").write_text('versions: [{name: a, model: "ftp://host/m.txt", weight: 100}]\n')
     (root / "afile").write_text("not a folder")
     empty = root / "empty"
     empty.mkdir()
@@ -94,6 +95,8 @@ def cases(w: dict) -> list[Case]:
         Case("batch-missing-routing-file", [*batch, "--routing", str(root / "nope.yaml")],
              "SCORING_ROUTING__PATH (--routing)"),
         Case("batch-bad-routing-file", [*batch, "--routing", w["bad_routing"]], "SCORING_ROUTING__PATH (--routing)"),
+        Case("batch-routing-model-bad-scheme", [*batch, "--routing", str(root / "ftp.yaml")],
+             "versions[0].model: unknown scheme 'ftp'"),
         Case("batch-job-index-garbage", batch, "JOB_COMPLETION_INDEX", {"JOB_COMPLETION_INDEX": "abc"}),
         Case("batch-job-index-out-of-range", [*batch, "--shard-count", "2"], "JOB_COMPLETION_INDEX",
              {"JOB_COMPLETION_INDEX": "3"}),

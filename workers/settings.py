@@ -62,7 +62,7 @@ def redact(uri: str) -> str:
     return f"{scheme}://{netloc}{tail}"
 
 
-def _readable_uri(value: Any) -> Any:
+def readable_uri(value: Any) -> Any:
     """A path, ``file://`` or ``s3://`` URI: the places models and Parquet inputs are read from."""
     if isinstance(value, str) and "://" in value:
         scheme = value.split("://", 1)[0].lower()
@@ -71,7 +71,7 @@ def _readable_uri(value: Any) -> Any:
     return value
 
 
-ReadableUri = Annotated[str | None, AfterValidator(_readable_uri)]
+ReadableUri = Annotated[str | None, AfterValidator(readable_uri)]
 
 
 def _allows_none(annotation: Any) -> bool:

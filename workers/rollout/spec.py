@@ -23,9 +23,10 @@ import hashlib
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.errors import ConfigError
+from workers.settings import readable_uri
 
 SETTING = "SCORING_ROUTING__PATH"
 
@@ -51,6 +52,13 @@ class VersionSpec(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     model: str = Field(min_length=1)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    # Added by H6 (issue #14 case 20): the same schemes as SCORING_MODEL__PATH, so ftp://... is one line, not
+    # a pyarrow traceback when the model is read.
+    @field_validator("model")
+    @classmethod
+    def _model_scheme(cls, value: str) -> str:
+        return readable_uri(value)
     weight: int | None = Field(None, ge=0, le=100)
     shadow: bool = False
     guardrail: Guardrail | None = None
