@@ -1,8 +1,9 @@
-"""The command line: ``scoring-worker batch | stream | check | demo``.
+"""The command line: ``scoring-worker batch | stream | serve | check | ...`` (``--help`` lists them).
 
-Each flag is generated from a settings field, so its help is the field's docstring and names the env
-var; a flag given on the command line overrides the env var. User mistakes end with one line on
-stderr and exit code 2 (settings) or 1 (failed inputs), never a traceback.
+Each flag is generated from a settings field (workers/cli_options.py), so its help is the field's docstring
+and names the env var; a flag given on the command line overrides the env var. A user mistake ends with one
+line on stderr naming the setting or option and exit code 2 (a wrong setting or usage) or 1 (failed inputs,
+an unreachable service, a failed check), never a traceback; tests/test_user_mistakes.py holds that.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def cli() -> None:
 
     Every option is also an env var (shown in brackets); S3 keys come only from env vars
     (SCORING_S3__ACCESS_KEY_ID, SCORING_S3__SECRET_ACCESS_KEY) or the AWS credential chain.
+
+    Exit codes: 0 done; 1 failed inputs, an unreachable service or a failed check; 2 a wrong setting or usage
+    (one line naming it).
     """
 
 
