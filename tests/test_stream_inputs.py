@@ -201,6 +201,28 @@ def test_records_breaking_scoring_or_a_sink_without_rows_named_are_isolated(mode
     assert sorted(ids) == sorted(r["id"] for r in recs if r["id"] not in reasons)
 
 
+def test_a_batch_whose_every_record_fails_alone_is_all_dead_letters_and_nothing_to_write(models, tmp_path):
+    """No broker needed: the score thread's step on real confluent-kafka Messages, ``score`` planted to fail."""
+    from confluent_kafka import Message
+
+    from workers.sources.kafka import Batch
+
+    settings = load_settings({"model": {"path": models["binary"]}, "stream": {
+        "topics": ["t"], "metrics_port": None, "sink": f"sqlite:///{tmp_path}/s.db?table=s"}})
+    worker = StreamWorker(settings)
+
+    def score(*_args):
+        raise ValueError("planted")
+
+    worker.score = score
+    batch = Batch([Message(topic="t", partition=0, offset=i, key=None, value=orjson.dumps(r))
+                   for i, r in enumerate(records(3))])
+    scored, _, state = worker.score_timed(batch, *worker.decode(batch), worker.router)
+    assert scored is None and state.parts == []
+    assert [(r.offset, reason) for r, reason, _ in state.letters] == [
+        (i, "cannot be scored: ValueError: planted") for i in range(3)]
+
+
 # -- case 17: SIGTERM is bounded even when a sink write hangs ----------------------------------------------------
 def test_sigterm_bounded_while_the_table_is_locked_then_everything_stored_once(models, kafka, pg_dsn, pg_table,
                                                                                tmp_path):

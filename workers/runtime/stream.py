@@ -279,7 +279,7 @@ class StreamWorker(StoreSteps):
         return router.finish(routed, carry)
 
     def score_timed(self, records: Batch, routed: Routed | None, decoded: Decoded | None, router: Router
-                    ) -> tuple[Scored, float, StoreState]:
+                    ) -> tuple[Scored | None, float, StoreState]:
         """Score thread: predict with the routing the batch was decoded with.
 
         When decoding or scoring the batch raises, the records responsible are found by splitting the batch
@@ -305,9 +305,9 @@ class StreamWorker(StoreSteps):
                 for i, reason, v in zip(part_scored.error_rows, part_scored.errors["reason"].to_pylist(),
                                         part_scored.errors["model_version"].to_pylist(), strict=True):
                     letters.append((part[int(i)], reason, v))
-        if scored is None:  # every record failed alone
-            scored = self.score(Batch([]), *router.decode([], [], self.settings.stream.key_as_id), router)
-        state = StoreState([s.results for _, s in parts if s.results.num_rows], letters, scored.errors.slice(0, 0))
+        # Every record failed alone: nothing to write, so no errors table to hand the sink either.
+        no_errors = scored.errors.slice(0, 0) if scored is not None else pa.table({})
+        state = StoreState([s.results for _, s in parts if s.results.num_rows], letters, no_errors)
         if culprits and self.settings.stream.on_bad_record == "fail":
             state.failed = culprits[0]
         return scored, time.monotonic() - started, state
@@ -338,7 +338,7 @@ class StreamWorker(StoreSteps):
         self.isolate(messages[mid:], router, parts, culprits)
 
     def store_once(self, flight: InFlight, scoring: Future, before: InFlight | None
-                   ) -> tuple[Scored, float, bool, StoreState]:
+                   ) -> tuple[Scored | None, float, bool, StoreState]:
         """Store thread: one attempt to store, once the batch before is stored for good. Never touches the consumer."""
         records = flight.records
         scored, scoring_s, state = scoring.result()
@@ -422,11 +422,11 @@ class StreamWorker(StoreSteps):
                 continue
             self.source.commit(offsets)
             self.next_offsets.update(offsets)
-            self.account(records, scored, state, flight.stored_at)
+            self.account(records, state, flight.stored_at)
             self.metrics.batch_seconds.observe(time.monotonic() - flight.started)
             self.adapt(len(records), scoring_s)
 
-    def account(self, records: Batch, scored: Scored, state: StoreState, stored_at: float) -> None:
+    def account(self, records: Batch, state: StoreState, stored_at: float) -> None:
         # Counted per (topic, model_version) of the *served* rows (shadow rows: scoring_version_rows_total).
         for results in state.written:
             served = results.filter(results["served"])
