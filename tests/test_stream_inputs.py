@@ -259,6 +259,40 @@ def test_sigterm_bounded_while_the_table_is_locked_then_everything_stored_once(m
     assert count(pg_dsn, pg_table) == (1000, 1000)
 
 
+def test_a_write_slower_than_the_poll_interval_keeps_the_worker_in_the_group(models, kafka, pg_dsn, pg_table,
+                                                                             tmp_path):
+    """While a write waits on a lock longer than max.poll.interval.ms, the main thread keeps serving the
+    consumer (partitions paused): no eviction, no rebalance; once the lock goes, everything is stored once."""
+    topic = kafka.topic(partitions=2)
+    group = f"g-{pg_table}"
+    port = free_port()
+    worker = kafka.worker("--model", models["binary"], "--topic", topic, "--group", group, "--sink",
+                          f"{pg_dsn}?table={pg_table}", "--max-poll-interval-ms", "7000", "--metrics-port", str(port),
+                          log=str(tmp_path / "w.log"))
+    kafka.produce_json(topic, records(100))
+    wait_for(lambda: count(pg_dsn, pg_table)[0] >= 100, 60, what="first records stored")
+    wait_for(lambda: committed_sum(kafka, group, topic, 2) == 100, 20, what="first commit")
+    revoked = metric_line(port, 'scoring_rebalances_total{kind="revoked"}')
+    with psycopg.connect(pg_dsn) as lock:
+        lock.execute(f'LOCK TABLE "{pg_table}" IN ACCESS EXCLUSIVE MODE')
+        kafka.produce_json(topic, records(100, start=100))
+        time.sleep(11)  # well past the 7 s poll interval, inside the sink's lock timeout
+        assert probe(port, "/healthz") == 200
+        assert committed_sum(kafka, group, topic, 2) == 100
+        lock.rollback()
+    wait_for(lambda: count(pg_dsn, pg_table)[0] >= 200, 30, what="stored after the lock")
+    wait_for(lambda: committed_sum(kafka, group, topic, 2) == 200, 20, what="committed after the lock")
+    assert metric_line(port, 'scoring_rebalances_total{kind="revoked"}') == revoked, "the worker left the group"
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert count(pg_dsn, pg_table) == (200, 200)
+
+
+def metric_line(port: int, sample: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")), 0.0)
+
+
 def count_nowait(dsn: str, table: str) -> int | None:
     """Rows in ``table``, or None when a lock keeps even a reader out (for 0.5 s)."""
     with psycopg.connect(dsn) as conn:
