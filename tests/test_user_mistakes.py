@@ -53,6 +53,11 @@ def workspace(models, tmp_path_factory):
     inputs = root / "in"
     helpers.write_inputs(str(inputs), files=1, rows=50)
     (root / "bad.yaml").write_text("versions: [\n")
+    (root / "list.json").write_text("[1, 2]")
+    (root / "results").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "model_version": ["v1", "v1"], "score": [0.2, 0.7]}),
+                   root / "results" / "part.parquet")  # the result columns compare/report read
+    (root / "props.json").write_text('{"properties": 5}')
     (root / "ftp.yaml").write_text('versions: [{name: a, model: "ftp://host/m.txt", weight: 100}]\n')
     (root / "afile").write_text("not a folder")
     empty = root / "empty"
@@ -134,6 +139,10 @@ def cases(w: dict) -> list[Case]:
         # schema, compile
         Case("schema-missing-model", ["schema", "--model", "nope.txt"], "SCORING_MODEL__PATH (--model)"),
         Case("schema-missing-producer-schema", ["schema", "--model", m, "--check", "nope.json"], "--check"),
+        Case("schema-producer-schema-is-a-list", ["schema", "--model", m, "--check", str(root / "list.json")],
+             "--check"),
+        Case("schema-producer-properties-not-an-object", ["schema", "--model", m, "--check",
+                                                          str(root / "props.json")], "--check"),
         Case("schema-has-no-routing", ["schema", "--routing", w["bad_routing"]], "'--routing'"),
         Case("compile-missing-model", ["compile", "--model", "nope.txt"], "SCORING_MODEL__PATH (--model)"),
         Case("compile-missing-routing-file", ["compile", "--routing", str(root / "nope.yaml")],
@@ -157,6 +166,9 @@ def cases(w: dict) -> list[Case]:
         Case("report-results-are-not-results", ["report", "--results", inp, "--output", "r.html"], "--results"),
         Case("report-profile-without-data", ["report", "--results", inp, "--output", "r.html", "--profile", "p"],
              "--data"),
+        Case("report-profile-is-not-a-profile", ["report", "--model", m, "--results", str(root / "results"),
+                                                 "--output", str(root / "r.html"), "--profile",
+                                                 str(root / "list.json"), "--data", inp], "--profile"),
         Case("compare-bad-since", ["compare", "--results", inp, "--since", "yesterday-ish"], "--since"),
         Case("compare-missing-sqlite-db", ["compare", "--results", "sqlite:///nope.db?table=t"], "--results"),
         Case("compare-bad-uri-scheme", ["compare", "--results", "ftp://x/t"], "--results"),

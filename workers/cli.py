@@ -317,6 +317,7 @@ def schema_cmd(settings: Settings, producer: str | None) -> None:
                 theirs = orjson.loads(fh.read())
         except (OSError, orjson.JSONDecodeError) as exc:
             raise ConfigError("--check", f"cannot read {producer} as JSON: {exc}") from None
+        _object_schema(theirs, producer)
         errors, warnings = check_producer(theirs, model, settings.scoring.id_column)
         for line in errors:
             click.echo(f"error: {line}")
@@ -326,6 +327,21 @@ def schema_cmd(settings: Settings, producer: str | None) -> None:
         sys.exit(1 if errors else 0)
     schema = input_schema(model, settings.scoring.id_column, settings.scoring.passthrough)
     click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
+
+
+def _object_schema(schema: Any, origin: str) -> None:
+    """ConfigError unless ``schema`` is shaped like a JSON Schema of an object (what `schema --check` reads)."""
+    problem = None
+    if not isinstance(schema, dict):
+        problem = f"it is a JSON {type(schema).__name__}, not an object"
+    elif not isinstance(schema.get("properties", {}), dict):
+        problem = "'properties' is not an object"
+    elif not all(isinstance(v, dict | bool) for v in schema.get("properties", {}).values()):
+        problem = "a property's schema is not an object"
+    elif not isinstance(schema.get("required", []), list):
+        problem = "'required' is not a list"
+    if problem:
+        raise ConfigError("--check", f"{origin} is not a JSON Schema of records: {problem}")
 
 
 SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:00, UTC unless it has an offset) "

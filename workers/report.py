@@ -146,8 +146,10 @@ def drift_of(settings, data: str, profile: str) -> dict:
     primary = RoutingSource(settings).router.primary
     try:
         monitor = DriftMonitor.from_file(profile, primary.model.feature_names, window=2**62)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError("--profile", f"cannot use {profile}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        # Any of these is the file's fault (not JSON, not a profile, a profile of other features).
+        raise ConfigError("--profile", f"cannot use {profile} as a profile from `profile`: "
+                                       f"{type(exc).__name__}: {exc}") from None
     for matrix in feature_batches(primary.scorer, data, settings.s3)[1]:
         monitor.observe(matrix)
     return monitor.report()
