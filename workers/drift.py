@@ -128,8 +128,10 @@ def monitor_for(settings, model: Model, window: int | None = None) -> DriftMonit
         return None
     try:
         return DriftMonitor.from_file(path, model.feature_names, window or settings.scoring.drift_window)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError("SCORING_SCORING__PROFILE", f"cannot use {path}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        # Any of these is the file's fault (not JSON, not a profile, another model's): one line, not a traceback.
+        raise ConfigError("SCORING_SCORING__PROFILE", f"cannot use {path} as a profile from `profile`: "
+                                                      f"{type(exc).__name__}: {exc}") from None
 
 
 def feature_batches(scorer, data: str, s3):
