@@ -126,6 +126,10 @@ def cases(w: dict) -> list[Case]:
         Case("serve-missing-model", ["serve", "--model", "nope.txt", "--port", "0"], "SCORING_MODEL__PATH"),
         Case("serve-port-in-use", ["serve", "--model", m, "--port", port], "SCORING_SERVE__PORT"),
         Case("serve-bad-port", ["serve", "--model", m, "--port", "http"], "'--port'"),
+        Case("serve-host-not-here", ["serve", "--model", m, "--host", "192.0.2.1", "--port", "8080"],
+             "SCORING_SERVE__HOST (--host)"),
+        Case("serve-host-unknown", ["serve", "--model", m, "--host", "no-such-host.invalid", "--port", "8080"],
+             "SCORING_SERVE__HOST (--host)"),
         Case("serve-bad-uri-scheme", ["serve", "--model", m, "--port", "0", "--sink", "ftp://x"],
              "SCORING_SERVE__SINK (--sink)"),
         # check: settings mistakes stop it like any command; a model it cannot load is a FAIL line (exit 1)

@@ -127,9 +127,11 @@ def serve(settings: Settings) -> None:
 
 
 def _port_free(host: str, port: int, setting: str) -> None:
-    """ConfigError naming ``setting`` when ``host:port`` cannot be bound. uvicorn would only log the bind
-    error after loading the model and exit 3; this says it in one line first (a port taken in between
-    still gets uvicorn's line)."""
+    """ConfigError naming ``setting`` when ``host:port`` is taken or ``host`` is not an address of this
+    machine. uvicorn would only log the bind error after loading the model and exit 3; this says it in one
+    line first (a port taken in between still gets uvicorn's line). Other bind failures (a privileged port
+    without the right) are left to the server, after the settings' other checks."""
+    import errno
     import socket
 
     if port == 0:
@@ -139,8 +141,13 @@ def _port_free(host: str, port: int, setting: str) -> None:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
             sock.bind((host, port))
+    except socket.gaierror as exc:
+        raise ConfigError("SCORING_SERVE__HOST", f"cannot listen on {host}: {exc.strerror or exc}") from None
     except OSError as exc:
-        raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError("SCORING_SERVE__HOST", f"cannot listen on {host}: {exc.strerror}") from None
 
 
 @cli.command()
