@@ -148,6 +148,54 @@ def test_on_bad_record_fail_stops_on_a_row_the_sink_refuses_without_committing(m
     assert kafka.consume_all(f"{topic}.dlq", 0, timeout=2) == []
 
 
+def test_a_dead_letter_larger_than_the_producer_allows_is_cut_to_fit_not_retried_forever(models, kafka, pg_dsn,
+                                                                                         pg_table):
+    """A bad record with a big key and big headers beside a big value: cutting the value to 512 KiB still left
+    the dead letter over the producer's 1 MB message.max.bytes, refused on every retry (the partition blocked)."""
+    from confluent_kafka import Producer
+
+    topic = kafka.topic(partitions=1)
+    big = Producer({"bootstrap.servers": kafka.bootstrap, "message.max.bytes": 2_000_000})
+    key, value = b"k" * 400_000, b"not json " * 45_000
+    big.produce(topic, key=key, value=value, headers=[("h1", b"a" * 200_000), ("h2", b"b" * 200_000)])
+    assert big.flush(30) == 0
+    kafka.produce_json(topic, records(20))
+    worker = kafka.worker("--model", models["binary"], "--topic", topic, "--group", f"g-{pg_table}", "--sink",
+                          f"{pg_dsn}?table={pg_table}", "--metrics-port", "0")
+    wait_for(lambda: committed_sum(kafka, f"g-{pg_table}", topic, 1) == 21, 60, what="committed past the record")
+    dead = kafka.consume_all(f"{topic}.dlq", 1)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert count(pg_dsn, pg_table) == (20, 20)
+    assert len(dead) == 1
+    msg = dead[0]
+    headers = dict(msg.headers())
+    assert msg.key() == key and headers["h1"] == b"a" * 200_000  # key and headers kept: they fit
+    assert headers["error.value.truncated"] == str(len(value)).encode() and value.startswith(msg.value())
+    assert len(msg.value()) + len(key) + 400_000 < 1_000_000
+    assert headers["error.reason"].startswith(b"not valid JSON")
+
+
+def test_a_dead_letter_whose_key_and_headers_alone_do_not_fit_drops_headers_then_cuts_the_key(kafka):
+    from workers.settings import KafkaSettings
+    from workers.sinks.deadletter import MAX_KEY_BYTES, DeadLetters
+    from workers.sinks.kafka import Producer
+    from workers.sources.kafka import Record
+
+    dlq = kafka.topic(partitions=1)
+    letters = DeadLetters(Producer(KafkaSettings(bootstrap_servers=kafka.bootstrap)), lambda _topic: dlq)
+    record = Record("src", 0, 7, -1, key=b"k" * 950_000, value=b"v" * 600_000, headers=[("h", b"x" * 10)])
+    letters.send(record, "not valid JSON: planted", "m-1")
+    letters.flush()  # raised SinkError (message too large) on every try before
+    letters.close()
+    [msg] = kafka.consume_all(dlq, 1)
+    headers = dict(msg.headers())
+    assert "h" not in headers and headers["error.headers.dropped"] == b"1"
+    assert headers["error.key.truncated"] == b"950000" and msg.key() == b"k" * MAX_KEY_BYTES
+    assert headers["error.value.truncated"] == b"600000" and msg.value() == b"v" * len(msg.value())
+    assert headers["error.source.offset"] == b"7" and headers["error.reason"] == b"not valid JSON: planted"
+
+
 class UnnamingSink(PostgresSink):
     """The real PostgreSQL sink, failing any write holding the row ``unstorable`` with an ``InputError`` that
     names no row (what a sink does when it cannot tell which row its store refused)."""

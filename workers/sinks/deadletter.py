@@ -4,7 +4,11 @@ Headers added (all UTF-8 text): ``error.reason``, ``error.source.topic``, ``erro
 ``error.source.offset``, ``error.source.timestamp`` (ms), ``error.model_version``, ``error.time`` (ISO UTC).
 A record with neither key nor value is sent with an empty value and ``error.value.null: true``; a
 value over ``MAX_VALUE_BYTES`` is cut to that size with ``error.value.truncated: <original size>`` (a
-dead letter the broker refuses would otherwise block the partition forever).
+dead letter the broker refuses would otherwise block the partition forever). The whole dead letter is kept
+under ``MAX_DEAD_LETTER_BYTES`` (below the producer's 1,000,000-byte ``message.max.bytes``: a larger one is
+refused on every retry): the value is cut further when key and headers are large, and only when key and
+headers alone do not fit, the record's own headers are left out (``error.headers.dropped: <count>``) and
+then the key is cut to ``MAX_KEY_BYTES`` (``error.key.truncated: <original size>``).
 Flushed before the input offsets are committed, so a bad record is never lost; a crash between the
 flush and the commit dead-letters it again (consumers can dedupe on source topic/partition/offset).
 """
@@ -18,6 +22,8 @@ from workers.sinks.kafka import Producer
 from workers.sources.kafka import Record
 
 MAX_VALUE_BYTES = 512 * 1024
+MAX_DEAD_LETTER_BYTES = 900_000  # key + value + headers, with room for the record's framing
+MAX_KEY_BYTES = 64 * 1024
 
 
 def headers_for(record: Record, reason: str, model_version: str) -> list[tuple[str, bytes]]:
@@ -33,6 +39,11 @@ def headers_for(record: Record, reason: str, model_version: str) -> list[tuple[s
     return [*(record.headers or []), *ours]
 
 
+def _size(key: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    """Bytes of a dead letter besides its value (header names and values, the key)."""
+    return len(key or b"") + sum(len(k) + len(v or b"") + 8 for k, v in headers)
+
+
 class DeadLetters:
     def __init__(self, producer: Producer, topic_for):
         self.producer = producer
@@ -40,14 +51,22 @@ class DeadLetters:
 
     def send(self, record: Record, reason: str, model_version: str) -> None:
         headers = headers_for(record, reason, model_version)
-        value = record.value
-        if value is None and record.key is None:
+        value, key = record.value, record.key
+        if value is None and key is None:
             value = b""
             headers.append(("error.value.null", b"true"))
-        elif value is not None and len(value) > MAX_VALUE_BYTES:
+        if _size(key, headers) + 64 > MAX_DEAD_LETTER_BYTES:  # pathological key or headers: fit them first
+            own = len(record.headers or [])
+            if own:
+                headers = [*headers[own:], ("error.headers.dropped", str(own).encode())]
+            if key is not None and _size(key, headers) + 64 > MAX_DEAD_LETTER_BYTES:
+                headers.append(("error.key.truncated", str(len(key)).encode()))
+                key = key[:MAX_KEY_BYTES]
+        room = min(MAX_VALUE_BYTES, MAX_DEAD_LETTER_BYTES - _size(key, headers) - 64)
+        if value is not None and len(value) > room:
             headers.append(("error.value.truncated", str(len(value)).encode()))
-            value = value[:MAX_VALUE_BYTES]
-        self.producer.send(self.topic_for(record.topic), value, record.key, headers)
+            value = value[:room]
+        self.producer.send(self.topic_for(record.topic), value, key, headers)
 
     def flush(self) -> None:
         """Block until every dead letter sent so far is acknowledged; raise SinkError otherwise."""
