@@ -394,3 +394,61 @@ def test_batch_to_sqlite_odd_types_all_stored(models, tmp_path):
     assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == 150
     assert con.execute("SELECT big, money, tags, blob FROM scores ORDER BY money LIMIT 1").fetchone() == (
         str(2**64 - 1), "0.00", "[0,null]", b"\x00")
+
+
+# -- sink plumbing the matrix relies on ------------------------------------------------------------
+@pytest.mark.postgres
+def test_postgres_columns_added_later_in_a_session_are_stored(pg_dsn, pg_table):
+    """Stream's staging table was created once (LIKE the target) and missed columns added later."""
+    sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
+    sink.write_stream(Scored(with_order(results(pa.array(["a"]))), pa.table({})))
+    sink.write_stream(Scored(with_order(results(pa.array(["b"]), late=pa.array([7]))), pa.table({})))
+    sink.close()
+    assert pg_read(pg_dsn, pg_table, "late", "id") == [None, 7]
+
+
+def test_split_sink_names_rejected_rows_of_the_callers_table_and_sums_duplicates(tmp_path):
+    from workers.sinks.split import SplitSink
+
+    main = SqliteSink(f"sqlite:///{tmp_path / 'main.db'}", "SCORING_STREAM__SINK")
+    shadow = SqliteSink(f"sqlite:///{tmp_path / 'shadow.db'}", "SCORING_ROUTING__SHADOW_SINK")
+    sink = SplitSink(main, shadow)
+    ids = pa.array(["a", "a", "b", "b", None, "c"])
+    served = pa.array([True, False, True, False, False, True])
+    table = results(ids).set_column(4, "served", served)
+    with pytest.raises(RowsRejected) as info:  # row 4 (a shadow row) has no id: named as row 4, not 2
+        sink.write_stream(Scored(table, pa.table({})))
+    assert set(info.value.rows) == {4}
+    table = table.filter(pc.is_valid(table["id"]))
+    dup = pa.concat_tables([table, table])  # every key twice: each sink collapses its own
+    sink.write_stream(Scored(dup, pa.table({})))
+    assert sink.duplicates_collapsed == 5 == main.duplicates_collapsed + shadow.duplicates_collapsed
+    writer = sink.begin("f.parquet")
+    bad = results(pa.array(["x", "y", None]), served=pa.array([True, True, True]))
+    with pytest.raises(RowsRejected) as info:
+        writer.write(Scored(bad, pa.table({})))
+    writer.abort()
+    assert set(info.value.rows) == {2}
+    sink.close()
+
+
+def test_split_sink_with_both_tables_in_one_sqlite_file_writes_a_unit(tmp_path):
+    """Main and shadow tables in the same SQLite file: one unit's transaction covers both (two connections
+    would wait 30 s on each other's write lock, then fail)."""
+    from workers.sinks.split import SplitSink
+
+    db = tmp_path / "one.db"
+    sink = SplitSink(SqliteSink(f"sqlite:///{db}?table=scores", "SCORING_BATCH__OUTPUT"),
+                     SqliteSink(f"sqlite:///{db}?table=shadow", "SCORING_ROUTING__SHADOW_SINK"))
+    table = results(pa.array(["a", "a", "b"])).set_column(4, "served", pa.array([True, False, True]))
+    table = table.set_column(1, "model_version", pa.array(["v1", "v2", "v1"]))
+    for _ in range(2):
+        writer = sink.begin("f.parquet")
+        writer.write(Scored(table, pa.table({})))
+        writer.write(Scored(table, pa.table({})))
+        writer.commit()
+    sink.mark_done("f.parquet", "fp", 3, 0)
+    sink.close()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT id, model_version FROM scores ORDER BY id").fetchall() == [("a", "v1"), ("b", "v1")]
+    assert con.execute("SELECT id, model_version FROM shadow").fetchall() == [("a", "v2")]

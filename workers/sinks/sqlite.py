@@ -12,6 +12,7 @@ Value mapping (SQLite has few types; columns keep the affinity they were created
     timestamp -> ISO-8601 TEXT (with the offset when it has a zone); date, time, uuid -> ISO TEXT
     lists, structs, maps, intervals -> JSON TEXT (see ``tables.json_texts``); everything else -> TEXT
 SQLite column names ignore ASCII case: columns ``ID`` and ``id`` cannot both exist, and are refused.
+Sinks on the same database file share one connection (and so one transaction per unit).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from workers.sinks.tables import (
 )
 
 FIND_AT_MOST = 20
+# One connection per database file in this process: sinks on the same file (results and a shadow table)
+# share it, so one unit's transaction covers both instead of the second waiting on the first's write lock.
+_SHARED: dict[str, list] = {}
 _ROW_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)  # what binding a bad value raises
 
 
@@ -125,20 +129,26 @@ class SqliteSink(Sink):
         self.table = dict(parse_qsl(p.query)).get("table", "scores")
         self.name = redact(f"sqlite:///{path}?table={self.table}")
         self._conn: sqlite3.Connection | None = None
+        self._key = ""
         self._known: dict[str, set[str]] = {}
 
     # -- connection: opened (and the file created) on first use, never by construction or check ----------
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            try:
-                if self.path != ":memory:":
-                    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=FULL")
-            except (OSError, sqlite3.Error) as exc:
-                self._conn = None
-                raise SinkError(f"cannot open {self.name}: {exc}") from exc
+            key = self.path if self.path == ":memory:" else os.path.realpath(self.path)
+            shared = _SHARED.get(key)
+            if shared is None:
+                try:
+                    if self.path != ":memory:":
+                        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                    conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=FULL")
+                except (OSError, sqlite3.Error) as exc:
+                    raise SinkError(f"cannot open {self.name}: {exc}") from exc
+                shared = _SHARED[key] = [conn, 0]
+            shared[1] += 1
+            self._conn, self._key = shared[0], key
         return self._conn
 
     def _exists(self) -> bool:
@@ -322,6 +332,12 @@ class SqliteSink(Sink):
             raise SinkError(f"cannot create {self.name}: {folder} is not a writable folder")
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._conn is None:
+            return
+        shared = _SHARED.get(self._key)
+        self._conn = None
+        if shared is not None:
+            shared[1] -= 1
+            if shared[1] <= 0:
+                del _SHARED[self._key]
+                shared[0].close()
