@@ -187,13 +187,17 @@ class StreamWorker(StoreSteps):
         for flight in self.pending:  # an exception left batches behind: release their store attempts
             flight.settled.set()
         # After an abandoned sink call, waiting for the lanes or closing the sink under the call still running
-        # there would hang (or free a connection in use): the process exit ends them.
+        # there would hang (or free a connection in use): the process exit ends them. A lane still busy when
+        # the bound passes (an exception stopped the loop during a hung write) counts as abandoned too.
+        until = self.stop_deadline if self.stopping else time.monotonic() + self.settings.stream.shutdown_timeout_s
         for lane in (self.score_pool, self.store_pool, self.retry_pool):
-            lane.shutdown(wait=not self.abandoned)
+            wait = 0.0 if self.abandoned else max(until - time.monotonic(), 0.1)
+            if not lane.shutdown(wait) and not self.abandoned:
+                self.abandoned = True
         if self.source is not None:
             self.source.close()
         if self.dead is not None:
-            self.dead.close()
+            self.dead.close(min(5.0, max(until - time.monotonic(), 0.5)))
         if self.abandoned:
             log.warning("sink call still running at exit; not closing the sink under it")
         else:

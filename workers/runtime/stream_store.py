@@ -65,10 +65,11 @@ class Lane:
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
                 future.set_exception(exc)
 
-    def shutdown(self, wait: bool = True) -> None:
+    def shutdown(self, wait_s: float) -> bool:
+        """No more calls; wait up to ``wait_s`` for the one running. True when the thread has ended."""
         self.calls.put(None)
-        if wait:
-            self.thread.join()
+        self.thread.join(wait_s)
+        return not self.thread.is_alive()
 
 
 @dataclass

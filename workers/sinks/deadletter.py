@@ -75,5 +75,6 @@ class DeadLetters:
         except SinkError as exc:
             raise SinkError(f"dead-letter produce failed: {exc}") from None
 
-    def close(self) -> None:
-        self.producer.close(5)
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Deliver what is still queued for up to ``timeout_s`` (shutdown passes what is left of its bound)."""
+        self.producer.close(timeout_s)
