@@ -14,7 +14,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -197,27 +196,14 @@ CASE_IDS = [c.id for c in cases(DRY)]
 
 @pytest.fixture(scope="module")
 def outcomes(workspace, tmp_path_factory):
-    """Every case run once, four at a time (each is a separate process of about a second)."""
-    todo = cases(workspace)
+    """Every case run once, four at a time (each is a separate process of about a second of CPU)."""
 
     def one(case: Case):
         cwd = tmp_path_factory.mktemp(case.id)
-        started = time.monotonic()
-        proc = run_cli(case.args, cwd, case.env)
-        took[case.id] = time.monotonic() - started
-        return case, cwd, proc
+        return case, cwd, run_cli(case.args, cwd, case.env)
 
-    took: dict[str, float] = {}
-
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with ThreadPoolExecutor(4) as pool:
-        done = {case.id: (case, cwd, proc) for case, cwd, proc in pool.map(one, todo)}
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print("cpu s:", after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-    print("slowest cases:", sorted(took.items(), key=lambda kv: -kv[1])[:8])
-    return done
+        return {case.id: (case, cwd, proc) for case, cwd, proc in pool.map(one, cases(workspace))}
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
