@@ -420,8 +420,12 @@ def test_every_command_has_mistake_cases():
     assert set(cli.commands) <= covered, sorted(set(cli.commands) - covered)
 
 
-def test_a_refused_value_is_shown_without_its_password(tmp_path):
+def test_a_refused_value_is_shown_without_its_password(models, tmp_path):
     proc = run_cli(["schema", "--model", "ftp://reader:hunter2@models.internal/m.txt"], tmp_path)
     assert proc.returncode == 2 and "hunter2" not in proc.stderr, proc.stderr
     assert proc.stderr.strip() == ("error: SCORING_MODEL__PATH (--model): unknown scheme 'ftp'; use a path, file:// "
                                    "or s3:// (got 'ftp://reader:***@models.internal/m.txt')")
+    helpers.write_inputs(str(tmp_path / "in"), files=1, rows=5)
+    proc = run_cli(["batch", "--model", models["binary"], "--input", str(tmp_path / "in"), "--output",
+                    "postgres+psycopg://writer:hunter2@db/prod?table=t"], tmp_path)
+    assert proc.returncode == 2 and "hunter2" not in proc.stderr and "writer:***@db" in proc.stderr, proc.stderr

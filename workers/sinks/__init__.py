@@ -50,7 +50,9 @@ def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", 
     factory = SINKS.get(scheme)
     if factory is None:
         known = ", ".join(f"{s}://" for s in sorted(SINKS) if s) + " or a directory"
-        raise ConfigError(setting, f"unknown scheme {scheme!r} in {uri!r}; use {known}")
+        from workers.settings import redact  # the URI may hold a password: never print it
+
+        raise ConfigError(setting, f"unknown scheme {scheme!r} in {redact(uri)!r}; use {known}")
     return factory(uri, s3, setting=setting, **extra)
 
 
