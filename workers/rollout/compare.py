@@ -103,7 +103,7 @@ def open_sqlite_readonly(uri: str, setting: str = SETTING):
 
     path, _ = sqlite_location(uri)
     if not path:
-        raise ConfigError(setting, f"{uri}: no database path (use sqlite:///relative.db or sqlite:////abs.db)")
+        raise ConfigError(setting, f"{_shown(uri)}: no database path (use sqlite:///relative.db or sqlite:////abs.db)")
     if not os.path.isfile(path):
         raise ConfigError(setting, f"SQLite database {path} does not exist")
     try:
@@ -165,7 +165,7 @@ def _read_parquet(uri: str, s3: S3Settings, since: dt.datetime | None) -> pd.Dat
     try:
         files = ds.dataset(root, filesystem=fs, format="parquet").files  # skips _errors/, _state/, .tmp
     except (OSError, pa.ArrowInvalid) as exc:
-        raise ConfigError(SETTING, f"cannot read Parquet results under {uri}: {exc}") from None
+        raise ConfigError(SETTING, f"cannot read Parquet results under {_shown(uri)}: {exc}") from None
     parts = []
     for path in files:
         table = ds.dataset(path, filesystem=fs, format="parquet").to_table()
