@@ -407,6 +407,20 @@ def test_postgres_columns_added_later_in_a_session_are_stored(pg_dsn, pg_table):
     assert pg_read(pg_dsn, pg_table, "late", "id") == [None, 7]
 
 
+@pytest.mark.postgres
+def test_postgres_column_retyped_by_another_writer_meanwhile(pg_dsn, pg_table):
+    """Two workers on one table: one widens a column the other has cached; the other's next write still goes in
+    (its staging table had the old type: a datatype mismatch is a stale catalog, not the rows' fault)."""
+    a = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
+    b = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
+    a.write_stream(Scored(with_order(results(pa.array(["a1"]), p=pa.array([1]))), pa.table({})))
+    b.write_stream(Scored(with_order(results(pa.array(["b1"]), p=pa.array(["text"]))), pa.table({})))  # -> jsonb
+    a.write_stream(Scored(with_order(results(pa.array(["a2"]), p=pa.array([2]))), pa.table({})))
+    a.close()
+    b.close()
+    assert pg_read(pg_dsn, pg_table, "p", "id") == [1, 2, "text"]
+
+
 def test_split_sink_names_rejected_rows_of_the_callers_table_and_sums_duplicates(tmp_path):
     from workers.sinks.split import SplitSink
 

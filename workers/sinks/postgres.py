@@ -10,7 +10,7 @@ Column types follow ``pgtypes`` (a column whose type changes is widened once). R
 - Batch (``begin(unit)``): the whole unit is one transaction that first deletes the unit's old results and
   errors (column ``input_file``), so a rewritten input leaves nothing stale. Stream/serve (``write_stream``):
   each call is its own transaction and touches only its keys.
-- Rows the server cannot take (SQLSTATE class 22/23, 42804) are found (checks in Arrow, then bisection of
+- Rows the server cannot take (SQLSTATE class 22/23) are found (checks in Arrow, then bisection of
   the batch under savepoints) and raised as ``RowsRejected`` after a rollback: never an endless retry.
 - DDL runs under a transaction-scoped advisory lock on the table name (shards starting together), in its
   own transaction when possible; ``lock_timeout``/``statement_timeout`` bound every statement, so a locked
@@ -59,9 +59,12 @@ def split_uri(uri: str, setting: str) -> tuple[str, list[str]]:
 
 
 def _data_error(exc: psycopg.Error) -> bool:
-    """The rows' fault (a value the column cannot take), not the server's: retrying cannot help."""
+    """The rows' fault (a value the column cannot take, a constraint), not the server's: retrying cannot help.
+
+    Not 42804 (datatype mismatch): here it only means another writer changed a column's type since this
+    session read the catalog; it stays a retryable SinkError, and the retry reads the catalog again."""
     state = getattr(exc, "sqlstate", None) or ""
-    return state[:2] in ("22", "23") or state == "42804"
+    return state[:2] in ("22", "23")
 
 
 def _reason(exc: psycopg.Error) -> str:
@@ -372,7 +375,12 @@ class PostgresSink(Sink):
 
     def write_stream(self, scored: Scored) -> None:
         """Upsert one micro-batch's results and errors in one transaction."""
-        collapsed = self._store(scored, None)
+        try:
+            collapsed = self._store(scored, None)
+        except SinkError as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.DatatypeMismatch):
+                raise
+            collapsed = self._store(scored, None)  # a column retyped by another writer: catalog read again
         self._commit("writing results")
         self.duplicates_collapsed += collapsed
 
