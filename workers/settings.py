@@ -285,6 +285,8 @@ class ServeSettings(_Group):
     """CloudEvent `type` of the reply event."""
     sink: str | None = None
     """Optional: also write CloudEvent results to this sink (same URIs as stream mode) before replying."""
+    sink_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """Longest wait for one sink write in serve mode; a longer one is answered 503 (Knative retries the event)."""
 
 
 class RoutingSettings(_Group):

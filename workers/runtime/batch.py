@@ -17,7 +17,6 @@ output that could land on an input (exit 2), and the listing leaves out the outp
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from workers.model import Model
 from workers.rollout.router import Router
 from workers.rollout.watch import RoutingSource
 from workers.runtime.progress import Progress
-from workers.settings import Settings
+from workers.settings import Settings, job_completion_index
 from workers.sinks import Sink, open_result_sink
 from workers.sources.parquet import InputFile, Listing, find_inputs, iter_batches, open_parquet, shard_of
 from workers.storage import canonical, inside, redact
@@ -92,8 +91,9 @@ class BatchReport:
 def shard_index(settings: Settings) -> int:
     if settings.batch.shard_index is not None:
         return settings.batch.shard_index
-    # Kubernetes Indexed Jobs give each pod its index in this variable.
-    return int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    # Kubernetes Indexed Jobs give each pod its index in this variable (validated: ConfigError when garbage).
+    index = job_completion_index()
+    return 0 if index is None else index
 
 
 def _rejected_reason(rel: str, scored, exc: RowsRejected, show: int = 3) -> str:

@@ -39,7 +39,7 @@ from workers.rollout import split
 from workers.rollout.router import Router, Version
 from workers.rollout.watch import RoutingSource
 from workers.runtime.serve_batcher import Batcher
-from workers.runtime.serve_store import DEFAULT_TIMEOUT_S, EventStore, StoreUnavailable
+from workers.runtime.serve_store import EventStore, StoreUnavailable
 from workers.settings import Settings
 
 log = logging.getLogger("workers.serve")
@@ -77,7 +77,7 @@ class App:
             from workers.sinks import open_result_sink
 
             self.sink = open_result_sink(settings, sv.sink, "SCORING_SERVE__SINK")
-            self.store = EventStore(self.sink, self.metrics, _ROW, getattr(sv, "sink_timeout_s", DEFAULT_TIMEOUT_S))
+            self.store = EventStore(self.sink, self.metrics, _ROW, sv.sink_timeout_s)
         self.ready = False
         self.stopping: asyncio.Event | None = None  # set on SIGTERM
         self.loop: asyncio.AbstractEventLoop | None = None
