@@ -354,6 +354,7 @@ def _odd_inputs(folder) -> None:
                  "note": pa.array(["fine"] * 50)}
         if k == 1:
             extra["note"] = pa.array(["fine"] * 49 + ["nul\x00here"])  # PostgreSQL text cannot hold it
+            table = table.set_column(0, "id", pa.array([b"\xff" + bytes([i]) for i in range(50)]))  # binary ids
         for name, arr in extra.items():
             table = table.append_column(name, arr)
         pq.write_table(table, folder / f"part-{k}.parquet")
@@ -373,7 +374,7 @@ def test_batch_to_postgres_odd_types_stored_and_a_file_it_cannot_hold_fails_alon
     assert proc.returncode != 0  # one file failed
     summary = json.loads(proc.stdout)
     assert summary["files_scored"] == 2 and summary["files_failed"] == 1, summary
-    assert "part-1.parquet" in proc.stderr and "NUL" in proc.stderr
+    assert "part-1.parquet" in proc.stderr and "NUL" in proc.stderr and "id b'\\xff1'" in proc.stderr
     with psycopg.connect(pg_dsn) as conn:
         rows = conn.execute(f'SELECT big, money, tags, blob FROM "{pg_table}" ORDER BY big DESC LIMIT 1').fetchone()
         count = conn.execute(f'SELECT count(*) FROM "{pg_table}"').fetchone()[0]
