@@ -12,7 +12,9 @@ Value mapping (SQLite has few types; columns keep the affinity they were created
     timestamp -> ISO-8601 TEXT (with the offset when it has a zone); date, time, uuid -> ISO TEXT
     lists, structs, maps, intervals -> JSON TEXT (see ``tables.json_texts``); everything else -> TEXT
 SQLite column names ignore ASCII case: columns ``ID`` and ``id`` cannot both exist, and are refused.
-Sinks on the same database file share one connection (and so one transaction per unit).
+Sinks on the same database file share one connection (and so one transaction per unit). A unit holds
+SQLite's single write lock until it commits: other processes writing the same file (shards) wait for it,
+up to the 30 s busy timeout, then fail with a retryable SinkError.
 """
 
 from __future__ import annotations
