@@ -467,3 +467,17 @@ def test_split_sink_with_both_tables_in_one_sqlite_file_writes_a_unit(tmp_path):
     con = sqlite3.connect(db)
     assert con.execute("SELECT id, model_version FROM scores ORDER BY id").fetchall() == [("a", "v1"), ("b", "v1")]
     assert con.execute("SELECT id, model_version FROM shadow").fetchall() == [("a", "v2")]
+
+
+def test_kafka_sink_rejects_a_result_larger_than_a_message_before_sending_anything():
+    """A result over message.max.bytes was a delivery failure retried forever; now that row is rejected
+    (dead-lettered by stream) before any message of the call is produced (no broker is reached here)."""
+    from workers.settings import KafkaSettings
+    from workers.sinks.kafka import KafkaSink
+
+    sink = KafkaSink("kafka://out", KafkaSettings(bootstrap_servers="127.0.0.1:9"), "SCORING_STREAM__SINK")
+    table = results(pa.array(["a", "b", "c"]), p=pa.array(["small", "x" * 2_000_000, "small"]))
+    with pytest.raises(RowsRejected) as info:
+        sink.write_stream(Scored(table, pa.table({})))
+    assert set(info.value.rows) == {1} and "more than a Kafka message holds" in info.value.rows[1]
+    assert sink._producer is None  # nothing was sent
