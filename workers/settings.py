@@ -30,7 +30,12 @@ from workers.errors import ConfigError
 ENV_PREFIX = "SCORING_"
 _GROUP_CONFIG = ConfigDict(use_attribute_docstrings=True, extra="forbid")
 # Query parameters of a URI that hold secrets (libpq's password, sslpassword; S3-style keys).
-_SECRET_PARAMS = {"password", "sslpassword", "secret", "secret_access_key", "access_key", "token"}
+# A query parameter whose name holds one of these is a secret (password, sslpassword, aws_secret_access_key, ...).
+_SECRET_WORDS = ("password", "secret", "token", "access_key")
+
+
+def _secret(name: str) -> bool:
+    return any(w in name.lower() for w in _SECRET_WORDS)
 
 
 def redact(uri: str) -> str:
@@ -56,8 +61,8 @@ def redact(uri: str) -> str:
         path, query = tail.split("?", 1)
         query, hash_, fragment = query.partition("#")
         pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
-            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*/")
+        if any(_secret(k) for k, _ in pairs):
+            query = urlencode([(k, "***" if _secret(k) else v) for k, v in pairs], safe="*/")
         tail = f"{path}?{query}{hash_}{fragment}"
     return f"{scheme}://{netloc}{tail}"
 

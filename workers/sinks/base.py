@@ -21,34 +21,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from workers.scoring import Scored
-
-_SECRET_WORDS = ("password", "secret", "token", "access_key")
-
-
-def redact(uri: str) -> str:
-    """``uri`` without secrets, for a sink's ``name`` (what logs and summaries print): the userinfo password
-    and every query parameter whose name holds password/secret/token/access_key become ``***``."""
-    if "://" not in uri:
-        return uri
-    try:
-        p = urlsplit(uri)
-        netloc, query = p.netloc, p.query
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                netloc = userinfo.split(":", 1)[0] + ":***@" + host
-        pairs = parse_qsl(p.query, keep_blank_values=True)
-        if any(w in k.lower() for k, _ in pairs for w in _SECRET_WORDS):
-            query = urlencode([(k, "***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in pairs],
-                              safe="*/")
-        if (netloc, query) == (p.netloc, p.query):
-            return uri  # nothing secret: as written (urlunsplit would respell sqlite:/// paths)
-        return urlunsplit(p._replace(netloc=netloc, query=query))
-    except ValueError:  # not parseable (a bad port...): show nothing that could be a secret
-        return uri.split("://", 1)[0] + "://***"
+from workers.settings import redact  # noqa: F401 - one redaction for every printed URI; sinks import it from here
 
 
 class UnitWriter(ABC):
