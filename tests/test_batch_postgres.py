@@ -140,6 +140,7 @@ def test_duplicate_ids_in_one_file_keep_the_later_row_every_time(kind, models, p
     proc = cli("batch", "--model", models["binary"], "--input", str(tmp_path / "in"), "--output", out,
                "--batch-rows", "1000")
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["duplicates_collapsed"] == 400  # the summary reports what was collapsed
     booster = lgb.Booster(model_file=models["binary"])
     predicted = booster.predict(df[booster.feature_name()])
     later = {rid: predicted[i] for i, rid in enumerate(df["id"])}  # the last assignment wins

@@ -38,7 +38,7 @@ RESULT_COLUMNS = frozenset({"id", "score", "label", "scores", "model_version", "
                             "explanation", "explanation_base"})
 ERROR_COLUMNS = frozenset({"id", "reason", "raw", "model_version", "scored_at", "source"})
 RESERVED_BY_MODE: dict[str, frozenset[str]] = {
-    "batch": RESULT_COLUMNS | ERROR_COLUMNS,
+    "batch": RESULT_COLUMNS | ERROR_COLUMNS | {"input_file"},  # input_file: the table sinks' unit column
     "stream": RESULT_COLUMNS | ERROR_COLUMNS | {"topic", "partition", "offset", "timestamp"},
     "serve": RESULT_COLUMNS | ERROR_COLUMNS | {"topic", "partition", "offset", "__row"},
 }

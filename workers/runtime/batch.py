@@ -51,6 +51,7 @@ class BatchReport:
     allow_bad_rows: bool = False
     drift: dict = field(default_factory=dict)  # feature -> psi, null_share, out_of_range_share (with a profile)
     shadow_skipped: Counter = field(default_factory=Counter)  # shadow version -> rows it could not score
+    duplicates_collapsed: int = 0  # rows a table sink dropped for a later row of the same key in the same file
 
     def add(self, result: FileResult) -> None:
         """Count one scored file."""
@@ -78,6 +79,7 @@ class BatchReport:
             "files_failed": len(self.failed),
             "rows_scored": self.rows,
             "rows_rejected": self.rejected,
+            "duplicates_collapsed": self.duplicates_collapsed,
             "seconds": round(self.seconds, 3),
             "rows_per_s": round(self.rows_per_s),
             "output": self.output,
@@ -196,6 +198,7 @@ class FileResult:
     ok: int  # rows scored and served
     bad: int  # rows rejected
     shadow_skipped: Counter = field(default_factory=Counter)  # shadow version -> rows it could not score
+    duplicates_collapsed: int = 0  # rows a table sink dropped for a later row of the same key in the same file
 
 
 def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
@@ -277,6 +280,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         log.error("sink failed; rerun to resume", extra={"reason": str(exc)})
     finally:
         progress.close()
+        report.duplicates_collapsed = sink.duplicates_collapsed  # read before close: the sink's count
         sink.close()
         report.seconds = time.monotonic() - started
         if drift is not None:
