@@ -595,3 +595,25 @@ def test_binary_mode_attributes_outside_ascii_are_percent_encoded_both_ways(mode
                 assert resp.status_code == 200, (rid, resp.text)
                 reply = ce_http.from_http_event(ce_http.HTTPMessage(dict(resp.headers), resp.content))
                 assert reply.get_subject() == rid and reply.get_id() == f"ev-{rid}/result", (rid, resp.headers)
+
+
+# -- round 2 (review defect 10): a KafkaSource-looking id with numbers Kafka cannot have ---------------------
+def test_event_ids_with_impossible_kafka_positions_are_stored_without_a_position(models, sink_uri):
+    """A partition of 2**31 or more, an offset of 2**63 or more, non-ASCII digits or a trailing newline: not a
+    Kafka position (was a 500 from an int32/int64 overflow for every event of the batch); stored without one."""
+    uri, table = sink_uri
+    ids = ["partition:2147483648/offset:1", "partition:0/offset:9223372036854775808",
+           "partition:0/offset:99999999999999999999999", "partition:\u0663/offset:1", "partition:1/offset:2\n",
+           "partition:2147483647/offset:9223372036854775807"]
+    batch = [{**kafka_event(good_record(i), 0), "id": eid} for i, eid in enumerate(ids)]
+    with TestClient(app_for(models["binary"], serve={"sink": uri}).asgi()) as c:
+        resp = c.post("/", headers=BATCH, content=orjson.dumps(batch))
+        assert resp.status_code == 200, resp.text
+        assert [e["type"] for e in resp.json()] == ["scoring.result"] * len(ids), resp.text
+        single = {"ce-specversion": "1.0", "ce-type": "t", "ce-source": "s", "ce-id": "partition:4294967296/offset:1",
+                  "content-type": "application/json"}
+        resp = c.post("/", headers=single, content=orjson.dumps({**good_record(9), "id": "single"}))
+        assert resp.status_code == 200, resp.text
+    stored = {r["id"]: (r["partition"], r["offset"]) for r in read_table(uri, table)}
+    assert stored == {**{f"e{i}": (None, None) for i in range(5)}, "e5": (2147483647, 9223372036854775807),
+                      "single": (None, None)}, stored

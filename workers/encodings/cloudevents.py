@@ -23,7 +23,11 @@ from workers.encodings.oip import BadRequest
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 REQUIRED = ("specversion", "id", "source", "type")
-_KAFKA_ID = re.compile(r"^partition:(\d+)/offset:(\d+)$")
+# ASCII digits only (``\d`` takes any Unicode digit), and only numbers Kafka can have: a partition is an int32,
+# an offset an int64. Anything else is an id from some other source (no partition/offset), never an overflow.
+_KAFKA_ID = re.compile(r"partition:([0-9]{1,10})/offset:([0-9]{1,19})")
+MAX_PARTITION = 2**31 - 1
+MAX_OFFSET = 2**63 - 1
 
 
 # Media types whose data can be a JSON record. text/plain and application/octet-stream are what senders put on
@@ -53,9 +57,9 @@ class Event:
     def kafka_position(self) -> tuple[str | None, int | None, int | None]:
         """(topic, partition, offset) when the event came from a KafkaSource, else (source, None, None)."""
         source = str(self.attributes.get("source", ""))
-        m = _KAFKA_ID.match(str(self.attributes.get("id", "")))
+        m = _KAFKA_ID.fullmatch(str(self.attributes.get("id", "")))
         topic = source.rsplit("#", 1)[1] if "#" in source else source
-        if m:
+        if m and int(m.group(1)) <= MAX_PARTITION and int(m.group(2)) <= MAX_OFFSET:
             return topic, int(m.group(1)), int(m.group(2))
         return topic, None, None
 
