@@ -238,3 +238,66 @@ def test_every_mode_refuses_a_reserved_passthrough_at_start_up_with_one_line(mod
     assert proc.stderr.count("\n") == 1 and "SCORING_SCORING__PASSTHROUGH" in proc.stderr, proc.stderr[-500:]
     assert "'score'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize("text,accepted", [
+    ("1_000", False), ("\u0663", False), ("nan(1)", False), ("0x10", False), ("1,0", False), ("1e5 x", False),
+    (" 5 ", True), ("5 ", True), ("\t+.5e1", True), ("5.", True), ("INF", True), ("-Infinity", True),
+    ("nan", True), ("NaN", True),
+])
+def test_numeric_text_is_parsed_as_strictly_as_pandas(models, text, accepted):
+    """Review defect 15: "1_000", non-ASCII digits and "nan(1)" were numbers (Python's float / Arrow's cast);
+    pandas.to_numeric refuses them, and takes surrounding spaces. "nan" stays the missing value it spells."""
+    table = pa.table({"id": ["a", "b"], **{f: [0.1, 0.2] for f in FEATURES[1:]}, "x0": [text, "1"]})
+    out = scorer(models["binary"]).score(table)
+    assert out.results["id"].to_pylist() == (["a", "b"] if accepted else ["b"])
+    if not accepted:
+        assert out.errors["reason"].to_pylist() == [f"feature 'x0': {text!r} is not a number"]
+    else:
+        expected = float(text.strip().lower().replace("infinity", "inf"))
+        booster = lgb.Booster(model_file=models["binary"])
+        got = booster.predict(np.array([[expected, *[0.1] * 7]]))[0]
+        assert abs(out.results["score"][0].as_py() - got) <= 1e-12
+
+
+def test_integer_categories_beyond_2_to_53_are_matched_exactly(tmp_path):
+    """Review defect 5: integer categories and values were compared as float64, so 2**53 and 2**53 + 1 were
+    one category (the score of the wrong one); the contract is LightGBM's predict on the pandas frame."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    big = [2**53, 2**53 + 1, 2**60 + 1, 2**60]
+    c = rng.choice(big, 600)
+    x = pd.DataFrame({"a": rng.normal(size=600), "c": pd.Categorical(c, categories=big)})
+    y = ((c == 2**53 + 1) | (c == 2**60)).astype(int)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 4, "min_data_per_group": 5,
+                         "cat_smooth": 1, "min_data_in_leaf": 5}, lgb.Dataset(x, y), 20)
+    path = str(tmp_path / "bigcat.txt")
+    booster.save_model(path)
+    values = big * 2
+    expected = booster.predict(pd.DataFrame({"a": np.zeros(8), "c": pd.Categorical(values, categories=big)}))
+    assert abs(expected[0] - expected[1]) > 0.1  # the model tells the neighbours apart
+    for t in (pa.int64(), pa.uint64()):
+        table = pa.table({"id": [f"r{i}" for i in range(8)], "a": np.zeros(8), "c": pa.array(values, t)})
+        got = scorer(path).score(table).results["score"].to_numpy()
+        assert np.max(np.abs(got - expected)) <= 1e-9, t
+
+
+def test_missing_feature_renamed_by_lightgbm_names_the_input_column(tmp_path):
+    """Review defect 17: trained on a pandas column "days since", the model names it days_since; scoring a
+    file of that frame said only "missing feature column(s) 'days_since'". The reason now names the input
+    column and what to do (no silent renaming: an input may hold both spellings)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    x = pd.DataFrame({"days since": rng.normal(size=300), "b": rng.normal(size=300)})
+    booster = lgb.train({"objective": "binary", "verbose": -1}, lgb.Dataset(x, (x["b"] > 0).astype(int)), 3)
+    assert booster.feature_name() == ["days_since", "b"]
+    path = str(tmp_path / "renamed.txt")
+    booster.save_model(path)
+    table = pa.table({"id": ["a"], "days since": [1.0], "b": [0.5]})
+    with pytest.raises(InputError) as err:
+        scorer(path).score(table)
+    assert str(err.value) == ("missing feature column(s) 'days_since' (the input has 'days since' for "
+                              "'days_since': LightGBM replaced spaces in feature names with '_' when the model "
+                              "was trained; rename the column)")

@@ -118,14 +118,19 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
 
 
+_NUMBER_TEXT = r"(?i)^[ \t\n\r\f\v]*[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)(e[+-]?[0-9]+)?|inf|infinity|nan)[ \t\n\r\f\v]*$"
+
+
 def _floats(name: str, col: pa.Array | pa.ChunkedArray, reasons: dict[int, str] | None) -> np.ndarray:
     """Values as float64 (null -> NaN), as LightGBM's pandas path converts a frame: every integer, float,
     decimal and boolean type is cast, integers beyond 2**53 rounded to the nearest float64 like numpy does.
 
-    Text is parsed as a number (Python's ``float``): ``"inf"`` is infinity, ``"nan"`` is missing, like the
-    float values they spell. A text that is not a number gets a reason in ``reasons`` (its row is rejected), or
-    is missing when ``reasons`` is None (a category value the model has not seen). Other types (lists,
-    timestamps, binary...) are not numbers: InputError, the whole batch (file) fails.
+    Text is parsed as a number as strictly as ``pandas.to_numeric``: ASCII digits, an optional sign, point and
+    exponent, surrounding spaces; ``"inf"`` is infinity, ``"nan"`` is missing, like the float values they
+    spell; ``"1_000"``, non-ASCII digits, ``"nan(1)"``, ``"0x10"`` are not numbers. A text that is not a
+    number gets a reason in ``reasons`` (its row is rejected), or is missing when ``reasons`` is None (a
+    category value the model has not seen). Other types (lists, timestamps, binary...) are not numbers:
+    InputError, the whole batch (file) fails.
     """
     t = col.type
     if pa.types.is_null(t):
@@ -136,20 +141,20 @@ def _floats(name: str, col: pa.Array | pa.ChunkedArray, reasons: dict[int, str] 
         return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
     if not _is_text(t):
         raise InputError(f"feature column '{name}' has type {t}, which is not numeric")
-    try:  # fast path: Arrow parses the whole column, or raises if any value is not a number
-        return np.array(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    values = np.full(len(col), np.nan)  # writable (a zero-copy Arrow view is not)
-    for i, raw in enumerate(col.to_pylist()):
-        if raw is None:
-            continue
-        try:
-            values[i] = float(raw)
-        except ValueError:
-            if reasons is not None:
-                reasons.setdefault(i, f"feature '{name}': {raw[:80]!r} is not a number")
-    return values
+    # What a number may look like, as pandas.to_numeric takes it: ASCII digits only (no "1_000", no "٣"),
+    # surrounding spaces allowed, "inf"/"infinity"/"nan" in any case, nothing else ("nan(1)", "0x10").
+    text = pc.cast(col, pa.string())
+    valid = pc.match_substring_regex(text, _NUMBER_TEXT)
+    bad = pc.invert(pc.fill_null(valid, True))
+    if pc.any(bad).as_py():
+        bad_idx = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
+        if reasons is not None:
+            for i in bad_idx:
+                raw = text[int(i)].as_py()
+                reasons.setdefault(int(i), f"feature '{name}': {raw[:80]!r} is not a number")
+        text = pc.if_else(valid, text, pa.scalar(None, pa.string()))
+    values = pc.cast(pc.utf8_trim_whitespace(text), pa.float64()).to_numpy(zero_copy_only=False)
+    return np.array(values, dtype=np.float64)  # writable (a zero-copy Arrow view is not)
 
 
 def _category_codes(name: str, col: pa.Array | pa.ChunkedArray, categories: list) -> np.ndarray:
@@ -158,7 +163,12 @@ def _category_codes(name: str, col: pa.Array | pa.ChunkedArray, categories: list
     (so 5, 5.0, "5", Decimal("5.00") are all the category 5), text categories as text."""
     value_set = pa.array(categories)
     vt = value_set.type
-    if pa.types.is_integer(vt) or pa.types.is_floating(vt):
+    if pa.types.is_integer(vt) and pa.types.is_integer(col.type):
+        # Integers compare exactly (through a decimal wide enough for any int64/uint64): via float64,
+        # neighbours beyond 2**53 would be one category.
+        wide = pa.decimal128(38, 0)
+        col, value_set = pc.cast(col, wide), pc.cast(value_set, wide)
+    elif pa.types.is_integer(vt) or pa.types.is_floating(vt):
         values = pa.array(_floats(name, col, None), from_pandas=True)  # NaN -> null: no category
         value_set = pc.cast(value_set, pa.float64(), safe=False)
         col = values
@@ -196,6 +206,29 @@ def model_values(model: Model, j: int, values, reasons: dict[int, str]) -> np.nd
     return _floats(name, col, reasons)  # numeric, or a categorical_feature given by integer code (used as is)
 
 
+def _lightgbm_name(column: str) -> str:
+    """The feature name LightGBM gives an input column: it replaces each space with '_' (``days since`` ->
+    ``days_since``); it refuses JSON special characters, so no other name changes."""
+    return column.replace(" ", "_")
+
+
+def missing_features(missing: list[str], present) -> str:
+    """The one-line reason for missing feature columns. A column LightGBM renamed when the model was trained
+    (``days since`` saved as ``days_since``) is named, with what to do: the input is not renamed silently, as
+    both spellings may be columns of one input."""
+    shown = ", ".join(repr(c) for c in missing[:10])
+    message = f"missing feature column(s) {shown}{' ...' if len(missing) > 10 else ''}"
+    renamed: dict[str, str] = {}
+    for c in present:
+        if isinstance(c, str) and _lightgbm_name(c) != c:
+            renamed.setdefault(_lightgbm_name(c), c)
+    hints = [f"the input has {renamed[c]!r} for {c!r}" for c in missing if c in renamed]
+    if hints:
+        message += (f" ({'; '.join(hints[:10])}: LightGBM replaced spaces in feature names with '_' when the "
+                    "model was trained; rename the column)")
+    return message
+
+
 def feature_matrix(model: Model, columns) -> Features:
     """Columns by feature name (a mapping, or an Arrow table/batch) -> the model's float64 matrix in feature
     order, with a reason for each row that cannot be scored. Raises InputError when a feature is missing."""
@@ -203,8 +236,7 @@ def feature_matrix(model: Model, columns) -> Features:
     present = set(columns.schema.names if hasattr(columns, "schema") else columns)
     missing = [c for c in names if c not in present]
     if missing:
-        shown = ", ".join(repr(c) for c in missing[:10])
-        raise InputError(f"missing feature column(s) {shown}{' ...' if len(missing) > 10 else ''}")
+        raise InputError(missing_features(missing, present))
     get = columns.column if hasattr(columns, "schema") else columns.__getitem__
     n = columns.num_rows if hasattr(columns, "schema") else len(get(names[0])) if names else 0
     matrix = np.empty((n, len(names)), dtype=np.float64)
@@ -281,8 +313,7 @@ class Scorer:
         present = set(names.names if isinstance(names, pa.Schema) else names)
         missing = [c for c in self.model.feature_names if c not in present]
         if missing:
-            shown = ", ".join(repr(c) for c in missing[:10])
-            raise InputError(f"missing feature column(s) {shown}{' ...' if len(missing) > 10 else ''}")
+            raise InputError(missing_features(missing, present))
         for col in [self.id_column, *self.passthrough]:
             if col not in present:
                 raise InputError(f"missing column '{col}'")
