@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 
 from tests.conftest import free_port, wait_port
 from tests.helpers import FEATURES
-from workers.errors import ConfigError
+from workers.errors import ConfigError, InputError
 from workers.runtime.serve import App
 from workers.settings import load_settings
 
@@ -617,3 +617,65 @@ def test_event_ids_with_impossible_kafka_positions_are_stored_without_a_position
     stored = {r["id"]: (r["partition"], r["offset"]) for r in read_table(uri, table)}
     assert stored == {**{f"e{i}": (None, None) for i in range(5)}, "e5": (2147483647, 9223372036854775807),
                       "single": (None, None)}, stored
+
+
+# -- round 2 (review defect 8): a sink refusing a write without naming rows ---------------------------------
+def test_an_error_row_the_sink_cannot_hold_fails_its_event_alone(models, pg_dsn, pg_table):
+    """A record rejected for a NUL in a feature: its error row's raw JSON holds the NUL, which PostgreSQL text
+    cannot take (the sink raised InputError naming no row: a 500, and the good events of the batch were lost).
+    The good events are stored and answered; the bad one is answered with its reason; alone it is a 400."""
+    uri = f"{pg_dsn}?table={pg_table}"
+    records = [good_record(0), {**good_record(1), "x0": "x\u0000"}, good_record(2)]
+    with TestClient(app_for(models["binary"], serve={"sink": uri}).asgi()) as c:
+        for _ in range(2):
+            resp = c.post("/", headers=BATCH, content=orjson.dumps([kafka_event(r, i) for i, r in enumerate(records)]))
+            assert resp.status_code == 200, resp.text
+            got = resp.json()
+            assert [e["type"] for e in got] == ["scoring.result", "scoring.result.error", "scoring.result"], got
+            assert "expected a number" in got[1]["data"]["error"], got
+        msg = {"ce-specversion": "1.0", "ce-id": "partition:0/offset:1", "ce-source": "s", "ce-type": "t",
+               "content-type": "application/json"}
+        resp = c.post("/", headers=msg, content=orjson.dumps({**records[1], "id": "n"}))
+        assert resp.status_code == 400 and "expected a number" in resp.json()["error"], resp.text
+        assert 'status="500"' not in c.get("/metrics").text
+    assert sorted(r["id"] for r in read_table(uri, pg_table)) == ["e0", "e2"]
+
+
+class _RefusingSink:
+    """A real SQLite sink behind a wrapper that refuses, as a sink may, a write holding one given record with an
+    ``InputError`` naming no row, before storing anything (the wrapper is the only way to get that refusal from a
+    real sink on purpose once the PostgreSQL NUL case above stops raising it)."""
+
+    def __init__(self, sink, bad_ids: set[str], error: type[Exception]):
+        self.sink, self.bad_ids, self.error, self.calls = sink, bad_ids, error, 0
+
+    def __getattr__(self, name):
+        return getattr(self.sink, name)
+
+    def write_stream(self, scored):
+        self.calls += 1
+        ids = set(scored.results["id"].to_pylist()) | set(scored.errors["id"].to_pylist())
+        if ids & self.bad_ids:
+            if self.error is InputError:
+                raise InputError("the store cannot hold this row")
+            raise self.error("SCORING_SERVE__SINK", "the store cannot hold this row")
+        self.sink.write_stream(scored)
+
+
+@pytest.mark.parametrize("error", ["InputError", "ConfigError"])
+def test_a_write_refused_without_rows_named_is_halved_until_the_events_are_found(models, tmp_path, error):
+    uri = f"sqlite:///{tmp_path}/s.db?table=scores"
+    app = app_for(models["binary"], serve={"sink": uri})
+    exc = {"InputError": InputError, "ConfigError": ConfigError}[error]
+    app.store.sink = _RefusingSink(app.store.sink, {"e3", "e6", "bad"}, exc)
+    records = [good_record(i) for i in range(8)] + [{"id": "bad", "x0": "abc"}]
+    with TestClient(app.asgi()) as c:
+        resp = c.post("/", headers=BATCH, content=orjson.dumps([kafka_event(r, i) for i, r in enumerate(records)]))
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+    kinds = ["scoring.result.error" if i in (3, 6, 8) else "scoring.result" for i in range(9)]
+    assert [e["type"] for e in got] == kinds, got
+    assert all("cannot hold this row" in got[i]["data"]["error"] for i in (3, 6, 8)), got
+    assert "expected a number" in got[8]["data"]["error"]
+    assert sorted(r["id"] for r in read_table(uri, "scores")) == [f"e{i}" for i in range(8) if i not in (3, 6)]
+    assert read_table(uri, "scores_errors") == []

@@ -297,7 +297,8 @@ class App:
             except StoreUnavailable as exc:
                 raise HTTPError(503, str(exc)) from None  # not the sender's fault: Knative retries later
             if refused:
-                reasons.update(refused)
+                for i, why in refused.items():  # a rejected record whose error row cannot be stored keeps its reason
+                    reasons[i] = f"{reasons[i]}; its error row {why}" if i in reasons else why
                 table = table.filter(pc.invert(pc.is_in(table[_ROW], pa.array(list(refused), pa.int64()))))
         # The reply holds each event's served result, in event order (shadow rows are stored, not replied).
         if len(router.versions) > 1:

@@ -4,6 +4,10 @@
   redelivered batch replaces them instead of failing on a key column serve rows lacked.
 - Rows the sink cannot hold (``RowsRejected``) take their event out, answered with the reason; the rest is
   written again. A refused shadow row alone is dropped and counted as an error of its version.
+- A write the sink refuses without naming rows (``InputError``/``ConfigError``: e.g. the errors table cannot
+  hold a rejected record's raw value) is the events' fault too, not the store's: the batch is halved by event
+  and written again until the events it cannot hold are found alone; those are answered with the reason (a
+  single event: 400, so Knative dead-letters it instead of retrying), the others are stored and answered.
 - Every sink call is bounded: a write that does not return within ``timeout_s`` (a locked table, a hung
   connection) is answered 503 (Knative retries; writes are idempotent upserts), and so is one in flight when
   the server is told to stop. Calls run on one *daemon* thread, so a hung call never keeps the process alive.
@@ -20,8 +24,9 @@ from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from workers.errors import RowsRejected, SinkError
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring import Scored
 
 log = logging.getLogger("workers.serve")
@@ -70,7 +75,6 @@ class EventStore:
     async def write(self, scored: Scored, locators: list[str]) -> dict[int, str]:
         """Store results and rejected rows (both carrying ``row_column``, the event index); returns the events
         whose rows the sink cannot hold (event index -> reason). Raises StoreUnavailable."""
-        row = self.row_column
         results = scored.results
         sources = pa.array([locators[i] for i in scored.error_rows.tolist()], pa.string())
         errors = scored.errors.append_column("source", sources)
@@ -79,15 +83,32 @@ class EventStore:
         if len(last) < errors.num_rows:
             errors = errors.take(pa.array(sorted(last.values()), pa.int64()))
         refused: dict[int, str] = {}
-        while True:
+        await self._write(results, errors, refused)
+        return refused
+
+    async def _write(self, results: pa.Table, errors: pa.Table, refused: dict[int, str]) -> None:
+        row = self.row_column
+        while results.num_rows or errors.num_rows:
             try:
                 await self.call(self.sink.write_stream, Scored(results.drop_columns([row]),
                                                                errors.drop_columns([row])))
-                return refused
+                return
             except SinkError as exc:
                 raise StoreUnavailable(f"sink unavailable: {exc}") from None
             except RowsRejected as exc:
                 results = self._without_rejected(results, exc, refused)
+            except (InputError, ConfigError) as exc:  # nothing of the call stored, no row named: find the events
+                events = sorted(set(results[row].to_pylist()) | set(errors[row].to_pylist()))
+                if len(events) == 1:
+                    refused.setdefault(events[0], f"cannot be stored: {exc}")
+                    log.warning("an event the sink cannot hold answered with the reason",
+                                extra={"reason": str(exc)})
+                    return
+                for part in (events[:len(events) // 2], events[len(events) // 2:]):
+                    keep = pa.array(part, pa.int64())
+                    await self._write(results.filter(pc.is_in(results[row], keep)),
+                                      errors.filter(pc.is_in(errors[row], keep)), refused)
+                return
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the sink's lane, waited for at most ``timeout_s`` and never past a stop."""
