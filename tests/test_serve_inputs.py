@@ -679,3 +679,34 @@ def test_a_write_refused_without_rows_named_is_halved_until_the_events_are_found
     assert "expected a number" in got[8]["data"]["error"]
     assert sorted(r["id"] for r in read_table(uri, "scores")) == [f"e{i}" for i in range(8) if i not in (3, 6)]
     assert read_table(uri, "scores_errors") == []
+
+
+# -- round 2 (review defect 7, serve side): integers beyond 64 bits as passthrough ---------------------------
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "none"])
+def test_passthrough_integers_beyond_64_bits_are_answered_exactly(models, tmp_path, kind, request):
+    """orjson reads 18446744073709551621 as 1.8446744073709552e+19: the reply (and the value handed to the sink)
+    must keep the integer the event sent, in batch, structured and binary mode."""
+    big = [2**64 + 5, -(2**63) - 1, {"k": [2**70, 1]}, [-(2**90)], 2**64 - 1, 7]
+    serve, table = {}, "scores"
+    if kind == "sqlite":
+        serve = {"sink": f"sqlite:///{tmp_path}/s.db?table=scores"}
+    elif kind == "postgresql":
+        table = request.getfixturevalue("pg_table")
+        serve = {"sink": f"{request.getfixturevalue('pg_dsn')}?table={table}"}
+    records = [{**good_record(i), "big": v} for i, v in enumerate(big)]
+    with TestClient(app_for(models["binary"], serve=serve, scoring={"passthrough": ["big"]}).asgi()) as c:
+        body = json.dumps([kafka_event(r, i) for i, r in enumerate(records)]).encode()
+        resp = c.post("/", headers=BATCH, content=body)
+        assert resp.status_code == 200, resp.text
+        assert [e["data"]["big"] for e in resp.json()] == big, resp.text
+        structured = json.dumps(kafka_event({**records[0], "id": "s"}, 50)).encode()
+        resp = c.post("/", headers={"content-type": "application/cloudevents+json"}, content=structured)
+        assert resp.status_code == 200 and resp.json()["big"] == big[0], resp.text
+        msg = {"ce-specversion": "1.0", "ce-id": "partition:0/offset:60", "ce-source": "s", "ce-type": "t",
+               "content-type": "application/json"}
+        resp = c.post("/", headers=msg, content=json.dumps({**records[1], "id": "b"}).encode())
+        assert resp.status_code == 200 and resp.json()["big"] == big[1], resp.text
+    if serve:
+        stored = {r["id"]: r["big"] for r in read_table(serve["sink"], table)}
+        assert len(stored) == len(big) + 2
+        assert str(2**64 + 5) in str(stored["e0"]) and str(2**70) in str(stored["e2"]), stored

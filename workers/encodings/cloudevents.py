@@ -11,6 +11,8 @@ does not spoil the others: it comes back as an ``Event`` with ``error`` set, to 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,41 @@ REQUIRED = ("specversion", "id", "source", "type")
 _KAFKA_ID = re.compile(r"partition:([0-9]{1,10})/offset:([0-9]{1,19})")
 MAX_PARTITION = 2**31 - 1
 MAX_OFFSET = 2**63 - 1
+
+
+# orjson reads integers beyond 64 bits as floats (18446744073709551621 -> 1.8446744073709552e+19) and cannot write
+# them. A passthrough value is copied unchanged, so a JSON text holding a run of 19+ digits (the only way to spell
+# such an integer) is read again by the standard library, which keeps every integer exact.
+LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: bytes) -> Any:
+    """JSON text -> value, as strictly as orjson (its errors: ``orjson.JSONDecodeError``), integers exact."""
+    value = orjson.loads(text)
+    if LONG_DIGITS.search(text):
+        value = json.loads(text, parse_constant=_no_constant)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if hasattr(value, "item"):  # a numpy scalar
+        return value.item()
+    return str(value)
+
+
+def dumps(value: Any) -> bytes:
+    """orjson's JSON text of ``value``; one holding an integer beyond 64 bits (which orjson cannot write) is
+    written by the standard library instead, in the same form."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, default=_plain, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 # Media types whose data can be a JSON record. text/plain and application/octet-stream are what senders put on
@@ -95,7 +132,7 @@ def _structured(obj: Any) -> Event:
     elif "data" in obj:
         raw = obj["data"]
         # A string is the record's JSON text (some senders embed it so); anything else is the record itself.
-        data = raw.encode() if isinstance(raw, str) else orjson.dumps(raw)
+        data = raw.encode() if isinstance(raw, str) else dumps(raw)
     else:
         raise BadRequest("CloudEvent without data (the data must be a JSON record)")
     return Event(attrs, data)
@@ -118,7 +155,7 @@ def parse(headers: dict[str, str], body: bytes) -> tuple[list[Event], bool]:
     ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype == BATCH:
         try:
-            items = orjson.loads(body)
+            items = loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"batch body is not valid JSON: {exc}") from None
         if not isinstance(items, list):
@@ -126,7 +163,7 @@ def parse(headers: dict[str, str], body: bytes) -> tuple[list[Event], bool]:
         return [_batch_item(i, item) for i, item in enumerate(items)], True
     if ctype == STRUCTURED:
         try:
-            return [_structured(orjson.loads(body))], False
+            return [_structured(loads(body))], False
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"structured event is not valid JSON: {exc}") from None
     attrs = {k[3:]: _from_header(v) for k, v in headers.items() if k.startswith("ce-")}

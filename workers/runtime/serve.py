@@ -258,11 +258,11 @@ class App:
                 attrs = ce.reply_attributes(events[i], f"{self.settings.serve.reply_type}.error", self.source, None)
                 replies[i] = (attrs, {"error": reasons[i]})
         if is_batch:
-            return Response(orjson.dumps([ce.structured(a, d) for a, d in replies]), 200, media_type=ce.BATCH)
+            return Response(ce.dumps([ce.structured(a, d) for a, d in replies]), 200, media_type=ce.BATCH)
         if 0 in reasons:
             raise BadRequest(reasons[0])
         attrs, data = replies[0]
-        return Response(orjson.dumps(data), 200, headers=ce.binary_headers(attrs))
+        return Response(ce.dumps(data), 200, headers=ce.binary_headers(attrs))
 
     async def score_events(self, events: list[ce.Event]) -> tuple[list[tuple[dict, dict]], dict[int, str]]:
         """Score, store and answer well-formed events: (reply per event, reason per rejected event)."""
@@ -280,6 +280,7 @@ class App:
                 router.failed(job, job.matrix().shape[0], pred)
                 pred = None
             predictions.append(pred)
+        self.exact_passthrough(events, decoded.passthrough)
         carry: dict[str, pa.Array] = {name: RecordDecoder.passthrough_array(values)
                                      for name, values in decoded.passthrough.items()}
         if self.sink is not None:
@@ -322,6 +323,23 @@ class App:
                 replies.append((attrs, results[r]))
                 r += 1
         return replies, reasons
+
+    @staticmethod
+    def exact_passthrough(events: list[ce.Event], passthrough: dict[str, list]) -> None:
+        """Passthrough values as the events sent them: the record decoder's JSON parser reads an integer beyond
+        64 bits as a float, so a record that can hold one is read again keeping integers exact."""
+        if not passthrough:
+            return
+        for i, event in enumerate(events):
+            if event.data is None or not ce.LONG_DIGITS.search(event.data):
+                continue
+            try:
+                obj = ce.loads(event.data)
+            except (ValueError, RecursionError):  # not JSON: the decoder gave its reason already
+                continue
+            if isinstance(obj, dict):
+                for name, values in passthrough.items():
+                    values[i] = obj.get(name)
 
     # -- probes ----------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
