@@ -481,3 +481,102 @@ def test_kafka_sink_rejects_a_result_larger_than_a_message_before_sending_anythi
         sink.write_stream(Scored(table, pa.table({})))
     assert set(info.value.rows) == {1} and "more than a Kafka message holds" in info.value.rows[1]
     assert sink._producer is None  # nothing was sent
+
+
+# -- review 1 defect 3: nanoseconds never rounded together -----------------------------------------
+NS = 1_000_000_000
+
+
+@pytest.mark.postgres
+def test_postgres_nanosecond_ids_and_passthrough_stay_distinct_and_read_back_exactly(pg_dsn, pg_table):
+    """timestamp/time/duration [ns] values that are not whole microseconds: microsecond types would merge
+    distinct ids (and truncate a passthrough); they are stored as PostgreSQL's text spelling with 9 digits."""
+    sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_BATCH__OUTPUT")
+    w = sink.begin("a.parquet")  # whole microseconds first: a timestamptz column
+    w.write(Scored(results(pa.array([NS, 2 * NS], pa.timestamp("ns")),
+                           d=pa.array([1000, 2000], pa.duration("ns"))), pa.table({})))
+    w.commit()
+    w = sink.begin("b.parquet")  # then nanoseconds: the id column becomes text, spelled as ::text spells the old
+    w.write(Scored(results(pa.array([NS + 1, NS + 2, 2 * NS], pa.timestamp("ns")),
+                           d=pa.array([1, 2, None], pa.duration("ns")),
+                           t=pa.array([1, 3_600 * NS + 5, None], pa.time64("ns"))), pa.table({})))
+    w.commit()
+    sink.close()
+    got = dict(zip(pg_read(pg_dsn, pg_table, "id", "id"), pg_read(pg_dsn, pg_table, "d", "id"), strict=True))
+    assert got == {"1970-01-01 00:00:01+00": "00:00:00.000001", "1970-01-01 00:00:01.000000001+00": "00:00:00.000000001",
+                   "1970-01-01 00:00:01.000000002+00": "00:00:00.000000002", "1970-01-01 00:00:02+00": None}
+    assert pg_read(pg_dsn, pg_table, "t", "id") == [None, "00:00:00.000000001", "01:00:00.000000005", None]
+
+
+@pytest.mark.postgres
+def test_postgres_nanosecond_ids_in_one_write_are_not_a_conflict(pg_dsn, pg_table):
+    sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
+    for k, t in enumerate((pa.timestamp("ns", "UTC"), pa.duration("ns"), pa.time64("ns"))):
+        sink.write_stream(Scored(results(pa.array([NS + 2 * k + 1, NS + 2 * k + 2], t)), pa.table({})))
+    sink.close()
+    assert pg_read(pg_dsn, pg_table, "id", "id") == [
+        "00:00:01.000000003", "00:00:01.000000004", "00:00:01.000000005", "00:00:01.000000006",
+        "1970-01-01 00:00:01.000000001+00", "1970-01-01 00:00:01.000000002+00"]
+
+
+def test_sqlite_nanosecond_ids_and_passthrough_stay_distinct(tmp_path):
+    db = tmp_path / "s.db"
+    sink = SqliteSink(f"sqlite:///{db}", "SCORING_STREAM__SINK")
+    for t in (pa.timestamp("ns"), pa.duration("ns"), pa.time64("ns")):
+        sink.write_stream(Scored(results(pa.array([NS + 1, NS + 2], t), p=pa.array([NS + 1, NS + 2], t)),
+                                 pa.table({})))
+    sink.close()
+    rows = sqlite3.connect(db).execute("SELECT id, p FROM scores ORDER BY id").fetchall()
+    assert len(rows) == 6
+    # the column's TEXT affinity (it was created for timestamps) keeps the duration counts as text
+    assert {p for _, p in rows} == {"1970-01-01T00:00:01.000000001", "1970-01-01T00:00:01.000000002",
+                                    str(NS + 1), str(NS + 2), "00:00:01.000000001", "00:00:01.000000002"}
+
+
+# -- review 1 defects 8, 9: a NUL character never fails the write ------------------------------------
+@pytest.mark.postgres
+def test_batch_to_postgres_a_rejected_row_with_nul_is_stored_escaped_and_the_good_rows_too(models, pg_dsn,
+                                                                                            pg_table, tmp_path):
+    import psycopg
+
+    from tests.helpers import FEATURES, frame
+    from tests.test_batch import cli
+
+    (tmp_path / "in").mkdir()
+    df = frame(3, seed=5)
+    df[FEATURES[0]] = ["0.1", "1\x00", "0.3"]  # numeric text; the middle row is rejected
+    df["note"] = ["ok", "fine", "x"]
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "in" / "a.parquet")
+    proc = cli("batch", "--model", models["binary"], "--input", str(tmp_path / "in"), "--output",
+               f"{pg_dsn}?table={pg_table}", "--allow-bad-rows", "--passthrough", "note")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["rows_scored"] == 2
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute(f'SELECT count(*) FROM "{pg_table}"').fetchone()[0] == 2
+        (raw,) = conn.execute(f'SELECT raw FROM "{pg_table}_errors"').fetchone()
+    assert raw[FEATURES[0]] == "1\\u0000"  # the NUL shown as a visible escape
+
+
+@pytest.mark.postgres
+def test_postgres_nul_in_error_rows_is_escaped_and_in_results_rejects_only_that_row(pg_dsn, pg_table):
+    sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_SERVE__SINK")
+    raw = [orjson.dumps({"f0": "x\x00", "s": "\\u0000 stays"}).decode(), orjson.dumps({"f0": "\x00\x00"}).decode()]
+    errors = pa.table({"id": ["n\x00", "m"], "reason": ["feature 'f0': bad \x00", "bad"], "raw": raw,
+                       "model_version": ["v1", "v1"], "source": ["s#1", "s#2"]})
+    sink.write_stream(Scored(results(pa.array(["ok"])), errors))
+    with psycopg_connect(pg_dsn) as conn:
+        rows = conn.execute(f'SELECT id, reason, raw FROM "{pg_table}_errors" ORDER BY source').fetchall()
+    assert rows == [("n\\u0000", "feature 'f0': bad \\u0000", {"f0": "x\\u0000", "s": "\\u0000 stays"}),
+                    ("m", "bad", {"f0": "\\u0000\\u0000"})]
+    for p in (pa.array(["a", "b\x00"]), pa.array([{"k": "a"}, {"k": "b\x00"}]),
+              pa.array(['"a"', '{"k": "b\\u0000"}'], pa.string()).cast(pa.json_())):
+        with pytest.raises(RowsRejected) as info:
+            sink.write_stream(Scored(results(pa.array(["r1", "r2"]), p=p), pa.table({})))
+        assert set(info.value.rows) == {1} and "NUL" in info.value.rows[1]
+    sink.close()
+
+
+def psycopg_connect(dsn):
+    import psycopg
+
+    return psycopg.connect(dsn)

@@ -32,7 +32,7 @@ from psycopg.pq import TransactionStatus
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring import Scored
 from workers.sinks.base import Sink, UnitWriter, redact
-from workers.sinks.pgtypes import USING, csv_column, join, pg_type
+from workers.sinks.pgtypes import JSON_COLUMNS, USING, csv_column, escape_nul, exact_columns, join, pg_type
 from workers.sinks.tables import UNIT_COLUMN, dedupe_last, missing_keys, with_unit
 
 RESULT_KEY = ("id", "model_version")
@@ -137,6 +137,9 @@ class PostgresSink(Sink):
                 self._conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(lock_s * 1000)}ms")))
                 self._conn.execute(sql.SQL("SET statement_timeout = {}").format(
                     sql.Literal(f"{int(statement_s * 1000)}ms")))
+                # Temporal values written as text use PostgreSQL's UTC spelling (pgtypes): a column widened to
+                # text (``::text``) must spell its old values the same way.
+                self._conn.execute("SET TimeZone = 'UTC'")
                 self._conn.commit()
             except psycopg.Error as exc:
                 raise SinkError(f"cannot connect to {self.name}: {exc}".strip()) from exc
@@ -286,7 +289,12 @@ class PostgresSink(Sink):
         errors = with_unit(errors, unit, self.setting)
         results, keep = dedupe_last(results, RESULT_KEY)
         errors, _ = dedupe_last(errors, ERROR_KEY)
-        return results, keep, errors
+        # Rejected rows are diagnostics: a NUL character (which text/jsonb refuse) is shown escaped, so the
+        # error row is stored instead of failing the write.
+        errors = pa.table([escape_nul(c, json=n in JSON_COLUMNS) for n, c in zip(errors.column_names, errors.columns,
+                                                                                strict=True)],
+                          names=errors.column_names) if errors.num_rows else errors
+        return exact_columns(results), keep, exact_columns(errors)
 
     def _store(self, scored: Scored, unit: str | None, first: bool = False) -> int:
         """Write results and errors (not committed); returns how many duplicate rows were collapsed."""

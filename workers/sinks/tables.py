@@ -9,6 +9,9 @@
   base64 text, duration -> seconds (number), month-day-nano interval -> {"months", "days", "nanoseconds"},
   NaN/infinity -> null (orjson's choice; JSON has no such numbers), map -> object when every key is text,
   else a list of [key, value] pairs.
+- ``is_json``: a column of JSON text (``arrow.json``, e.g. passthrough values of mixed JSON types): each
+  sink stores the values it holds, parsed (PostgreSQL jsonb, SQLite the value itself, Kafka the JSON in the
+  message), never the text as a JSON string.
 - ``UNIT_COLUMN``: the column naming the unit (input file) a batch row came from, so a rewritten unit can
   replace all of its old results and errors.
 """
@@ -38,6 +41,16 @@ def is_listlike(t: pa.DataType) -> bool:
 
 def is_uuid(t: pa.DataType) -> bool:
     return isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.uuid"
+
+
+def is_json(t: pa.DataType) -> bool:
+    """JSON text (Arrow's canonical ``arrow.json`` extension): values to store parsed, not as strings."""
+    return isinstance(t, pa.BaseExtensionType) and t.extension_name == "arrow.json"
+
+
+def json_column(texts: list[str | None]) -> pa.ExtensionArray:
+    """JSON texts as an ``arrow.json`` column (what ``records.passthrough_array`` gives mixed values)."""
+    return pa.ExtensionArray.from_storage(pa.json_(), pa.array(texts, pa.string()))
 
 
 def plain(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
