@@ -335,3 +335,69 @@ def test_the_summary_never_prints_the_output_password(models, pg_dsn, pg_table, 
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["output"].startswith(f"postgresql://{user}:***@")
     assert "hunter2" not in proc.stdout and "hunter2" not in proc.stderr
+
+
+def _view_inputs(folder) -> None:
+    """a.parquet: view-typed id and passthrough columns (pyarrow had no take kernel for some); zz.parquet:
+    plain types. Each has one rejected row, so rejected rows (a take of ids and passthrough) are built too."""
+    folder.mkdir()
+    feats = {**{f"x{i}": [0.1, 0.2, 0.3] for i in range(1, 8)}, "x0": ["0.1", "oops", "0.3"]}
+    pq.write_table(pa.table({"id": pa.array(["a", "b", "c"], pa.string_view()), **feats,
+                             "p": pa.array([b"x", b"y", b"z"], pa.binary_view()),
+                             "q": pa.array([[1], [2, 3], None], pa.list_view(pa.int32())),
+                             "s": pa.array(["s1", None, "s3"], pa.string_view())}), folder / "a.parquet")
+    pq.write_table(pa.table({"id": ["d", "e", "f"], **feats, "p": [b"x", b"y", b"z"], "q": [[1], [2, 3], None],
+                             "s": ["s1", None, "s3"]}), folder / "zz.parquet")
+
+
+def test_view_typed_id_and_passthrough_are_scored_in_every_table_sink(models, tmp_path, pg_dsn, pg_table):
+    """Review defect 1: a string_view id or passthrough stopped the whole run (ArrowNotImplementedError:
+    'array_take' has no kernel for string_view), exit 1, no summary, later files never scored. Columns are
+    now read into their classic layout once, where the file is read."""
+    inputs = tmp_path / "in"
+    _view_inputs(inputs)
+    db = tmp_path / "r.db"
+    for output in (str(tmp_path / "out"), f"sqlite:///{db}?table=res", f"{pg_dsn}?table={pg_table}"):
+        proc = cli("batch", "--model", models["binary"], "--input", str(inputs), "--output", output,
+                   "--passthrough", "p,q,s", "--allow-bad-rows")
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert (summary["files_scored"], summary["rows_scored"], summary["rows_rejected"]) == (2, 4, 2), output
+    for name in ("a.parquet", "zz.parquet"):
+        got = pq.read_table(tmp_path / "out" / result_of(inputs / name)).to_pylist()
+        assert [(r["id"], r["p"], r["q"], r["s"]) for r in got] == [
+            ("a" if name == "a.parquet" else "d", b"x", [1], "s1"), ("c" if name == "a.parquet" else "f", b"z",
+                                                                    None, "s3")]
+        errors = pq.read_table(tmp_path / "out" / "_errors" / result_of(inputs / name)).to_pylist()
+        assert [(r["id"], r["p"], r["q"]) for r in errors] == [("b" if name == "a.parquet" else "e", b"y", [2, 3])]
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    assert sorted(r[0] for r in con.execute("select id from res")) == ["a", "c", "d", "f"]
+    import psycopg
+
+    with psycopg.connect(pg_dsn) as pg:
+        assert sorted(r[0] for r in pg.execute(f"select id from {pg_table}")) == ["a", "c", "d", "f"]
+
+
+def test_a_duplicated_column_name_fails_that_file_alone_naming_it(models, tmp_path):
+    """Review defect 2: a file with a column name twice (id, feature or passthrough) stopped the run with a
+    KeyError traceback. Now that file fails alone, naming the column; the others are scored."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = frame(5, seed=3)
+    for dup in ("id", "x0", "x7"):
+        t = pa.Table.from_pandas(good, preserve_index=False)
+        t = t.append_column(dup, t.column(dup))
+        pq.write_table(t, inputs / f"dup_{dup}.parquet")
+    pq.write_table(pa.Table.from_pandas(frame(5, seed=4), preserve_index=False), inputs / "z.parquet")
+    proc = cli("batch", "--model", models["binary"], "--input", str(inputs), "--output", str(tmp_path / "out"),
+               "--passthrough", "x7")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
+    for dup in ("id", "x0", "x7"):
+        assert (f"failed: dup_{dup}.parquet: dup_{dup}.parquet has more than one column named '{dup}'; which "
+                "one to score is ambiguous, rename or drop the others") in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["files_scored"], summary["files_failed"], summary["rows_scored"]) == (1, 3, 5)

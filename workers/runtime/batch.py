@@ -21,17 +21,26 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from workers.drift import monitor_for
-from workers.errors import ConfigError, InputError, RowsRejected, SinkError
+from workers.errors import ConfigError, InputError, RowsRejected, ScoringError, SinkError
 from workers.model import Model
 from workers.rollout.router import Router
 from workers.rollout.watch import RoutingSource
 from workers.runtime.progress import Progress
 from workers.settings import Settings, job_completion_index
 from workers.sinks import Sink, open_result_sink
-from workers.sources.parquet import InputFile, Listing, find_inputs, iter_batches, open_parquet, shard_of
+from workers.sources.parquet import (
+    InputFile,
+    Listing,
+    duplicated_columns,
+    find_inputs,
+    iter_batches,
+    open_parquet,
+    shard_of,
+)
 from workers.storage import canonical, inside, redact
 
 log = logging.getLogger("workers.batch")
@@ -201,9 +210,35 @@ class FileResult:
     duplicates_collapsed: int = 0  # rows a table sink dropped for a later row of the same key in the same file
 
 
+# What the data of one file can raise from Arrow, numpy or LightGBM beyond the reasons we give on purpose (an
+# Arrow kernel missing for a type, a conversion that does not fit...): that file fails alone with this reason.
+_DATA_ERRORS = (pa.ArrowException, KeyError, ValueError, TypeError, IndexError, OverflowError)
+
+
 def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
-    """Score one input file into one sink unit (named by the file's canonical location)."""
+    """Score one input file into one sink unit (named by the file's canonical location).
+
+    Raises InputError for anything wrong with the file's data, so the run goes on with the other files;
+    SinkError (the store failed) propagates."""
+    try:
+        return _score_file(router, fs, f, sink, batch_rows, progress)
+    except (ScoringError, OSError):  # ours (InputError, SinkError...) or I/O: as they are
+        raise
+    except _DATA_ERRORS as exc:
+        log.debug("input data error", exc_info=True, extra={"input": f.rel})
+        raise InputError(f"cannot score {f.rel}: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
     pf = open_parquet(fs, f)
+    try:
+        schema = pf.schema_arrow
+    except (pa.ArrowException, ValueError) as exc:
+        raise InputError(f"cannot read the schema of {f.rel}: {str(exc)[:300]}") from None
+    twice = duplicated_columns(schema, router.input_columns())
+    if twice:
+        raise InputError(f"{f.rel} has more than one column named {', '.join(repr(c) for c in twice)}; "
+                         "which one to score is ambiguous, rename or drop the others")
     absent = router.check_columns(pf.schema_arrow)
     for name, missing in absent.items():
         log.warning("shadow version skipped for this input", extra={"input": f.rel, "model_version": name,

@@ -134,6 +134,61 @@ def open_parquet(fs: pafs.FileSystem, f: InputFile) -> pq.ParquetFile:
         raise InputError(f"cannot read {f.rel} as Parquet: {exc}") from None
 
 
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    """``t`` with every view type replaced by its classic layout (string_view -> string, binary_view ->
+    binary, list_view -> list), nested ones too. Arrow has no take/filter kernels for some view types, so a
+    file's columns are read into these once, and every later step (routing, rejected rows, sinks) sees only
+    layouts it handles."""
+    if pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_list_view(t) or pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_plain_type(t.value_type)))
+    if pa.types.is_large_list_view(t) or pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_plain_type(t.value_type)))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_plain_type(t.value_type)), t.list_size)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_plain_type(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(t.key_field.with_type(_plain_type(t.key_type)),
+                       t.item_field.with_type(_plain_type(t.item_type)), t.keys_sorted)
+    if pa.types.is_dictionary(t):
+        return pa.dictionary(t.index_type, _plain_type(t.value_type), t.ordered)
+    return t
+
+
+def plain_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch with view-typed columns in their classic layout (``_plain_type``); unchanged when it has none.
+    Raises InputError when a column cannot be converted."""
+    schema = batch.schema
+    target = pa.schema([f.with_type(_plain_type(f.type)) for f in schema], metadata=schema.metadata)
+    if target.equals(schema):
+        return batch
+    columns = []
+    for field, col in zip(target, batch.columns, strict=True):
+        if col.type == field.type:
+            columns.append(col)
+            continue
+        try:
+            out = col.cast(field.type)
+            out.validate()  # pyarrow 26 casts list_view to an invalid list array
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            try:
+                out = pa.array(col.to_pylist(), field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise InputError(f"column '{field.name}' of type {col.type} cannot be read as {field.type}: "
+                                 f"{str(exc)[:200]}") from None
+        columns.append(out)
+    return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+def duplicated_columns(schema: pa.Schema, wanted: list[str]) -> list[str]:
+    """Names of ``wanted`` that ``schema`` holds more than once (which of them is the id, the feature...?)."""
+    return [c for c in wanted if len(schema.get_all_field_indices(c)) > 1]
+
+
 def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
     """Row groups one at a time: memory holds two batches, whatever the file size.
 
@@ -154,7 +209,7 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Ite
     def read() -> None:
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
-                ahead.put(batch)
+                ahead.put(plain_batch(batch))
                 del batch
                 while not taken.acquire(timeout=0.1):
                     if stop.is_set():
@@ -162,8 +217,12 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Ite
                 if stop.is_set():
                     return
             ahead.put(done)
+        except InputError as exc:
+            ahead.put(exc)
         except (pa.ArrowInvalid, OSError) as exc:
             ahead.put(InputError(f"corrupt Parquet data: {exc}"))
+        except pa.ArrowException as exc:  # e.g. a type this pyarrow cannot decode: that file fails alone
+            ahead.put(InputError(f"cannot read Parquet data: {type(exc).__name__}: {str(exc)[:200]}"))
 
     reader = threading.Thread(target=read, name="parquet-read-ahead", daemon=True)
     reader.start()
