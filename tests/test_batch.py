@@ -401,3 +401,53 @@ def test_a_duplicated_column_name_fails_that_file_alone_naming_it(models, tmp_pa
                 "one to score is ambiguous, rename or drop the others") in proc.stderr
     summary = json.loads(proc.stdout)
     assert (summary["files_scored"], summary["files_failed"], summary["rows_scored"]) == (1, 3, 5)
+
+
+_LIVE_WRITER = """
+import sys
+import pyarrow as pa, pyarrow.fs as pafs
+from workers.sinks.parquet import _File
+f = _File(pafs.LocalFileSystem(), sys.argv[1], True)
+f.write(pa.table({"a": [1]}))
+print(f.tmp, flush=True)
+sys.stdin.readline()
+f.commit()
+print("committed", flush=True)
+"""
+
+
+def test_a_run_never_deletes_the_temporary_file_of_another_live_writer(models, tmp_path):
+    """Review defect 12: a second run into the same Parquet output deleted the first run's in-flight
+    temporary file (stale-temp removal took every temp of the unit), and the first run failed renaming it.
+    Now only temps of dead writers go: a process of this host that is gone, or an old file of another host."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_inputs(str(inputs), files=1, rows=50)
+    name = next(n for n in os.listdir(inputs) if n.endswith(".parquet"))
+    final = out / result_of(inputs / name)
+    final.parent.mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, str(final)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        live = writer.stdout.readline().strip()
+        assert os.path.exists(live)
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        host = os.path.basename(live).split("-")[-3]
+        dead = final.parent / f".tmp-{final.name}-{host}-{gone}-{'0' * 12}"
+        foreign_new = final.parent / f".tmp-{final.name}-ffffffff-1-{'1' * 12}"
+        foreign_old = final.parent / f".tmp-{final.name}-ffffffff-1-{'2' * 12}"
+        legacy_old = final.parent / f".tmp-{final.name}-{'3' * 12}"
+        for p in (dead, foreign_new, foreign_old, legacy_old):
+            p.write_bytes(b"partial")
+        for p in (foreign_old, legacy_old):
+            os.utime(p, (time.time() - 7 * 3600,) * 2)
+        proc = cli("batch", "--model", models["binary"], "--input", str(inputs), "--output", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert os.path.exists(live), "the live writer's temporary file was deleted"
+        assert os.path.exists(foreign_new)
+        assert not dead.exists() and not foreign_old.exists() and not legacy_old.exists()
+        out_text, _ = writer.communicate("go\n", timeout=30)
+        assert writer.returncode == 0 and "committed" in out_text
+    finally:
+        if writer.poll() is None:
+            writer.kill()

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import socket
 import time
 import uuid
 
@@ -41,6 +44,23 @@ def ledger_file(name: str) -> str:
     return f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
 
 
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# A temporary file of another host (another pod on a shared volume) or of an older version (no owner in its
+# name) is left alone until it is this old: its writer may still be running.
+STALE_AFTER_S = 6 * 3600
+_TMP_SUFFIX = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-)?[0-9a-f]{12}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process; or not a pid at all
+        return pid > 0
+    return True
+
+
 class _File:
     """A Parquet file written batch by batch and published atomically."""
 
@@ -49,18 +69,31 @@ class _File:
         folder, base = final.rsplit("/", 1)
         self.tmp = final
         if atomic_rename:
-            # Named after the unit, so rewriting the unit clears what a killed writer left behind.
-            self.tmp = f"{folder}/.tmp-{base}-{uuid.uuid4().hex[:12]}"
+            # Named after the unit and its writer (host, pid), so rewriting the unit clears what a killed
+            # writer left behind, and never the file of a writer still running (a concurrent run).
+            self.tmp = f"{folder}/.tmp-{base}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             self._remove_stale(folder, f".tmp-{base}-")
         self.writer: pq.ParquetWriter | None = None
 
     def _remove_stale(self, folder: str, prefix: str) -> None:
+        """Delete the unit's temporary files whose writer is gone: a process of this host that no longer
+        runs, or (another host, an older version's name) one not modified for ``STALE_AFTER_S``."""
         try:
             entries = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         except OSError:
             return
+        now_ns = time.time_ns()
         for entry in entries:
-            if entry.base_name.startswith(prefix) and len(entry.base_name) == len(prefix) + 12:
+            if not entry.base_name.startswith(prefix):
+                continue
+            owner = _TMP_SUFFIX.fullmatch(entry.base_name[len(prefix):])
+            if owner is None:
+                continue
+            if owner["host"] == _HOST:
+                stale = not _pid_alive(int(owner["pid"]))
+            else:
+                stale = entry.mtime_ns is not None and now_ns - entry.mtime_ns > STALE_AFTER_S * 1_000_000_000
+            if stale:
                 try:
                     self.fs.delete_file(entry.path)
                 except OSError:
