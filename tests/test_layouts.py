@@ -192,6 +192,25 @@ def test_a_star_matches_within_one_folder_and_double_star_any_depth(models, tmp_
     assert json.loads(late.stdout)["files_found"] == 1
 
 
+def test_a_glob_matching_folders_scores_the_parquet_files_below_them(models, tmp_path):
+    """Review defect 11: a glob that matched folders ('lake/day=*', 'lake/day=*/', 'lake/*') found no file and
+    exited 0 having scored nothing. A matched folder now gives every Parquet file below it, as that folder
+    given alone does (not its other files: a note beside the data is not an input)."""
+    lake = lake_of(tmp_path, rows=10)
+    write_day(lake, DAYS[0] + "/late", 5, seed=8, name="c.parquet")
+    pq.write_table(pa.Table.from_pandas(frame(3, seed=9), preserve_index=False), f"{lake}/top.parquet")
+    with open(f"{lake}/day={DAYS[1]}/notes.txt", "w") as f:
+        f.write("not data")
+    for k, (spec, files, rows) in enumerate([(f"{lake}/day=*", 4, 35), (f"{lake}/day=*/", 4, 35),
+                                             (f"{lake}/*", 5, 38), (f"{lake}/day=2026-11-3*", 1, 10)]):
+        out = str(tmp_path / f"out{k}")
+        proc = batch(models, spec, out)
+        assert proc.returncode == 0, (spec, proc.stderr)
+        summary = json.loads(proc.stdout)
+        assert (summary["files_found"], summary["files_scored"]) == (files, files), spec
+        assert len(ids_in(out)) == rows, spec
+
+
 # -- rewritten and emptied inputs -------------------------------------------------------------------------------
 
 def test_a_rewritten_or_emptied_input_leaves_nothing_stale(models, tmp_path):

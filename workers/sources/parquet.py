@@ -17,6 +17,7 @@ from workers.storage import canonical, inside, is_s3, resolve
 
 INPUT_SETTING = "SCORING_BATCH__INPUT"
 _GLOB_CHARS = "*?["
+_PARQUET_ENDINGS = (".parquet", ".parq", ".pq")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ def _canonical_path(fs_path: str, s3_spec: bool) -> str:
 
 
 def find_inputs(spec: str, s3: S3Settings, exclude: tuple[str, ...] = ()) -> Listing:
-    """Every Parquet file named by ``spec`` (a file, a directory, a glob or an s3:// prefix), sorted.
+    """Every Parquet file named by ``spec`` (a file, a directory, a glob or an s3:// prefix), sorted. A glob
+    names files (of any name) and folders: a folder it matches gives every Parquet file below it, as the folder
+    given alone would (``lake/day=*``, ``lake/*/``).
 
     ``exclude``: canonical roots (the run's outputs) whose files are never inputs, even when the spec covers
     them; they are returned in ``excluded`` for the caller to judge.
@@ -98,10 +101,14 @@ def find_inputs(spec: str, s3: S3Settings, exclude: tuple[str, ...] = ()) -> Lis
         rel = entry.path[len(inner):].lstrip("/")
         if not _visible(rel):
             continue
+        parquet = entry.path.endswith(_PARQUET_ENDINGS)
         if pattern is not None:
-            if not _match(pattern, rel.split("/")):
+            parts = rel.split("/")
+            # A file the glob names, or a Parquet file below a folder it names (as if that folder were given).
+            if not (_match(pattern, parts) or (parquet and any(_match(pattern, parts[:k])
+                                                               for k in range(1, len(parts))))):
                 continue
-        elif not entry.path.endswith((".parquet", ".parq", ".pq")):
+        elif not parquet:
             continue
         f = _info(entry, rel, _canonical_path(entry.path, on_s3))
         (excluded if any(inside(f.source, x) for x in exclude) else found).append(f)
