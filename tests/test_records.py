@@ -152,3 +152,24 @@ def test_passthrough_values_of_any_json_shape_become_an_array_never_an_exception
         assert [v is None for v in out.to_pylist()] == [v is None for v in values]
 
     never_raises()
+
+
+def test_passthrough_integers_beyond_64_bits_are_decoded_exactly_and_mixed_values_marked_as_json(models):
+    """Review 1 defects 6, 7 (decoder part): orjson reads 18446744073709551621 as a float; the decoder keeps it
+    exact, and a passthrough column of mixed JSON types is JSON text marked as such (``arrow.json``), so the
+    sinks store the values, not strings of JSON text."""
+    import pyarrow as pa
+
+    model = load_model(ModelSettings(path=models["binary"]))
+    decoder = RecordDecoder(model, passthrough=["p", "q"])
+    feats = {name: 0.5 for name in model.feature_names}
+    records = [orjson.dumps({"id": "a", **feats}).replace(b"}", b', "p": 18446744073709551621, "q": 1}'),
+               orjson.dumps({"id": "b", **feats}).replace(b"}", b', "p": -9223372036854775809, "q": "x"}'),
+               orjson.dumps({"id": "c", **feats, "p": None, "q": {"k": [1, 2]}})]
+    decoded = decoder.decode(records)
+    assert decoded.passthrough["p"] == [18446744073709551621, -9223372036854775809, None]
+    assert not decoded.features.reasons
+    p = RecordDecoder.passthrough_array(decoded.passthrough["p"])
+    q = RecordDecoder.passthrough_array(decoded.passthrough["q"])
+    assert p.type == pa.json_() and p.to_pylist() == ["18446744073709551621", "-9223372036854775809", None]
+    assert q.type == pa.json_() and q.to_pylist() == ["1", '"x"', '{"k":[1,2]}']

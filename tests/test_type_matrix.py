@@ -580,3 +580,49 @@ def psycopg_connect(dsn):
     import psycopg
 
     return psycopg.connect(dsn)
+
+
+# -- review 1 defects 6, 7: JSON text (mixed JSON types, integers beyond 64 bits) stored as JSON values ------
+def _mixed() -> dict[str, pa.Array]:
+    from workers.records import RecordDecoder
+
+    return {"p": RecordDecoder.passthrough_array([1, "x", True, 18446744073709551621, -9223372036854775809, None]),
+            "q": RecordDecoder.passthrough_array([{"k": [1, 2]}, {"k": "v"}, [None], 1.5, "1", None])}
+
+
+@pytest.mark.postgres
+def test_postgres_json_text_passthrough_is_stored_as_parsed_jsonb_with_exact_big_integers(pg_dsn, pg_table):
+    sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_SERVE__SINK")
+    sink.write_stream(Scored(with_order(results(pa.array([f"r{i}" for i in range(6)]), **_mixed())), pa.table({})))
+    # a column first created by a single type (bigint) is widened to jsonb when JSON text arrives
+    sink.write_stream(Scored(with_order(results(pa.array(["s0"]), n=pa.array([7]))), pa.table({})))
+    sink.write_stream(Scored(with_order(results(pa.array(["s1", "s2"]), n=_mixed()["p"][:2])), pa.table({})))
+    sink.close()
+    import psycopg
+
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute(f'SELECT p, q, jsonb_typeof(p), p::text FROM "{pg_table}" WHERE id LIKE \'r%\' '
+                            'ORDER BY id').fetchall()
+        n = conn.execute(f'SELECT id, n FROM "{pg_table}" WHERE id LIKE \'s%\' ORDER BY id').fetchall()
+    assert [r[0] for r in rows] == [1, "x", True, 18446744073709551621, -9223372036854775809, None]
+    assert [r[1] for r in rows] == [{"k": [1, 2]}, {"k": "v"}, [None], Decimal("1.5"), "1", None]
+    assert [r[2] for r in rows][:4] == ["number", "string", "boolean", "number"]
+    assert rows[3][3] == "18446744073709551621"
+    assert n == [("s0", 7), ("s1", 1), ("s2", "x")]
+
+
+def test_sqlite_json_text_passthrough_stores_each_value_as_it_would_be_alone(tmp_path):
+    db = tmp_path / "s.db"
+    sink = SqliteSink(f"sqlite:///{db}", "SCORING_SERVE__SINK")
+    sink.write_stream(Scored(with_order(results(pa.array([f"r{i}" for i in range(6)]), **_mixed())), pa.table({})))
+    sink.close()
+    rows = sqlite3.connect(db).execute('SELECT p, q FROM scores ORDER BY "offset"').fetchall()
+    assert rows == [(1, '{"k":[1,2]}'), ("x", '{"k":"v"}'), (1, "[null]"), ("18446744073709551621", 1.5),
+                    ("-9223372036854775809", "1"), (None, None)]
+
+
+def test_kafka_messages_hold_json_text_passthrough_as_json_values():
+    table = results(pa.array([f"r{i}" for i in range(6)]), **_mixed())
+    rows = [json.loads(v) for _, v in result_messages(Scored(table, pa.table({})))]
+    assert [r["p"] for r in rows] == [1, "x", True, 18446744073709551621, -9223372036854775809, None]
+    assert [r["q"] for r in rows] == [{"k": [1, 2]}, {"k": "v"}, [None], 1.5, "1", None]

@@ -9,6 +9,8 @@ make the client retry the same message forever.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +21,23 @@ import pyarrow as pa
 
 from workers.model import Model
 from workers.scoring import Features, to_json
+from workers.sinks.tables import json_column
 
 _NUMERIC = frozenset({int, float, type(None)})
+# 19+ digits in a row: maybe an integer beyond 64 bits, which orjson turns into a float (silently inexact)
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+
+
+def _long_number(value: bytes | bytearray | memoryview | str) -> bool:
+    if isinstance(value, str):
+        return _LONG_NUMBER.search(value.encode()) is not None
+    return _LONG_NUMBER.search(value) is not None
+
+
+def exact_loads(value: bytes) -> Any:
+    """JSON (already valid for orjson) with integers of any size kept exact, as Python's json reads them;
+    passthrough values are copied unchanged, so 18446744073709551621 must not become 1.8446744073709552e19."""
+    return json.loads(value)
 MAX_ID_LENGTH = 1024
 
 
@@ -96,7 +113,7 @@ class RecordDecoder:
         passthrough: dict[str, list[Any]] = {name: [] for name in self.passthrough}
         nan_row = [None] * width
         id_field, names = self.id_field, self.names
-        extend, loads = flat.extend, orjson.loads
+        extend, loads, big = flat.extend, orjson.loads, _long_number
         for i in range(n):
             value = values[i]
             obj: Any = None
@@ -106,6 +123,8 @@ class RecordDecoder:
             else:
                 try:
                     obj = loads(value)
+                    if big(value):
+                        obj = exact_loads(value)
                 except orjson.JSONDecodeError as exc:
                     reason = f"not valid JSON: {str(exc)[:120]}"
             if reason is None and type(obj) is not dict:
@@ -168,7 +187,8 @@ class RecordDecoder:
     @staticmethod
     def passthrough_array(values: list[Any]) -> pa.Array:
         """Arrow array of passthrough values, never an exception: integers from 2**63 up to 2**64 (JSON's
-        unsigned 64-bit counters) as uint64, mixed types (and integers out of every 64-bit range) as JSON text."""
+        unsigned 64-bit counters) as uint64; mixed types (and integers out of every 64-bit range) as JSON text
+        in an ``arrow.json`` column, which the sinks store as the JSON values themselves (not as strings)."""
         try:
             return pa.array(values)
         except OverflowError:
@@ -176,4 +196,4 @@ class RecordDecoder:
                 return pa.array(values, pa.uint64())
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             pass
-        return pa.array([None if v is None else to_json(v) for v in values], pa.string())
+        return json_column([None if v is None else to_json(v) for v in values])

@@ -23,7 +23,7 @@ from workers.errors import ConfigError, RowsRejected, SinkError
 from workers.scoring import Scored
 from workers.settings import KafkaSettings
 from workers.sinks.base import DirectUnit, Sink, UnitWriter, redact
-from workers.sinks.tables import is_uuid, json_default, plain
+from workers.sinks.tables import is_json, is_uuid, json_default, plain
 
 
 class Producer:
@@ -103,7 +103,10 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 def _json_ready(col: pa.ChunkedArray) -> list:
     """A column's values for orjson. UTC timestamps become RFC 3339 text made by Arrow, once per distinct value
-    (a batch shares one scored_at; building a timezone-aware datetime per value cost half of the sink's time)."""
+    (a batch shares one scored_at; building a timezone-aware datetime per value cost half of the sink's time).
+    JSON text (``arrow.json``) goes into the message as the JSON it is, not as a string."""
+    if is_json(col.type):
+        return [None if v is None else orjson.Fragment(v) for v in plain(col).to_pylist()]
     if pa.types.is_timestamp(col.type) and col.type.tz in (None, "UTC", "+00:00"):
         encoded = pc.dictionary_encode(col.combine_chunks())
         fmt = "%Y-%m-%dT%H:%M:%S" + ("Z" if col.type.tz else "")
@@ -131,7 +134,7 @@ def _plain_columns(scored: Scored) -> Scored:
     table = scored.results
     if all(not pa.types.is_string_view(t) and not isinstance(t, pa.BaseExtensionType) for t in table.schema.types):
         return scored
-    cols = [c if is_uuid(c.type) else plain(c) for c in table.columns]
+    cols = [c if is_uuid(c.type) or is_json(c.type) else plain(c) for c in table.columns]
     return Scored(pa.table(cols, names=table.column_names), scored.errors, scored.error_rows)
 
 

@@ -11,6 +11,9 @@ Value mapping (SQLite has few types; columns keep the affinity they were created
     binary -> BLOB; duration -> INTEGER (the count in the column's unit: s, ms, us or ns)
     timestamp -> ISO-8601 TEXT (with the offset when it has a zone); date, time, uuid -> ISO TEXT
     lists, structs, maps, intervals -> JSON TEXT (see ``tables.json_texts``); everything else -> TEXT
+    JSON text (``arrow.json``: passthrough values of mixed JSON types) -> no affinity, each value as it would
+    be stored alone: text, INTEGER/REAL, true/false as 1/0, null as NULL, an integer beyond 64 bits as its
+    exact digits (TEXT), arrays and objects as their JSON TEXT (never a JSON string of the text)
 SQLite column names ignore ASCII case: columns ``ID`` and ``id`` cannot both exist, and are refused.
 Sinks on the same database file share one connection (and so one transaction per unit). A unit holds
 SQLite's single write lock until it commits: other processes writing the same file (shards) wait for it,
@@ -20,9 +23,11 @@ up to the 30 s busy timeout, then fail with a retryable SinkError.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from urllib.parse import parse_qsl, urlparse
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,6 +38,7 @@ from workers.sinks.postgres import ERROR_KEY, RESULT_KEY
 from workers.sinks.tables import (
     UNIT_COLUMN,
     dedupe_last,
+    is_json,
     is_listlike,
     is_uuid,
     json_texts,
@@ -51,7 +57,7 @@ _ROW_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)  # what bind
 def _sqlite_type(t: pa.DataType) -> str:
     if pa.types.is_dictionary(t):
         return _sqlite_type(t.value_type)
-    if pa.types.is_uint64(t):
+    if pa.types.is_uint64(t) or is_json(t):
         return ""
     if pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_duration(t):
         return "INTEGER"
@@ -67,11 +73,31 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _json_value(text: str) -> object:
+    """A JSON text's value as SQLite stores the same value arriving alone: text, number, 0/1, NULL; an
+    integer beyond 64 bits as its exact digits (text); arrays and objects as the JSON text itself."""
+    if _INTEGER.fullmatch(text):
+        n = int(text)
+        return n if -(2**63) <= n < 2**63 else text
+    try:
+        v = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    if isinstance(v, bool):
+        return int(v)
+    return text if isinstance(v, dict | list) else v
+
+
 def _values(name: str, col: pa.ChunkedArray) -> tuple[list, dict[int, str]]:
     """The column's values as Python values sqlite3 binds, and rows that cannot be written."""
     t = col.type
     if is_uuid(t):
         return [None if v is None else str(v) for v in col.to_pylist()], {}
+    if is_json(t):
+        return [None if v is None else _json_value(v) for v in plain(col).to_pylist()], {}
     col = plain(col)
     t = col.type
     if pa.types.is_timestamp(t):
