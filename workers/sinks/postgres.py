@@ -10,6 +10,11 @@ Column types follow ``pgtypes`` (a column whose type changes is widened once). R
 - Batch (``begin(unit)``): the whole unit is one transaction that first deletes the unit's old results and
   errors (column ``input_file``), so a rewritten input leaves nothing stale. Stream/serve (``write_stream``):
   each call is its own transaction and touches only its keys.
+- Limit (ids shared by two inputs): the table holds one row per (id, model_version), from the input written
+  last, and ``input_file`` names only that input. When that input is rewritten without the id, its rows are
+  deleted, the shared id with them, although the other, unchanged input still holds it: the id is missing
+  until that other input is scored again (change it, or score it into a fresh table). Ids unique across the
+  inputs, the documented contract, are never affected.
 - Rows the server cannot take (SQLSTATE class 22/23) are found (checks in Arrow, then bisection of
   the batch under savepoints) and raised as ``RowsRejected`` after a rollback: never an endless retry.
 - DDL runs under a transaction-scoped advisory lock on the table name (shards starting together), in its

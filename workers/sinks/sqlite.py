@@ -2,8 +2,9 @@
 
 Same tables, keys and rules as the PostgreSQL sink (the later duplicate wins and is counted; a batch unit is
 one transaction that first deletes the unit's old results and errors; rows SQLite cannot take are raised as
-``RowsRejected`` before anything of the call is stored). Nothing is created before the first write: not the
-database file, not its folder (``check`` only looks).
+``RowsRejected`` before anything of the call is stored). The PostgreSQL sink's limit for an id shared by two
+inputs holds here too (see its module docstring): rewriting the input that wrote it last without it deletes it.
+Nothing is created before the first write: not the database file, not its folder (``check`` only looks).
 
 Value mapping (SQLite has few types; columns keep the affinity they were created with):
     ints, bool -> INTEGER; uint64 -> no affinity (INTEGER, or exact decimal TEXT beyond 2**63 - 1)
