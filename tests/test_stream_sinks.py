@@ -210,3 +210,33 @@ def test_passthrough_whose_json_type_changes_is_stored_and_what_cannot_be_is_dea
             assert got[r["id"]] in (r["extra"], orjson.dumps(r["extra"]).decode()), (r, got[r["id"]])
     assert len(got) + len(letters) == len(recs) + len(more)
     assert all(got[r["id"]] in (r["extra"], str(r["extra"])) for r in more)
+
+
+def test_a_micro_batch_of_mixed_json_passthrough_is_stored_as_json_values(models, kafka, pg_dsn, pg_table, tmp_path):
+    """Review 1 defects 6, 7 in stream mode: one micro-batch whose passthrough mixes JSON types (and integers
+    beyond 64 bits) is JSON text; PostgreSQL stores the values as jsonb (not JSON strings of the text)."""
+    import psycopg
+
+    src = kafka.topic(partitions=1)
+    values = [1, "x", {"k": [1, 2]}, 18446744073709551621, -9223372036854775809, True, None]
+    recs = [{**r, "extra": v} for r, v in zip(records(len(values)), values, strict=True)]
+    import json
+
+    # produced before the worker starts: one micro-batch (json: orjson cannot write integers beyond 64 bits)
+    kafka.produce(src, [(r["id"].encode(), json.dumps(r).encode()) for r in recs])
+    worker = kafka.worker("--model", models["binary"], "--topic", src, "--group", f"g-{src}", "--sink",
+                          f"{pg_dsn}?table={pg_table}", "--passthrough", "extra", "--metrics-port", "0",
+                          log=str(tmp_path / "w.log"))
+
+    def stored() -> dict:
+        try:
+            with psycopg.connect(pg_dsn) as conn:
+                return dict(conn.execute(f'SELECT id, extra FROM "{pg_table}"').fetchall())
+        except psycopg.Error:
+            return {}
+
+    wait_for(lambda: len(stored()) == len(recs), 60, what="the micro-batch stored")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    got = stored()
+    assert [got[r["id"]] for r in recs] == values
