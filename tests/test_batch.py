@@ -451,3 +451,31 @@ def test_a_run_never_deletes_the_temporary_file_of_another_live_writer(models, t
     finally:
         if writer.poll() is None:
             writer.kill()
+
+
+def test_an_empty_input_gets_an_empty_results_file_with_the_result_columns(models, tmp_path):
+    """Review defect 18: an input of 0 rows (an empty row group, or no row group at all) was counted in
+    files_scored but got no output file (README: one output file per input file). Now it gets a results file
+    with the results' columns (passthrough included) and no rows; no errors file."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    schema = pa.Table.from_pandas(frame(1), preserve_index=False).schema.remove_metadata()
+    pq.write_table(schema.empty_table(), inputs / "no_rows.parquet")
+    pq.ParquetWriter(inputs / "no_row_groups.parquet", schema).close()
+    assert pq.ParquetFile(inputs / "no_row_groups.parquet").num_row_groups == 0
+    pq.write_table(pa.Table.from_pandas(frame(4), preserve_index=False), inputs / "some.parquet")
+    proc = cli("batch", "--model", models["binary"], "--input", str(inputs), "--output", str(out),
+               "--passthrough", "x7")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["files_scored"], summary["rows_scored"]) == (3, 4)
+    assert result_files(str(out)) == sorted(result_of(inputs / n) for n in
+                                            ("no_rows.parquet", "no_row_groups.parquet", "some.parquet"))
+    some = pq.read_schema(out / result_of(inputs / "some.parquet"))
+    for name in ("no_rows.parquet", "no_row_groups.parquet"):
+        table = pq.read_table(out / result_of(inputs / name))
+        assert table.num_rows == 0 and table.schema.names == some.names
+        assert table.schema.field("score").type == pa.float64()
+        assert table.schema.field("x7").type == some.field("x7").type
+    assert not (out / "_errors").exists()
+    assert len(read_results(str(out))) == 4

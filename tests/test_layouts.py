@@ -232,11 +232,12 @@ def test_a_rewritten_or_emptied_input_leaves_nothing_stale(models, tmp_path):
     df.to_parquet(path)
     assert batch(models, lake, out).returncode == 0
     assert sorted(pq.read_table(result)["id"].to_pylist()) == sorted(df["id"]) and not os.path.exists(errors)
-    # Emptied (a pandas frame with no rows, same columns): its old results go too.
+    # Emptied (a pandas frame with no rows, same columns): its old results go too; its results file stays,
+    # with no rows (review defect 18: one output file per input file).
     df.iloc[:0].to_parquet(path)
     proc = batch(models, lake, out)
     assert proc.returncode == 0 and json.loads(proc.stdout)["files_scored"] == 1, proc.stderr
-    assert not os.path.exists(result)
+    assert pq.read_table(result).num_rows == 0 and "score" in pq.read_schema(result).names
     assert len(ids_in(out)) == 2 * 30 and not any(i.startswith("new-") for i in ids_in(out))
 
 
@@ -293,14 +294,18 @@ def test_s3_layouts(models, s3_endpoint, s3_bucket, tmp_path):
     assert batch(models, lake, inner, env=env).returncode == 0
     again = json.loads(batch(models, lake + "/", inner, env=env).stdout)
     assert again["files_found"] == 3 and again["files_skipped"] == 3
-    # Emptied input: its old results object is removed.
+    # Emptied input: its old results are replaced by a results object with no rows (review defect 18).
     empty = io.BytesIO()
     frame(3, seed=1).iloc[:0].to_parquet(empty)
-    client.put_object(Bucket=bucket, Key=f"lake/day={DAYS[1]}/part-0.parquet", Body=empty.getvalue())
+    emptied = f"lake/day={DAYS[1]}/part-0.parquet"
+    client.put_object(Bucket=bucket, Key=emptied, Body=empty.getvalue())
     assert batch(models, f"{lake}/day={DAYS[1]}", days, env=env).returncode == 0
     results = [k for k in _keys(client, bucket, "days/") if not k.startswith(("days/_state/", "days/_errors/"))]
     assert results == [f"days/{bucket}/lake/day={DAYS[0]}/late/c.parquet",
-                       f"days/{bucket}/lake/day={DAYS[0]}/part-0.parquet"]
+                       f"days/{bucket}/lake/day={DAYS[0]}/part-0.parquet", f"days/{bucket}/{emptied}"]
+    body = client.get_object(Bucket=bucket, Key=f"days/{bucket}/{emptied}")["Body"].read()
+    table = pq.read_table(pa.BufferReader(body))
+    assert table.num_rows == 0 and "score" in table.schema.names
 
 
 

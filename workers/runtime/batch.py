@@ -20,6 +20,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,6 +40,7 @@ from workers.sources.parquet import (
     find_inputs,
     iter_batches,
     open_parquet,
+    plain_batch,
     shard_of,
 )
 from workers.storage import canonical, inside, redact
@@ -248,8 +250,13 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
     before = router.skipped.copy()
     writer = sink.begin(f.source)
     ok = bad = offset = 0
+    # An input without rows (no row groups, or empty ones) is scored as one empty batch of its schema, so its
+    # output has the results' columns and no rows: one output per input, and readers see it was scored.
+    empty = plain_batch(pa.RecordBatch.from_pylist([], schema=pa.schema([schema.field(c) for c in columns])))
     try:
-        for rb in iter_batches(pf, columns, batch_rows):
+        for rb in chain(iter_batches(pf, columns, batch_rows), [empty]):
+            if rb is empty and offset:
+                break
             carry = {c: rb.column(c) for c in router.scoring.passthrough}
             scored = router.finish(router.from_table(rb), carry)
             if scored.rejected:

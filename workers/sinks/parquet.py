@@ -9,8 +9,8 @@ In batch mode a unit is the input's canonical location (``/data/lake/day=1/part-
 (``storage.output_name``), so runs from different input roots never replace each other's files.
 Readers of the dataset (pyarrow, Spark, DuckDB) skip names starting with '_' and '.'.
 On S3 an object appears only when its upload completes, so the final key is written directly.
-A unit rewritten replaces everything of its earlier write: a file of results or errors not written this time
-(an input emptied, no rejected rows any more) is removed.
+A unit rewritten replaces everything of its earlier write: an emptied input's results file has no rows, and an
+errors file not written this time (no rejected rows any more) is removed.
 """
 
 from __future__ import annotations
@@ -141,8 +141,9 @@ class _ParquetUnit(UnitWriter):
 
     def write(self, scored: Scored) -> None:
         try:
-            # Nothing is written for no rows: commit then removes an older file instead (an emptied input).
-            if scored.results.num_rows:
+            # A unit's results file exists even without rows (an emptied input: the results' columns, no rows),
+            # so each input has its output and readers see it was scored. Errors only when there are any.
+            if scored.results.num_rows or self.results.writer is None:
                 self.results.write(scored.results)
             if scored.errors.num_rows:
                 self.errors.write(scored.errors)
@@ -151,8 +152,8 @@ class _ParquetUnit(UnitWriter):
 
     def commit(self) -> None:
         try:
-            # A rewrite must not leave an older file behind: no rows now (an emptied input) means no results
-            # file, no rejected rows now means no errors file.
+            # A rewrite must not leave an older file behind: no rejected rows now means no errors file (and
+            # a unit that wrote nothing at all, no results file).
             for part in (self.results, self.errors):
                 if not part.commit():
                     part.remove()
