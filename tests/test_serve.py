@@ -224,3 +224,22 @@ def test_cloudevents_results_are_also_written_to_a_sink(models, tmp_path):
     expected = booster.predict(x)
     assert [r[:4] for r in rows_] == [(f"e{i}", "events", 2, 500 + i) for i in range(3)]
     assert max(abs(r[4] - e) for r, e in zip(rows_, expected, strict=True)) <= 1e-9
+
+
+def test_tritonclient_json_tensors_with_nan_score_as_missing(models, binary_server):
+    """Round 2 (review defect 16): tritonclient with binary_data=False writes NaN literally (Python's json);
+    it is a missing value, scored as LightGBM's predict scores NaN, like the same tensor in binary mode."""
+    client = triton.InferenceServerClient(binary_server)
+    booster = lgb.Booster(model_file=models["binary"])
+    x = rows(6, seed=3)
+    x[0, 0] = x[3, 4] = x[5, :] = np.nan
+    for binary in (True, False):
+        tensor = triton.InferInput("input", list(x.shape), "FP64")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        result = client.infer("binary", [tensor], outputs=[triton.InferRequestedOutput("score", binary_data=binary)])
+        assert np.max(np.abs(result.as_numpy("score") - booster.predict(x))) <= 1e-12
+    bad = triton.InferInput("input", [1, len(FEATURES)], "INT8")
+    bad.set_data_from_numpy(np.full((1, len(FEATURES)), 5, np.int8), binary_data=False)
+    bad._data = [300] * len(FEATURES)  # what numpy would wrap around to 44 without a word
+    with pytest.raises(triton.InferenceServerException, match="300 is out of the INT8 range"):
+        client.infer("binary", [bad])

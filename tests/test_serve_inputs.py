@@ -710,3 +710,91 @@ def test_passthrough_integers_beyond_64_bits_are_answered_exactly(models, tmp_pa
         stored = {r["id"]: r["big"] for r in read_table(serve["sink"], table)}
         assert len(stored) == len(big) + 2
         assert str(2**64 + 5) in str(stored["e0"]) and str(2**70) in str(stored["e2"]), stored
+
+
+# -- round 2 (review defect 16): OIP values that do not fit their datatype, stray inputs and bytes ------------
+def per_feature() -> list[dict]:
+    return [tensor(name=f, shape=[1], data=[0.5]) for f in FEATURES]
+
+
+LAX = [
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="INT8", data=[300])]},
+     [repr(FEATURES[-1]), "300", "INT8"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="UINT8", data=[-1])]},
+     [repr(FEATURES[-1]), "UINT8"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="INT64", data=[11.5])]},
+     [repr(FEATURES[-1]), "11.5", "integers"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="INT64", data=[True])]},
+     [repr(FEATURES[-1]), "true"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="INT64", data=[None])]},
+     [repr(FEATURES[-1]), "null"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="INT64", data=[2**63])]},
+     [repr(FEATURES[-1]), "INT64 range"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="BOOL", data=[2])]},
+     [repr(FEATURES[-1]), "true or false"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="FP64", data=[False])]},
+     [repr(FEATURES[-1]), "false"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name=FEATURES[-1], shape=[1], datatype="FP32", data=[1e300])]},
+     [repr(FEATURES[-1]), "FP32 range"]),
+    ({"inputs": [tensor(data=[1.5] * 8, datatype="INT32", shape=[1, 8])]}, ["'x'", "1.5"]),
+    ({"inputs": per_feature() + [tensor(name="extra", shape=[1])]}, ["unknown input", "'extra'"]),
+    ({"inputs": [*per_feature()[:-1], tensor(name="x7_typo", shape=[1])]}, ["missing", "'x7_typo'"]),
+]
+
+
+@pytest.mark.parametrize("body,says", LAX, ids=[str(i) for i in range(len(LAX))])
+def test_values_that_do_not_fit_their_datatype_and_stray_inputs_get_400(client, body, says):
+    resp = client.post("/v2/models/binary/infer", content=json.dumps(body).encode())
+    assert resp.status_code == 400, resp.text
+    assert all(s in resp.json()["error"] for s in says), (says, resp.text)
+
+
+def test_binary_bodies_with_bytes_left_over_or_data_twice_get_400(client):
+    good = np.full((2, 8), 0.5, "<f8").tobytes()
+    head = {"inputs": [{"name": "x", "shape": [2, 8], "datatype": "FP64", "parameters": {"binary_data_size": len(good)}}]}
+    body, headers = binary_body(head, [good])
+    assert client.post("/v2/models/binary/infer", content=body, headers=headers).status_code == 200
+    resp = client.post("/v2/models/binary/infer", content=body + b"\0\0\0\0", headers=headers)
+    assert resp.status_code == 400 and "4 bytes after the last binary tensor" in resp.json()["error"], resp.text
+    both = {"inputs": [{**head["inputs"][0], "data": [0.5] * 16}]}
+    body, headers = binary_body(both, [good])
+    resp = client.post("/v2/models/binary/infer", content=body, headers=headers)
+    assert resp.status_code == 400 and "both data and parameters.binary_data_size" in resp.json()["error"], resp.text
+
+
+def test_missing_values_in_json_fp_tensors_score_like_lightgbm(client, models):
+    """null, and NaN as tritonclient (Python's json) writes it with binary_data=False, are missing values, as in
+    binary mode; LightGBM's own predict is the reference."""
+    booster = lgb.Booster(model_file=models["binary"])
+    x = np.random.default_rng(7).normal(size=(4, len(FEATURES)))
+    x[0, 1] = x[2, 5] = x[3, 0] = np.nan
+    expected = booster.predict(x)
+    for data in (json.dumps(x.ravel().tolist()), json.dumps([None if v != v else v for v in x.ravel().tolist()])):
+        body = f'{{"inputs": [{{"name": "x", "shape": [4, 8], "datatype": "FP64", "data": {data}}}]}}'.encode()
+        resp = client.post("/v2/models/binary/infer", content=body)
+        assert resp.status_code == 200, resp.text
+        assert np.max(np.abs(np.array(resp.json()["outputs"][0]["data"]) - expected)) <= 1e-12
+    resp = client.post("/v2/models/binary/infer", content=b'{"inputs": [NaN]')
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"], resp.text
+
+
+def test_cloudevents_specversion_other_than_1_0_or_attributes_not_strings_are_refused_per_event(models):
+    items = [kafka_event(good_record(0), 1),
+             {**kafka_event(good_record(1), 2), "specversion": "0.3"},
+             {**kafka_event(good_record(2), 3), "specversion": 1.0},
+             {**kafka_event(good_record(3), 4), "id": 7},
+             {**kafka_event(good_record(4), 5), "source": ["s"]},
+             {**kafka_event(good_record(5), 6), "id": 2**70},
+             kafka_event(good_record(6), 7)]
+    with TestClient(app_for(models["binary"]).asgi()) as c:
+        resp = c.post("/", headers=BATCH, content=json.dumps(items).encode())
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+        assert [e["type"] for e in got] == ["scoring.result"] + ["scoring.result.error"] * 5 + ["scoring.result"]
+        for reply, word in zip(got[1:6], ["specversion", "strings", "['id'] must be strings", "['source']",
+                                          str(2**70)], strict=True):
+            assert word in reply["data"]["error"], (word, reply)
+        resp = c.post("/", content=json.dumps(good_record(0)).encode(),
+                      headers={"ce-specversion": "0.3", "ce-id": "1", "ce-source": "s", "ce-type": "t",
+                               "content-type": "application/json"})
+        assert resp.status_code == 400 and "specversion" in resp.json()["error"], resp.text

@@ -102,11 +102,17 @@ class Event:
 
 
 def _check(attrs: dict[str, Any]) -> None:
-    missing = [a for a in REQUIRED if not attrs.get(a)]
+    """CloudEvents 1.0: id, source, type and specversion are required non-empty strings (an integer id is not
+    an id: JSON's 7 and "7" would be one event), and specversion is "1.0" (0.3 spells its attributes otherwise)."""
+    missing = [a for a in REQUIRED if a not in attrs or attrs[a] is None or attrs[a] == ""]
     if missing:
         raise BadRequest(f"CloudEvent without required attribute(s) {missing}")
-    if str(attrs["specversion"]) not in ("1.0", "0.3"):
-        raise BadRequest(f"CloudEvents specversion {attrs['specversion']!r} is not supported (use 1.0)")
+    wrong = [a for a in REQUIRED if not isinstance(attrs[a], str)]
+    if wrong:
+        raise BadRequest(f"CloudEvent attribute(s) {wrong} must be strings, got "
+                         f"{', '.join(dumps(attrs[a]).decode()[:40] for a in wrong)}")
+    if attrs["specversion"] != "1.0":
+        raise BadRequest(f"CloudEvents specversion {attrs['specversion'][:40]!r} is not supported (use 1.0)")
 
 
 def _check_type(attrs: dict[str, Any]) -> None:

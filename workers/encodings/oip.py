@@ -6,7 +6,11 @@ Two input layouts are accepted:
 A feature with a pandas category list takes its category *values*, mapped through the list to codes as batch and
 stream modes do (unknown values are missing): numbers for numeric categories (in either layout), BYTES strings
 for any. A categorical feature without a list (``categorical_feature`` integer codes) takes the codes as numbers.
-JSON ``data`` may be flat (row-major) or nested exactly like ``shape``. The binary tensor extension is supported
+JSON ``data`` may be flat (row-major) or nested exactly like ``shape``; each value must fit its datatype (BOOL
+true/false, integers (5.0 too) within the INT/UINT range, FP numbers within range, null or NaN for missing: tritonclient
+writes NaN literally with binary_data=False, so ``NaN``/``Infinity`` are read although they are not JSON). An
+input that is no feature, an input with both ``data`` and ``binary_data_size``, or bytes left after the last
+binary tensor are refused. The binary tensor extension is supported
 both ways: ``Inference-Header-Content-Length`` gives the JSON header's length, tensors with
 ``parameters.binary_data_size`` follow it in order; outputs requested with ``binary_data`` (or the
 request parameter ``binary_data_output``) are returned the same way.
@@ -121,11 +125,41 @@ def _json_values(name: str, dtype: str, data: Any, shape: list[int], size: int) 
             bad = next(v for v in flat if not isinstance(v, str))
             raise BadRequest(f"input {name!r}: BYTES data must be strings, got {_kind(bad)}")
         return np.array(flat, dtype=object)
-    # Numbers only: numpy would also parse "1.5" or "nan" strings, which are not numbers in JSON.
-    if not all(type(v) in (int, float, bool) for v in flat):
-        bad = next(v for v in flat if type(v) not in (int, float, bool))
-        raise BadRequest(f"input {name!r}: data must be numbers for {dtype}, got {_kind(bad)}")
-    return np.array(flat, dtype=np.float64) if flat else np.empty(0)
+    # Each value must be what its datatype holds (numpy would also parse "1.5" or "nan" strings, cast 300 into an
+    # INT8 or 11.5 into an INT64 without a word): BOOL true/false; integers within the type's range; FP numbers,
+    # null or NaN (missing, what tritonclient sends for NaN with binary_data=False), within the type's range.
+    if dtype == "BOOL":
+        bad = next((v for v in flat if type(v) is not bool), _NONE)
+        if bad is not _NONE:
+            raise BadRequest(f"input {name!r}: BOOL data must be true or false, got {_shown(bad)}")
+        return np.array(flat, dtype=np.float64) if flat else np.empty(0)
+    if dtype.startswith(("INT", "UINT")):
+        # An integral float (5.0) is the integer it spells; 11.5, true, null or NaN are not integers.
+        bad = next((v for v in flat if not (type(v) is int or type(v) is float and v.is_integer())), _NONE)
+        if bad is not _NONE:
+            raise BadRequest(f"input {name!r}: {dtype} data must be integers, got {_shown(bad)}")
+        info = np.iinfo(DTYPES[dtype])
+        bad = next((v for v in flat if not info.min <= v <= info.max), _NONE)
+        if bad is not _NONE:
+            raise BadRequest(f"input {name!r}: {bad} is out of the {dtype} range [{info.min}, {info.max}]")
+        return np.array(flat, dtype=np.float64) if flat else np.empty(0)
+    bad = next((v for v in flat if type(v) not in (int, float, type(None))), _NONE)
+    if bad is not _NONE:
+        raise BadRequest(f"input {name!r}: {dtype} data must be numbers (or null: missing), got {_shown(bad)}")
+    values = np.array([math.nan if v is None else v for v in flat], dtype=np.float64) if flat else np.empty(0)
+    top = float(np.finfo(DTYPES[dtype]).max)
+    big = np.isfinite(values) & (np.abs(values) > top)
+    if big.any():
+        raise BadRequest(f"input {name!r}: {float(values[big][0])!r} is out of the {dtype} range")
+    return values
+
+
+_NONE = object()  # no offending value
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, bool | int | float | type(None)) else _kind(value)
+    return orjson.dumps(text).decode() if not isinstance(text, str) else text
 
 
 def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndarray, int]:
@@ -142,6 +176,8 @@ def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndar
         raise BadRequest(f"input {name!r}: shape must be [N] or [N, k] of non-negative integers, got {shape!r}")
     size = math.prod(shape)
     params = _parameters(spec, f"input {name!r}")
+    if "binary_data_size" in params and "data" in spec:
+        raise BadRequest(f"input {name!r}: both data and parameters.binary_data_size; send one of them")
     if "binary_data_size" in params:
         n = params["binary_data_size"]
         if type(n) is not int or n < 0:
@@ -176,10 +212,7 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
         head, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         head, binary = body, None
-    try:
-        req = orjson.loads(head)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    req = _loads(head)
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise BadRequest("body must be an object with a non-empty 'inputs' list")
     rid = req.get("id")
@@ -195,6 +228,9 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
         if spec["name"] in tensors:
             raise BadRequest(f"input {spec['name']!r} is given twice")
         tensors[spec["name"]] = values
+    if binary is not None and offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes after the last binary tensor (check each input's "
+                         "parameters.binary_data_size and Inference-Header-Content-Length)")
     outputs = req.get("outputs")
     requested, binary_out = None, set()
     if outputs is not None:
@@ -211,6 +247,23 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
         binary_out.add("*")
     matrix = _to_matrix(tensors, model)
     return InferRequest(rid, matrix, binary_out, requested)
+
+
+def _loads(head: bytes) -> Any:
+    """The request's JSON. ``NaN``, ``Infinity`` and ``-Infinity`` are taken too: they are not JSON, but they are
+    what tritonclient (Python's json) writes for those values with binary_data=False."""
+    try:
+        return orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        error = exc
+    if b"NaN" in head or b"Infinity" in head:
+        import json
+
+        try:
+            return json.loads(head)
+        except (ValueError, RecursionError):
+            pass
+    raise BadRequest(f"body is not valid JSON: {error}") from None
 
 
 def _model_values(model: Model, j: int, values: np.ndarray) -> np.ndarray:
@@ -251,8 +304,13 @@ def _to_matrix(tensors: dict[str, np.ndarray], model: Model) -> np.ndarray:
                     matrix[:, j] = _model_values(model, j, np.ascontiguousarray(matrix[:, j]))
             return matrix
     missing = [n for n in names if n not in tensors]
+    unknown = [n for n in tensors if n not in set(names)]
+    if unknown and not missing:
+        raise BadRequest(f"unknown input(s) {unknown[:10]}: the model's features are {names[:10]}"
+                         f"{'...' if len(names) > 10 else ''}")
     if missing:
-        raise BadRequest(f"send one [N, {len(names)}] tensor, or one [N] tensor per feature; missing {missing[:10]}")
+        raise BadRequest(f"send one [N, {len(names)}] tensor, or one [N] tensor per feature; missing {missing[:10]}"
+                         + (f"; unknown input(s) {unknown[:10]}" if unknown else ""))
     for name in names:
         values = tensors[name]
         if values.ndim == 2 and values.shape[1] != 1:
