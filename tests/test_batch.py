@@ -479,3 +479,30 @@ def test_an_empty_input_gets_an_empty_results_file_with_the_result_columns(model
         assert table.schema.field("x7").type == some.field("x7").type
     assert not (out / "_errors").exists()
     assert len(read_results(str(out))) == 4
+
+
+def test_the_parquet_sink_stores_month_day_nano_intervals_exactly(tmp_path):
+    """From the sinks engineer: a month_day_nano_interval value (a passthrough from a mode whose inputs have
+    them) made the Parquet sink raise ArrowNotImplementedError (Parquet has no such type). It is stored as a
+    struct of its three parts, top-level or nested; results and rejected rows alike."""
+    from workers.scoring import Scored
+    from workers.settings import S3Settings
+    from workers.sinks.parquet import ParquetSink
+
+    mdn = pa.month_day_nano_interval()
+    values = [pa.MonthDayNano([1, 2, 3]), None, pa.MonthDayNano([-1, 0, 2**62])]
+    results = pa.table({"id": ["a", "b", "c"], "score": [0.1, 0.2, 0.3], "p": pa.array(values, mdn),
+                        "q": pa.array([[values[0]], None, [values[2], None]], pa.list_(mdn))})
+    errors = pa.table({"id": ["d"], "reason": ["r"], "raw": ["{}"], "p": pa.array([values[2]], mdn)})
+    sink = ParquetSink(str(tmp_path / "out"), S3Settings())
+    sink.check()
+    unit = sink.begin(str(tmp_path / "in" / "x.parquet"))
+    unit.write(Scored(results, errors))
+    unit.commit()
+    got = read_results(str(tmp_path / "out"))
+    assert got["p"].tolist() == [{"months": 1, "days": 2, "nanoseconds": 3}, None,
+                                 {"months": -1, "days": 0, "nanoseconds": 2**62}]
+    assert got["q"].tolist()[0].tolist() == [{"months": 1, "days": 2, "nanoseconds": 3}]
+    assert got["q"].tolist()[2].tolist() == [{"months": -1, "days": 0, "nanoseconds": 2**62}, None]
+    err = ds.dataset(str(tmp_path / "out" / "_errors"), format="parquet").to_table()
+    assert err["p"].to_pylist() == [{"months": -1, "days": 0, "nanoseconds": 2**62}]

@@ -23,10 +23,11 @@ import socket
 import time
 import uuid
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from workers.errors import InputError, SinkError
+from workers.errors import InputError, RowsRejected, SinkError
 from workers.scoring import Scored
 from workers.settings import S3Settings
 from workers.sinks.base import Sink, UnitWriter
@@ -132,6 +133,55 @@ class _File:
             pass
 
 
+# Parquet has no type for Arrow's month_day_nano_interval (its INTERVAL holds milliseconds): such values are
+# written as this struct, which keeps every part exactly.
+INTERVAL_STRUCT = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])
+
+
+def _storable_type(t: pa.DataType) -> pa.DataType:
+    if t == pa.month_day_nano_interval():
+        return INTERVAL_STRUCT
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = t.value_field.with_type(_storable_type(t.value_type))
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(inner, t.list_size)
+        return pa.large_list(inner) if pa.types.is_large_list(t) else pa.list_(inner)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_storable_type(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(t.key_field.with_type(_storable_type(t.key_type)),
+                       t.item_field.with_type(_storable_type(t.item_type)), t.keys_sorted)
+    return t
+
+
+def _storable_value(v, t: pa.DataType):
+    if v is None:
+        return None
+    if t == pa.month_day_nano_interval():
+        return {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return [_storable_value(x, t.value_type) for x in v]
+    if pa.types.is_struct(t):
+        return {f.name: _storable_value(v.get(f.name), f.type) for f in t}
+    if pa.types.is_map(t):
+        return [(_storable_value(k, t.key_type), _storable_value(x, t.item_type)) for k, x in v]
+    return v
+
+
+def storable(table: pa.Table) -> pa.Table:
+    """``table`` with the columns Parquet cannot hold in a type it can (``INTERVAL_STRUCT``)."""
+    for i, f in enumerate(table.schema):
+        target = _storable_type(f.type)
+        if target != f.type:
+            values = [_storable_value(v, f.type) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.with_type(target), pa.array(values, target))
+    return table
+
+
+def _unwritable(table: pa.Table, exc: Exception) -> str:
+    return f"the Parquet output cannot hold these values ({type(exc).__name__}: {str(exc)[:200]})"
+
+
 class _ParquetUnit(UnitWriter):
     def __init__(self, sink: ParquetSink, unit: str):
         self.sink = sink
@@ -144,9 +194,20 @@ class _ParquetUnit(UnitWriter):
             # A unit's results file exists even without rows (an emptied input: the results' columns, no rows),
             # so each input has its output and readers see it was scored. Errors only when there are any.
             if scored.results.num_rows or self.results.writer is None:
-                self.results.write(scored.results)
+                results = storable(scored.results)
+                try:
+                    self.results.write(results)
+                except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    # A type or value the file cannot take: the rows' fault (RowsRejected's contract:
+                    # nothing of this call is stored), never a run stopped by a traceback.
+                    reason = _unwritable(results, exc)
+                    raise RowsRejected({i: reason for i in range(max(results.num_rows, 1))}) from None
             if scored.errors.num_rows:
-                self.errors.write(scored.errors)
+                errors = storable(scored.errors)
+                try:
+                    self.errors.write(errors)
+                except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    raise InputError(f"rejected rows: {_unwritable(errors, exc)}") from None
         except OSError as exc:
             raise SinkError(f"writing {self.results.final}: {exc}") from exc
 
