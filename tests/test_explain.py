@@ -56,11 +56,13 @@ def test_explanations_land_in_parquet_and_table_sinks(models, tmp_path):
         assert run_batch(settings).exit_code == 0
     table = pq.read_table(tmp_path / "pq" / result_of(f"{inputs}/part-000.parquet"))
     kind = table.schema.field("explanation").type
-    assert pa.types.is_list(kind) and [f.name for f in kind.value_type] == ["feature", "value", "contribution"]
+    assert pa.types.is_list(kind) and [f.name for f in kind.value_type] == ["feature", "value", "contribution",
+                                                                          "category"]
     import orjson
 
     row = sqlite3.connect(tmp_path / "e.db").execute("select explanation from scores limit 1").fetchone()[0]
-    assert len(orjson.loads(row)) == 2 and set(orjson.loads(row)[0]) == {"feature", "value", "contribution"}
+    assert len(orjson.loads(row)) == 2 and set(orjson.loads(row)[0]) == {"feature", "value", "contribution",
+                                                                          "category"}
 
 
 @pytest.mark.postgres
@@ -78,3 +80,19 @@ def test_explanations_are_jsonb_in_postgres(models, pg_dsn, pg_table, tmp_path):
         n = conn.execute(f'SELECT count(*) FROM "{pg_table}" WHERE jsonb_array_length(explanation) = 3 '
                          "AND explanation->0 ? 'contribution'").fetchone()[0]
     assert kind == "jsonb" and n == 30
+
+
+def test_a_categorical_feature_shows_its_category_not_the_internal_code(models):
+    """Review defect 14: for a pandas-categorical feature the explanation's value was the model's internal
+    category position (color 'blue' shown as 2.0). Now ``category`` holds the category as text and ``value``
+    the category itself when numeric (null for a text category), as the input had it."""
+    model = load_model(ModelSettings(path=models["categorical"]))
+    df = frame(40, seed=23, categorical=True)
+    df.loc[5, "color"] = np.nan
+    out = Scorer(model, explain="all").score(pa.Table.from_pandas(df, preserve_index=False)).results
+    for k, items in enumerate(out["explanation"].to_pylist()):
+        by = {i["feature"]: i for i in items}
+        color = None if k == 5 else df["color"].iloc[k]
+        assert (by["color"]["value"], by["color"]["category"]) == (None, color)
+        assert (by["size"]["value"], by["size"]["category"]) == (float(df["size"].iloc[k]), str(df["size"].iloc[k]))
+        assert by["x0"]["value"] == df["x0"].iloc[k] and by["x0"]["category"] is None
