@@ -228,7 +228,8 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Ite
             ahead.put(exc)
         except (pa.ArrowInvalid, OSError) as exc:
             ahead.put(InputError(f"corrupt Parquet data: {exc}"))
-        except pa.ArrowException as exc:  # e.g. a type this pyarrow cannot decode: that file fails alone
+        except Exception as exc:  # noqa: BLE001 - e.g. a type this pyarrow cannot decode: that file fails alone
+            # (and the caller, waiting for the next item, must get one: a silent end here would hang the run)
             ahead.put(InputError(f"cannot read Parquet data: {type(exc).__name__}: {str(exc)[:200]}"))
 
     reader = threading.Thread(target=read, name="parquet-read-ahead", daemon=True)
