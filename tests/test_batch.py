@@ -506,3 +506,24 @@ def test_the_parquet_sink_stores_month_day_nano_intervals_exactly(tmp_path):
     assert got["q"].tolist()[2].tolist() == [{"months": -1, "days": 0, "nanoseconds": 2**62}, None]
     err = ds.dataset(str(tmp_path / "out" / "_errors"), format="parquet").to_table()
     assert err["p"].to_pylist() == [{"months": -1, "days": 0, "nanoseconds": 2**62}]
+
+
+def test_an_arrow_error_from_a_files_data_fails_that_file_alone(models, tmp_path):
+    """Review defect 1's class: any Arrow kernel error on a file's data escaped as a traceback and stopped the
+    run. Real trigger: two served versions split rows by id, and a list-typed id has no text cast
+    (ArrowNotImplementedError). That file now fails alone with the reason; the next file is scored."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    feats = {f: [0.1, 0.2] for f in [f"x{i}" for i in range(8)]}
+    pq.write_table(pa.table({"id": pa.array([[1], [2]]), **feats}), inputs / "a.parquet")
+    pq.write_table(pa.table({"id": ["c", "d"], **feats}), inputs / "z.parquet")
+    routing = tmp_path / "routing.json"
+    routing.write_text(json.dumps({"versions": [{"name": "v1", "model": models["binary"], "weight": 50},
+                                                {"name": "v2", "model": models["binary_v2"], "weight": 50}]}))
+    proc = cli("batch", "--routing", str(routing), "--input", str(inputs), "--output", str(tmp_path / "out"))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
+    assert ("failed: a.parquet: cannot score a.parquet: ArrowNotImplementedError: Unsupported cast from "
+            "list<element: int64> to utf8") in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["files_scored"], summary["files_failed"], summary["rows_scored"]) == (1, 1, 2)
