@@ -121,6 +121,19 @@ def cases(w: dict) -> list[Case]:
              "SCORING_STREAM__HEARTBEAT_INTERVAL_MS"),
         Case("stream-metrics-port-in-use", [*stream, "--metrics-port", port], "SCORING_STREAM__METRICS_PORT"),
         Case("stream-group-name-as-variable", stream, "SCORING_KAFKA", {"SCORING_KAFKA": "broker:9092"}),
+        # An empty group id aborted librdkafka (SIGABRT, exit 134); an empty id field dead-lettered everything;
+        # a topic name Kafka refuses was retried forever; a sink or dead-letter topic that is an input topic looped.
+        Case("stream-empty-group", [*stream, "--group", ""], "SCORING_STREAM__GROUP (--group)"),
+        Case("stream-blank-group-env", stream, "SCORING_STREAM__GROUP", {"SCORING_STREAM__GROUP": " "}),
+        Case("stream-empty-id-column", [*stream, "--id-column", ""], "SCORING_SCORING__ID_COLUMN (--id-column)"),
+        Case("stream-bad-topic-name", [*stream, "--topic", "bad topic!"], "SCORING_STREAM__TOPICS (--topic)"),
+        Case("stream-bad-dead-letter-topic", [*stream, "--dead-letter-topic", "x y"],
+             "SCORING_STREAM__DEAD_LETTER_TOPIC (--dead-letter-topic)"),
+        Case("stream-sink-is-the-input-topic", [*stream, "--sink", "kafka://t"], "SCORING_STREAM__SINK (--sink)"),
+        Case("stream-dead-letter-is-the-input-topic", [*stream, "--dead-letter-topic", "t"],
+             "SCORING_STREAM__DEAD_LETTER_TOPIC (--dead-letter-topic)"),
+        Case("stream-unclosed-bracket-in-uri", [*stream, "--sink", "postgresql://u:pw@[::1:5432/db?table=x"],
+             "SCORING_STREAM__SINK (--sink)"),
         # serve
         Case("serve-missing-model", ["serve", "--model", "nope.txt", "--port", "0"], "SCORING_MODEL__PATH"),
         Case("serve-port-in-use", ["serve", "--model", m, "--port", port], "SCORING_SERVE__PORT"),
@@ -385,6 +398,25 @@ def test_redact_hides_passwords_and_keeps_every_other_spelling():
     assert redact("postgresql://u@h/db?table=t") == "postgresql://u@h/db?table=t"
     assert redact("s3://bucket/day=1/") == "s3://bucket/day=1/"
     assert redact("plain/folder") == "plain/folder"
+    # Passwords pasted unencoded: a ? or # before the @ is still the password's.
+    assert redact("postgresql://postgres:Xy?z9secret@127.0.0.1:5432/test?table=t") == \
+        "postgresql://postgres:***@127.0.0.1:5432/test?table=t"
+    assert redact("postgresql://u:p#x@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://h/db?email=a@b") == "postgresql://h/db?email=a@b"
+
+
+def test_driver_messages_quoting_the_password_are_scrubbed():
+    """psycopg quotes what it cannot parse, a password with a bare % included; the sink's errors must not."""
+    from workers.errors import SinkError
+    from workers.settings import scrub
+    from workers.sinks.postgres import PostgresSink
+
+    uri = "postgresql://postgres:s3%cret@127.0.0.1:5432/test?table=t&sslpassword=hunter22"
+    assert scrub('invalid percent-encoded token: "s3%cret"; hunter22', uri) == \
+        'invalid percent-encoded token: "***"; ***'
+    with pytest.raises(SinkError) as info:
+        PostgresSink(uri, "SCORING_STREAM__SINK").check()
+    assert "s3%cret" not in str(info.value) and "hunter22" not in str(info.value)
 
 
 def test_a_multi_line_driver_error_is_one_line(tmp_path):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from pydantic import (
     AfterValidator,
@@ -48,9 +49,13 @@ def redact(uri: str) -> str:
     if not isinstance(uri, str) or "://" not in uri:
         return uri
     scheme, rest = uri.split("://", 1)
-    # The authority ends at the first / ? # after its last @ (a password may hold a raw / or #).
-    head = rest.split("?", 1)[0]
-    at = head.rfind("@") + 1
+    # The userinfo ends at the last @ before the first / that follows an @: a password may hold a raw
+    # / ? # or @ (users paste them unencoded), a query may hold an @ of its own after the path.
+    first = rest.find("@")
+    slash = rest.find("/", first + 1) if first >= 0 else -1
+    at = (rest.rfind("@", 0, slash) if slash >= 0 else rest.rfind("@")) + 1
+    if at and ":" not in rest[:at] and "/" in rest[:at]:
+        at = 0  # an @ in the path or query, no userinfo
     cut = min((i for i in (rest.find("/", at), rest.find("?", at), rest.find("#", at)) if i >= 0), default=len(rest))
     netloc, tail = rest[:cut], rest[cut:]
     if "@" in netloc:
@@ -65,6 +70,28 @@ def redact(uri: str) -> str:
             query = urlencode([(k, "***" if _secret(k) else v) for k, v in pairs], safe="*/")
         tail = f"{path}?{query}{hash_}{fragment}"
     return f"{scheme}://{netloc}{tail}"
+
+
+def scrub(text: str, uri: str) -> str:
+    """``text`` (a driver's error message) without the secrets of ``uri``: drivers quote what they could not
+    parse, a password included (psycopg: 'invalid percent-encoded token: "s3%cret"')."""
+    secrets = set()
+    shown = redact(uri)
+    if shown != uri:
+        # What redact replaced by *** is secret: recover each piece by aligning the two spellings.
+        head, _, tail = shown.partition("***")
+        while _:
+            start = len(head)
+            end = uri.find(tail.split("***", 1)[0], start) if tail.split("***", 1)[0] else len(uri)
+            if end > start:
+                secrets.add(uri[start:end])
+                secrets.add(unquote(uri[start:end]))
+            uri, shown = uri[end:], tail
+            head, _, tail = shown.partition("***")
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
 
 
 def readable_uri(value: Any) -> Any:
@@ -112,6 +139,23 @@ def _names(value: Any) -> Any:
 
 NameList = Annotated[list[str], NoDecode, BeforeValidator(_names)]
 
+def _topic(value: str) -> str:
+    # Kafka's own rule for topic names; a name it refuses would be retried forever at the first produce or fetch.
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", value):
+        raise ValueError("is not a Kafka topic name (1 to 249 letters, digits, '.', '_' or '-')")
+    return value
+
+
+def _text(value: str) -> str:
+    # An empty group id aborts librdkafka (SIGABRT); an empty id field dead-letters every record.
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+TopicName = Annotated[str, AfterValidator(_topic)]
+Text = Annotated[str, AfterValidator(_text)]
+
 
 class ModelSettings(_Group):
     path: ReadableUri = None
@@ -142,7 +186,7 @@ class S3Settings(_Group):
 
 
 class ScoringSettings(_Group):
-    id_column: str = "id"
+    id_column: Text = "id"
     """Input column (batch) or JSON field (stream) holding the record id; with the model version it keys each result."""
     passthrough: NameList = Field(default_factory=list)
     """Input columns copied unchanged into each result (comma-separated on the command line)."""
@@ -174,10 +218,10 @@ class BatchSettings(_Group):
     """Exit 0 when the only failures were rejected rows (they are in the errors output either way)."""
     progress: Literal["auto", "bar", "log"] = "auto"
     """Progress display: a bar on a terminal, JSON log lines otherwise (`auto`)."""
-    queue_topic: str | None = None
+    queue_topic: TopicName | None = None
     """Take the files to score from this Kafka topic of "file arrived" events (a path or URI as the value, or
     JSON with `path`/`uri`) instead of listing `input`; the run exits when the topic is drained (KEDA ScaledJob)."""
-    queue_group: str = "scoring-batch"
+    queue_group: Text = "scoring-batch"
     """Consumer group of the queue topic; every Job of one ScaledJob uses the same group."""
     idle_exit_s: float = Field(10.0, gt=0)
     """With a queue topic: exit after this long with no new event (the queue is drained)."""
@@ -231,14 +275,14 @@ class KafkaSettings(_Group):
 
 
 class StreamSettings(_Group):
-    topics: NameList = Field(default_factory=list)
+    topics: Annotated[list[TopicName], NoDecode, BeforeValidator(_names)] = Field(default_factory=list)
     """Topics to consume (repeat --topic, or comma-separated in the env var)."""
-    group: str = "scoring-workers"
+    group: Text = "scoring-workers"
     """Consumer group id; every pod of one deployment uses the same group."""
     sink: str = "sqlite:///scores.db?table=scores"
     """Where results go: `postgresql://...?table=T`, `sqlite:///path.db?table=T`, `kafka://topic`, a directory
     or `s3://` prefix (Parquet, one file per partition per committed batch)."""
-    dead_letter_topic: str | None = None
+    dead_letter_topic: TopicName | None = None
     """Topic for bad records (original key and value, headers with the reason); default `<topic>.dlq`."""
     on_bad_record: Literal["dead-letter", "fail"] = "dead-letter"
     """What a record that cannot be scored does: go to the dead-letter topic, or stop the worker (exit 1)."""
@@ -423,6 +467,17 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     if st.heartbeat_interval_ms >= st.session_timeout_ms:
         raise ConfigError("SCORING_STREAM__HEARTBEAT_INTERVAL_MS", f"{st.heartbeat_interval_ms} must be below "
                           f"SCORING_STREAM__SESSION_TIMEOUT_MS ({st.session_timeout_ms})")
+    # A sink or dead-letter topic that is also an input topic feeds the worker its own output, forever.
+    outputs = {"SCORING_STREAM__DEAD_LETTER_TOPIC": [st.dlq_for(t) for t in st.topics]}
+    sinks = (("SCORING_STREAM__SINK", st.sink), ("SCORING_ROUTING__SHADOW_SINK", settings.routing.shadow_sink))
+    for name, uri in sinks:
+        if uri and uri.lower().startswith("kafka://"):
+            outputs[name] = [uri[len("kafka://"):].strip("/")]  # as the Kafka sink reads it
+    for name, written in outputs.items():
+        loop = sorted(set(written) & set(st.topics))
+        if loop:
+            raise ConfigError(name, f"writes to {', '.join(loop)}, which is also an input topic "
+                              "(SCORING_STREAM__TOPICS): the worker would consume its own output")
     b = settings.batch
     if b.shard_index is not None and b.shard_index >= b.shard_count:
         raise ConfigError(

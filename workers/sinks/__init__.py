@@ -46,6 +46,15 @@ SINKS = {
 
 
 def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", **extra: object) -> Sink:
+    try:
+        return _open(uri, s3, setting, **extra)
+    except ValueError as exc:  # urllib's own refusals (an unclosed '[' is 'Invalid IPv6 URL'): a wrong setting
+        from workers.settings import redact
+
+        raise ConfigError(setting, f"cannot read {redact(uri)!r} as a URI: {exc}") from None
+
+
+def _open(uri: str, s3: S3Settings, setting: str, **extra: object) -> Sink:
     scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
     factory = SINKS.get(scheme)
     if factory is None:

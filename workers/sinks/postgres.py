@@ -36,6 +36,7 @@ from psycopg.pq import TransactionStatus
 
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring import Scored
+from workers.settings import scrub
 from workers.sinks.base import Sink, UnitWriter, redact
 from workers.sinks.pgtypes import JSON_COLUMNS, USING, csv_column, escape_nul, exact_columns, join, pg_type
 from workers.sinks.tables import UNIT_COLUMN, dedupe_last, missing_keys, with_unit
@@ -120,6 +121,7 @@ class PostgresSink(Sink):
         self.schema = parts[0] if len(parts) == 2 else None
         self.table = parts[-1]
         self.name = redact(uri)
+        self._uri = uri  # for scrub(): driver messages may quote the password
         self.timeouts = (lock_timeout_s, statement_timeout_s)
         self._conn: psycopg.Connection | None = None
         self._known: dict[str, dict[str, str]] = {}  # suffix -> the table's columns and types, once read
@@ -147,7 +149,7 @@ class PostgresSink(Sink):
                 self._conn.execute("SET TimeZone = 'UTC'")
                 self._conn.commit()
             except psycopg.Error as exc:
-                raise SinkError(f"cannot connect to {self.name}: {exc}".strip()) from exc
+                raise SinkError(scrub(f"cannot connect to {self.name}: {exc}".strip(), self._uri)) from exc
             self._known.clear()
             self._stages.clear()
         return self._conn
@@ -169,7 +171,7 @@ class PostgresSink(Sink):
         if self._conn is not None and (self._conn.broken or isinstance(exc, psycopg.OperationalError)):
             self._conn.close()
             self._conn = None
-        return SinkError(f"{what} in {self.name}: {str(exc).strip()}")
+        return SinkError(scrub(f"{what} in {self.name}: {str(exc).strip()}", self._uri))
 
     def _commit(self, what: str) -> None:
         try:
