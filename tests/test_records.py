@@ -173,3 +173,9 @@ def test_passthrough_integers_beyond_64_bits_are_decoded_exactly_and_mixed_value
     q = RecordDecoder.passthrough_array(decoded.passthrough["q"])
     assert p.type == pa.json_() and p.to_pylist() == ["18446744073709551621", "-9223372036854775809", None]
     assert q.type == pa.json_() and q.to_pylist() == ["1", '"x"', '{"k":[1,2]}']
+
+
+def test_a_feature_holding_an_integer_beyond_64_bits_gets_a_reason_not_an_exception(models):
+    """Found by the fuzz suite: the reason quoted the value with orjson, which cannot write such integers."""
+    out = decoder(models).decode([b'{"id":" ","x0":[-9223372036854775809]}'])
+    assert out.features.reasons[0].startswith("feature 'x0': expected a number, got list [-9223372036854775809]")

@@ -99,7 +99,7 @@ class RecordDecoder:
             mapping = self.categorical.get(j, False)
             if mapping is not False and mapping is not None and isinstance(v, str | int) and t is not bool:
                 continue
-            shown = orjson.dumps(v).decode()[:60] if not isinstance(v, bytes) else repr(v)[:60]
+            shown = to_json(v)[:60] if not isinstance(v, bytes) else repr(v)[:60]  # never raises (ints > 64 bits)
             return f"feature '{self.names[j]}': expected a number, got {type(v).__name__} {shown}"
         return None
 
