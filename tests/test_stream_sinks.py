@@ -14,6 +14,7 @@ import pytest
 
 from tests.kafka_util import wait_for
 from tests.test_stream import FEATURES, records
+from workers.scoring import Scored
 
 pytestmark = pytest.mark.kafka
 
@@ -240,3 +241,106 @@ def test_a_micro_batch_of_mixed_json_passthrough_is_stored_as_json_values(models
     assert worker.wait(30) == 0
     got = stored()
     assert [got[r["id"]] for r in recs] == values
+
+
+# -- table sinks, stream writes: stale (zombie) writes and duplicates in one micro-batch ------------------
+def _stream_rows(*rows: tuple) -> Scored:
+    """A stream micro-batch's results: rows of (id, score, partition, offset[, timestamp ms])."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    def stamp(r):
+        return dt.datetime.fromtimestamp(r[4] / 1000, dt.UTC) if len(r) > 4 and r[4] is not None else None
+
+    results = pa.table({
+        "id": pa.array([r[0] for r in rows], pa.string()),
+        "model_version": pa.array(["v1"] * len(rows), pa.string()),
+        "score": pa.array([float(r[1]) for r in rows], pa.float64()),
+        "topic": pa.array(["in"] * len(rows), pa.string()),
+        "partition": pa.array([r[2] for r in rows], pa.int32()),
+        "offset": pa.array([r[3] for r in rows], pa.int64()),
+        "timestamp": pa.array([stamp(r) for r in rows], pa.timestamp("ms", tz="UTC")),
+    })
+    return Scored(results, pa.table({"id": pa.array([], pa.string())}))
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def table_sink(request, tmp_path):
+    """(a fresh table sink on a real server / file, a function reading {id: (score, partition, offset)})."""
+    if request.param == "postgres":
+        import psycopg
+
+        from workers.sinks.postgres import PostgresSink
+
+        dsn, table = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_table")
+        sink = PostgresSink(f"{dsn}?table={table}", "SCORING_STREAM__SINK")
+
+        def read() -> dict:
+            with psycopg.connect(dsn) as conn:
+                rows = conn.execute(f'SELECT id, score, "partition", "offset" FROM "{table}"').fetchall()
+            return {r[0]: tuple(r[1:]) for r in rows}
+    else:
+        from workers.sinks.sqlite import SqliteSink
+
+        db = tmp_path / "s.db"
+        sink = SqliteSink(f"sqlite:///{db}?table=scores", "SCORING_STREAM__SINK")
+
+        def read() -> dict:
+            con = sqlite3.connect(db)
+            try:
+                rows = con.execute('SELECT id, score, "partition", "offset" FROM scores').fetchall()
+            finally:
+                con.close()
+            return {r[0]: tuple(r[1:]) for r in rows}
+    yield sink, read
+    sink.close()
+
+
+@pytest.mark.postgres
+def test_a_stale_stream_write_never_overwrites_a_newer_result_of_its_partition(table_sink):
+    """Defect A (zombie worker after a rebalance): A's write of X@1 hangs, B stores X@1, X@2 and commits, then
+    A's write lands. An older offset of the same topic-partition no longer overwrites the stored row; a newer
+    one and a redelivery of the same offset do; across partitions there is no order, so the later write wins."""
+    sink, read = table_sink
+    sink.write_stream(_stream_rows(("X", 2.0, 0, 2)))
+    sink.write_stream(_stream_rows(("X", 1.0, 0, 1)))  # the zombie's stale write
+    assert read()["X"] == (2.0, 0, 2)
+    sink.write_stream(_stream_rows(("Y", 1.0, 0, 1)))
+    sink.write_stream(_stream_rows(("Y", 2.0, 0, 2)))  # newer: replaces
+    assert read()["Y"] == (2.0, 0, 2)
+    sink.write_stream(_stream_rows(("Y", 2.5, 0, 2)))  # redelivery of the same offset (rescored): replaces
+    assert read()["Y"] == (2.5, 0, 2)
+    sink.write_stream(_stream_rows(("X", 3.0, 1, 0)))  # another partition, lower offset: the later write wins
+    assert read()["X"] == (3.0, 1, 0)
+    sink.write_stream(_stream_rows(("X", 4.0, 0, 1)))  # back to partition 0: again the later write
+    assert read()["X"] == (4.0, 0, 1)
+    # a stale row among fresh ones: only it is skipped
+    sink.write_stream(_stream_rows(("X", 5.0, 0, 0), ("Z", 1.0, 0, 7)))
+    assert read()["X"] == (4.0, 0, 1) and read()["Z"] == (1.0, 0, 7)
+    # no position (a serve event id that is not a Kafka position): nothing to compare, the write wins both ways
+    sink.write_stream(_stream_rows(("Z", 2.0, None, None)))
+    assert read()["Z"] == (2.0, None, None)
+    sink.write_stream(_stream_rows(("Z", 3.0, 0, 1)))
+    assert read()["Z"] == (3.0, 0, 1)
+
+
+@pytest.mark.postgres
+def test_duplicates_in_one_micro_batch_keep_the_newest_record_not_the_highest_offset_across_partitions(
+        table_sink):
+    """Defect B: within one partition the highest offset wins; across partitions offsets are unrelated, so the
+    record with the later timestamp wins (dupX at p0@10, then dupX at p1@0 produced later: p1's is kept,
+    whatever the batch order)."""
+    sink, read = table_sink
+    sink.write_stream(_stream_rows(("D", 1.0, 1, 0, 2_000), ("D", 2.0, 0, 10, 1_000)))
+    assert read()["D"] == (1.0, 1, 0)
+    sink.write_stream(_stream_rows(("E", 2.0, 0, 11, 900), ("E", 1.0, 0, 10, 1_000)))  # one partition: offset
+    assert read()["E"] == (2.0, 0, 11)
+    # several rows of one id from two partitions: p0's newest offset against p1's, by timestamp
+    sink.write_stream(_stream_rows(("F", 1.0, 0, 5, 3_000), ("F", 2.0, 1, 9, 2_000), ("F", 3.0, 0, 6, 1_000),
+                                   ("F", 4.0, 1, 8, 4_000)))
+    assert read()["F"] == (2.0, 1, 9)  # p0 -> @6 (ts 1000), p1 -> @9 (ts 2000): p1@9 is the newer record
+    # no timestamps: the later row in batch order
+    sink.write_stream(_stream_rows(("G", 1.0, 1, 0, None), ("G", 2.0, 0, 10, None)))
+    assert read()["G"] == (2.0, 0, 10)
+    assert sink.duplicates_collapsed == 6  # D 1, E 1, F 3, G 1

@@ -6,7 +6,11 @@ Tables, created when missing:
     NAME_errors  rejected rows, primary key (source, model_version)
     NAME_inputs  the batch ledger: finished inputs and their fingerprints
 Column types follow ``pgtypes`` (a column whose type changes is widened once). Rules:
-- Within one write, rows with the same key are collapsed to the later one (``duplicates_collapsed``).
+- Within one write, rows with the same key are collapsed to the later one (``duplicates_collapsed``; stream
+  rows: the higher offset of a partition, across partitions the later record timestamp, see ``tables``).
+- Stream/serve rows (``topic``, ``partition``, ``offset``) update a stored row only when they are not older than
+  it in the same topic-partition: a stale write (a zombie worker's, landing after the partition's new owner
+  stored a later offset) is skipped. Across partitions there is no order: the later write wins.
 - Batch (``begin(unit)``): the whole unit is one transaction that first deletes the unit's old results and
   errors (column ``input_file``), so a rewritten input leaves nothing stale. Stream/serve (``write_stream``):
   each call is its own transaction and touches only its keys.
@@ -39,7 +43,7 @@ from workers.scoring import Scored
 from workers.settings import scrub
 from workers.sinks.base import Sink, UnitWriter, redact
 from workers.sinks.pgtypes import JSON_COLUMNS, USING, csv_column, escape_nul, exact_columns, join, pg_type
-from workers.sinks.tables import UNIT_COLUMN, dedupe_last, missing_keys, with_unit
+from workers.sinks.tables import POSITION, UNIT_COLUMN, dedupe_last, missing_keys, with_unit
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
@@ -279,8 +283,15 @@ class PostgresSink(Sink):
         keys = sql.SQL(", ").join(map(sql.Identifier, key))
         updates = [sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names if n not in key]
         action = sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates) if updates else sql.SQL("DO NOTHING")
-        cur.execute(sql.SQL("INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({keys}) {action}").format(
-            t=self._ident(suffix), cols=cols, s=stage, keys=keys, action=action))
+        if updates and not suffix and all(c in names for c in POSITION):
+            # Stream rows: never over a newer offset of the same topic-partition (a zombie worker's write that
+            # lands after the partition's new owner stored a later record). Across partitions there is no
+            # order: the later write wins. A missing position (NULL) compares as unknown: the write wins.
+            topic, partition, offset = map(sql.Identifier, POSITION)
+            action += sql.SQL(" WHERE NOT coalesce(t.{0} = EXCLUDED.{0} AND t.{1} = EXCLUDED.{1} "
+                              "AND t.{2} > EXCLUDED.{2}, false)").format(topic, partition, offset)
+        cur.execute(sql.SQL("INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({keys}) {action}"
+                            ).format(t=self._ident(suffix), cols=cols, s=stage, keys=keys, action=action))
 
     # -- writing ---------------------------------------------------------------------------------
     def _prepare(self, scored: Scored, unit: str | None) -> tuple[pa.Table, list[int] | None, pa.Table]:

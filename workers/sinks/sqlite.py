@@ -1,6 +1,7 @@
 """SQLite sink: the embedded default that needs no server. ``sqlite:///path/to.db?table=NAME``.
 
-Same tables, keys and rules as the PostgreSQL sink (the later duplicate wins and is counted; a batch unit is
+Same tables, keys and rules as the PostgreSQL sink (the later duplicate wins and is counted; a stale stream
+row, older than the stored one of its topic-partition, does not overwrite it; a batch unit is
 one transaction that first deletes the unit's old results and errors; rows SQLite cannot take are raised as
 ``RowsRejected`` before anything of the call is stored). The PostgreSQL sink's limit for an id shared by two
 inputs holds here too (see its module docstring): rewriting the input that wrote it last without it deletes it.
@@ -37,6 +38,7 @@ from workers.scoring import Scored
 from workers.sinks.base import Sink, UnitWriter, redact
 from workers.sinks.postgres import ERROR_KEY, RESULT_KEY
 from workers.sinks.tables import (
+    POSITION,
     UNIT_COLUMN,
     dedupe_last,
     is_json,
@@ -228,6 +230,11 @@ class SqliteSink(Sink):
         cols = ", ".join(map(_q, names))
         updates = ", ".join(f"{_q(n)} = excluded.{_q(n)}" for n in names if n not in key)
         action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+        if updates and table == self.table and all(c in names for c in POSITION):
+            # Stream rows: never over a newer offset of the same topic-partition (see the PostgreSQL sink).
+            t, (topic, partition, offset) = _q(table), map(_q, POSITION)
+            action += (f" WHERE NOT coalesce({t}.{topic} = excluded.{topic} AND {t}.{partition} = "
+                       f"excluded.{partition} AND {t}.{offset} > excluded.{offset}, 0)")
         stmt = (f"INSERT INTO {_q(table)} ({cols}) VALUES ({', '.join('?' * len(names))}) "
                 f"ON CONFLICT ({', '.join(map(_q, key))}) {action}")
         bad = missing_keys(data, key)

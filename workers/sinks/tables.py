@@ -1,7 +1,11 @@
 """What the table sinks (PostgreSQL, SQLite) share, on the Arrow side, before any SQL.
 
-- ``dedupe_last``: one row per key within one write, the *later* row kept (input order; in stream mode
-  the higher offset of a partition), as the README promises; the caller counts the dropped rows.
+- ``dedupe_last``: one row per key within one write, the *later* row kept, as the README promises; the caller
+  counts the dropped rows. Later means: input order (batch); for rows carrying ``topic``, ``partition`` and
+  ``offset`` (stream, serve) the higher offset within one topic-partition, and across partitions (whose offsets
+  are unrelated) the later record ``timestamp``, or input order when a timestamp is missing.
+- ``POSITION``: the columns locating a stream row in its topic-partition; table sinks upsert such rows only over
+  a stored row that is not newer in the same partition (a zombie worker's stale write never wins).
 - ``plain``: the value type a column really holds (dictionary decoded, views and extensions to their
   ordinary types), so type mapping looks at a small set of families.
 - ``json_texts``: values as JSON text, per row, with a reason for a value JSON cannot hold (never a
@@ -32,6 +36,8 @@ from workers.errors import ConfigError
 
 #: set on every row written through ``Sink.begin(unit)`` (batch); NULL for stream/serve rows
 UNIT_COLUMN = "input_file"
+#: where a stream (or serve) row's record sits: rows with these columns are ordered by them, not by input order
+POSITION = ("topic", "partition", "offset")
 
 
 def is_listlike(t: pa.DataType) -> bool:
@@ -75,28 +81,65 @@ def plain(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
 def dedupe_last(table: pa.Table, key: Iterable[str]) -> tuple[pa.Table, list[int] | None]:
     """(table with one row per key, the kept rows' indices in ``table`` or None when nothing was dropped).
 
-    The last row of each key wins. Arrow's group_by cannot hash every type (lists, structs as ids): those
-    keys fall back to Python values."""
+    The later row of each key wins: the last in input order, except for rows carrying ``POSITION`` (see
+    ``_newest``). Arrow's group_by cannot hash every type (lists, structs as ids): those keys fall back to
+    Python values."""
     key = [k for k in key if k in table.column_names]
     n = table.num_rows
     if n < 2 or not key:
         return table, None
+    positioned = all(c in table.column_names for c in POSITION)
     try:
         probe = pa.table({k: plain(table.column(k)) for k in key}).append_column("__row", pa.array(range(n),
                                                                                                    pa.int64()))
         last = probe.group_by(key, use_threads=False).aggregate([("__row", "max")])["__row_max"]
         if len(last) == n:
             return table, None
-        keep = sorted(last.to_pylist())
+        if positioned:
+            rows = probe.group_by(key, use_threads=False).aggregate([("__row", "list")])["__row_list"].to_pylist()
+            keep = sorted(_newest(table, group) if len(group) > 1 else group[0] for group in rows)
+        else:
+            keep = sorted(last.to_pylist())
     except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid):
-        seen: dict[bytes, int] = {}
+        seen: dict[bytes, list[int]] = {}
         columns = [table.column(k).to_pylist() for k in key]
         for i, values in enumerate(zip(*columns, strict=True)):
-            seen[orjson.dumps(list(values), default=json_default)] = i
+            seen.setdefault(orjson.dumps(list(values), default=json_default), []).append(i)
         if len(seen) == n:
             return table, None
-        keep = sorted(seen.values())
+        keep = sorted(group[-1] if not positioned or len(group) == 1 else _newest(table, group)
+                      for group in seen.values())
     return table.take(pa.array(keep, pa.int64())), keep
+
+
+def _newest(table: pa.Table, rows: list[int]) -> int:
+    """Of these rows (one key, several records), the newest record's: within one topic-partition the highest
+    offset (equal offsets: the later row); across partitions, whose offsets are unrelated, the later record
+    ``timestamp``, or the later row in input order when a timestamp is missing (or equal)."""
+    rows = sorted(rows)
+    take = pa.array(rows, pa.int64())
+    topics, partitions, offsets = (table.column(c).take(take).to_pylist() for c in POSITION)
+    best: dict[tuple, int] = {}  # (topic, partition) -> position in ``rows`` of its highest offset
+    for j, (topic, partition, offset) in enumerate(zip(topics, partitions, offsets, strict=True)):
+        if topic is None or partition is None or offset is None:
+            best[("row", j)] = j  # no position: a partition of its own
+            continue
+        b = best.get((topic, partition))
+        if b is None or offsets[b] <= offset:
+            best[(topic, partition)] = j
+    survivors = sorted(best.values())
+    if len(survivors) == 1:
+        return rows[survivors[0]]
+    stamps: list | None = None
+    if "timestamp" in table.column_names:
+        col = plain(table.column("timestamp"))
+        if pa.types.is_timestamp(col.type):
+            stamps = col.take(take).cast(pa.int64()).to_pylist()
+            if any(stamps[j] is None for j in survivors):
+                stamps = None
+    if stamps is None:
+        return rows[survivors[-1]]
+    return rows[max(survivors, key=lambda j: (stamps[j], j))]
 
 
 def json_default(value: object) -> object:
