@@ -132,6 +132,13 @@ def cases(w: dict) -> list[Case]:
         Case("stream-sink-is-the-input-topic", [*stream, "--sink", "kafka://t"], "SCORING_STREAM__SINK (--sink)"),
         Case("stream-dead-letter-is-the-input-topic", [*stream, "--dead-letter-topic", "t"],
              "SCORING_STREAM__DEAD_LETTER_TOPIC (--dead-letter-topic)"),
+        # libpq refuses these at every connect: the worker retried them as an outage forever.
+        Case("stream-bad-sslmode", [*stream, "--sink", "postgresql://u@127.0.0.1/db?table=x&sslmode=bogus"],
+             "SCORING_STREAM__SINK (--sink)"),
+        Case("stream-bad-connect-timeout", [*stream, "--sink", "postgresql://u@127.0.0.1/db?table=x&connect_timeout=abc"],
+             "SCORING_STREAM__SINK (--sink)"),
+        Case("stream-two-tables", [*stream, "--sink", "postgresql://u@127.0.0.1/db?table=a&table=b"],
+             "SCORING_STREAM__SINK (--sink)"),
         Case("stream-unclosed-bracket-in-uri", [*stream, "--sink", "postgresql://u:pw@[::1:5432/db?table=x"],
              "SCORING_STREAM__SINK (--sink)"),
         # serve

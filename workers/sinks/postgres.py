@@ -55,8 +55,12 @@ FIND_AT_MOST = 20  # rows named per RowsRejected when bisecting: the caller writ
 def split_uri(uri: str, setting: str) -> tuple[str, list[str]]:
     """(conninfo without our ``table`` parameter, [schema?, table])."""
     p = urlparse(uri)
-    params = dict(parse_qsl(p.query))
+    pairs = parse_qsl(p.query)
+    if sum(1 for k, _ in pairs if k == "table") > 1:
+        raise ConfigError(setting, "name one table (?table= is given more than once)")
+    params = dict(pairs)
     table = params.pop("table", "scores")
+    _check_options(params, setting)
     parts = table.split(".")
     if len(parts) > 2 or not all(parts):
         raise ConfigError(setting, f"table {table!r} must be NAME or SCHEMA.NAME")
@@ -66,6 +70,20 @@ def split_uri(uri: str, setting: str) -> tuple[str, list[str]]:
                                        f"{MAX_IDENT} bytes and {longest!r} must fit (use at most "
                                        f"{MAX_IDENT - (len(longest) - len(part))} bytes)")
     return urlunparse(p._replace(scheme="postgresql", query=urlencode(params))), parts
+
+
+SSL_MODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+def _check_options(params: dict[str, str], setting: str) -> None:
+    """Connection options libpq would refuse at every connect (so a worker would retry them as an outage
+    forever): a wrong setting, refused at start-up."""
+    if "sslmode" in params and params["sslmode"] not in SSL_MODES:
+        raise ConfigError(setting, f"sslmode must be one of {', '.join(sorted(SSL_MODES))} (got {params['sslmode']!r})")
+    for name in ("connect_timeout", "port", "keepalives_idle"):
+        value = params.get(name)
+        if value is not None and not (value.strip().isascii() and value.strip().isdigit()):
+            raise ConfigError(setting, f"{name} must be a whole number (got {value!r})")
 
 
 def _data_error(exc: psycopg.Error) -> bool:
