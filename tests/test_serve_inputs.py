@@ -329,6 +329,22 @@ def test_batch_with_a_bad_event_stores_and_answers_the_good_ones(models, sink_ur
     assert {e["id"] for e in errors} == {None, "bad"}
 
 
+def test_an_event_rejected_then_redelivered_scoring_leaves_no_stale_error_row(models, sink_uri):
+    """Review finding: the error row of an event's first delivery stayed beside the result of a later delivery
+    of the same event (same source#id) that now scores. The result's write deletes it in the same transaction."""
+    uri, table = sink_uri
+    fixed = good_record(7)
+    first, again = kafka_event({**fixed, "x0": "abc"}, 70), kafka_event(fixed, 70)  # one event id, two contents
+    other = kafka_event({"id": "still-bad", "x0": "abc"}, 71)
+    with TestClient(app_for(models["binary"], serve={"sink": uri}).asgi()) as c:
+        assert c.post("/", headers=BATCH, content=orjson.dumps([first, other])).status_code == 200
+        assert len(read_table(uri, f"{table}_errors")) == 2
+        resp = c.post("/", headers=BATCH, content=orjson.dumps([again]))
+        assert resp.status_code == 200 and resp.json()[0]["type"] == "scoring.result", resp.text
+    assert [r["id"] for r in read_table(uri, table)] == ["e7"]
+    assert [e["id"] for e in read_table(uri, f"{table}_errors")] == ["still-bad"]  # only the settled one is gone
+
+
 def test_rows_the_sink_cannot_hold_are_answered_with_the_reason_and_the_rest_stored(models, pg_dsn, pg_table):
     """PostgreSQL text cannot hold NUL: that event's row is refused by the sink (RowsRejected); it is answered
     with the reason, the others are stored and answered, and a redelivery gives the same answers."""

@@ -82,6 +82,9 @@ class Scored:
     results: pa.Table
     errors: pa.Table  # id, reason, raw (JSON of the input values), model_version, scored_at, carried columns
     error_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # their row indices in the input
+    # (source, model_version) of records whose earlier rejection is settled by these results: table sinks delete
+    # those error rows in the same transaction (serve: an event rejected once, redelivered and now scored).
+    resolved: list[tuple[str, str]] = field(default_factory=list)
 
     def with_error_sources(self, sources: list[str]) -> Scored:
         """Add the ``source`` column (a stable locator such as ``file#row`` or ``topic/p@offset``) to errors.

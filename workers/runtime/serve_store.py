@@ -83,15 +83,18 @@ class EventStore:
         if len(last) < errors.num_rows:
             errors = errors.take(pa.array(sorted(last.values()), pa.int64()))
         refused: dict[int, str] = {}
-        await self._write(results, errors, refused)
+        await self._write(results, errors, refused, locators)
         return refused
 
-    async def _write(self, results: pa.Table, errors: pa.Table, refused: dict[int, str]) -> None:
+    async def _write(self, results: pa.Table, errors: pa.Table, refused: dict[int, str], locators: list[str]) -> None:
         row = self.row_column
         while results.num_rows or errors.num_rows:
+            # A redelivered event that scores now settles the error row an earlier delivery left.
+            resolved = list(zip([locators[i] for i in results[row].to_pylist()],
+                                results["model_version"].to_pylist(), strict=True))
             try:
                 await self.call(self.sink.write_stream, Scored(results.drop_columns([row]),
-                                                               errors.drop_columns([row])))
+                                                               errors.drop_columns([row]), resolved=resolved))
                 return
             except SinkError as exc:
                 raise StoreUnavailable(f"sink unavailable: {exc}") from None
@@ -107,7 +110,7 @@ class EventStore:
                 for part in (events[:len(events) // 2], events[len(events) // 2:]):
                     keep = pa.array(part, pa.int64())
                     await self._write(results.filter(pc.is_in(results[row], keep)),
-                                      errors.filter(pc.is_in(errors[row], keep)), refused)
+                                      errors.filter(pc.is_in(errors[row], keep)), refused, locators)
                 return
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:

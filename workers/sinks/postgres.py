@@ -355,6 +355,8 @@ class PostgresSink(Sink):
                     self._forget(cur, unit)
                 for suffix, table, csv, key in rendered:
                     self._upsert(cur, suffix, table, csv, key)
+                if scored.resolved:
+                    self._settle(cur, scored.resolved)
         except psycopg.Error as exc:
             if not _data_error(exc):
                 raise self._fail("writing results", exc) from exc
@@ -375,6 +377,15 @@ class PostgresSink(Sink):
                 have = self._ensure(cur, suffix, pa.schema([(UNIT_COLUMN, pa.string())]), ())
             cur.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(self._ident(suffix),
                                                                       sql.Identifier(UNIT_COLUMN)), (unit,))
+
+    def _settle(self, cur: psycopg.Cursor, resolved: list[tuple[str, str]]) -> None:
+        """Delete the error rows of records these results settle (``Scored.resolved``), in the same transaction."""
+        if (self._known.get("_errors") or self._catalog(cur, "_errors")) is None:
+            return
+        sources, versions = zip(*resolved, strict=True)
+        cur.execute(sql.SQL("DELETE FROM {} WHERE (source, model_version) IN "
+                            "(SELECT * FROM unnest(%s::text[], %s::text[]))").format(self._ident("_errors")),
+                    (list(sources), list(versions)))
 
     def _bisect(self, part: tuple | None) -> dict[int, str]:
         """After a data error: the rows of ``part`` the server refuses, found by halving under savepoints (at

@@ -27,7 +27,7 @@ def split(scored: Scored) -> tuple[Scored, Scored | None, np.ndarray, np.ndarray
     if served is None or (served.null_count == 0 and pc.all(served).as_py()):
         return scored, None, np.arange(n), np.empty(0, np.int64)
     mask = pc.fill_null(served, False).to_numpy(zero_copy_only=False).astype(bool)
-    main = Scored(results.filter(mask), scored.errors, scored.error_rows)
+    main = Scored(results.filter(mask), scored.errors, scored.error_rows, scored.resolved)  # errors live in main
     shadow = Scored(results.filter(~mask), scored.errors.slice(0, 0))
     return main, shadow, np.flatnonzero(mask), np.flatnonzero(~mask)
 

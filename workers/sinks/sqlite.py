@@ -281,6 +281,11 @@ class SqliteSink(Sink):
                 conn.execute("BEGIN IMMEDIATE")
             if first and unit is not None:
                 self._forget(unit)
+            if scored.resolved:  # error rows of records these results settle (Scored.resolved)
+                errors_table = f"{self.table}_errors"
+                if conn.execute(f"PRAGMA table_info({_q(errors_table)})").fetchone():
+                    conn.executemany(f"DELETE FROM {_q(errors_table)} WHERE source = ? AND model_version = ?",
+                                     scored.resolved)
             bad = self._upsert(self.table, results, RESULT_KEY) if results.num_rows else {}
             if bad:
                 self._abort()
