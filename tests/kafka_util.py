@@ -87,14 +87,29 @@ class KafkaHelper:
         return out
 
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        """The group's committed offsets, read by librdkafka and cross-checked by kafka-python.
+
+        The two reads are not atomic: a commit that lands between them makes them differ for a moment
+        (seen in CI: 0 vs 500 while the worker's first commit was landing). So a disagreement is read again
+        until both clients see the same offsets; one that lasts over ~3 s is a real disagreement and fails.
+        """
+        deadline = time.monotonic() + 3.0
+        while True:
+            mine = self._committed_librdkafka(group, topic, partitions)
+            other = committed_kafka_python(self.bootstrap, group, topic, partitions)
+            if mine == other:
+                return mine
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"librdkafka and kafka-python disagree on the committed offsets: {mine} vs {other}")
+            time.sleep(0.2)
+
+    def _committed_librdkafka(self, group: str, topic: str, partitions: int) -> dict[int, int]:
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
         got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         consumer.close()
         # librdkafka reports "nothing committed" as a negative sentinel (-1001): that is offset 0 here.
-        mine = {tp.partition: max(tp.offset, 0) for tp in got}
-        other = committed_kafka_python(self.bootstrap, group, topic, partitions)
-        assert mine == other, f"librdkafka and kafka-python disagree on the committed offsets: {mine} vs {other}"
-        return mine
+        return {tp.partition: max(tp.offset, 0) for tp in got}
 
     def worker(self, *args: str, env: dict | None = None, log: str | None = None) -> subprocess.Popen:
         """Start ``scoring-worker stream`` as a real process against this broker."""
