@@ -34,8 +34,8 @@ sys.path.insert(0, ROOT)
 
 from tests.conftest import free_port, wait_port  # noqa: E402
 from tests.kafka_util import KafkaHelper  # noqa: E402
-from workers.model import load_model  # noqa: E402
 from workers.runtime.batch import run_batch  # noqa: E402
+from workers.scoring.model import load_model  # noqa: E402
 from workers.settings import ModelSettings, load_settings  # noqa: E402
 
 BENCH = os.path.join(ROOT, ".bench")
@@ -175,7 +175,7 @@ def raw_predict(paths: dict, repeats: int) -> dict:
 
 def drift_overhead(paths: dict, repeats: int) -> float:
     """Cost of drift tracking (DriftMonitor.observe) per batch as a share of predicting the same batch."""
-    from workers.drift import DriftMonitor, build_profile
+    from workers.scoring.drift import DriftMonitor, build_profile
 
     model = load_model(ModelSettings(path=paths[500]))
     monitor = DriftMonitor(build_profile(model, frame(50_000, 11)), model.feature_names)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from tests.helpers import frame
-from workers.model import load_model
-from workers.scoring import Scorer
+from workers.scoring.model import load_model
+from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 
 

@@ -485,7 +485,7 @@ def test_the_parquet_sink_stores_month_day_nano_intervals_exactly(tmp_path):
     """From the sinks engineer: a month_day_nano_interval value (a passthrough from a mode whose inputs have
     them) made the Parquet sink raise ArrowNotImplementedError (Parquet has no such type). It is stored as a
     struct of its three parts, top-level or nested; results and rejected rows alike."""
-    from workers.scoring import Scored
+    from workers.scoring.scorer import Scored
     from workers.settings import S3Settings
     from workers.sinks.parquet import ParquetSink
 

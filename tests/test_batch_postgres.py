@@ -148,7 +148,7 @@ def test_duplicate_ids_in_one_file_keep_the_later_row_every_time(kind, models, p
     assert len(stored) == 600
     assert max(abs(stored[k] - later[k]) for k in later) <= 1e-9
 
-    from workers.scoring import Scored
+    from workers.scoring.scorer import Scored
     from workers.settings import S3Settings
     from workers.sinks import open_sink
 
@@ -199,7 +199,7 @@ def test_shards_creating_the_tables_at_once_all_succeed(pg_dsn):
 
     import pyarrow as pa
 
-    from workers.scoring import Scored
+    from workers.scoring.scorer import Scored
     from workers.sinks.postgres import PostgresSink
 
     for _ in range(5):
@@ -249,7 +249,7 @@ def test_a_write_to_a_locked_table_fails_within_the_lock_timeout(pg_dsn, pg_tabl
     import pyarrow as pa
 
     from workers.errors import SinkError
-    from workers.scoring import Scored
+    from workers.scoring.scorer import Scored
     from workers.sinks.postgres import PostgresSink
 
     sink = PostgresSink(uri(pg_dsn, pg_table), "SCORING_STREAM__SINK", lock_timeout_s=1.0)
@@ -305,7 +305,7 @@ def test_sink_names_never_hold_a_password():
     """Case 21 (sink part): what summaries and logs print as the sink's name."""
     from workers.settings import KafkaSettings, S3Settings
     from workers.sinks import open_sink
-    from workers.sinks.split import SplitSink
+    from workers.sinks.shadow import SplitSink
 
     pg = open_sink("postgresql://u:pw-in-netloc@db:5432/x?table=t&password=pw-in-query&sslpassword=pw3",
                    S3Settings())

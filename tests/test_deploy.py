@@ -255,7 +255,7 @@ def test_settings_env_output_round_trips_into_the_worker_settings(monkeypatch):
 
 
 def test_rollout_overlay_mounts_a_valid_routing_file_where_the_setting_points(rendered):
-    from workers.rollout.spec import parse_routing
+    from workers.scoring.routing_spec import parse_routing
 
     docs = rendered["rollout"]
     routing_cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "scoring-routing")

@@ -31,9 +31,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.model import load_model
-from workers.records import RecordDecoder
-from workers.scoring import Scorer
+from workers.decode.records import RecordDecoder
+from workers.scoring.model import load_model
+from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 
 TOLERANCE = 1e-9

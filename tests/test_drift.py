@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import free_port
 from tests.helpers import write_inputs
 from tests.kafka_util import wait_for
-from workers.drift import DriftMonitor, build_profile
-from workers.model import load_model
+from workers.scoring.drift import DriftMonitor, build_profile
+from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 
 

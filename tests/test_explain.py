@@ -12,9 +12,9 @@ import pytest
 
 from tests.helpers import FEATURES, frame, write_inputs
 from tests.test_batch import result_of
-from workers.model import load_model
 from workers.runtime.batch import run_batch
-from workers.scoring import Scorer
+from workers.scoring.model import load_model
+from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings, load_settings
 
 

@@ -312,17 +312,17 @@ def test_s3_layouts(models, s3_endpoint, s3_bucket, tmp_path):
 def test_a_queued_file_inside_the_output_fails_alone(models, tmp_path):
     """Queue mode (files named by events): a file inside the output is never scored (its own results would be
     scored again); the event fails alone with the reason, and a queued input elsewhere is scored."""
-    from workers.rollout.watch import RoutingSource
     from workers.runtime.batch import BatchReport
     from workers.runtime.batch_queue import _score_event
     from workers.runtime.progress import Progress
+    from workers.scoring.build import build_router
     from workers.settings import load_settings
     from workers.sinks import open_result_sink
 
     lake = lake_of(tmp_path, rows=10)
     out = str(tmp_path / "out")
     settings = load_settings({"model": {"path": models["binary"]}, "batch": {"output": out}})
-    router = RoutingSource(settings).router
+    router = build_router(settings)
     sink = open_result_sink(settings, out, "SCORING_BATCH__OUTPUT")
     sink.check()
     report, progress = BatchReport(), Progress("log", 0, 0)

@@ -4,7 +4,7 @@ import pickle
 import pytest
 
 from workers.errors import ModelError
-from workers.model import load_model
+from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 
 
@@ -95,7 +95,7 @@ def test_corrupted_model_files_never_crash_the_process(models, tmp_path):
 import random
 import numpy as np
 from workers.errors import ModelError
-from workers.model import load_model
+from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 rng = random.Random(7)
 refused = loaded = 0
@@ -153,7 +153,7 @@ def test_pandas_category_list_goes_to_the_pandas_categorical_feature_not_the_fir
     import numpy as np
     import pyarrow as pa
 
-    from workers.scoring import Scorer
+    from workers.scoring.scorer import Scorer
 
     path, booster, df = _mixed_categorical_model(tmp_path, k_values=8)
     model = load_model(ModelSettings(path=path))
@@ -181,7 +181,7 @@ def test_an_ordered_pandas_categorical_keeps_its_list_though_it_is_split_on_as_a
     import pandas as pd
     import pyarrow as pa
 
-    from workers.scoring import Scorer
+    from workers.scoring.scorer import Scorer
 
     rng = np.random.default_rng(0)
     n = 1000

@@ -60,8 +60,8 @@ def test_a_real_prometheus_gets_data_for_every_query(models, kafka, tmp_path):
     if not shutil.which("prometheus"):
         need("prometheus", "apt-get install prometheus")
     from tests.test_stream import records
-    from workers.drift import build_profile
-    from workers.model import load_model
+    from workers.scoring.drift import build_profile
+    from workers.scoring.model import load_model
     from workers.settings import ModelSettings
 
     model = load_model(ModelSettings(path=models["binary"]))

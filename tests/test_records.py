@@ -3,8 +3,8 @@
 import numpy as np
 import orjson
 
-from workers.model import load_model
-from workers.records import RecordDecoder
+from workers.decode.records import RecordDecoder
+from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 
 
@@ -91,7 +91,7 @@ def test_category_values_spelled_as_the_other_kind_map_like_the_arrow_path(model
     and in the JSON decoder (stream); before, the decoder treated "5" as an unseen category (missing)."""
     import pyarrow as pa
 
-    from workers.scoring import feature_matrix
+    from workers.scoring.scorer import feature_matrix
 
     model = load_model(ModelSettings(path=models["categorical"]))
     sizes = ["5", 5.0, "10.0", 1, "abc", None, 7]
@@ -113,7 +113,7 @@ def test_schema_check_calls_an_error_exactly_what_the_decoder_dead_letters(model
     """``schema --check`` must predict the decoder: a JSON type it reports as an error is dead-lettered, and
     one it accepts is scored (before, a float or a numeric text for an integer category was called an error, and
     "5" an unknown category, though the decoder maps both)."""
-    from workers.schema import check_producer
+    from workers.tools.schema import check_producer
 
     model = load_model(ModelSettings(path=models["categorical"]))
     samples = {"number": 5.0, "integer": 5, "string": "5", "boolean": True, "array": [5], "object": {"a": 5}}

@@ -18,10 +18,10 @@ import pytest
 from tests import helpers
 from workers.errors import ConfigError
 from workers.observability import Metrics
-from workers.rollout import split
-from workers.rollout.router import Router
-from workers.rollout.spec import read_routing
-from workers.rollout.watch import RoutingSource
+from workers.runtime.watch import RoutingWatcher
+from workers.scoring import sticky
+from workers.scoring.router import Router
+from workers.scoring.routing_spec import read_routing
 from workers.settings import Settings
 
 KEYS = [f"user-{i}" for i in range(100_000)]
@@ -61,30 +61,30 @@ def metric(metrics: Metrics, name: str, **labels: str) -> float:
 # -- sticky split ------------------------------------------------------------------------------
 def test_split_matches_weights_within_one_point_and_agrees_across_processes(tmp_path):
     names, weights = ["v1", "v2", "v3"], [70, 20, 10]
-    got = split.assign(KEYS, names, weights)
+    got = sticky.assign(KEYS, names, weights)
     shares = np.bincount(got, minlength=3) / len(KEYS) * 100
     assert np.all(np.abs(shares - np.array(weights)) < 1.0), shares
     # Another process, with another hash seed, maps the same keys to the same versions.
-    code = ("import hashlib,sys; from workers.rollout import split; "
+    code = ("import hashlib,sys; from workers.scoring import sticky; "
             "keys=[f'user-{i}' for i in range(100_000)]; "
-            "print(hashlib.sha256(split.assign(keys, ['v1','v2','v3'], [70,20,10]).tobytes()).hexdigest())")
+            "print(hashlib.sha256(sticky.assign(keys, ['v1','v2','v3'], [70,20,10]).tobytes()).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
     assert out == hashlib.sha256(got.tobytes()).hexdigest()
 
 
 def test_raising_a_weight_only_moves_keys_to_that_version():
-    before = split.assign(KEYS, ["v1", "v2"], [90, 10])
-    after = split.assign(KEYS, ["v1", "v2"], [80, 20])
+    before = sticky.assign(KEYS, ["v1", "v2"], [90, 10])
+    after = sticky.assign(KEYS, ["v1", "v2"], [80, 20])
     moved = before != after
     assert np.all(after[moved] == 1), "a key moved away from the new version"
     assert np.all(after[before == 1] == 1)
     assert abs(moved.mean() - 0.10) < 0.01  # about the 10 points that changed hands
     # Three versions, order in the file irrelevant, a removed version only moves its own keys.
-    three = split.assign(KEYS, ["a", "b", "c"], [60, 30, 10])
-    reordered = split.assign(KEYS, ["c", "a", "b"], [10, 60, 30])
+    three = sticky.assign(KEYS, ["a", "b", "c"], [60, 30, 10])
+    reordered = sticky.assign(KEYS, ["c", "a", "b"], [10, 60, 30])
     assert np.array_equal(np.array(["a", "b", "c"])[three], np.array(["c", "a", "b"])[reordered])
-    without_c = split.assign(KEYS, ["a", "b", "c"], [60, 30, 0])
+    without_c = sticky.assign(KEYS, ["a", "b", "c"], [60, 30, 0])
     changed = three != without_c
     assert np.all(three[changed] == 2)
 
@@ -119,10 +119,10 @@ def test_a_version_whose_model_fails_its_pin_or_is_missing_names_the_version(mod
                                                {"name": "v2", "model": models["binary_v2"], "shadow": True,
                                                 "sha256": wrong}])
     with pytest.raises(ConfigError, match=r"version 'v2': .* not the pinned 0000"):
-        RoutingSource(Settings(routing={"path": path}))
+        RoutingWatcher(Settings(routing={"path": path}))
     write_routing(tmp_path / "r.yaml", [{"name": "v1", "model": "nope.txt", "weight": 100}])
     with pytest.raises(ConfigError, match=r"version 'v1': .*nope.txt does not exist"):
-        RoutingSource(Settings(routing={"path": path}))
+        RoutingWatcher(Settings(routing={"path": path}))
 
 
 def test_relative_model_paths_are_relative_to_the_routing_file(models, tmp_path):
@@ -140,7 +140,7 @@ def _router(models, tmp_path, versions, **kw) -> tuple[Router, Metrics]:
     metrics = Metrics()
     path = write_routing(tmp_path / "routing.yaml", versions, **kw)
     settings = Settings(routing={"path": path, "threshold": 0.5})
-    return RoutingSource(settings, metrics).router, metrics
+    return RoutingWatcher(settings, metrics).router, metrics
 
 
 def test_batch_rows_split_by_key_with_shadow_rows_and_agreement_metrics(models, tmp_path):
@@ -157,7 +157,7 @@ def test_batch_rows_split_by_key_with_shadow_rows_and_agreement_metrics(models, 
     # Every record: exactly one served row and one shadow row.
     assert sorted(served.id) == sorted(df.id) and sorted(shadow.id) == sorted(df.id)
     assert set(shadow.model_version) == {"v3"}
-    expected_version = np.array(["v1", "v2"])[split.assign(list(df.id), ["v1", "v2"], [70, 30])]
+    expected_version = np.array(["v1", "v2"])[sticky.assign(list(df.id), ["v1", "v2"], [70, 30])]
     assert dict(zip(served.id, served.model_version, strict=True)) == dict(zip(df.id, expected_version, strict=True))
     # Scores are each version's own Booster.predict.
     x = df[helpers.FEATURES].to_numpy()
@@ -248,7 +248,7 @@ def test_a_failing_canary_falls_back_to_the_primary_for_its_rows(models, tmp_pat
 def test_reload_swaps_between_batches_and_a_broken_file_keeps_the_old_routing(models, tmp_path):
     path = write_routing(tmp_path / "routing.yaml", [{"name": "v1", "model": models["binary"]}])
     metrics = Metrics()
-    source = RoutingSource(Settings(routing={"path": path, "poll_s": 0}), metrics)
+    source = RoutingWatcher(Settings(routing={"path": path, "poll_s": 0}), metrics)
     old = source.current()
     assert source.check() is False  # nothing changed
     time.sleep(0.01)
@@ -331,7 +331,7 @@ def test_compare_reports_shadow_agreement_from_a_parquet_dataset(models, tmp_pat
 
 def test_a_model_uploaded_after_the_routing_file_is_picked_up_when_it_appears(models, tmp_path):
     path = write_routing(tmp_path / "routing.yaml", [{"name": "v1", "model": models["binary"]}])
-    source = RoutingSource(Settings(routing={"path": path, "poll_s": 0}), Metrics())
+    source = RoutingWatcher(Settings(routing={"path": path, "poll_s": 0}), Metrics())
     later = tmp_path / "v2.txt"
     write_routing(path, [{"name": "v1", "model": models["binary"], "weight": 50},
                          {"name": "v2", "model": str(later), "weight": 50}])

@@ -12,9 +12,9 @@ import pyarrow as pa
 from jsonschema import Draft202012Validator
 
 from tests.helpers import FEATURES, frame
-from workers.model import load_model
-from workers.records import RecordDecoder
-from workers.scoring import Scorer
+from workers.decode.records import RecordDecoder
+from workers.scoring.model import load_model
+from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 from workers.sinks.deadletter import headers_for
 from workers.sinks.kafka import result_messages

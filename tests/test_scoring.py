@@ -5,8 +5,8 @@ import pytest
 
 from tests.helpers import FEATURES, frame
 from workers.errors import InputError
-from workers.model import load_model
-from workers.scoring import Scorer
+from workers.scoring.model import load_model
+from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 
 
@@ -198,7 +198,7 @@ def test_passthrough_named_like_a_result_column_is_refused(models, name):
     """Issue #14 case 5: such a column silently replaced ours (batch stored the input's old score and
     model_version, the upsert key too; serve answered the event's own score; stream crashed)."""
     from workers.errors import ConfigError
-    from workers.scoring import PASSTHROUGH_SETTING
+    from workers.scoring.scorer import PASSTHROUGH_SETTING
 
     with pytest.raises(ConfigError, match="named like a column the workers write") as err:
         scorer(models["binary"], passthrough=["customer", name])

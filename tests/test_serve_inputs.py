@@ -26,7 +26,7 @@ from starlette.testclient import TestClient
 from tests.conftest import free_port, wait_port
 from tests.helpers import FEATURES
 from workers.errors import ConfigError, InputError
-from workers.runtime.serve import App
+from workers.runtime.serve.app import App
 from workers.settings import load_settings
 
 BATCH = {"content-type": "application/cloudevents-batch+json"}

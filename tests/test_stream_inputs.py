@@ -22,8 +22,8 @@ from tests.conftest import free_port
 from tests.kafka_util import FAST_GROUP, wait_for
 from tests.test_stream import FEATURES, count, probe, records
 from workers.errors import InputError, RowsRejected, SinkError
-from workers.runtime.stream import StreamWorker
-from workers.scoring import Scored
+from workers.runtime.stream.worker import StreamWorker
+from workers.scoring.scorer import Scored
 from workers.settings import load_settings
 from workers.sinks.postgres import PostgresSink
 

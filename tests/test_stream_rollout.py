@@ -15,7 +15,7 @@ from tests.conftest import free_port
 from tests.kafka_util import wait_for
 from tests.test_rollout import write_routing
 from tests.test_stream import FEATURES, count, records
-from workers.rollout import split
+from workers.scoring import sticky
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
@@ -86,7 +86,7 @@ def test_canary_shadow_broken_file_and_rollback_mid_stream(models, kafka, pg_dsn
     ids = [f"s{i}" for i in range(3000)]
     canary_ids = ids[1000:2500]
     expected = dict.fromkeys(ids, "v1")
-    chosen = split.assign(canary_ids, ["v1", "v2"], [75, 25])
+    chosen = sticky.assign(canary_ids, ["v1", "v2"], [75, 25])
     expected.update(zip(canary_ids, np.array(["v1", "v2"])[chosen], strict=True))
     assert served == expected
     assert 0.2 < np.mean(chosen) < 0.3
@@ -131,7 +131,7 @@ def test_refused_served_row_dead_letters_its_record_and_a_refused_shadow_row_alo
 
     import orjson
 
-    from workers.runtime.stream import StreamWorker
+    from workers.runtime.stream.worker import StreamWorker
     from workers.settings import load_settings
     from workers.sinks.postgres import PostgresSink
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.kafka_util import wait_for
 from tests.test_stream import FEATURES, records
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 
 pytestmark = pytest.mark.kafka
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from workers.errors import ConfigError, InputError, RowsRejected
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.sinks.kafka import result_messages
 from workers.sinks.postgres import PostgresSink
 from workers.sinks.sqlite import SqliteSink
@@ -423,7 +423,7 @@ def test_postgres_column_retyped_by_another_writer_meanwhile(pg_dsn, pg_table):
 
 
 def test_split_sink_names_rejected_rows_of_the_callers_table_and_sums_duplicates(tmp_path):
-    from workers.sinks.split import SplitSink
+    from workers.sinks.shadow import SplitSink
 
     main = SqliteSink(f"sqlite:///{tmp_path / 'main.db'}", "SCORING_STREAM__SINK")
     shadow = SqliteSink(f"sqlite:///{tmp_path / 'shadow.db'}", "SCORING_ROUTING__SHADOW_SINK")
@@ -450,7 +450,7 @@ def test_split_sink_names_rejected_rows_of_the_callers_table_and_sums_duplicates
 def test_split_sink_with_both_tables_in_one_sqlite_file_writes_a_unit(tmp_path):
     """Main and shadow tables in the same SQLite file: one unit's transaction covers both (two connections
     would wait 30 s on each other's write lock, then fail)."""
-    from workers.sinks.split import SplitSink
+    from workers.sinks.shadow import SplitSink
 
     db = tmp_path / "one.db"
     sink = SplitSink(SqliteSink(f"sqlite:///{db}?table=scores", "SCORING_BATCH__OUTPUT"),
@@ -584,7 +584,7 @@ def psycopg_connect(dsn):
 
 # -- review 1 defects 6, 7: JSON text (mixed JSON types, integers beyond 64 bits) stored as JSON values ------
 def _mixed() -> dict[str, pa.Array]:
-    from workers.records import RecordDecoder
+    from workers.decode.records import RecordDecoder
 
     return {"p": RecordDecoder.passthrough_array([1, "x", True, 18446744073709551621, -9223372036854775809, None]),
             "q": RecordDecoder.passthrough_array([{"k": [1, 2]}, {"k": "v"}, [None], 1.5, "1", None])}

@@ -102,7 +102,7 @@ def stream(settings: Settings) -> None:
 
     The SASL password comes only from SCORING_KAFKA__SASL_PASSWORD (never a flag, never logged).
     """
-    from workers.runtime.stream import run_stream
+    from workers.runtime.stream.worker import run_stream
 
     sys.exit(run_stream(settings))
 
@@ -120,7 +120,7 @@ def stream(settings: Settings) -> None:
 @with_settings
 def serve(settings: Settings) -> None:
     """HTTP for Knative: the Open Inference Protocol (KServe v2) and CloudEvents (KafkaSource)."""
-    from workers.runtime.serve import run_serve
+    from workers.runtime.serve.app import run_serve
 
     _port_free(settings.serve.host, settings.serve.port, "SCORING_SERVE__PORT")
     sys.exit(run_serve(settings))
@@ -171,7 +171,7 @@ def check(settings: Settings) -> None:
 @click.option("--rows", default=200_000, show_default=True, help="Rows of generated input data.")
 def demo(folder: str, rows: int) -> None:
     """Train a small model on generated data, write Parquet inputs, score them, report where and how fast."""
-    from workers.demo import run_demo
+    from workers.tools.demo import run_demo
 
     setup_logging("WARNING")
     run_demo(folder, rows)
@@ -188,7 +188,7 @@ def demo(folder: str, rows: int) -> None:
 def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int, bad: int, limit: int | None,
                 id_column: str) -> None:
     """Publish Parquet rows as JSON records (a tool for trying stream mode; not used in production)."""
-    from workers.devtools import produce
+    from workers.tools.produce import produce
 
     setup_logging("WARNING")
     produce(bootstrap_servers, topic, source, partitions, bad, limit, id_column)
@@ -215,16 +215,16 @@ def _write(path: str, text: str, setting: str = "--output") -> None:
 
 
 def _since(text: str | None):
-    from workers.rollout.compare import parse_since
+    from workers.tools.compare import parse_since
 
     return parse_since(text) if text else None
 
 
 def _primary_scorer(settings: Settings):
     """The scorer whose features profile/report read: --model's, or the routing file's primary version's."""
-    from workers.rollout.watch import RoutingSource
+    from workers.scoring.build import build_router
 
-    return RoutingSource(settings).router.primary.scorer
+    return build_router(settings).primary.scorer
 
 
 @cli.command("compile")
@@ -235,11 +235,11 @@ def _primary_scorer(settings: Settings):
 def compile_cmd(settings: Settings) -> None:
     """Compile the model (with --routing: every version's) with lleaves into the cache (e.g. in an init
     container or at image build)."""
-    from workers.model import load_model
+    from workers.scoring.model import load_model
 
     wanted = [settings.model]
     if settings.routing.path:
-        from workers.rollout.spec import read_routing
+        from workers.scoring.routing_spec import read_routing
 
         spec, _ = read_routing(settings.routing.path)
         wanted = [settings.model.model_copy(update={"path": v.model, "sha256": v.sha256, "version": v.name})
@@ -275,7 +275,7 @@ def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: in
     """
     import numpy as np
 
-    from workers.drift import build_profile, feature_batches
+    from workers.scoring.drift import build_profile, feature_batches
 
     _output_file(out)
     scorer = _primary_scorer(settings)
@@ -299,7 +299,7 @@ def _as_data(fn: Callable) -> Any:
         return fn()
     except ConfigError as exc:
         if exc.setting == "SCORING_BATCH__INPUT":
-            raise ConfigError("--data", str(exc)[len(exc.setting) + 2:]) from None
+            raise ConfigError("--data", exc.reason) from None
         raise
 
 
@@ -314,8 +314,8 @@ def _as_data(fn: Callable) -> Any:
 @with_settings
 def schema_cmd(settings: Settings, producer: str | None) -> None:
     """Print a JSON Schema for input records of the model (id, features and types, categories, nulls)."""
-    from workers.model import load_model
-    from workers.schema import check_producer, input_schema
+    from workers.scoring.model import load_model
+    from workers.tools.schema import check_producer, input_schema
 
     model = load_model(settings.model, settings.s3)
     if producer:
@@ -368,7 +368,7 @@ SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:0
 def compare_cmd(settings: Settings, results: str, threshold: float | None, since: str | None,
                 as_json: bool) -> None:
     """Compare model versions from a results table: rows, score distribution, shadow agreement."""
-    from workers.rollout.compare import compare, read_results, render_text
+    from workers.tools.compare import compare, read_results, render_text
 
     table = read_results(results, settings.s3, _since(since))
     report = compare(table, settings.routing.threshold if threshold is None else threshold)
@@ -394,8 +394,8 @@ def report_cmd(settings: Settings, results: str, out: str, threshold: float | No
 
     The model (--model or --routing) is needed only for drift (--profile with --data).
     """
-    from workers import report as rep
-    from workers.rollout.compare import compare, read_results
+    from workers.tools import report as rep
+    from workers.tools.compare import compare, read_results
 
     if bool(profile_path) != bool(data):
         raise ConfigError("--profile" if data else "--data", "--profile and --data go together")

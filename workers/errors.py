@@ -4,6 +4,7 @@
 - ``ModelError``: the model file cannot be used (missing, a pickle, a wrong SHA-256, unparsable).
 - ``InputError``: one input (a file) cannot be scored as a whole; the other inputs go on.
 - ``SinkError``: the store failed; the caller retries and must not commit offsets meanwhile.
+- ``RequestError``: an HTTP or gRPC request cannot be answered as asked; carries its status (``BadRequest``: 400).
 Bad *records* are not exceptions: they are data (a row in the errors output, a dead letter).
 """
 
@@ -13,9 +14,12 @@ class ScoringError(Exception):
 
 
 class ConfigError(ScoringError):
-    def __init__(self, setting: str, message: str):
+    """``setting`` (the environment variable or option to fix) and ``reason`` (why), printed as one line."""
+
+    def __init__(self, setting: str, reason: str):
         self.setting = setting
-        super().__init__(f"{setting}: {message}")
+        self.reason = reason
+        super().__init__(f"{setting}: {reason}")
 
 
 class ModelError(ConfigError):
@@ -49,3 +53,22 @@ class RowsRejected(ScoringError):
         first = next(iter(self.rows.items()), (None, "no rows"))
         more = f" (and {len(self.rows) - 1} more)" if len(self.rows) > 1 else ""
         super().__init__(f"row {first[0]}: {first[1]}{more}")
+
+
+class RequestError(ScoringError):
+    """A request (HTTP or gRPC) that cannot be answered as asked; ``status`` is the HTTP status to answer with
+    (a gRPC front end maps it to its code). The message is safe to show the caller."""
+
+    status = 500
+
+    def __init__(self, message: str, status: int | None = None):
+        if status is not None:
+            self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+class BadRequest(RequestError, ValueError):
+    """The request is malformed: a 400 with this message."""
+
+    status = 400

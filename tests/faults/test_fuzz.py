@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.encodings import cloudevents as ce
-from workers.encodings import oip
-from workers.encodings.oip import BadRequest
-from workers.model import load_model
-from workers.records import RecordDecoder
+from workers.decode import cloudevents as ce
+from workers.decode import oip
+from workers.decode.oip import BadRequest
+from workers.decode.records import RecordDecoder
+from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 
 FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
@@ -105,7 +105,7 @@ def test_cloudevents_parser_raises_only_bad_request():
 def test_http_app_never_answers_5xx_to_user_input(models):
     from starlette.testclient import TestClient
 
-    from workers.runtime.serve import App
+    from workers.runtime.serve.app import App
     from workers.settings import load_settings
 
     app = App(load_settings({"model": {"path": models["binary"]}}))

@@ -25,12 +25,12 @@ from itertools import chain
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from workers.drift import monitor_for
 from workers.errors import ConfigError, InputError, RowsRejected, ScoringError, SinkError
-from workers.model import Model
-from workers.rollout.router import Router
-from workers.rollout.watch import RoutingSource
 from workers.runtime.progress import Progress
+from workers.scoring.build import build_router
+from workers.scoring.drift import monitor_for
+from workers.scoring.model import Model
+from workers.scoring.router import Router
 from workers.settings import Settings, job_completion_index
 from workers.sinks import Sink, open_result_sink
 from workers.sources.parquet import (
@@ -278,7 +278,7 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
 
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     b = settings.batch
-    router = RoutingSource(settings, None, Router.single(model, settings.scoring) if model else None).router
+    router = build_router(settings, model=model)
     model = router.primary.model
     # Drift over the whole run (no window): the summary reports each feature against the profile.
     drift = monitor_for(settings, model, window=2**62)

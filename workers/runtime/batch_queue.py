@@ -23,9 +23,9 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from workers.errors import InputError, ScoringError, SinkError
-from workers.rollout.watch import RoutingSource
 from workers.runtime.batch import OUTPUT_SETTING, BatchReport, output_places, score_file
 from workers.runtime.progress import Progress
+from workers.scoring.build import build_router
 from workers.settings import Settings
 from workers.sinks import open_result_sink
 from workers.sources.parquet import InputFile
@@ -55,7 +55,7 @@ def event_path(value: bytes | None) -> str:
 
 def run_batch_queue(settings: Settings) -> BatchReport:
     b = settings.batch
-    router = RoutingSource(settings).router
+    router = build_router(settings)
     sink = open_result_sink(settings, b.output or "", OUTPUT_SETTING)
     report = BatchReport(output=redact(b.output or ""), allow_bad_rows=b.allow_bad_rows)
     progress = Progress("log" if b.progress == "auto" else b.progress, 0, 0)

@@ -23,14 +23,14 @@ def _line(ok: bool, what: str, detail: str) -> bool:
 def run_checks(settings: Settings) -> int:
     """One line per check (settings, model(s), broker and topics, sink, shadow sink); 0 when all pass.
     Creates nothing: no database, folder or topic."""
-    from workers.model import load_model
+    from workers.scoring.model import load_model
 
     results = [_line(True, "settings", "valid")]
     try:
         if settings.routing.path:
-            from workers.rollout.watch import RoutingSource
+            from workers.scoring.build import build_router
 
-            router = RoutingSource(settings).router
+            router = build_router(settings)
             for v in router.versions:
                 results.append(_line(True, "model", f"{redact(v.model.source)} version {v.name} ({v.role}"
                                                     f"{'' if v.shadow else f', weight {v.weight}'}), "
@@ -93,7 +93,7 @@ def check_sink(uri: str, settings: Settings, setting: str) -> str:
 def _check_sqlite(uri: str, setting: str) -> str:
     import sqlite3
 
-    from workers.rollout.compare import open_sqlite_readonly, sqlite_location
+    from workers.tools.compare import open_sqlite_readonly, sqlite_location
 
     path, table = sqlite_location(uri)
     name = f"sqlite:///{path}?table={table}"

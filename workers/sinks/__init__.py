@@ -70,7 +70,7 @@ def open_result_sink(settings, uri: str, setting: str) -> Sink:
     sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka)
     if not settings.routing.shadow_sink:
         return sink
-    from workers.sinks.split import SplitSink
+    from workers.sinks.shadow import SplitSink
 
     shadow = open_sink(settings.routing.shadow_sink, settings.s3, setting="SCORING_ROUTING__SHADOW_SINK",
                        kafka=settings.kafka)

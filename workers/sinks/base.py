@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.settings import redact  # noqa: F401 - one redaction for every printed URI; sinks import it from here
 
 

@@ -20,7 +20,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import Producer as _RdProducer
 
 from workers.errors import ConfigError, RowsRejected, SinkError
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.settings import KafkaSettings
 from workers.sinks.base import DirectUnit, Sink, UnitWriter, redact
 from workers.sinks.tables import is_json, is_uuid, json_default, plain

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from workers.errors import InputError, RowsRejected, SinkError
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.settings import S3Settings
 from workers.sinks.base import Sink, UnitWriter
 from workers.storage import is_s3, output_name, redact, resolve

@@ -39,7 +39,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.settings import scrub
 from workers.sinks.base import Sink, UnitWriter, redact
 from workers.sinks.pgtypes import JSON_COLUMNS, USING, csv_column, escape_nul, exact_columns, join, pg_type

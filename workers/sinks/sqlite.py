@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.sinks.base import Sink, UnitWriter, redact
 from workers.sinks.postgres import ERROR_KEY, RESULT_KEY
 from workers.sinks.tables import (

@@ -29,17 +29,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from workers.encodings import cloudevents as ce
-from workers.encodings import oip
-from workers.encodings.oip import BadRequest
-from workers.model import Model
+from workers.decode import cloudevents as ce
+from workers.decode import oip
+from workers.decode.oip import BadRequest
+from workers.decode.records import RecordDecoder
 from workers.observability import LATENCY_BUCKETS, SIZE_BUCKETS, Metrics
-from workers.records import RecordDecoder
-from workers.rollout import split
-from workers.rollout.router import Router, Version
-from workers.rollout.watch import RoutingSource
-from workers.runtime.serve_batcher import Batcher
-from workers.runtime.serve_store import EventStore, StoreUnavailable
+from workers.runtime.serve.batcher import Batcher
+from workers.runtime.serve.store import EventStore, StoreUnavailable
+from workers.runtime.watch import RoutingWatcher
+from workers.scoring import sticky
+from workers.scoring.build import build_router
+from workers.scoring.model import Model
+from workers.scoring.router import Version
 from workers.settings import Settings
 
 log = logging.getLogger("workers.serve")
@@ -60,8 +61,8 @@ class App:
         self.settings = settings
         sv = settings.serve
         self.metrics = Metrics()
-        given = Router.single(model, settings.scoring, self.metrics) if model is not None else None
-        self.routing = RoutingSource(settings, self.metrics, given)
+        given = build_router(settings, self.metrics, model=model) if model is not None else None
+        self.routing = RoutingWatcher(settings, self.metrics, given)
         self.name = sv.model_name or PurePosixPath(self.model.source.split("://", 1)[-1]).stem
         r = self.metrics.registry
         self.requests = Counter("scoring_http_requests", "HTTP requests", ["route", "status"], registry=r)
@@ -81,7 +82,7 @@ class App:
         self.ready = False
         self.stopping: asyncio.Event | None = None  # set on SIGTERM
         self.loop: asyncio.AbstractEventLoop | None = None
-        from workers.drift import monitor_for
+        from workers.scoring.drift import monitor_for
 
         self.drift = monitor_for(settings, self.model)
         self.drift_features = self.model.feature_names
@@ -100,7 +101,7 @@ class App:
         if self.drift is None or not matrix.shape[0]:
             return
         if self.model.feature_names != self.drift_features:  # a reload changed the primary's features
-            from workers.drift import monitor_for
+            from workers.scoring.drift import monitor_for
 
             self.drift, self.drift_features = monitor_for(self.settings, self.model), self.model.feature_names
         self.drift.observe(matrix)
@@ -223,7 +224,7 @@ class App:
         req = oip.parse(body, length, model)
         if chosen is None and req.id is not None and len(router.served) > 1:
             served = router.served
-            chosen = served[int(split.assign([req.id], [v.name for v in served], router.effective_weights())[0])]
+            chosen = served[int(sticky.assign([req.id], [v.name for v in served], router.effective_weights())[0])]
             if chosen.model.feature_names != model.feature_names or chosen.model.categorical != model.categorical:
                 req = oip.parse(body, length, chosen.model)
             model = chosen.model

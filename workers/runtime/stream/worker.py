@@ -20,7 +20,7 @@ On SIGTERM/SIGINT: stop polling, finish the batch in hand if the sink allows wit
 store is abandoned, and its transaction dies with the connection), exit 0.
 Subscribed topics missing on the broker make readiness false (named in ``/readyz``); the consumer refreshes
 metadata every few seconds, so a topic created later is consumed within seconds.
-The store side (lanes, one store attempt, rows a sink refuses) is in ``workers.runtime.stream_store``.
+The store side (lanes, one store attempt, rows a sink refuses) is in ``workers.runtime.stream.store``.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import KafkaException
 
-from workers.drift import monitor_for
+from workers.decode.records import Decoded, RecordDecoder
 from workers.errors import ConfigError, ScoringError, SinkError
-from workers.model import Model
 from workers.observability import Health, Metrics, observe_many, serve_probes
-from workers.records import Decoded, RecordDecoder
-from workers.rollout.router import Routed, Router
-from workers.rollout.watch import RoutingSource
-from workers.runtime.stream_store import ABANDONED, BadRecordStop, Lane, StoreState, StoreSteps
-from workers.scoring import Scored
+from workers.runtime.lane import Lane
+from workers.runtime.stream.store import ABANDONED, BadRecordStop, StoreState, StoreSteps
+from workers.runtime.watch import RoutingWatcher
+from workers.scoring.build import build_router
+from workers.scoring.drift import monitor_for
+from workers.scoring.model import Model
+from workers.scoring.router import Routed, Router
+from workers.scoring.scorer import Scored
 from workers.settings import Settings
 from workers.sinks import Sink, open_result_sink
 from workers.sinks.deadletter import DeadLetters
@@ -97,8 +99,8 @@ class StreamWorker(StoreSteps):
         self.health = StreamHealth(stall_seconds=s.stall_seconds,
                                    liveness_timeout_s=max(60.0, s.max_poll_interval_ms / 1000))
         self.topics_checked = 0.0
-        given = Router.single(model, settings.scoring, self.metrics) if model is not None else None
-        self.routing = RoutingSource(settings, self.metrics, given)
+        given = build_router(settings, self.metrics, model=model) if model is not None else None
+        self.routing = RoutingWatcher(settings, self.metrics, given)
         self.router = self.routing.router
         self.health.model_loaded = True
         self.drift = monitor_for(settings, self.router.primary.model)

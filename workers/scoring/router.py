@@ -1,7 +1,7 @@
 """The router: several model versions behind one scorer interface.
 
 Each record is *served* by one version, chosen by a sticky hash of its routing key against the weights
-(``split.assign``), and additionally scored by every *shadow* version. Results carry ``model_version`` and
+(``sticky.assign``), and additionally scored by every *shadow* version. Results carry ``model_version`` and
 ``served``; sinks key rows by (id, model_version), so a served row and its shadow rows never collide.
 
 Versions may differ in their features: versions with the same features and category mappings share one
@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from workers.decode.records import Decoded, RecordDecoder
 from workers.errors import ConfigError, InputError
-from workers.model import Model, load_model
-from workers.records import Decoded, RecordDecoder
-from workers.rollout import split
-from workers.rollout.guard import GuardBook
-from workers.rollout.spec import SETTING, Guardrail, RoutingSpec
-from workers.scoring import Features, Scored, Scorer
+from workers.scoring import sticky
+from workers.scoring.guard import GuardBook
+from workers.scoring.model import Model, load_model
+from workers.scoring.routing_spec import SETTING, Guardrail, RoutingSpec
+from workers.scoring.scorer import Features, Scored, Scorer
 from workers.settings import ModelSettings, S3Settings, ScoringSettings
 
 log = logging.getLogger("workers.rollout")
@@ -147,7 +147,7 @@ class Router:
                 model = load_model(settings, s3)
             except ConfigError as exc:
                 raise ConfigError(SETTING, f"{origin}: version {spec_v.name!r}: "
-                                           f"{str(exc)[len(exc.setting) + 2:]}") from None
+                                           f"{exc.reason}") from None
             versions.append(Version(spec_v.name, model, Scorer.from_settings(model, scoring), spec_v.weight or 0,
                                     spec_v.shadow, spec_v.guardrail))
         generation = digest[:12] + ":" + ",".join(v.model.sha256[:12] for v in versions)
@@ -282,7 +282,7 @@ class Router:
         if len(served) == 1:
             assignment = np.zeros(n, dtype=np.int64)
         else:
-            assignment = split.assign(routed.keys, [v.name for v in served], self.effective_weights())
+            assignment = sticky.assign(routed.keys, [v.name for v in served], self.effective_weights())
         jobs: list[Job] = []
         served_bad = np.zeros(n, dtype=bool)
         for i, v in enumerate(served):

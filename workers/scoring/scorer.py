@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workers.errors import ConfigError, InputError
-from workers.model import Model
+from workers.scoring.model import Model
 
 ERROR_FIELDS = [("reason", pa.string()), ("raw", pa.string())]
 PASSTHROUGH_SETTING = "SCORING_SCORING__PASSTHROUGH"
@@ -413,7 +413,7 @@ class Scorer:
         cols["scored_at"] = pa.repeat(now, m)
         cols["served"] = pa.repeat(pa.scalar(served), m)
         if self.explain != "none":
-            from workers.explain import explanation_columns
+            from workers.scoring.explain import explanation_columns
 
             classes = pred.argmax(axis=1) if self.model.multiclass else None
             cols.update(explanation_columns(self.model, matrix, classes,

@@ -139,11 +139,11 @@ margin:8px 0 20px}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:righ
 def drift_of(settings, data: str, profile: str) -> dict:
     """Drift per feature of the scored inputs against a profile, read through the (primary) model's features,
     as the workers see them (categories as the model's codes)."""
-    from workers.drift import DriftMonitor, feature_batches
     from workers.errors import ConfigError
-    from workers.rollout.watch import RoutingSource
+    from workers.scoring.build import build_router
+    from workers.scoring.drift import DriftMonitor, feature_batches
 
-    primary = RoutingSource(settings).router.primary
+    primary = build_router(settings).primary
     try:
         monitor = DriftMonitor.from_file(profile, primary.model.feature_names, window=2**62)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import Histogram
 
-from workers.model import Model
+from workers.scoring.model import Model
 
 
 class Batcher:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from workers.model import Model
+from workers.scoring.model import Model
 
 # value: the feature's value as a number (a numeric category as itself); category: for a pandas-categorical
 # feature, the category the input value is (as text; null when missing or a category the model has not seen),

@@ -104,8 +104,8 @@ def _run(folder: str, rows: int) -> None:
 def _compare_speed(booster: lgb.Booster, model_path: str, clean: list[str], inputs: str, batch_report) -> None:
     """Like against like, LightGBM predicting on one thread in each: scoring data already in memory, then the
     whole job from Parquet files to Parquet results. The batch figure is the first run above (not the resumed one)."""
-    from workers.model import load_model
-    from workers.scoring import Scorer
+    from workers.scoring.model import load_model
+    from workers.scoring.scorer import Scorer
 
     features = booster.feature_name()
     table = pq.read_table(clean[0]).slice(0, 100_000)

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from workers.drift import psi
+from workers.scoring.drift import psi
 
 if TYPE_CHECKING:
-    from workers.rollout.router import Router, Version
+    from workers.scoring.router import Router, Version
 
 log = logging.getLogger("workers.rollout")
 

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
-from workers.scoring import Scored
+from workers.runtime.lane import Lane
+from workers.scoring.scorer import Scored
 
 log = logging.getLogger("workers.serve")
 
@@ -36,34 +34,6 @@ DEFAULT_TIMEOUT_S = 30.0
 
 class StoreUnavailable(Exception):
     """The sink failed, did not answer in time, or the server is stopping: a 503 with this message."""
-
-
-class Lane:
-    """Runs calls one at a time, in order, on one daemon thread (ThreadPoolExecutor threads are joined at
-    interpreter exit, so a call hung on a lock would keep a stopped server running)."""
-
-    def __init__(self, name: str):
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self.busy = False
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        self._calls.put((future, fn, args))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            future, fn, args = self._calls.get()
-            if not future.set_running_or_notify_cancel():  # its caller gave up before it started
-                continue
-            self.busy = True
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                future.set_exception(exc)
-            finally:
-                self.busy = False
 
 
 class EventStore:

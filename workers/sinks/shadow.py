@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from workers.errors import RowsRejected
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.sinks.base import Sink, UnitWriter
 
 

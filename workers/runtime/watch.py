@@ -16,10 +16,10 @@ import os
 import threading
 
 from workers.errors import ScoringError
-from workers.model import load_model
-from workers.rollout.guard import GuardBook
-from workers.rollout.router import Router
-from workers.rollout.spec import read_routing
+from workers.scoring.build import build_router
+from workers.scoring.guard import GuardBook
+from workers.scoring.router import Router
+from workers.scoring.routing_spec import read_routing
 from workers.settings import Settings
 
 log = logging.getLogger("workers.rollout")
@@ -35,7 +35,9 @@ def _stat(path: str) -> tuple:
     return (path, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-class RoutingSource:
+class RoutingWatcher:
+    """Holds the current router and swaps in a reloaded one between batches (see the module docstring)."""
+
     def __init__(self, settings: Settings, metrics=None, router: Router | None = None):
         self.settings = settings
         self.metrics = metrics
@@ -58,16 +60,11 @@ class RoutingSource:
         return self.settings.routing.path
 
     def load(self) -> Router:
-        s = self.settings
         if self.path:
-            spec, digest = read_routing(self.path)
             # Watch what this file names even if loading fails below: a model uploaded after the routing
             # file was edited is then picked up when it appears.
-            self.files = [v.model for v in spec.versions]
-            return Router.from_spec(spec, digest, s.model, s.s3, s.scoring, s.routing.threshold, self.path,
-                                    self.metrics, self.guards)
-        model = load_model(s.model, s.s3)
-        return Router.single(model, s.scoring, self.metrics, self.guards)
+            self.files = [v.model for v in read_routing(self.path)[0].versions]
+        return build_router(self.settings, self.metrics, self.guards)
 
     def fingerprint(self) -> tuple:
         files = ([self.path] if self.path else []) + self.files

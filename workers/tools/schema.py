@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.model import Model
+from workers.scoring.model import Model
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -53,7 +53,7 @@ def check_producer(schema: dict, model: Model, id_field: str = "id") -> tuple[li
     Errors: records shaped like this will be rejected (missing id, a numeric feature typed as text, ...).
     Warnings: they will be scored, but worse than the producer may think (a feature never sent is missing
     on every record; categories the model has not seen are missing)."""
-    from workers.records import RecordDecoder
+    from workers.decode.records import RecordDecoder
 
     decoder = RecordDecoder(model, id_field)
     props = schema.get("properties") or {}

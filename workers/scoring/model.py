@@ -301,7 +301,7 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
     objective = re.search(r"^objective=(\S*)", text, re.MULTILINE)
     compiled = None
     if settings.backend == "lleaves":
-        from workers.backends import lleaves_predictor
+        from workers.scoring.backends import lleaves_predictor
 
         compiled = lleaves_predictor(booster, text, digest, settings.cache_dir, settings.threads, len(names),
                                      categorical)

@@ -1,9 +1,7 @@
-"""Stream mode's store side: the lanes sink calls run on, and one store attempt of a micro-batch.
+"""Stream mode's store side: one store attempt of a micro-batch.
 
-- ``Lane``: calls run in order on one *daemon* thread, each with a Future. Not a ThreadPoolExecutor: its threads
-  are joined at interpreter exit, so a write hung in the store (a locked table) would keep the process alive past
-  ``shutdown_timeout_s``. A daemon thread does not; the store's connection and its uncommitted transaction end
-  with the process (the batch is redelivered: at least once).
+- Sink calls run on ``workers.runtime.lane.Lane`` threads (daemon: a write hung in the store cannot keep a stopped
+  worker alive; the batch is redelivered: at least once).
 - ``StoreSteps.attempt``: dead letters first (flushed), then the results. Rows the sink refuses
   (``RowsRejected``) are taken out and their records dead-lettered with the reason, and the rest is written
   again; a sink refusing a write for its data without naming rows gets it in halves until the row is alone.
@@ -13,20 +11,15 @@
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from workers.errors import InputError, RowsRejected, ScoringError
 from workers.observability import Health, Metrics
-from workers.scoring import Scored
+from workers.scoring.scorer import Scored
 from workers.settings import Settings
 from workers.sinks import Sink
 from workers.sinks.deadletter import DeadLetters
@@ -35,41 +28,6 @@ from workers.sources.kafka import Batch, Record
 log = logging.getLogger("workers.stream")
 
 ABANDONED = object()  # await_call: the shutdown bound passed with the call still running
-
-
-class Lane:
-    """One daemon thread running the calls handed to it, in order, each with a Future.
-
-    Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so a write hanging in the
-    store (a locked table) would keep the process alive past ``shutdown_timeout_s``. A daemon thread does
-    not; the store's connection, and its uncommitted transaction, end with the process.
-    """
-
-    def __init__(self, name: str):
-        self.calls: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        self.calls.put((future, fn, args))
-        return future
-
-    def _run(self) -> None:
-        while (call := self.calls.get()) is not None:
-            future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                future.set_exception(exc)
-
-    def shutdown(self, wait_s: float) -> bool:
-        """No more calls; wait up to ``wait_s`` for the one running. True when the thread has ended."""
-        self.calls.put(None)
-        self.thread.join(wait_s)
-        return not self.thread.is_alive()
 
 
 @dataclass

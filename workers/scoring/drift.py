@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.model import Model
+from workers.scoring.model import Model
 
 EPS = 1e-4  # floor for shares, so an empty bin does not make PSI infinite
 

@@ -1,1 +1,0 @@
-"""Wire formats: Open Inference Protocol tensors and CloudEvents. Pure functions, no I/O."""

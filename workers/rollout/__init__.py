@@ -1,1 +1,0 @@
-"""Model rollout: several versions side by side (sticky A/B split, shadow), hot reload, guardrails, comparison."""

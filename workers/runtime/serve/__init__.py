@@ -1,0 +1,1 @@
+"""Serve mode: HTTP for Knative/KServe (CloudEvents, Open Inference Protocol v2)."""
