@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from tests.helpers import frame
+from tests.scoring_util import TableScorer
 from workers.scoring.model import load_model
-from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 
 
@@ -31,7 +31,7 @@ def test_lleaves_scores_equal_lightgbm(models, cache, kind):
     df.loc[[1, 7], "x0"] = np.nan
     booster = lgb.Booster(model_file=models[kind])
     expected = booster.predict(df[booster.feature_name()])
-    out = Scorer(model).score(pa.Table.from_pandas(df, preserve_index=False)).results
+    out = TableScorer(model).score(pa.Table.from_pandas(df, preserve_index=False)).results
     got = np.array(out["scores"].to_pylist()) if kind == "multiclass" else out["score"].to_numpy()
     assert np.max(np.abs(got - expected)) <= 1e-9
 

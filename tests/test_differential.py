@@ -31,9 +31,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.scoring_util import TableScorer
 from workers.decode.records import RecordDecoder
 from workers.scoring.model import load_model
-from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 
 TOLERANCE = 1e-9
@@ -197,7 +197,7 @@ def check(objective, kinds, columns, encodings, id_null, model_dir) -> None:
     table = pa.table({"id": pa.array(ids, pa.string()),
                       **{f"f{j}": encode(v, e) for j, (v, e) in enumerate(zip(columns, encodings, strict=True))}})
     frame, reasons = expected(kinds, columns, id_null)
-    out = Scorer(model).score(table)
+    out = TableScorer(model).score(table)
     got_reasons = dict(zip(out.error_rows.tolist(), out.errors["reason"].to_pylist(), strict=True))
     assert got_reasons == reasons, (encodings, got_reasons, reasons)
     assert out.results["id"].to_pylist() == [f"r{i}" for i in frame.index]
@@ -305,7 +305,7 @@ def test_nulls_everywhere_and_a_column_of_nulls(model_dir):
     n = 6
     table = pa.table({"id": pa.array(["a", "b", None, "d", "e", "f"]),
                       "f0": pa.nulls(n), "f1": pa.nulls(n), "f2": pa.nulls(n, pa.int64()), "f3": pa.nulls(n)})
-    out = Scorer(model).score(table)
+    out = TableScorer(model).score(table)
     assert out.errors["reason"].to_pylist() == ["missing id ('id' is null)"]
     nan = pd.DataFrame({"f0": pd.Categorical([None] * 5, categories=STR_CATS), "f1": [np.nan] * 5,
                         "f2": [np.nan] * 5, "f3": pd.Categorical([None] * 5, categories=INT_CATS)})
@@ -321,7 +321,7 @@ def test_numeric_text_spellings_inf_and_nan(model_dir):
     values = [12.5, 3.0, 10.0, 4.0, np.inf, -np.inf, np.nan, np.nan]
     table = pa.table({"id": [f"r{i}" for i in range(len(texts))], "f0": pa.array(texts),
                       "f1": pa.array([50.0] * len(texts))})
-    out = Scorer(model).score(table)
+    out = TableScorer(model).score(table)
     assert out.errors["reason"].to_pylist() == ["feature 'f0': 'abc' is not a number",
                                                 "feature 'f0': '' is not a number",
                                                 "feature 'f0': '1,5' is not a number"]
@@ -338,7 +338,7 @@ def test_integers_beyond_2_to_53_in_every_wide_type(model_dir):
     for col in (pa.array(big, pa.int64()), pa.array(big, pa.uint64()), pa.array([str(b) for b in big]),
                 pa.array([Decimal(b) for b in big], pa.decimal128(20, 0))):
         table = pa.table({"id": [f"r{i}" for i in range(6)], "f0": col, "f1": pa.array([3] * 6, pa.int8())})
-        out = Scorer(model).score(table)
+        out = TableScorer(model).score(table)
         assert out.rejected == 0, (col.type, out.errors["reason"].to_pylist())
         assert np.max(np.abs(out.results["score"].to_numpy() - want)) <= TOLERANCE, col.type
 

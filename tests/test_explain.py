@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import FEATURES, frame, write_inputs
+from tests.scoring_util import TableScorer
 from tests.test_batch import result_of
 from workers.runtime.batch import run_batch
 from workers.scoring.model import load_model
-from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings, load_settings
 
 
@@ -23,7 +23,7 @@ def test_contributions_sum_to_the_raw_score_for_every_record(models, kind):
     model = load_model(ModelSettings(path=models[kind]))
     df = frame(500, seed=21, categorical=kind == "categorical")
     df.loc[3, "x1"] = np.nan
-    out = Scorer(model, explain="all").score(pa.Table.from_pandas(df, preserve_index=False)).results
+    out = TableScorer(model, explain="all").score(pa.Table.from_pandas(df, preserve_index=False)).results
     booster = lgb.Booster(model_file=models[kind])
     raw = booster.predict(df[booster.feature_name()], raw_score=True)
     if kind == "multiclass":
@@ -38,8 +38,8 @@ def test_contributions_sum_to_the_raw_score_for_every_record(models, kind):
 def test_top_k_keeps_the_largest_contributions_in_order(models):
     model = load_model(ModelSettings(path=models["binary"]))
     df = frame(200, seed=22)
-    out = Scorer(model, explain="top", explain_top_k=3).score(pa.Table.from_pandas(df, preserve_index=False)).results
-    full = Scorer(model, explain="all").score(pa.Table.from_pandas(df, preserve_index=False)).results
+    out = TableScorer(model, explain="top", explain_top_k=3).score(pa.Table.from_pandas(df, preserve_index=False)).results
+    full = TableScorer(model, explain="all").score(pa.Table.from_pandas(df, preserve_index=False)).results
     for top, every in zip(out["explanation"].to_pylist(), full["explanation"].to_pylist(), strict=True):
         assert len(top) == 3
         assert top == every[:3]  # "all" is ordered by |contribution| too
@@ -89,7 +89,7 @@ def test_a_categorical_feature_shows_its_category_not_the_internal_code(models):
     model = load_model(ModelSettings(path=models["categorical"]))
     df = frame(40, seed=23, categorical=True)
     df.loc[5, "color"] = np.nan
-    out = Scorer(model, explain="all").score(pa.Table.from_pandas(df, preserve_index=False)).results
+    out = TableScorer(model, explain="all").score(pa.Table.from_pandas(df, preserve_index=False)).results
     for k, items in enumerate(out["explanation"].to_pylist()):
         by = {i["feature"]: i for i in items}
         color = None if k == 5 else df["color"].iloc[k]

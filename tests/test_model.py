@@ -153,14 +153,14 @@ def test_pandas_category_list_goes_to_the_pandas_categorical_feature_not_the_fir
     import numpy as np
     import pyarrow as pa
 
-    from workers.scoring.scorer import Scorer
+    from tests.scoring_util import TableScorer
 
     path, booster, df = _mixed_categorical_model(tmp_path, k_values=8)
     model = load_model(ModelSettings(path=path))
     assert model.categorical == {1: None, 2: ["red", "green", "blue"]}
     table = pa.table({"id": [f"r{i}" for i in range(len(df))], "x0": df.x0, "k": pa.array(df.k, pa.int64()),
                       "color": pa.array(df.color.astype(str)), "x1": df.x1})
-    out = Scorer(model).score(table)
+    out = TableScorer(model).score(table)
     assert out.rejected == 0
     assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(df))) <= 1e-9
 
@@ -181,7 +181,7 @@ def test_an_ordered_pandas_categorical_keeps_its_list_though_it_is_split_on_as_a
     import pandas as pd
     import pyarrow as pa
 
-    from workers.scoring.scorer import Scorer
+    from tests.scoring_util import TableScorer
 
     rng = np.random.default_rng(0)
     n = 1000
@@ -198,5 +198,5 @@ def test_an_ordered_pandas_categorical_keeps_its_list_though_it_is_split_on_as_a
     assert model.categorical == {1: ["low", "mid", "high"], 2: ["r", "g", "b"]}
     table = pa.table({"id": [str(i) for i in range(n)], "x0": df.x0, "grade": pa.array(df.grade.astype(str)),
                       "color": pa.array(df.color.astype(str)).dictionary_encode()})
-    out = Scorer(model).score(table)
+    out = TableScorer(model).score(table)
     assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(df))) <= 1e-9

@@ -12,9 +12,9 @@ import pyarrow as pa
 from jsonschema import Draft202012Validator
 
 from tests.helpers import FEATURES, frame
+from tests.scoring_util import TableScorer
 from workers.decode.records import RecordDecoder
 from workers.scoring.model import load_model
-from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 from workers.sinks.deadletter import headers_for
 from workers.sinks.kafka import result_messages
@@ -51,7 +51,7 @@ def test_generated_input_schema_accepts_good_records_and_rejects_bad(models):
 def test_results_match_the_result_schema(models):
     v = load("result.v1.json")
     for kind in ("binary", "multiclass"):
-        scorer = Scorer(load_model(ModelSettings(path=models[kind])))
+        scorer = TableScorer(load_model(ModelSettings(path=models[kind])))
         df = frame(20, seed=2)
         scored = scorer.score(pa.Table.from_pandas(df, preserve_index=False), carry={
             "topic": pa.array(["t"] * 20), "partition": pa.array([1] * 20, pa.int32()),

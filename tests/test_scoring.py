@@ -4,14 +4,14 @@ import pyarrow as pa
 import pytest
 
 from tests.helpers import FEATURES, frame
+from tests.scoring_util import TableScorer
 from workers.errors import InputError
 from workers.scoring.model import load_model
-from workers.scoring.scorer import Scorer
 from workers.settings import ModelSettings
 
 
-def scorer(path: str, **kw) -> Scorer:
-    return Scorer(load_model(ModelSettings(path=path)), **kw)
+def scorer(path: str, **kw) -> TableScorer:
+    return TableScorer(load_model(ModelSettings(path=path)), **kw)
 
 
 @pytest.mark.parametrize("kind", ["binary", "regression", "categorical"])

@@ -197,3 +197,19 @@ class RecordDecoder:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             pass
         return json_column([None if v is None else to_json(v) for v in values])
+
+
+def carry_columns(passthrough: dict[str, list[Any]], topics: list[str] | None = None,
+                  partitions: list[int] | None = None, offsets: list[int] | None = None,
+                  timestamps_ms: np.ndarray | None = None) -> dict[str, pa.Array]:
+    """The columns decoded records carry into results and errors, built once for stream and serve: the
+    passthrough values, then where each record came from (``topic`` string, ``partition`` int32, ``offset``
+    int64; ``timestamp`` as UTC milliseconds, a negative stamp being none)."""
+    carry = {name: RecordDecoder.passthrough_array(values) for name, values in passthrough.items()}
+    if topics is not None:
+        carry["topic"] = pa.array(topics, pa.string())
+        carry["partition"] = pa.array(partitions, pa.int32())
+        carry["offset"] = pa.array(offsets, pa.int64())
+    if timestamps_ms is not None:
+        carry["timestamp"] = pa.array(timestamps_ms, pa.timestamp("ms", tz="UTC"), mask=timestamps_ms < 0)
+    return carry

@@ -28,7 +28,6 @@ import pyarrow.fs as pafs
 from workers.errors import ConfigError, InputError, RowsRejected, ScoringError, SinkError
 from workers.runtime.progress import Progress
 from workers.scoring.build import build_router
-from workers.scoring.drift import monitor_for
 from workers.scoring.model import Model
 from workers.scoring.router import Router
 from workers.settings import Settings, job_completion_index
@@ -257,8 +256,7 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
         for rb in chain(iter_batches(pf, columns, batch_rows), [empty]):
             if rb is empty and offset:
                 break
-            carry = {c: rb.column(c) for c in router.scoring.passthrough}
-            scored = router.finish(router.from_table(rb), carry)
+            scored = router.score_table(rb)
             if scored.rejected:
                 scored = scored.with_error_sources([f"{f.source}#{offset + int(i)}" for i in scored.error_rows])
             try:
@@ -278,12 +276,9 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
 
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     b = settings.batch
-    router = build_router(settings, model=model)
-    model = router.primary.model
     # Drift over the whole run (no window): the summary reports each feature against the profile.
-    drift = monitor_for(settings, model, window=2**62)
-    if drift is not None:
-        router.primary.scorer.on_matrix = drift.observe
+    router = build_router(settings, model=model, drift_window=2**62)
+    model = router.primary.model
     places = output_places(settings)
     listing = find_inputs(b.input or "", settings.s3, exclude=tuple(p.root for p in places))
     check_layout(b.input or "", listing, places)
@@ -325,6 +320,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         report.duplicates_collapsed = sink.duplicates_collapsed  # read before close: the sink's count
         sink.close()
         report.seconds = time.monotonic() - started
-        if drift is not None:
-            report.drift = {k: {m: round(v, 6) for m, v in values.items()} for k, values in drift.report().items()}
+        if router.drift is not None:
+            report.drift = {k: {m: round(v, 6) for m, v in values.items()}
+                            for k, values in router.drift.report().items()}
     return report

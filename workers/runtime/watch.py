@@ -16,6 +16,7 @@ import os
 import threading
 
 from workers.errors import ScoringError
+from workers.observability import Metrics
 from workers.scoring.build import build_router
 from workers.scoring.guard import GuardBook
 from workers.scoring.router import Router
@@ -38,15 +39,17 @@ def _stat(path: str) -> tuple:
 class RoutingWatcher:
     """Holds the current router and swaps in a reloaded one between batches (see the module docstring)."""
 
-    def __init__(self, settings: Settings, metrics=None, router: Router | None = None):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, router: Router | None = None):
         self.settings = settings
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()  # never None: a private registry then
         self.guards = router.guards if router is not None else GuardBook()
         self.files: list[str] = []  # model files named by the last routing file read (loaded or not)
         self.router = router or self.load()  # at start-up a bad file is a ConfigError: stop with one line
         if not self.files:
             self.files = [v.model.source for v in self.router.versions]
         self.guards.attach(self.router)
+        #: the drift window outlives reloads (a reload that changes the primary's features starts a new one)
+        self.drift = self.router.drift
         self.seen = self.fingerprint()
         self.pending: Router | None = None
         self.lock = threading.Lock()
@@ -64,7 +67,7 @@ class RoutingWatcher:
             # Watch what this file names even if loading fails below: a model uploaded after the routing
             # file was edited is then picked up when it appears.
             self.files = [v.model for v in read_routing(self.path)[0].versions]
-        return build_router(self.settings, self.metrics, self.guards)
+        return build_router(self.settings, self.metrics, self.guards, drift=getattr(self, "drift", None))
 
     def fingerprint(self) -> tuple:
         files = ([self.path] if self.path else []) + self.files
@@ -112,9 +115,8 @@ class RoutingWatcher:
             self._failed(f"{type(exc).__name__}: {exc}")
             return False
         self.seen = self.fingerprint()
-        if self.metrics is not None:
-            self.metrics.routing_reloads.labels("ok").inc()
-            self.metrics.routing_reload_ok.set(1)
+        self.metrics.routing_reloads.labels("ok").inc()
+        self.metrics.routing_reload_ok.set(1)
         if router.generation == base.generation and not forced:
             return False
         with self.lock:
@@ -124,9 +126,8 @@ class RoutingWatcher:
 
     def _failed(self, reason: str) -> None:
         log.error("routing reload failed; the previous routing keeps serving", extra={"reason": reason[:500]})
-        if self.metrics is not None:
-            self.metrics.routing_reloads.labels("failed").inc()
-            self.metrics.routing_reload_ok.set(0)
+        self.metrics.routing_reloads.labels("failed").inc()
+        self.metrics.routing_reload_ok.set(0)
 
     def current(self) -> Router:
         """The router for the next batch (swaps in a reloaded one; call between batches)."""

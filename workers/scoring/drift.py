@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -132,6 +133,45 @@ def monitor_for(settings, model: Model, window: int | None = None) -> DriftMonit
         # Any of these is the file's fault (not JSON, not a profile, another model's): one line, not a traceback.
         raise ConfigError("SCORING_SCORING__PROFILE", f"cannot use {path} as a profile from `profile`: "
                                                       f"{type(exc).__name__}: {exc}") from None
+
+
+class DriftHook:
+    """Drift on the scoring path, the same in every mode: the router hands it the primary version's matrix of
+    each batch's scorable rows (``Router.observe``; batch, stream and CloudEvents through the router's decoding,
+    OIP through ``infer``). It keeps the window and publishes the gauges at most every ``publish_s``; when a
+    reload changes the primary's features it starts a new window for them. ``report()`` is the batch summary's.
+    """
+
+    def __init__(self, settings, metrics, window: int | None = None, publish_s: float = 1.0):
+        self.settings, self.metrics, self.window, self.publish_s = settings, metrics, window, publish_s
+        self.monitor: DriftMonitor | None = None
+        self.features: list[str] | None = None
+        self.published = 0.0
+
+    @classmethod
+    def from_settings(cls, settings, metrics, model: Model, window: int | None = None) -> DriftHook | None:
+        """A hook when ``SCORING_SCORING__PROFILE`` is set (the profile is checked now: ConfigError), else None."""
+        if not settings.scoring.profile:
+            return None
+        hook = cls(settings, metrics, window)
+        hook.monitor, hook.features = monitor_for(settings, model, window), list(model.feature_names)
+        return hook
+
+    def observe(self, model: Model, matrix: np.ndarray) -> None:
+        if not matrix.shape[0]:
+            return
+        if self.monitor is None or model.feature_names != self.features:
+            self.monitor, self.features = monitor_for(self.settings, model, self.window), list(model.feature_names)
+            if self.monitor is None:
+                return
+        self.monitor.observe(matrix)
+        now = time.monotonic()
+        if now - self.published > self.publish_s:
+            self.metrics.drift(self.monitor.report())
+            self.published = now
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return self.monitor.report() if self.monitor is not None else {}
 
 
 def feature_batches(scorer, data: str, s3):

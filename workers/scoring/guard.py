@@ -72,11 +72,10 @@ class GuardBook:
             window = v.guardrail.window if v.guardrail else 20_000
             self.states.setdefault(self._key(v), _State(window))
         router.publish()
-        if router.metrics is not None:
-            router.metrics.guardrail_tripped.clear()
-            for v in router.versions:
-                if v.guardrail is not None:
-                    router.metrics.guardrail_tripped.labels(v.name).set(float(self.is_tripped(v)))
+        router.metrics.guardrail_tripped.clear()
+        for v in router.versions:
+            if v.guardrail is not None:
+                router.metrics.guardrail_tripped.labels(v.name).set(float(self.is_tripped(v)))
 
     def is_tripped(self, v: Version) -> bool:
         return self._key(v) in self.tripped
@@ -139,8 +138,7 @@ class GuardBook:
         log.error("guardrail tripped: version taken out of traffic",
                   extra={"model_version": v.name, "role": v.role, "reason": reason})
         if self.router is not None:
-            if self.router.metrics is not None:
-                self.router.metrics.guardrail_tripped.labels(v.name).set(1)
+            self.router.metrics.guardrail_tripped.labels(v.name).set(1)
             self.router.publish()
 
 

@@ -28,7 +28,9 @@ import pyarrow.compute as pc
 
 from workers.decode.records import Decoded, RecordDecoder
 from workers.errors import ConfigError, InputError
+from workers.observability import Metrics
 from workers.scoring import sticky
+from workers.scoring.drift import DriftHook
 from workers.scoring.guard import GuardBook
 from workers.scoring.model import Model, load_model
 from workers.scoring.routing_spec import SETTING, Guardrail, RoutingSpec
@@ -63,7 +65,6 @@ class Routed:
     keys: list[str]
     raw: list | None = None  # input values of rejected rows (index -> dict), for the errors' raw column
     passthrough: dict[str, list] = field(default_factory=dict)
-    tables: list[pa.RecordBatch | pa.Table] | None = None  # batch mode: the input batch (for raw values)
     absent: frozenset[int] = frozenset()  # signatures (shadow-only) whose feature columns the batch lacks
 
     @property
@@ -98,14 +99,17 @@ def _subset(feats: Features, rows: np.ndarray) -> Features:
 
 class Router:
     def __init__(self, versions: list[Version], scoring: ScoringSettings, key: str | None = None,
-                 threshold: float = 0.5, generation: str = "", metrics=None, guards: GuardBook | None = None):
+                 threshold: float = 0.5, generation: str = "", metrics: Metrics | None = None,
+                 guards: GuardBook | None = None, drift: DriftHook | None = None):
         self.versions = versions
         self.scoring = scoring
         self.id_column = scoring.id_column
         self.key = key if key and key != scoring.id_column else None
         self.threshold = threshold
         self.generation = generation
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else Metrics()  # never None: a private registry then
+        #: drift on the scoring path (``SCORING_SCORING__PROFILE``); fed by ``observe``
+        self.drift = drift
         served = [v for v in versions if not v.shadow]
         self.primary = max(served, key=lambda v: v.weight)
         # The primary's decoding comes first: its ids, raw values and drift matrix are the batch's.
@@ -130,14 +134,15 @@ class Router:
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def single(cls, model: Model, scoring: ScoringSettings, metrics=None, guards: GuardBook | None = None) -> Router:
+    def single(cls, model: Model, scoring: ScoringSettings, metrics: Metrics | None = None,
+               guards: GuardBook | None = None, drift: DriftHook | None = None) -> Router:
         return cls([Version(model.version, model, Scorer.from_settings(model, scoring), 100)], scoring,
-                   generation=model.sha256[:12], metrics=metrics, guards=guards)
+                   generation=model.sha256[:12], metrics=metrics, guards=guards, drift=drift)
 
     @classmethod
     def from_spec(cls, spec: RoutingSpec, digest: str, base: ModelSettings, s3: S3Settings,
-                  scoring: ScoringSettings, threshold: float, origin: str, metrics=None,
-                  guards: GuardBook | None = None) -> Router:
+                  scoring: ScoringSettings, threshold: float, origin: str, metrics: Metrics | None = None,
+                  guards: GuardBook | None = None, drift: DriftHook | None = None) -> Router:
         """Load every version of a routing file; ConfigError naming the file and the version on failure."""
         versions = []
         for spec_v in spec.versions:
@@ -151,7 +156,7 @@ class Router:
             versions.append(Version(spec_v.name, model, Scorer.from_settings(model, scoring), spec_v.weight or 0,
                                     spec_v.shadow, spec_v.guardrail))
         generation = digest[:12] + ":" + ",".join(v.model.sha256[:12] for v in versions)
-        return cls(versions, scoring, spec.key, threshold, generation, metrics, guards)
+        return cls(versions, scoring, spec.key, threshold, generation, metrics, guards, drift)
 
     # -- properties the modes use ----------------------------------------------------------------
     @property
@@ -161,10 +166,6 @@ class Router:
     @property
     def shadows(self) -> list[Version]:
         return [v for v in self.versions if v.shadow and not self.guards.is_tripped(v)]
-
-    @property
-    def simple(self) -> bool:
-        return len(self.versions) == 1
 
     @property
     def fingerprint(self) -> str:
@@ -184,8 +185,6 @@ class Router:
                  "backend": v.model.backend, "tripped": self.guards.is_tripped(v)} for v in self.versions]
 
     def publish(self) -> None:
-        if self.metrics is None:
-            return
         weights = dict(zip([v.name for v in self.served], self.effective_weights(), strict=True))
         self.metrics.routing_weight.clear()
         for v in self.versions:
@@ -243,6 +242,8 @@ class Router:
                           for v, rid in zip(values_k, first.ids, strict=True)]
         routed = Routed(len(values), pa.array(first.ids, pa.string()), [d.features for d in decoded],
                         [k if k is not None else "" for k in route_keys], first.raw, passthrough)
+        if self.drift is not None:
+            self.observe(self.primary.scorer.good_matrix(first.features))
         return routed, Decoded(first.ids, first.features, passthrough, first.raw)
 
     def from_table(self, batch: pa.RecordBatch | pa.Table) -> Routed:
@@ -272,7 +273,21 @@ class Router:
             raw = [{}] * batch.num_rows
             for i, row in zip(bad, rows, strict=True):
                 raw[i] = row
+        if self.drift is not None:
+            self.observe(self.primary.scorer.good_matrix(feats[0]))
         return Routed(batch.num_rows, ids, feats, keys, raw, absent=frozenset(absent))
+
+    def observe(self, matrix: np.ndarray) -> None:
+        """The drift hook: the primary's matrix of a batch's scorable rows (every mode's decoding calls it;
+        OIP infer, which parses tensors itself, calls it for requests the primary answers)."""
+        if self.drift is not None:
+            self.drift.observe(self.primary.model, matrix)
+
+    def score_table(self, batch: pa.RecordBatch | pa.Table, carry: dict[str, pa.Array] | None = None) -> Scored:
+        """Score an Arrow batch the way batch mode does (passthrough columns carried, ``carry`` added)."""
+        columns: dict[str, pa.Array | pa.ChunkedArray] = {c: batch.column(c) for c in self.scoring.passthrough}
+        columns.update(carry or {})
+        return self.finish(self.from_table(batch), columns)
 
     # -- routing and scoring ---------------------------------------------------------------------
     def plan(self, routed: Routed) -> list[Job]:
@@ -305,8 +320,7 @@ class Router:
             skipped = int(n - rows.size - np.count_nonzero(served_bad))
             if skipped:
                 self.skipped[v.name] += skipped
-                if self.metrics is not None:
-                    self.metrics.version_errors.labels(v.name).inc(skipped)
+                self.metrics.version_errors.labels(v.name).inc(skipped)
             if rows.size:
                 jobs.append(Job(v, rows, Features(np.ascontiguousarray(feats.matrix[rows]), {})))
         return jobs
@@ -325,14 +339,12 @@ class Router:
             except Exception as exc:  # noqa: BLE001 - a broken canary or shadow must not stop the stream
                 self.failed(job, matrix.shape[0], exc)
                 return None
-        if self.metrics is not None:
-            self.metrics.version_seconds.labels(job.version.name).observe(time.perf_counter() - started)
+        self.metrics.version_seconds.labels(job.version.name).observe(time.perf_counter() - started)
         return pred
 
     def failed(self, job: Job, rows: int, exc: BaseException) -> None:
         log.error("predict failed", extra={"model_version": job.version.name, "reason": str(exc)[:300]})
-        if self.metrics is not None:
-            self.metrics.version_errors.labels(job.version.name).inc(rows)
+        self.metrics.version_errors.labels(job.version.name).inc(rows)
         self.guards.errors(job.version, rows, rows)
 
     def fallback(self, routed: Routed, job: Job) -> Job:
@@ -406,8 +418,6 @@ class Router:
         bad = int(np.count_nonzero(~np.isfinite(scores)))
         self.guards.errors(v, n_ok, bad)
         self.guards.scores(v, scores)
-        if self.metrics is None:
-            return
         self.metrics.version_rows.labels(v.name, v.role).inc(n_ok)
         if bad:
             self.metrics.version_errors.labels(v.name).inc(bad)
@@ -436,8 +446,7 @@ class Router:
                 agree = int(np.count_nonzero((a >= self.threshold) == (b >= self.threshold)))
             diff = np.abs(a - b)
             self.guards.differences(job.version, diff)
-            if self.metrics is not None:
-                self.metrics.shadow_pairs.labels(job.version.name, baseline.name).inc(int(mine.sum()))
-                self.metrics.shadow_agree.labels(job.version.name, baseline.name).inc(agree)
-                self.metrics.shadow_abs_diff.labels(job.version.name, baseline.name).inc(float(np.nansum(diff)))
+            self.metrics.shadow_pairs.labels(job.version.name, baseline.name).inc(int(mine.sum()))
+            self.metrics.shadow_agree.labels(job.version.name, baseline.name).inc(agree)
+            self.metrics.shadow_abs_diff.labels(job.version.name, baseline.name).inc(float(np.nansum(diff)))
 

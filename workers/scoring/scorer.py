@@ -16,7 +16,6 @@ A bad row never fails the batch; a batch missing a feature column does (``InputE
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -312,7 +311,6 @@ class Scorer:
         self.explain = explain
         self.explain_top_k = explain_top_k
         # Called with the matrix of the rows about to be predicted (drift tracking in batch and serve modes).
-        self.on_matrix: Callable[[np.ndarray], None] | None = None
 
     @classmethod
     def from_settings(cls, model: Model, scoring) -> Scorer:
@@ -392,8 +390,6 @@ class Scorer:
             matrix = feats.matrix
             take = lambda col: col  # noqa: E731
         m = matrix.shape[0]
-        if self.on_matrix is not None and m:
-            self.on_matrix(matrix)
         cols: dict[str, pa.Array | pa.ChunkedArray] = {"id": take(ids)}
         if predictions is not None:
             pred = predictions
@@ -445,18 +441,3 @@ class Scorer:
     def _raw_from_matrix(self, row: np.ndarray) -> str:
         values = {n: (None if np.isnan(v) else float(v)) for n, v in zip(self.model.feature_names, row, strict=True)}
         return orjson.dumps(values).decode()
-
-    def score(self, batch: pa.RecordBatch | pa.Table, carry: dict | None = None) -> Scored:
-        """Both stages on an Arrow batch. ``carry`` adds columns (e.g. source file and row number)."""
-        feats = self.features(batch)
-        columns = {c: batch.column(c) for c in self.passthrough}
-        columns.update(carry or {})
-        raw_rows = None
-        if feats.reasons:
-            # The original values of rejected rows, as read (only built when there are any).
-            wanted = [self.id_column, *self.model.feature_names]
-            rows = batch.select(wanted).take(pa.array(sorted(feats.reasons), pa.int64())).to_pylist()
-            raw_rows = [{}] * batch.num_rows
-            for i, row in zip(sorted(feats.reasons), rows, strict=True):
-                raw_rows[i] = row
-        return self.finish(batch.column(self.id_column), feats, columns, raw_rows)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from workers.errors import ConfigError
 from workers.runtime.batch import run_batch
-from workers.settings import ModelSettings, load_settings
+from workers.settings import load_settings
 
 N_FEATURES = 20
 
@@ -104,14 +104,13 @@ def _run(folder: str, rows: int) -> None:
 def _compare_speed(booster: lgb.Booster, model_path: str, clean: list[str], inputs: str, batch_report) -> None:
     """Like against like, LightGBM predicting on one thread in each: scoring data already in memory, then the
     whole job from Parquet files to Parquet results. The batch figure is the first run above (not the resumed one)."""
-    from workers.scoring.model import load_model
-    from workers.scoring.scorer import Scorer
+    from workers.scoring.build import build_router
 
     features = booster.feature_name()
     table = pq.read_table(clean[0]).slice(0, 100_000)
     frame = table.to_pandas()
-    scorer = Scorer(load_model(ModelSettings(path=model_path)), "id", ["customer"])
-    ours = _rate(len(frame), lambda: scorer.score(table))
+    router = build_router(load_settings({"model": {"path": model_path}, "scoring": {"passthrough": ["customer"]}}))
+    ours = _rate(len(frame), lambda: router.score_table(table))
     plain = _rate(len(frame), lambda: booster.predict(frame[features], num_threads=1))
     click.echo(f"in memory, {len(frame):,} rows already read, predict on 1 thread:")
     click.echo(f"  Scorer.score on the Arrow table:      {ours:>10,.0f} rows/s  (features checked and converted, "

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from workers.decode import cloudevents as ce
 from workers.decode import oip
 from workers.decode.oip import BadRequest
-from workers.decode.records import RecordDecoder
+from workers.decode.records import carry_columns
 from workers.observability import LATENCY_BUCKETS, SIZE_BUCKETS, Metrics
 from workers.runtime.serve.batcher import Batcher
 from workers.runtime.serve.store import EventStore, StoreUnavailable
@@ -82,11 +82,6 @@ class App:
         self.ready = False
         self.stopping: asyncio.Event | None = None  # set on SIGTERM
         self.loop: asyncio.AbstractEventLoop | None = None
-        from workers.scoring.drift import monitor_for
-
-        self.drift = monitor_for(settings, self.model)
-        self.drift_features = self.model.feature_names
-        self.drift_reported = 0.0
 
     @property
     def model(self) -> Model:
@@ -96,18 +91,6 @@ class App:
     @property
     def source(self) -> str:
         return f"scoring-workers/{self.name}/{self.model.version}"
-
-    def observe_drift(self, matrix: np.ndarray) -> None:
-        if self.drift is None or not matrix.shape[0]:
-            return
-        if self.model.feature_names != self.drift_features:  # a reload changed the primary's features
-            from workers.scoring.drift import monitor_for
-
-            self.drift, self.drift_features = monitor_for(self.settings, self.model), self.model.feature_names
-        self.drift.observe(matrix)
-        if time.monotonic() - self.drift_reported > 1.0:
-            self.metrics.drift(self.drift.report())
-            self.drift_reported = time.monotonic()
 
     # -- plumbing --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -229,7 +212,7 @@ class App:
                 req = oip.parse(body, length, chosen.model)
             model = chosen.model
         if model is router.primary.model:
-            self.observe_drift(req.matrix)
+            router.observe(req.matrix)
         pred = await self.batcher.predict(req.matrix, model)
         out, head_len = oip.response(pred, model, self.name, req)
         if head_len is None:
@@ -269,7 +252,6 @@ class App:
         """Score, store and answer well-formed events: (reply per event, reason per rejected event)."""
         router = self.routing.current()
         routed, decoded = router.decode([e.data for e in events], [e.key for e in events], key_as_id=True)
-        self.observe_drift(router.primary.scorer.good_matrix(decoded.features))
         jobs = router.plan(routed)
         preds = await asyncio.gather(*(self.batcher.predict(job.matrix(), job.version.model) for job in jobs),
                                      return_exceptions=True)
@@ -282,13 +264,11 @@ class App:
                 pred = None
             predictions.append(pred)
         self.exact_passthrough(events, decoded.passthrough)
-        carry: dict[str, pa.Array] = {name: RecordDecoder.passthrough_array(values)
-                                     for name, values in decoded.passthrough.items()}
-        if self.sink is not None:
+        carry = carry_columns(decoded.passthrough)
+        if self.sink is not None:  # where each event's record came from, for the stored rows
             positions = [e.kafka_position() for e in events]
-            carry["topic"] = pa.array([p[0] for p in positions], pa.string())
-            carry["partition"] = pa.array([p[1] for p in positions], pa.int32())
-            carry["offset"] = pa.array([p[2] for p in positions], pa.int64())
+            carry = carry_columns(decoded.passthrough, [p[0] for p in positions], [p[1] for p in positions],
+                                  [p[2] for p in positions])
         carry[_ROW] = pa.array(np.arange(len(events)), pa.int64())
         scored = router.finish(routed, carry, predictions, jobs)
         reasons = dict(zip(scored.error_rows.tolist(), scored.errors["reason"].to_pylist(), strict=True))

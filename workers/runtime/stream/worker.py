@@ -39,14 +39,13 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import KafkaException
 
-from workers.decode.records import Decoded, RecordDecoder
+from workers.decode.records import Decoded, carry_columns
 from workers.errors import ConfigError, ScoringError, SinkError
 from workers.observability import Health, Metrics, observe_many, serve_probes
 from workers.runtime.lane import Lane
 from workers.runtime.stream.store import ABANDONED, BadRecordStop, StoreState, StoreSteps
 from workers.runtime.watch import RoutingWatcher
 from workers.scoring.build import build_router
-from workers.scoring.drift import monitor_for
 from workers.scoring.model import Model
 from workers.scoring.router import Routed, Router
 from workers.scoring.scorer import Scored
@@ -103,8 +102,6 @@ class StreamWorker(StoreSteps):
         self.routing = RoutingWatcher(settings, self.metrics, given)
         self.router = self.routing.router
         self.health.model_loaded = True
-        self.drift = monitor_for(settings, self.router.primary.model)
-        self.drift_reported = 0.0
         self.sink = sink or open_result_sink(settings, s.sink, "SCORING_STREAM__SINK")
         self.stopping = False
         self.stop_deadline = float("inf")
@@ -232,11 +229,6 @@ class StreamWorker(StoreSteps):
                 self.submit(records, None, None, router)
                 self.update_lag(records.partition_set())
                 return
-        if decoded is not None and self.drift is not None:
-            self.drift.observe(router.primary.scorer.good_matrix(decoded.features))
-            if time.monotonic() - self.drift_reported > 1.0:
-                self.metrics.drift(self.drift.report())
-                self.drift_reported = time.monotonic()
         self.drain(keep=1 if records else 0)  # at most one batch ahead of the one handed over now
         if records and decoded is not None and not self.stopping:
             if decoded.features.reasons and self.settings.stream.on_bad_record == "fail":
@@ -255,8 +247,6 @@ class StreamWorker(StoreSteps):
 
     def switch(self, router: Router) -> None:
         """Start scoring with a reloaded routing (between batches)."""
-        if router.primary.model.feature_names != self.router.primary.model.feature_names:
-            self.drift = monitor_for(self.settings, router.primary.model)
         self.router = router
         self.calibrate()
 
@@ -274,14 +264,8 @@ class StreamWorker(StoreSteps):
         self.pending.append(flight)
 
     def score(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> Scored:
-        carry: dict[str, pa.Array] = {
-            name: RecordDecoder.passthrough_array(values) for name, values in decoded.passthrough.items()
-        }
-        carry["topic"] = pa.array(records.topics(), pa.string())
-        carry["partition"] = pa.array(records.partitions(), pa.int32())
-        carry["offset"] = pa.array(records.offsets(), pa.int64())
-        stamps = np.array(records.timestamps(), dtype=np.int64)
-        carry["timestamp"] = pa.array(stamps, pa.timestamp("ms", tz="UTC"), mask=stamps < 0)
+        carry = carry_columns(decoded.passthrough, records.topics(), records.partitions(), records.offsets(),
+                              np.array(records.timestamps(), dtype=np.int64))
         return router.finish(routed, carry)
 
     def score_timed(self, records: Batch, routed: Routed | None, decoded: Decoded | None, router: Router
