@@ -254,16 +254,16 @@ def test_a_write_to_a_locked_table_fails_within_the_lock_timeout(pg_dsn, pg_tabl
 
     sink = PostgresSink(uri(pg_dsn, pg_table), "SCORING_STREAM__SINK", lock_timeout_s=1.0)
     table = pa.table({"id": ["a"], "model_version": ["v"], "score": [0.5]})
-    sink.write_stream(Scored(table, pa.table({})))
+    sink.write_batch(Scored(table, pa.table({})))
     holder = psycopg.connect(pg_dsn)
     holder.execute(f'LOCK TABLE "{pg_table}" IN ACCESS EXCLUSIVE MODE')
     started = time.monotonic()
     with pytest.raises(SinkError, match="lock timeout"):
-        sink.write_stream(Scored(table, pa.table({})))
+        sink.write_batch(Scored(table, pa.table({})))
     assert time.monotonic() - started < 5
     holder.rollback()
     holder.close()
-    sink.write_stream(Scored(table, pa.table({})))
+    sink.write_batch(Scored(table, pa.table({})))
     sink.close()
 
 

@@ -668,14 +668,14 @@ class _RefusingSink:
     def __getattr__(self, name):
         return getattr(self.sink, name)
 
-    def write_stream(self, scored):
+    def write_batch(self, scored):
         self.calls += 1
         ids = set(scored.results["id"].to_pylist()) | set(scored.errors["id"].to_pylist())
         if ids & self.bad_ids:
             if self.error is InputError:
                 raise InputError("the store cannot hold this row")
             raise self.error("SCORING_SERVE__SINK", "the store cannot hold this row")
-        self.sink.write_stream(scored)
+        self.sink.write_batch(scored)
 
 
 @pytest.mark.parametrize("error", ["InputError", "ConfigError"])

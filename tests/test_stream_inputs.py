@@ -68,7 +68,7 @@ class RefusingSink(PostgresSink):
         self.calls = 0
         self.refused_calls = 0
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         self.calls += 1
         if self.calls <= 2:
             raise SinkError("store down (planted)")
@@ -78,7 +78,7 @@ class RefusingSink(PostgresSink):
         if refused:
             self.refused_calls += 1
             raise RowsRejected(refused)
-        super().write_stream(scored)
+        super().write_batch(scored)
 
 
 def test_rows_the_sink_refuses_are_dead_lettered_and_the_rest_stored_once(models, kafka, pg_dsn, pg_table):
@@ -200,10 +200,10 @@ class UnnamingSink(PostgresSink):
     """The real PostgreSQL sink, failing any write holding the row ``unstorable`` with an ``InputError`` that
     names no row (what a sink does when it cannot tell which row its store refused)."""
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         if "unstorable" in scored.results["id"].to_pylist():
             raise InputError("the store refused this batch (planted, no row named)")
-        super().write_stream(scored)
+        super().write_batch(scored)
 
 
 def test_records_breaking_scoring_or_a_sink_without_rows_named_are_isolated(models, kafka, pg_dsn, pg_table):

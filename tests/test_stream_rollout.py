@@ -113,7 +113,7 @@ class ShadowRefusingSink:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def write_stream(self, scored):
+    def write_batch(self, scored):
         from workers.errors import RowsRejected
 
         t = scored.results
@@ -122,7 +122,7 @@ class ShadowRefusingSink:
                   if (rid, served) in (("s3", True), ("s5", False))}
         if refuse:
             raise RowsRejected(refuse)
-        self.inner.write_stream(scored)
+        self.inner.write_batch(scored)
 
 
 def test_refused_served_row_dead_letters_its_record_and_a_refused_shadow_row_alone_is_dropped(

@@ -303,25 +303,25 @@ def test_a_stale_stream_write_never_overwrites_a_newer_result_of_its_partition(t
     A's write lands. An older offset of the same topic-partition no longer overwrites the stored row; a newer
     one and a redelivery of the same offset do; across partitions there is no order, so the later write wins."""
     sink, read = table_sink
-    sink.write_stream(_stream_rows(("X", 2.0, 0, 2)))
-    sink.write_stream(_stream_rows(("X", 1.0, 0, 1)))  # the zombie's stale write
+    sink.write_batch(_stream_rows(("X", 2.0, 0, 2)))
+    sink.write_batch(_stream_rows(("X", 1.0, 0, 1)))  # the zombie's stale write
     assert read()["X"] == (2.0, 0, 2)
-    sink.write_stream(_stream_rows(("Y", 1.0, 0, 1)))
-    sink.write_stream(_stream_rows(("Y", 2.0, 0, 2)))  # newer: replaces
+    sink.write_batch(_stream_rows(("Y", 1.0, 0, 1)))
+    sink.write_batch(_stream_rows(("Y", 2.0, 0, 2)))  # newer: replaces
     assert read()["Y"] == (2.0, 0, 2)
-    sink.write_stream(_stream_rows(("Y", 2.5, 0, 2)))  # redelivery of the same offset (rescored): replaces
+    sink.write_batch(_stream_rows(("Y", 2.5, 0, 2)))  # redelivery of the same offset (rescored): replaces
     assert read()["Y"] == (2.5, 0, 2)
-    sink.write_stream(_stream_rows(("X", 3.0, 1, 0)))  # another partition, lower offset: the later write wins
+    sink.write_batch(_stream_rows(("X", 3.0, 1, 0)))  # another partition, lower offset: the later write wins
     assert read()["X"] == (3.0, 1, 0)
-    sink.write_stream(_stream_rows(("X", 4.0, 0, 1)))  # back to partition 0: again the later write
+    sink.write_batch(_stream_rows(("X", 4.0, 0, 1)))  # back to partition 0: again the later write
     assert read()["X"] == (4.0, 0, 1)
     # a stale row among fresh ones: only it is skipped
-    sink.write_stream(_stream_rows(("X", 5.0, 0, 0), ("Z", 1.0, 0, 7)))
+    sink.write_batch(_stream_rows(("X", 5.0, 0, 0), ("Z", 1.0, 0, 7)))
     assert read()["X"] == (4.0, 0, 1) and read()["Z"] == (1.0, 0, 7)
     # no position (a serve event id that is not a Kafka position): nothing to compare, the write wins both ways
-    sink.write_stream(_stream_rows(("Z", 2.0, None, None)))
+    sink.write_batch(_stream_rows(("Z", 2.0, None, None)))
     assert read()["Z"] == (2.0, None, None)
-    sink.write_stream(_stream_rows(("Z", 3.0, 0, 1)))
+    sink.write_batch(_stream_rows(("Z", 3.0, 0, 1)))
     assert read()["Z"] == (3.0, 0, 1)
 
 
@@ -332,15 +332,15 @@ def test_duplicates_in_one_micro_batch_keep_the_newest_record_not_the_highest_of
     record with the later timestamp wins (dupX at p0@10, then dupX at p1@0 produced later: p1's is kept,
     whatever the batch order)."""
     sink, read = table_sink
-    sink.write_stream(_stream_rows(("D", 1.0, 1, 0, 2_000), ("D", 2.0, 0, 10, 1_000)))
+    sink.write_batch(_stream_rows(("D", 1.0, 1, 0, 2_000), ("D", 2.0, 0, 10, 1_000)))
     assert read()["D"] == (1.0, 1, 0)
-    sink.write_stream(_stream_rows(("E", 2.0, 0, 11, 900), ("E", 1.0, 0, 10, 1_000)))  # one partition: offset
+    sink.write_batch(_stream_rows(("E", 2.0, 0, 11, 900), ("E", 1.0, 0, 10, 1_000)))  # one partition: offset
     assert read()["E"] == (2.0, 0, 11)
     # several rows of one id from two partitions: p0's newest offset against p1's, by timestamp
-    sink.write_stream(_stream_rows(("F", 1.0, 0, 5, 3_000), ("F", 2.0, 1, 9, 2_000), ("F", 3.0, 0, 6, 1_000),
+    sink.write_batch(_stream_rows(("F", 1.0, 0, 5, 3_000), ("F", 2.0, 1, 9, 2_000), ("F", 3.0, 0, 6, 1_000),
                                    ("F", 4.0, 1, 8, 4_000)))
     assert read()["F"] == (2.0, 1, 9)  # p0 -> @6 (ts 1000), p1 -> @9 (ts 2000): p1@9 is the newer record
     # no timestamps: the later row in batch order
-    sink.write_stream(_stream_rows(("G", 1.0, 1, 0, None), ("G", 2.0, 0, 10, None)))
+    sink.write_batch(_stream_rows(("G", 1.0, 1, 0, None), ("G", 2.0, 0, 10, None)))
     assert read()["G"] == (2.0, 0, 10)
     assert sink.duplicates_collapsed == 6  # D 1, E 1, F 3, G 1

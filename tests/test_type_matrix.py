@@ -160,7 +160,7 @@ def test_postgres_passthrough_of_every_type_reads_back(case, pg_dsn, pg_table):
     t, values, _, to_pg, _ = CASES[case]
     sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_BATCH__OUTPUT")
     ids = pa.array(["a", "b", "c"])
-    sink.write_stream(Scored(with_order(results(ids, p=pa.array(values, t))), pa.table({})))
+    sink.write_batch(Scored(with_order(results(ids, p=pa.array(values, t))), pa.table({})))
     sink.close()
     got = pg_read(pg_dsn, pg_table, "p")
     want = expect(to_pg, written(values, t))
@@ -175,13 +175,13 @@ def test_postgres_id_of_every_type_is_a_key_or_rejected(case, pg_dsn, pg_table):
     if id_values is None or None in id_values:  # ids that are all or partly null: those rows are refused
         ids = pa.array(id_values or [None] * 3, t)
         with pytest.raises(RowsRejected) as info:
-            sink.write_stream(Scored(with_order(results(ids)), pa.table({})))
+            sink.write_batch(Scored(with_order(results(ids)), pa.table({})))
         assert {i for i, v in enumerate(ids.to_pylist()) if v is None} == set(info.value.rows)
         assert all("id is missing" in r for r in info.value.rows.values())
         return
     table = with_order(results(pa.array(id_values, t)))
-    sink.write_stream(Scored(table, pa.table({})))
-    sink.write_stream(Scored(table, pa.table({})))  # the same keys again: upserted, not added
+    sink.write_batch(Scored(table, pa.table({})))
+    sink.write_batch(Scored(table, pa.table({})))  # the same keys again: upserted, not added
     sink.close()
     got = pg_read(pg_dsn, pg_table, "id")
     assert len(got) == 3
@@ -200,7 +200,7 @@ def test_postgres_passthrough_whose_type_changes_is_widened_and_keeps_every_valu
     for arr in batches:
         ids = pa.array([f"r{n + i}" for i in range(len(arr))])
         table = results(ids, p=arr).append_column("offset", pa.array(range(n, n + len(arr)), pa.int64()))
-        sink.write_stream(Scored(table, pa.table({})))
+        sink.write_batch(Scored(table, pa.table({})))
         n += len(arr)
     sink.close()
     got = pg_read(pg_dsn, pg_table, "p")
@@ -229,7 +229,7 @@ def test_postgres_rows_it_cannot_store_are_rejected_and_nothing_is_stored(pg_dsn
     far[17] = far[503] = 300_000 * 366 * 86400  # year ~300000: Arrow holds it, PostgreSQL does not
     table = with_order(results(pa.array([f"r{i}" for i in range(n)]), at=pa.array(far, pa.timestamp("s"))))
     with pytest.raises(RowsRejected) as info:
-        sink.write_stream(Scored(table, pa.table({})))
+        sink.write_batch(Scored(table, pa.table({})))
     assert set(info.value.rows) == {17, 503} and all("'at'" in r and "range" in r for r in info.value.rows.values())
     text = ["ok"] * n
     text[4] = "a\x00b"
@@ -237,14 +237,14 @@ def test_postgres_rows_it_cannot_store_are_rejected_and_nothing_is_stored(pg_dsn
     ids[9] = None
     second = with_order(results(pa.array(ids), t=pa.array(text)))
     with pytest.raises(RowsRejected) as info:  # a sink may name only some bad rows: the caller writes again
-        sink.write_stream(Scored(second, pa.table({})))
+        sink.write_batch(Scored(second, pa.table({})))
     assert info.value.rows == {9: "id is missing (null); rows are stored by (id, model_version)"}
     with pytest.raises(RowsRejected) as info:
-        sink.write_stream(Scored(second.filter(pc.is_valid(second["id"])), pa.table({})))
+        sink.write_batch(Scored(second.filter(pc.is_valid(second["id"])), pa.table({})))
     assert set(info.value.rows) == {4} and "NUL" in info.value.rows[4]
     # the rows without a bad value go in once the caller drops the rejected ones
     good = table.filter(pc.invert(pc.is_in(table["offset"], pa.array([17, 503]))))
-    sink.write_stream(Scored(good, pa.table({})))
+    sink.write_batch(Scored(good, pa.table({})))
     sink.close()
     assert len(pg_read(pg_dsn, pg_table, "id")) == n - 2
 
@@ -255,7 +255,7 @@ def test_postgres_rejected_row_indices_count_in_the_callers_table_after_duplicat
     ids = pa.array(["a", "a", "b", "c", "c"])
     text = pa.array(["1", "2", "3", "4", "bad\x00"])
     with pytest.raises(RowsRejected) as info:
-        sink.write_stream(Scored(with_order(results(ids, t=text)), pa.table({})))
+        sink.write_batch(Scored(with_order(results(ids, t=text)), pa.table({})))
     assert set(info.value.rows) == {4}
     sink.close()
 
@@ -270,7 +270,7 @@ def test_sqlite_passthrough_of_every_type_reads_back(case, tmp_path):
     t, values, _, _, to_sqlite = CASES[case]
     db = tmp_path / "s.db"
     sink = SqliteSink(f"sqlite:///{db}", "SCORING_BATCH__OUTPUT")
-    sink.write_stream(Scored(with_order(results(pa.array(["a", "b", "c"]), p=pa.array(values, t))), pa.table({})))
+    sink.write_batch(Scored(with_order(results(pa.array(["a", "b", "c"]), p=pa.array(values, t))), pa.table({})))
     sink.close()
     got = sqlite_read(db, "p")
     want = expect(to_sqlite, written(values, t))
@@ -285,12 +285,12 @@ def test_sqlite_id_of_every_type_is_a_key_or_rejected(case, tmp_path):
     if id_values is None or None in id_values:
         ids = pa.array(id_values or [None] * 3, t)
         with pytest.raises(RowsRejected) as info:
-            sink.write_stream(Scored(with_order(results(ids)), pa.table({})))
+            sink.write_batch(Scored(with_order(results(ids)), pa.table({})))
         assert {i for i, v in enumerate(ids.to_pylist()) if v is None} == set(info.value.rows)
         return
     table = with_order(results(pa.array(id_values, t)))
-    sink.write_stream(Scored(table, pa.table({})))
-    sink.write_stream(Scored(table, pa.table({})))
+    sink.write_batch(Scored(table, pa.table({})))
+    sink.write_batch(Scored(table, pa.table({})))
     sink.close()
     got = sqlite_read(db, "id")
     want = expect(to_sqlite, written(id_values, t))
@@ -301,12 +301,12 @@ def test_sqlite_columns_differing_only_in_case_are_refused_with_one_line(tmp_pat
     sink = SqliteSink(f"sqlite:///{tmp_path / 's.db'}", "SCORING_STREAM__SINK")
     table = results(pa.array(["a"]), ID=pa.array(["A"]))
     with pytest.raises(ConfigError, match="'id' and 'ID' differ only in case"):
-        sink.write_stream(Scored(table, pa.table({})))
+        sink.write_batch(Scored(table, pa.table({})))
     writer = sink.begin("f.parquet")  # batch: that input fails alone
     with pytest.raises(InputError, match="differ only in case"):
         writer.write(Scored(table, pa.table({})))
     writer.abort()
-    sink.write_stream(Scored(results(pa.array(["b"])), pa.table({})))  # the sink is still usable
+    sink.write_batch(Scored(results(pa.array(["b"])), pa.table({})))  # the sink is still usable
     assert sqlite_read(tmp_path / "s.db", "id") == ["b"]
 
 
@@ -316,7 +316,7 @@ def test_sqlite_sink_creates_nothing_until_the_first_write(tmp_path, monkeypatch
     sink.check()
     assert sink.done("x") is None
     assert list(tmp_path.iterdir()) == []
-    sink.write_stream(Scored(results(pa.array(["a"])), pa.table({})))
+    sink.write_batch(Scored(results(pa.array(["a"])), pa.table({})))
     assert (tmp_path / "deep" / "er" / "scores.db").exists()
     sink.close()
 
@@ -402,8 +402,8 @@ def test_batch_to_sqlite_odd_types_all_stored(models, tmp_path):
 def test_postgres_columns_added_later_in_a_session_are_stored(pg_dsn, pg_table):
     """Stream's staging table was created once (LIKE the target) and missed columns added later."""
     sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
-    sink.write_stream(Scored(with_order(results(pa.array(["a"]))), pa.table({})))
-    sink.write_stream(Scored(with_order(results(pa.array(["b"]), late=pa.array([7]))), pa.table({})))
+    sink.write_batch(Scored(with_order(results(pa.array(["a"]))), pa.table({})))
+    sink.write_batch(Scored(with_order(results(pa.array(["b"]), late=pa.array([7]))), pa.table({})))
     sink.close()
     assert pg_read(pg_dsn, pg_table, "late", "id") == [None, 7]
 
@@ -414,9 +414,9 @@ def test_postgres_column_retyped_by_another_writer_meanwhile(pg_dsn, pg_table):
     (its staging table had the old type: a datatype mismatch is a stale catalog, not the rows' fault)."""
     a = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
     b = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
-    a.write_stream(Scored(with_order(results(pa.array(["a1"]), p=pa.array([1]))), pa.table({})))
-    b.write_stream(Scored(with_order(results(pa.array(["b1"]), p=pa.array(["text"]))), pa.table({})))  # -> jsonb
-    a.write_stream(Scored(with_order(results(pa.array(["a2"]), p=pa.array([2]))), pa.table({})))
+    a.write_batch(Scored(with_order(results(pa.array(["a1"]), p=pa.array([1]))), pa.table({})))
+    b.write_batch(Scored(with_order(results(pa.array(["b1"]), p=pa.array(["text"]))), pa.table({})))  # -> jsonb
+    a.write_batch(Scored(with_order(results(pa.array(["a2"]), p=pa.array([2]))), pa.table({})))
     a.close()
     b.close()
     assert pg_read(pg_dsn, pg_table, "p", "id") == [1, 2, "text"]
@@ -432,11 +432,11 @@ def test_split_sink_names_rejected_rows_of_the_callers_table_and_sums_duplicates
     served = pa.array([True, False, True, False, False, True])
     table = results(ids).set_column(4, "served", served)
     with pytest.raises(RowsRejected) as info:  # row 4 (a shadow row) has no id: named as row 4, not 2
-        sink.write_stream(Scored(table, pa.table({})))
+        sink.write_batch(Scored(table, pa.table({})))
     assert set(info.value.rows) == {4}
     table = table.filter(pc.is_valid(table["id"]))
     dup = pa.concat_tables([table, table])  # every key twice: each sink collapses its own
-    sink.write_stream(Scored(dup, pa.table({})))
+    sink.write_batch(Scored(dup, pa.table({})))
     assert sink.duplicates_collapsed == 5 == main.duplicates_collapsed + shadow.duplicates_collapsed
     writer = sink.begin("f.parquet")
     bad = results(pa.array(["x", "y", None]), served=pa.array([True, True, True]))
@@ -478,7 +478,7 @@ def test_kafka_sink_rejects_a_result_larger_than_a_message_before_sending_anythi
     sink = KafkaSink("kafka://out", KafkaSettings(bootstrap_servers="127.0.0.1:9"), "SCORING_STREAM__SINK")
     table = results(pa.array(["a", "b", "c"]), p=pa.array(["small", "x" * 2_000_000, "small"]))
     with pytest.raises(RowsRejected) as info:
-        sink.write_stream(Scored(table, pa.table({})))
+        sink.write_batch(Scored(table, pa.table({})))
     assert set(info.value.rows) == {1} and "more than a Kafka message holds" in info.value.rows[1]
     assert sink._producer is None  # nothing was sent
 
@@ -512,7 +512,7 @@ def test_postgres_nanosecond_ids_and_passthrough_stay_distinct_and_read_back_exa
 def test_postgres_nanosecond_ids_in_one_write_are_not_a_conflict(pg_dsn, pg_table):
     sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK")
     for k, t in enumerate((pa.timestamp("ns", "UTC"), pa.duration("ns"), pa.time64("ns"))):
-        sink.write_stream(Scored(results(pa.array([NS + 2 * k + 1, NS + 2 * k + 2], t)), pa.table({})))
+        sink.write_batch(Scored(results(pa.array([NS + 2 * k + 1, NS + 2 * k + 2], t)), pa.table({})))
     sink.close()
     assert pg_read(pg_dsn, pg_table, "id", "id") == [
         "00:00:01.000000003", "00:00:01.000000004", "00:00:01.000000005", "00:00:01.000000006",
@@ -523,7 +523,7 @@ def test_sqlite_nanosecond_ids_and_passthrough_stay_distinct(tmp_path):
     db = tmp_path / "s.db"
     sink = SqliteSink(f"sqlite:///{db}", "SCORING_STREAM__SINK")
     for t in (pa.timestamp("ns"), pa.duration("ns"), pa.time64("ns")):
-        sink.write_stream(Scored(results(pa.array([NS + 1, NS + 2], t), p=pa.array([NS + 1, NS + 2], t)),
+        sink.write_batch(Scored(results(pa.array([NS + 1, NS + 2], t), p=pa.array([NS + 1, NS + 2], t)),
                                  pa.table({})))
     sink.close()
     rows = sqlite3.connect(db).execute("SELECT id, p FROM scores ORDER BY id").fetchall()
@@ -563,7 +563,7 @@ def test_postgres_nul_in_error_rows_is_escaped_and_in_results_rejects_only_that_
     raw = [orjson.dumps({"f0": "x\x00", "s": "\\u0000 stays"}).decode(), orjson.dumps({"f0": "\x00\x00"}).decode()]
     errors = pa.table({"id": ["n\x00", "m"], "reason": ["feature 'f0': bad \x00", "bad"], "raw": raw,
                        "model_version": ["v1", "v1"], "source": ["s#1", "s#2"]})
-    sink.write_stream(Scored(results(pa.array(["ok"])), errors))
+    sink.write_batch(Scored(results(pa.array(["ok"])), errors))
     with psycopg_connect(pg_dsn) as conn:
         rows = conn.execute(f'SELECT id, reason, raw FROM "{pg_table}_errors" ORDER BY source').fetchall()
     assert rows == [("n\\u0000", "feature 'f0': bad \\u0000", {"f0": "x\\u0000", "s": "\\u0000 stays"}),
@@ -571,7 +571,7 @@ def test_postgres_nul_in_error_rows_is_escaped_and_in_results_rejects_only_that_
     for p in (pa.array(["a", "b\x00"]), pa.array([{"k": "a"}, {"k": "b\x00"}]),
               pa.array(['"a"', '{"k": "b\\u0000"}'], pa.string()).cast(pa.json_())):
         with pytest.raises(RowsRejected) as info:
-            sink.write_stream(Scored(results(pa.array(["r1", "r2"]), p=p), pa.table({})))
+            sink.write_batch(Scored(results(pa.array(["r1", "r2"]), p=p), pa.table({})))
         assert set(info.value.rows) == {1} and "NUL" in info.value.rows[1]
     sink.close()
 
@@ -593,10 +593,10 @@ def _mixed() -> dict[str, pa.Array]:
 @pytest.mark.postgres
 def test_postgres_json_text_passthrough_is_stored_as_parsed_jsonb_with_exact_big_integers(pg_dsn, pg_table):
     sink = PostgresSink(f"{pg_dsn}?table={pg_table}", "SCORING_SERVE__SINK")
-    sink.write_stream(Scored(with_order(results(pa.array([f"r{i}" for i in range(6)]), **_mixed())), pa.table({})))
+    sink.write_batch(Scored(with_order(results(pa.array([f"r{i}" for i in range(6)]), **_mixed())), pa.table({})))
     # a column first created by a single type (bigint) is widened to jsonb when JSON text arrives
-    sink.write_stream(Scored(with_order(results(pa.array(["s0"]), n=pa.array([7]))), pa.table({})))
-    sink.write_stream(Scored(with_order(results(pa.array(["s1", "s2"]), n=_mixed()["p"][:2])), pa.table({})))
+    sink.write_batch(Scored(with_order(results(pa.array(["s0"]), n=pa.array([7]))), pa.table({})))
+    sink.write_batch(Scored(with_order(results(pa.array(["s1", "s2"]), n=_mixed()["p"][:2])), pa.table({})))
     sink.close()
     import psycopg
 
@@ -614,7 +614,7 @@ def test_postgres_json_text_passthrough_is_stored_as_parsed_jsonb_with_exact_big
 def test_sqlite_json_text_passthrough_stores_each_value_as_it_would_be_alone(tmp_path):
     db = tmp_path / "s.db"
     sink = SqliteSink(f"sqlite:///{db}", "SCORING_SERVE__SINK")
-    sink.write_stream(Scored(with_order(results(pa.array([f"r{i}" for i in range(6)]), **_mixed())), pa.table({})))
+    sink.write_batch(Scored(with_order(results(pa.array([f"r{i}" for i in range(6)]), **_mixed())), pa.table({})))
     sink.close()
     rows = sqlite3.connect(db).execute('SELECT p, q FROM scores ORDER BY "offset"').fetchall()
     assert rows == [(1, '{"k":[1,2]}'), ("x", '{"k":"v"}'), (1, "[null]"), ("18446744073709551621", 1.5),

@@ -39,7 +39,7 @@ class RowsRejected(ScoringError):
     number out of the column's range, a text too long for a key...). This is the *rows'* fault, not the
     store's: retrying cannot help, so callers must not treat it like ``SinkError``.
 
-    Contract for sinks: raised by ``write``/``write_stream``/``UnitWriter.write`` *before any row of that
+    Contract for sinks: raised by ``write_unit``/``write_batch``/``UnitWriter.write`` *before any row of that
     call is stored* (a transaction rolled back counts as not stored). ``rows`` maps a row index of
     ``scored.results`` to the reason (one line, names the column). What callers do with it:
     - stream: dead-letter those records with the reason (the result rows carry topic/partition/offset),

@@ -67,7 +67,7 @@ class Sink(ABC):
         that first deletes every result and error an earlier run stored for ``unit``, so a rewritten input
         leaves nothing stale (an emptied input leaves nothing at all); ``abort`` keeps the old ones."""
 
-    def write(self, unit: str, scored: Scored) -> None:
+    def write_unit(self, unit: str, scored: Scored) -> None:
         """Write one batch as a whole unit (stream mode)."""
         writer = self.begin(unit)
         try:
@@ -77,13 +77,13 @@ class Sink(ABC):
             writer.abort()
             raise
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         """Store one micro-batch's results (stream mode): durable and idempotent when it returns.
 
         Results carry ``topic``, ``partition`` and ``offset`` columns. Table sinks write the whole batch
         in one transaction; file sinks override this to write one file per partition slice.
         """
-        self.write("stream", scored)
+        self.write_unit("stream", scored)
 
     @abstractmethod
     def done(self, unit: str) -> str | None:

@@ -159,7 +159,7 @@ class KafkaSink(Sink):
             self._producer = Producer(self.kafka)
         return self._producer
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         """Send one message per result; rows too large for a message are rejected before any is sent."""
         messages = result_messages(_plain_columns(scored))
         limit = self.max_message - 512  # room for the record's framing and headers
@@ -174,7 +174,7 @@ class KafkaSink(Sink):
         except SinkError as exc:
             raise SinkError(f"producing to {self.name}: {exc}") from None
 
-    store = write_stream
+    store = write_batch
 
     def begin(self, unit: str) -> UnitWriter:
         return DirectUnit(self.store)

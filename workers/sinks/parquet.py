@@ -236,9 +236,9 @@ class ParquetSink(Sink):
     def begin(self, unit: str) -> UnitWriter:
         return _ParquetUnit(self, unit)
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         for unit, part in _stream_units(scored):
-            self.write(unit, part)
+            self.write_unit(unit, part)
 
     def _state_path(self, unit: str) -> str:
         # Keyed by the output name, not the unit: the entry says which unit owns that name.

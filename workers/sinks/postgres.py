@@ -12,7 +12,7 @@ Column types follow ``pgtypes`` (a column whose type changes is widened once). R
   it in the same topic-partition: a stale write (a zombie worker's, landing after the partition's new owner
   stored a later offset) is skipped. Across partitions there is no order: the later write wins.
 - Batch (``begin(unit)``): the whole unit is one transaction that first deletes the unit's old results and
-  errors (column ``input_file``), so a rewritten input leaves nothing stale. Stream/serve (``write_stream``):
+  errors (column ``input_file``), so a rewritten input leaves nothing stale. Stream/serve (``write_batch``):
   each call is its own transaction and touches only its keys.
 - Limit (ids shared by two inputs): the table holds one row per (id, model_version), from the input written
   last, and ``input_file`` names only that input. When that input is rewritten without the id, its rows are
@@ -428,7 +428,7 @@ class PostgresSink(Sink):
             self._rollback()
         return found
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         """Upsert one micro-batch's results and errors in one transaction."""
         try:
             collapsed = self._store(scored, None)

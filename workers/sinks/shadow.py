@@ -72,12 +72,12 @@ class SplitSink(Sink):
     def begin(self, unit: str) -> UnitWriter:
         return _SplitUnit(self.main.begin(unit), self.shadow.begin(unit))
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         main, shadow, at_main, at_shadow = split(scored)
         if shadow is not None and shadow.ok:
-            _mapped(self.shadow.write_stream, shadow, at_shadow)
+            _mapped(self.shadow.write_batch, shadow, at_shadow)
         if main.ok or main.rejected:
-            _mapped(self.main.write_stream, main, at_main)
+            _mapped(self.main.write_batch, main, at_main)
 
     def done(self, unit: str) -> str | None:
         return self.main.done(unit)

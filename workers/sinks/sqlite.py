@@ -313,7 +313,7 @@ class SqliteSink(Sink):
                 self._ensure(table, pa.schema([(UNIT_COLUMN, pa.string())]), ())
             self._conn.execute(f"DELETE FROM {_q(table)} WHERE {_q(UNIT_COLUMN)} = ?", (unit,))
 
-    def write_stream(self, scored: Scored) -> None:
+    def write_batch(self, scored: Scored) -> None:
         collapsed = self._store(scored, None)
         self._finish()
         self.duplicates_collapsed += collapsed

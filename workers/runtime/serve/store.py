@@ -63,7 +63,7 @@ class EventStore:
             resolved = list(zip([locators[i] for i in results[row].to_pylist()],
                                 results["model_version"].to_pylist(), strict=True))
             try:
-                await self.call(self.sink.write_stream, Scored(results.drop_columns([row]),
+                await self.call(self.sink.write_batch, Scored(results.drop_columns([row]),
                                                                errors.drop_columns([row]), resolved=resolved))
                 return
             except SinkError as exc:

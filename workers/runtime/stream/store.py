@@ -40,7 +40,7 @@ class StoreState:
 
     parts: list[pa.Table]
     letters: list[tuple[Record, str, str]]  # dead letters not flushed yet: (record, reason, model_version)
-    no_errors: pa.Table  # an empty errors table (what write_stream is handed beside the results)
+    no_errors: pa.Table  # an empty errors table (what write_batch is handed beside the results)
     written: list[pa.Table] = field(default_factory=list)  # parts stored (metrics count their served rows)
     dead: list[tuple[str, str]] = field(default_factory=list)  # (topic, version) of records dead-lettered
     failed: tuple[Record, str] | None = None  # on_bad_record=fail met a record the sink rejected
@@ -73,7 +73,7 @@ class StoreSteps:
         while state.parts:
             part = state.parts[0]
             try:
-                self.sink.write_stream(Scored(part, state.no_errors))
+                self.sink.write_batch(Scored(part, state.no_errors))
             except (RowsRejected, *UNNAMED_DATA_ERRORS) as exc:
                 if not isinstance(exc, RowsRejected):
                     exc = self.split(state, exc)
