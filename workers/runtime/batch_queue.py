@@ -8,19 +8,20 @@ event arrives for ``idle_exit_s`` after the group assigned partitions: the queue
 
 A file's results are named by its canonical location, as in listed batch runs, so a file queued and the
 same file listed share one output and one ledger entry. A queued file inside an output fails alone.
+
+The consumer is librdkafka (confluent-kafka), configured like the stream source (``librdkafka_config``: TLS,
+SASL), so every Kafka client at run time has one set of semantics.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow.fs as pafs
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
-from kafka.structs import OffsetAndMetadata
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from workers.errors import InputError, ScoringError, SinkError
 from workers.runtime.batch import OUTPUT_SETTING, BatchReport, output_places, score_file
@@ -30,6 +31,10 @@ from workers.settings import Settings
 from workers.sinks import open_result_sink
 from workers.sources.parquet import InputFile
 from workers.storage import canonical, inside, redact, resolve
+
+if TYPE_CHECKING:
+    from workers.scoring.router import Router
+    from workers.sinks.base import Sink
 
 log = logging.getLogger("workers.batch")
 
@@ -53,29 +58,44 @@ def event_path(value: bytes | None) -> str:
     return text
 
 
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    b, s = settings.batch, settings.stream
+    return {
+        **settings.kafka.librdkafka_config(),
+        "group.id": b.queue_group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": s.session_timeout_ms,
+        "heartbeat.interval.ms": s.heartbeat_interval_ms,
+        # One file can take long to score: allow it between polls.
+        "max.poll.interval.ms": max(s.max_poll_interval_ms, 600_000),
+        # Events are one line each and a file takes seconds: prefetch little, so a rebalance drops little.
+        "queued.min.messages": 10,
+        # A queue topic created after start-up is seen within seconds (librdkafka's default is 5 minutes).
+        "topic.metadata.refresh.interval.ms": 3000,
+    }
+
+
 def run_batch_queue(settings: Settings) -> BatchReport:
     b = settings.batch
     router = build_router(settings)
     sink = open_result_sink(settings, b.output or "", OUTPUT_SETTING)
     report = BatchReport(output=redact(b.output or ""), allow_bad_rows=b.allow_bad_rows)
     progress = Progress("log" if b.progress == "auto" else b.progress, 0, 0)
-    try:
-        consumer = KafkaConsumer(
-            b.queue_topic, **settings.kafka.client_config(), group_id=b.queue_group, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=1,
-            session_timeout_ms=settings.stream.session_timeout_ms,
-            heartbeat_interval_ms=settings.stream.heartbeat_interval_ms,
-            # One file can take long to score: allow it between polls.
-            max_poll_interval_ms=max(settings.stream.max_poll_interval_ms, 600_000))
-    except KafkaError as exc:
-        raise ScoringError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}") from None
+    consumer = _connect(settings)
     started = time.monotonic()
     idle_since: float | None = None
+    warned: set[str] = set()
     try:
         sink.check()
+        consumer.subscribe([b.queue_topic or ""])
         while True:
-            got = consumer.poll(timeout_ms=500, max_records=1)
-            if not got:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is not None:
+                _warn_once(msg.error(), warned)
+                msg = None
+            if msg is None:
                 if consumer.assignment():
                     idle_since = idle_since or time.monotonic()
                     if time.monotonic() - idle_since >= b.idle_exit_s:
@@ -84,26 +104,64 @@ def run_batch_queue(settings: Settings) -> BatchReport:
                     break  # never got partitions: nothing for this Job to do
                 continue
             idle_since = None
-            for tp, records in got.items():
-                for record in records:
-                    _score_event(router, settings, sink, record.value, report, progress, router.fingerprint)
-                    try:
-                        consumer.commit({TopicPartition(tp.topic, tp.partition):
-                                         OffsetAndMetadata(record.offset + 1, "", -1)})
-                    except CommitFailedError:
-                        log.warning("commit failed after a rebalance; the event will be seen again and skipped")
+            _score_event(router, settings, sink, msg.value(), report, progress, router.fingerprint)
+            _commit(consumer, msg)
     except SinkError as exc:
         report.failed.append(("<sink>", str(exc)))
         log.error("sink failed; rerun to resume", extra={"reason": str(exc)})
     finally:
-        consumer.close(autocommit=False)
+        consumer.close()  # auto-commit is off: closing commits nothing
         progress.close()
         sink.close()
         report.seconds = time.monotonic() - started
     return report
 
 
-def _score_event(router, settings, sink, value, report, progress, version) -> None:
+def _connect(settings: Settings) -> Consumer:
+    """A consumer of the queue's group that has reached the broker; ScoringError when it cannot."""
+    try:
+        consumer = Consumer(consumer_config(settings), logger=logging.getLogger("workers.kafka"))
+    except KafkaException as exc:  # a property librdkafka refuses (e.g. a CA file it cannot read)
+        raise ScoringError(f"Kafka client: {_reason(exc)}") from None
+    try:
+        consumer.list_topics(timeout=10)
+    except KafkaException as exc:
+        consumer.close()
+        raise ScoringError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {_reason(exc)}") from None
+    return consumer
+
+
+def _commit(consumer: Consumer, msg: Message) -> None:
+    """Commit the offset after ``msg``, synchronously: its file's results are stored by now."""
+    offset = msg.offset() or 0
+    try:
+        done = consumer.commit(offsets=[TopicPartition(msg.topic(), msg.partition(), offset + 1)],
+                               asynchronous=False)
+        failed = [tp.error for tp in done or [] if tp.error is not None]
+    except KafkaException as exc:
+        failed = [exc.args[0] if exc.args else exc]
+    if failed:
+        # The group rebalanced meanwhile (or the broker refused): the new owner sees the event again and the
+        # ledger skips the file.
+        log.warning("commit failed; the event will be seen again and skipped",
+                    extra={"reason": " ".join(str(failed[0]).split())})
+
+
+def _warn_once(error: KafkaError, warned: set[str]) -> None:
+    """A consumer error event (broker down, topic missing): librdkafka retries by itself; say it once."""
+    text = error.str()
+    if text not in warned:
+        warned.add(text)
+        log.warning("Kafka consumer error; retrying", extra={"reason": text})
+
+
+def _reason(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return " ".join((err.str() if isinstance(err, KafkaError) else str(exc)).split())
+
+
+def _score_event(router: Router, settings: Settings, sink: Sink, value: bytes | None, report: BatchReport,
+                 progress: Progress, version: str) -> None:
     try:
         path = event_path(value)
         source = canonical(path)

@@ -1,4 +1,8 @@
-"""``scoring-worker produce``: publish Parquet rows as JSON records (for trying stream mode and benchmarks)."""
+"""``scoring-worker produce``: publish Parquet rows as JSON records (for trying stream mode and benchmarks).
+
+Through librdkafka (confluent-kafka), configured by ``KafkaSettings.librdkafka_config`` like every other Kafka
+client of the worker.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,14 @@ import click
 import orjson
 import pyarrow as pa
 import pyarrow.dataset as ds
-from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from workers.errors import ConfigError, ScoringError
+from workers.settings import KafkaSettings
+
+# How long to wait for the broker: to create the topic, and for the last records to be acknowledged.
+TIMEOUT_S = 30.0
 
 
 def _default(value: object) -> object:
@@ -23,14 +30,17 @@ def _default(value: object) -> object:
     return str(value)
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+def ensure_topic(config: dict[str, object], topic: str, partitions: int) -> None:
+    """Create ``topic`` with ``partitions`` unless it exists; KafkaException when the broker refuses or is away."""
+    admin = AdminClient(config)  # kept in a name until the future resolves: a temporary fails with _DESTROY
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+                                  request_timeout=TIMEOUT_S)
     try:
-        admin.create_topics([NewTopic(topic, partitions, 1)])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
+        futures[topic].result(TIMEOUT_S)
+    except KafkaException as exc:
+        if not (exc.args and isinstance(exc.args[0], KafkaError)
+                and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
+            raise
 
 
 def produce(bootstrap: str, topic: str, source: str, partitions: int, bad: int, limit: int | None,
@@ -50,21 +60,48 @@ def produce(bootstrap: str, topic: str, source: str, partitions: int, bad: int, 
         if id_column not in ds.dataset(f, format="parquet").schema.names:
             raise ConfigError("--id-column", f"{f} has no column {id_column!r}")
     try:
-        _produce(bootstrap, topic, files, partitions, bad, limit, id_column)
-    except KafkaError as exc:
-        raise ScoringError(f"Kafka at {bootstrap}: {' '.join(str(exc).split())}") from None
+        _produce(KafkaSettings(bootstrap_servers=bootstrap).librdkafka_config(), topic, files, partitions, bad,
+                 limit, id_column)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if isinstance(err, KafkaError) else str(err)
+        raise ScoringError(f"Kafka at {bootstrap}: {' '.join(text.split())}") from None
 
 
-def _produce(bootstrap: str, topic: str, files: list[str], partitions: int, bad: int, limit: int | None,
-             id_column: str) -> None:
-    ensure_topic(bootstrap, topic, partitions)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024,
-                             enable_idempotence=True, acks="all")
+class _Delivery:
+    """Counts the records the broker refused (delivery reports arrive in poll/flush)."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self.first: KafkaError | None = None
+
+    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self.failed += 1
+            self.first = self.first or err
+
+
+def _produce(config: dict[str, object], topic: str, files: list[str], partitions: int, bad: int,
+             limit: int | None, id_column: str) -> None:
+    ensure_topic(config, topic, partitions)
+    producer = Producer({**config, "linger.ms": 20, "batch.size": 256 * 1024, "enable.idempotence": True,
+                         "acks": "all"})
+    delivery = _Delivery()
+
+    def send(key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, on_delivery=delivery)
+                producer.poll(0)
+                return
+            except BufferError:  # the local queue is full: let deliveries drain it
+                producer.poll(0.05)
+
     sent = 0
     started = time.monotonic()
     for batch in (b for f in files for b in ds.dataset(f, format="parquet").to_batches()):
         for row in batch.to_pylist():
-            producer.send(topic, key=str(row[id_column]).encode(), value=orjson.dumps(row, default=_default))
+            send(str(row[id_column]).encode(), orjson.dumps(row, default=_default))
             sent += 1
             if limit and sent >= limit:
                 break
@@ -73,8 +110,10 @@ def _produce(bootstrap: str, topic: str, files: list[str], partitions: int, bad:
     bad_values = [b"not json at all", b"[1, 2, 3]", orjson.dumps({"no_id": True}), b"\xff\xfe",
                   orjson.dumps({id_column: "bad-type", "f0": "abc"})]
     for i in range(bad):
-        producer.send(topic, key=f"bad-{i}".encode(), value=bad_values[i % len(bad_values)])
-    producer.flush()
-    producer.close()
+        send(f"bad-{i}".encode(), bad_values[i % len(bad_values)])
+    left = producer.flush(TIMEOUT_S)
+    if left or delivery.failed:
+        reason = delivery.first.str() if delivery.first else f"{left} records not acknowledged in {TIMEOUT_S:.0f} s"
+        raise ScoringError(f"{delivery.failed + left} of {sent + bad} records not delivered to {topic}: {reason}")
     click.echo(f"produced {sent:,} records and {bad} malformed ones to {topic} "
                f"({sent / max(time.monotonic() - started, 1e-9):,.0f}/s)")
