@@ -6,7 +6,7 @@ features, integer ``categorical_feature`` codes, in any order) and generated enc
 dictionary-encoded, large_string, float columns for integer categories, NaN and nulls anywhere). Each row
 scores like LightGBM's pandas path (<= 1e-9), or is rejected with the reason named here as expected.
 
-The Arrow path (``Scorer.score``, which batch, serve's CloudEvents and the router share) and the JSON record
+The Arrow path (``Router.score_table``, which batch, serve's CloudEvents and the router share) and the JSON record
 decoder (stream, serve) are both checked; one test runs the real ``scoring-worker batch`` on a Parquet file
 written by pandas. Property-based (hypothesis) plus fixed cases; models are tiny (15 rounds, 7 leaves).
 """

@@ -23,7 +23,7 @@ def test_demo_compares_like_with_like_and_says_what_each_figure_includes(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     memory = lines.index(next(line for line in lines if line.startswith("in memory, 2,000 rows already read")))
-    assert "Scorer.score on the Arrow table" in lines[memory + 1]
+    assert "Router.score_table on the Arrow table" in lines[memory + 1]
     assert "Booster.predict on the pandas frame" in lines[memory + 2] and "(predict only)" in lines[memory + 2]
     end = lines.index(next(line for line in lines if line.startswith("end to end, Parquet in and out")))
     assert "scoring-worker batch" in lines[end + 1] and "the resume ledger" in lines[end + 1]

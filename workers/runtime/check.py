@@ -93,7 +93,8 @@ def check_sink(uri: str, settings: Settings, setting: str) -> str:
 def _check_sqlite(uri: str, setting: str) -> str:
     import sqlite3
 
-    from workers.tools.compare import open_sqlite_readonly, sqlite_location
+    from workers.sinks.sqlite import sqlite_location
+    from workers.tools.compare import open_sqlite_readonly
 
     path, table = sqlite_location(uri)
     name = f"sqlite:///{path}?table={table}"

@@ -44,11 +44,12 @@ class RoutingWatcher:
         self.metrics = metrics if metrics is not None else Metrics()  # never None: a private registry then
         self.guards = router.guards if router is not None else GuardBook()
         self.files: list[str] = []  # model files named by the last routing file read (loaded or not)
+        #: the drift window outlives reloads (a reload that changes the primary's features starts a new one)
+        self.drift = router.drift if router is not None else None
         self.router = router or self.load()  # at start-up a bad file is a ConfigError: stop with one line
         if not self.files:
             self.files = [v.model.source for v in self.router.versions]
         self.guards.attach(self.router)
-        #: the drift window outlives reloads (a reload that changes the primary's features starts a new one)
         self.drift = self.router.drift
         self.seen = self.fingerprint()
         self.pending: Router | None = None
@@ -67,7 +68,7 @@ class RoutingWatcher:
             # Watch what this file names even if loading fails below: a model uploaded after the routing
             # file was edited is then picked up when it appears.
             self.files = [v.model for v in read_routing(self.path)[0].versions]
-        return build_router(self.settings, self.metrics, self.guards, drift=getattr(self, "drift", None))
+        return build_router(self.settings, self.metrics, self.guards, drift=self.drift)
 
     def fingerprint(self) -> tuple:
         files = ([self.path] if self.path else []) + self.files

@@ -145,19 +145,26 @@ class _Unit(UnitWriter):
         self.sink._abort()
 
 
+def sqlite_location(uri: str) -> tuple[str, str]:
+    """(database path, table) of a ``sqlite:///`` URI: ``sqlite:///rel.db`` is relative, ``sqlite:////abs.db``
+    absolute, ``?table=`` names the table (default ``scores``). The one parser of these URIs: the sink,
+    compare, report and check read them alike."""
+    p = urlparse(uri)
+    path = p.path if p.netloc in ("", "localhost") else p.netloc + p.path
+    if uri.startswith("sqlite:////"):
+        path = "/" + path.lstrip("/")
+    elif uri.startswith("sqlite:///"):
+        path = path[1:] if path.startswith("/") else path
+    return path, dict(parse_qsl(p.query)).get("table", "scores")
+
+
 class SqliteSink(Sink):
     def __init__(self, uri: str, setting: str):
-        p = urlparse(uri)
-        path = p.path if p.netloc in ("", "localhost") else p.netloc + p.path
-        if uri.startswith("sqlite:////"):
-            path = "/" + path.lstrip("/")
-        elif uri.startswith("sqlite:///"):
-            path = path[1:] if path.startswith("/") else path
+        path, self.table = sqlite_location(uri)
         if not path:
             raise ConfigError(setting, f"{uri}: no database path (use sqlite:///relative.db or sqlite:////abs.db)")
         self.path = path
         self.setting = setting
-        self.table = dict(parse_qsl(p.query)).get("table", "scores")
         self.name = redact(f"sqlite:///{path}?table={self.table}")
         self._conn: sqlite3.Connection | None = None
         self._key = ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from urllib.parse import parse_qsl, quote, urlparse
+from urllib.parse import quote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from workers.errors import ConfigError, SinkError
 from workers.settings import S3Settings
+from workers.sinks.sqlite import sqlite_location
 
 SETTING = "--results"
 COLUMNS = ["id", "model_version", "served", "score", "label", "scored_at"]
@@ -83,17 +84,6 @@ def _filter_since(df: pd.DataFrame, since: dt.datetime | None) -> pd.DataFrame:
         return df
     when = pd.to_datetime(df["scored_at"], utc=True, format="ISO8601")
     return df[when >= pd.Timestamp(since)].reset_index(drop=True)
-
-
-def sqlite_location(uri: str) -> tuple[str, str]:
-    """(database path, table) of a ``sqlite:///`` URI, parsed as the SQLite sink parses it."""
-    p = urlparse(uri)
-    path = p.path if p.netloc in ("", "localhost") else p.netloc + p.path
-    if uri.startswith("sqlite:////"):
-        path = "/" + path.lstrip("/")
-    elif uri.startswith("sqlite:///"):
-        path = path[1:] if path.startswith("/") else path
-    return path, dict(parse_qsl(p.query)).get("table", "scores")
 
 
 def open_sqlite_readonly(uri: str, setting: str = SETTING):

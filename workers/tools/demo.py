@@ -113,7 +113,7 @@ def _compare_speed(booster: lgb.Booster, model_path: str, clean: list[str], inpu
     ours = _rate(len(frame), lambda: router.score_table(table))
     plain = _rate(len(frame), lambda: booster.predict(frame[features], num_threads=1))
     click.echo(f"in memory, {len(frame):,} rows already read, predict on 1 thread:")
-    click.echo(f"  Scorer.score on the Arrow table:      {ours:>10,.0f} rows/s  (features checked and converted, "
+    click.echo(f"  Router.score_table on the Arrow table:{ours:>10,.0f} rows/s  (features checked and converted, "
                f"predict, the result table with ids and passthrough)")
     click.echo(f"  Booster.predict on the pandas frame:  {plain:>10,.0f} rows/s  (predict only)")
 

@@ -306,7 +306,8 @@ class StreamWorker(StoreSteps):
                 culprits: list[tuple[Record, str]]) -> None:
         """Split ``messages`` until each part scores or is one record that fails (appended, in order).
 
-        The parts are scored again (their rows count again in the per-version metrics: a rare path)."""
+        The parts are decoded and scored again (their rows count again in the per-version metrics and the drift
+        window: a rare path)."""
         if not messages:
             return
         part = Batch(messages)
