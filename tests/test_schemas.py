@@ -18,7 +18,7 @@ from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 from workers.sinks.deadletter import headers_for
 from workers.sinks.kafka import result_messages
-from workers.sources.kafka import Record
+from workers.sources.base import Record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -180,7 +180,7 @@ def test_a_dead_letter_whose_key_and_headers_alone_do_not_fit_drops_headers_then
     from workers.settings import KafkaSettings
     from workers.sinks.deadletter import MAX_KEY_BYTES, DeadLetters
     from workers.sinks.kafka import Producer
-    from workers.sources.kafka import Record
+    from workers.sources.base import Record
 
     dlq = kafka.topic(partitions=1)
     letters = DeadLetters(Producer(KafkaSettings(bootstrap_servers=kafka.bootstrap)), lambda _topic: dlq)
@@ -224,14 +224,14 @@ def test_records_breaking_scoring_or_a_sink_without_rows_named_are_isolated(mode
                    "heartbeat_interval_ms": 2000, "max_records": 200},
     })
     worker = StreamWorker(settings, sink=UnnamingSink(f"{pg_dsn}?table={pg_table}", "SCORING_STREAM__SINK"))
-    real_score = worker.score
+    real_score = worker.pipeline.scorer.score
 
     def score(records, routed, decoded, router):
         if "unscorable" in decoded.ids:
             raise ValueError("planted: cannot build the results")
         return real_score(records, routed, decoded, router)
 
-    worker.score = score
+    worker.pipeline.scorer.score = score
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -253,7 +253,7 @@ def test_a_batch_whose_every_record_fails_alone_is_all_dead_letters_and_nothing_
     """No broker needed: the score thread's step on real confluent-kafka Messages, ``score`` planted to fail."""
     from confluent_kafka import Message
 
-    from workers.sources.kafka import Batch
+    from workers.sources.base import Batch
 
     settings = load_settings({"model": {"path": models["binary"]}, "stream": {
         "topics": ["t"], "metrics_port": None, "sink": f"sqlite:///{tmp_path}/s.db?table=s"}})
@@ -262,10 +262,12 @@ def test_a_batch_whose_every_record_fails_alone_is_all_dead_letters_and_nothing_
     def score(*_args):
         raise ValueError("planted")
 
-    worker.score = score
+    worker.pipeline.scorer.score = score
     batch = Batch([Message(topic="t", partition=0, offset=i, key=None, value=orjson.dumps(r))
                    for i, r in enumerate(records(3))])
-    scored, _, state = worker.score_timed(batch, *worker.decode(batch), worker.router)
+    stage = worker.pipeline.scorer
+    outcome = stage.run(batch, *stage.decode(batch, worker.router), worker.router)
+    scored, state = outcome.scored, outcome.state
     assert scored is None and state.parts == []
     assert [(r.offset, reason) for r, reason, _ in state.letters] == [
         (i, "cannot be scored: ValueError: planted") for i in range(3)]

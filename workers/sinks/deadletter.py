@@ -19,7 +19,7 @@ import datetime as dt
 
 from workers.errors import SinkError
 from workers.sinks.kafka import Producer
-from workers.sources.kafka import Record
+from workers.sources.base import Record
 
 MAX_VALUE_BYTES = 512 * 1024
 MAX_DEAD_LETTER_BYTES = 900_000  # key + value + headers, with room for the record's framing

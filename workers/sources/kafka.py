@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -31,79 +30,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from workers.errors import ScoringError
 from workers.observability import Metrics
 from workers.settings import Settings
+from workers.sources.base import TP, Batch, Source
 
 log = logging.getLogger("workers.stream")
 
 METADATA_REFRESH_MS = 3000
-
-TP = tuple[str, int]  # (topic, partition): the source's partition key everywhere outside this module
-
-
-@dataclass(frozen=True)
-class Record:
-    """One consumed record, for the places that need its fields one by one (dead letters, error logs)."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int  # ms since the epoch; -1 when the broker gave none
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] | None
-
-    @classmethod
-    def of(cls, m: Message) -> Record:
-        return cls(m.topic(), m.partition(), m.offset(), _timestamp(m), m.key(), m.value(), m.headers())
-
-
-def _timestamp(m: Message) -> int:
-    kind, ts = m.timestamp()
-    return ts if kind != 0 and ts >= 0 else -1
-
-
-class Batch:
-    """The records of one micro-batch, in the order consumed (offset order within each partition)."""
-
-    def __init__(self, messages: list[Message]):
-        self.messages = messages
-        self._stamps: list[int] | None = None
-
-    def __len__(self) -> int:
-        return len(self.messages)
-
-    def __bool__(self) -> bool:
-        return bool(self.messages)
-
-    def __getitem__(self, i: int) -> Record:
-        return Record.of(self.messages[i])
-
-    def values(self) -> list[bytes | None]:
-        return [m.value() for m in self.messages]
-
-    def keys(self) -> list[bytes | None]:
-        return [m.key() for m in self.messages]
-
-    def topics(self) -> list[str]:
-        return [m.topic() for m in self.messages]
-
-    def partitions(self) -> list[int]:
-        return [m.partition() for m in self.messages]
-
-    def offsets(self) -> list[int]:
-        return [m.offset() for m in self.messages]
-
-    def timestamps(self) -> list[int]:
-        if self._stamps is None:  # wanted twice per batch (the result column, then the latency metric)
-            self._stamps = [_timestamp(m) for m in self.messages]
-        return self._stamps
-
-    def next_offsets(self) -> dict[TP, int]:
-        """Per partition, the offset after its last record: what to commit once the batch is stored."""
-        return {(m.topic(), m.partition()): m.offset() + 1 for m in self.messages}
-
-    def partition_set(self) -> set[TP]:
-        return {(m.topic(), m.partition()) for m in self.messages}
-
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
     s = settings.stream
@@ -134,15 +65,25 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-class KafkaSource:
+class KafkaSource(Source):
+    """The ``Source`` of stream mode (contract: ``workers.sources.base``). Building it does no I/O: the
+    consumer is created, and the topics listed, by ``open()``."""
+
+    consumer: Consumer
+
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
         self.revoked: set[TP] = set()
         self.holding = False  # keep_alive in progress: partitions assigned meanwhile are paused at once
+        self.missing: list[str] = []
         self._assigned: set[TP] = set()
         self._warned: dict[str, float] = {}
         self._start: dict[TP, int] = {}  # committed offset at assignment, for lag before the first record
+        self._opened = False
+
+    def open(self) -> None:
+        settings = self.settings
         self.consumer = Consumer(consumer_config(settings), logger=logging.getLogger("workers.kafka"))
         try:
             known = self.consumer.list_topics(timeout=10).topics
@@ -150,6 +91,7 @@ class KafkaSource:
             self.consumer.close()
             raise ScoringError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: "
                                f"{exc.args[0].str() if exc.args else exc}") from None
+        self._opened = True
         self.missing = [t for t in settings.stream.topics if t not in known]
         if self.missing:
             log.warning("topics not on the broker yet; waiting for them", extra={"topics": self.missing})
@@ -303,6 +245,8 @@ class KafkaSource:
 
     def close(self) -> None:
         # enable.auto.commit is off: offsets are committed only by commit() after the sink stored the batch.
+        if not self._opened:
+            return
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:

@@ -23,7 +23,7 @@ from workers.scoring.scorer import Scored
 from workers.settings import Settings
 from workers.sinks import Sink
 from workers.sinks.deadletter import DeadLetters
-from workers.sources.kafka import Batch, Record
+from workers.sources.base import Batch, Record
 
 log = logging.getLogger("workers.stream")
 
