@@ -91,7 +91,7 @@ def test_category_values_spelled_as_the_other_kind_map_like_the_arrow_path(model
     and in the JSON decoder (stream); before, the decoder treated "5" as an unseen category (missing)."""
     import pyarrow as pa
 
-    from workers.scoring.scorer import feature_matrix
+    from workers.scoring.features import feature_matrix
 
     model = load_model(ModelSettings(path=models["categorical"]))
     sizes = ["5", 5.0, "10.0", 1, "abc", None, 7]

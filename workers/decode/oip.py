@@ -27,8 +27,8 @@ import numpy as np
 import orjson
 
 from workers.errors import InputError
+from workers.scoring.features import model_values
 from workers.scoring.model import Model
-from workers.scoring.scorer import model_values
 
 DTYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,

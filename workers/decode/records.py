@@ -19,8 +19,9 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from workers.scoring.features import Features
 from workers.scoring.model import Model
-from workers.scoring.scorer import Features, to_json
+from workers.scoring.scorer import to_json
 from workers.sinks.tables import json_column
 
 _NUMERIC = frozenset({int, float, type(None)})

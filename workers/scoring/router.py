@@ -31,10 +31,11 @@ from workers.errors import ConfigError, InputError
 from workers.observability import Metrics
 from workers.scoring import sticky
 from workers.scoring.drift import DriftHook
+from workers.scoring.features import Features
 from workers.scoring.guard import GuardBook
 from workers.scoring.model import Model, load_model
 from workers.scoring.routing_spec import SETTING, Guardrail, RoutingSpec
-from workers.scoring.scorer import Features, Scored, Scorer
+from workers.scoring.scorer import Scored, Scorer
 from workers.settings import ModelSettings, S3Settings, ScoringSettings
 
 log = logging.getLogger("workers.rollout")
