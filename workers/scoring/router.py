@@ -36,6 +36,7 @@ from workers.scoring.guard import GuardBook
 from workers.scoring.model import Model, load_model
 from workers.scoring.routing_spec import SETTING, Guardrail, RoutingSpec
 from workers.scoring.scorer import Scored, Scorer
+from workers.scoring.version_stats import compare_shadow, observe_version
 from workers.settings import ModelSettings, S3Settings, ScoringSettings
 
 log = logging.getLogger("workers.rollout")
@@ -99,6 +100,11 @@ def _subset(feats: Features, rows: np.ndarray) -> Features:
 
 
 class Router:
+    """The entry point of scoring in every mode. Its ~25 methods stay on one class for a reason: each reads the
+    same version list, decoders and guardrails, and the modes enter at different steps (``decode`` or
+    ``from_table``, then ``plan``/``predict`` where serve batches predictions itself, then ``finish``);
+    per-version metrics and shadow comparison are in ``workers.scoring.version_stats``."""
+
     def __init__(self, versions: list[Version], scoring: ScoringSettings, key: str | None = None,
                  threshold: float = 0.5, generation: str = "", metrics: Metrics | None = None,
                  guards: GuardBook | None = None, drift: DriftHook | None = None):
@@ -380,13 +386,13 @@ class Router:
             if job.features.reasons and routed.raw is not None:
                 raw = routed.raw if full else [routed.raw[int(r)] for r in job.rows]
             scored = v.scorer.finish(ids, job.features, sub_carry, raw, predictions=pred, served=not v.shadow)
-            self._observe(job, scored)
+            observe_version(self, job.version, scored)
             if len(jobs) == 1 and full:  # one version: its table is the batch's
                 self.guards.check()
                 return scored
             results.append(scored.results)
             if v.shadow:
-                self._compare(job, scored, served_score, served_label, served_version)
+                compare_shadow(self, job.version, job.rows, scored, served_score, served_label, served_version)
                 continue
             if no_errors is None:
                 no_errors = scored.errors.slice(0, 0)
@@ -411,43 +417,3 @@ class Router:
         err = errors[0] if len(errors) == 1 else pa.concat_tables(errors, promote_options="default")
         rows = error_rows[0] if len(error_rows) == 1 else np.concatenate(error_rows)
         return Scored(table, err, rows)
-
-    def _observe(self, job: Job, scored: Scored) -> None:
-        v = job.version
-        n_ok = scored.ok
-        scores = scored.results["score"].to_numpy()
-        bad = int(np.count_nonzero(~np.isfinite(scores)))
-        self.guards.errors(v, n_ok, bad)
-        self.guards.scores(v, scores)
-        self.metrics.version_rows.labels(v.name, v.role).inc(n_ok)
-        if bad:
-            self.metrics.version_errors.labels(v.name).inc(bad)
-        from workers.observability import observe_many
-
-        observe_many(self.metrics.score.labels(v.name), scores[np.isfinite(scores)])
-
-    def _compare(self, job: Job, scored: Scored, served_score: np.ndarray, served_label: np.ndarray,
-                 served_version: np.ndarray) -> None:
-        """Shadow agreement with the served score of the same records, per served version (the baseline)."""
-        shadow = scored.results["score"].to_numpy()
-        base_score = served_score[job.rows]
-        base_version = served_version[job.rows]
-        multiclass = job.version.model.multiclass
-        if multiclass:
-            label = scored.results["label"].to_numpy()
-        for idx in np.unique(base_version):
-            if idx < 0:
-                continue
-            mine = base_version == idx
-            baseline = self.versions[int(idx)]
-            a, b = shadow[mine], base_score[mine]
-            if multiclass and baseline.model.multiclass:
-                agree = int(np.count_nonzero(label[mine] == served_label[job.rows][mine]))
-            else:
-                agree = int(np.count_nonzero((a >= self.threshold) == (b >= self.threshold)))
-            diff = np.abs(a - b)
-            self.guards.differences(job.version, diff)
-            self.metrics.shadow_pairs.labels(job.version.name, baseline.name).inc(int(mine.sum()))
-            self.metrics.shadow_agree.labels(job.version.name, baseline.name).inc(agree)
-            self.metrics.shadow_abs_diff.labels(job.version.name, baseline.name).inc(float(np.nansum(diff)))
-
