@@ -135,7 +135,7 @@ class Script:
                 log = self.logs.setdefault(tp, [])
                 offset = len(log)
                 log.append(Message(topic=item.topic, partition=item.partition, offset=offset, key=item.key,
-                                   value=item.value, headers=item.headers,
+                                   value=item.value, headers=item.headers,  # type: ignore[arg-type]
                                    timestamp=(1, now if item.timestamp is None else item.timestamp)))
                 self.order[(tp, offset)] = position
                 if waiting:
@@ -164,7 +164,7 @@ class Script:
         return TestingSource(self)
 
     def dead_letters(self) -> DeadLetters:
-        return DeadLetters(TestingProducer(self), lambda topic: f"{topic}.dlq")
+        return DeadLetters(TestingProducer(self), lambda topic: f"{topic}.dlq")  # type: ignore[arg-type]
 
     # -- what tests assert on ------------------------------------------------------------------------
     def stored_ids(self) -> list[str]:
@@ -195,7 +195,7 @@ class TestingSource(Source):
         self.keep_alives = 0
         self.rebalances = 0
         self.reached = 0  # script position delivery has got to (re-reading after a rebalance does not lower it)
-        self.batches: list[list[tuple[str, int, int]]] = []  # what each poll handed over
+        self.batches: list[list[tuple]] = []  # what each poll handed over
 
     def open(self) -> None:
         self.opened = True
@@ -318,7 +318,8 @@ class TestingSink(Sink):
 
     def write_batch(self, scored: Scored) -> None:
         t = scored.results
-        keys = list(zip(t["topic"].to_pylist(), t["partition"].to_pylist(), t["offset"].to_pylist(), strict=True))
+        keys: list[tuple[str, int, int]] = list(zip(t["topic"].to_pylist(), t["partition"].to_pylist(),
+                                                    t["offset"].to_pylist(), strict=True))
         refused: dict[int, str] = {}
         for i, (topic, partition, offset) in enumerate(keys):
             for marker in self.script.sink_marks.get(((topic, partition), offset), []):

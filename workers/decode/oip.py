@@ -103,9 +103,10 @@ def _nesting(data: Any, depth: int = 0) -> tuple[int, ...] | None:
     if not data:
         return (0,)
     inner = [_nesting(d, depth + 1) for d in data]
-    if any(i is None or i != inner[0] for i in inner):
+    first = inner[0]
+    if first is None or any(i != first for i in inner):
         return None
-    return (len(data), *inner[0])
+    return (len(data), *first)
 
 
 def _json_values(name: str, dtype: str, data: Any, shape: list[int], size: int) -> np.ndarray:

@@ -72,12 +72,12 @@ class RecordDecoder:
         """The code of value ``v`` of pandas-categorical feature ``j``, or None (an unseen category)."""
         if isinstance(v, bool) or not isinstance(v, str | int | float):
             return None
-        code = self.categorical[j].get(v)
+        code = (self.categorical[j] or {}).get(v)
         return code if code is not None else self._other_spelling(j, v)
 
     def _other_spelling(self, j: int, v: Any) -> float | None:
         """The code of a category value written as the other kind (a number as text, or text as a number)."""
-        mapping = self.categorical[j]
+        mapping = self.categorical[j] or {}
         if self.numeric_categories[j]:
             if type(v) is str:
                 try:
@@ -134,9 +134,10 @@ class RecordDecoder:
             rid: Any = None
             if reason is None:
                 rid = obj.get(id_field)
-                if rid is None and self.key_as_id and keys is not None and keys[i] is not None:
+                key = keys[i] if keys is not None else None
+                if rid is None and self.key_as_id and key is not None:
                     try:
-                        rid = keys[i].decode("utf-8")
+                        rid = key.decode("utf-8")
                     except UnicodeDecodeError:
                         reason = "message key is not UTF-8 text"
                 if reason is None:

@@ -15,6 +15,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def _cache_key(sha256: str) -> str:
     return f"{sha256[:32]}-lleaves{version('lleaves')}-llvmlite{version('llvmlite')}-{platform.machine()}-{cpu}"
 
 
-def compile_lleaves(text: str, sha256: str, cache_dir: str) -> object:
+def compile_lleaves(text: str, sha256: str, cache_dir: str) -> Any:
     """A compiled lleaves model for this model text, from the cache or compiled now (then cached)."""
     import lleaves
 

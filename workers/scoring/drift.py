@@ -39,8 +39,9 @@ def build_profile(model: Model, matrix: np.ndarray, bins: int = 10) -> dict[str,
     features = {}
     for j, name in enumerate(model.feature_names):
         column = matrix[:, j]
-        if j in model.categorical and model.categorical[j]:
-            edges = [i + 0.5 for i in range(len(model.categorical[j]) - 1)]
+        cats = model.categorical.get(j)
+        if cats:
+            edges = [i + 0.5 for i in range(len(cats) - 1)]
         else:
             edges = _edges(column, bins)
         counts = _bin(column, np.asarray(edges), len(edges) + 1)

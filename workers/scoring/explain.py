@@ -22,7 +22,8 @@ ITEM = pa.struct([("feature", pa.string()), ("value", pa.float64()), ("contribut
 
 def contributions(model: Model, matrix: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(contributions [n, F], base [n]) for each row (of its top class when multiclass)."""
-    raw = model.booster.predict(matrix, pred_contrib=True, num_threads=model.threads, validate_features=False)
+    raw = np.asarray(model.booster.predict(matrix, pred_contrib=True, num_threads=model.threads,
+                                           validate_features=False))
     width = len(model.feature_names) + 1
     if model.multiclass:
         raw = raw.reshape(matrix.shape[0], model.num_class, width)

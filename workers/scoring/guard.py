@@ -30,7 +30,8 @@ class _Window:
     """The last ``limit`` values of a stream of arrays."""
 
     def __init__(self, limit: int):
-        self.limit, self.parts, self.size = limit, deque(), 0
+        self.parts: deque = deque()
+        self.limit, self.size = limit, 0
 
     def add(self, values: np.ndarray) -> None:
         if values.size == 0:

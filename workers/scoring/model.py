@@ -53,7 +53,7 @@ class Model:
         if self.compiled is not None:
             out = self.compiled(matrix)
             return out.reshape(matrix.shape[0], self.num_class) if self.num_class > 1 else out
-        return self.booster.predict(matrix, num_threads=self.threads, validate_features=False)
+        return np.asarray(self.booster.predict(matrix, num_threads=self.threads, validate_features=False))
 
 
 def _check_format(data: bytes, uri: str) -> None:

@@ -272,7 +272,7 @@ class Router:
             if self.key:
                 text = pc.coalesce(text, pc.cast(ids, pa.string()))
             keys = [k if k is not None else "" for k in text.to_pylist()]
-        raw = None
+        raw: list | None = None
         bad = sorted(set().union(*(f.reasons for f in feats)))
         if bad:
             wanted = [c for c in self.input_columns() if c in batch.schema.names and c not in self.scoring.passthrough]

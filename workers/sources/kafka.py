@@ -153,10 +153,11 @@ class KafkaSource(Source):
                 batch = [m for m in batch if (m.topic(), m.partition()) not in self.revoked]
                 self.revoked.clear()
             for m in got:
-                if m.error() is None:
+                err = m.error()
+                if err is None:
                     batch.append(m)
                 else:
-                    self._consume_error(m.error())
+                    self._consume_error(err)
         for topic, n in Counter(m.topic() for m in batch).items():
             self.metrics.consumed.labels(topic).inc(n)
         return Batch(batch)
@@ -198,7 +199,7 @@ class KafkaSource(Source):
         for m in self.consumer.consume(num_messages=1, timeout=timeout_ms / 1000):
             if m.error() is None:
                 # Not ours to skip (a partition that arrived unpaused): read it again after resume.
-                part = TopicPartition(m.topic(), m.partition(), m.offset())
+                part = TopicPartition(m.topic() or "", m.partition() or 0, m.offset() or 0)
                 try:
                     self.consumer.seek(part)
                     self.consumer.pause([part])

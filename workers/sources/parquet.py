@@ -94,7 +94,8 @@ def find_inputs(spec: str, s3: S3Settings, exclude: tuple[str, ...] = ()) -> Lis
         return Listing(fs, [] if hidden else [one], root, [one] if hidden else [])
     if info.type != pafs.FileType.Directory:
         raise ConfigError(INPUT_SETTING, f"{spec} does not exist")
-    found, excluded = [], []
+    found: list[InputFile] = []
+    excluded: list[InputFile] = []
     for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
         if entry.type != pafs.FileType.File:
             continue

@@ -200,7 +200,7 @@ class Pipeline(StoreSteps):
             try:
                 assert flight.future is not None
                 outcome = self.await_call(flight.future)
-                if outcome is not ABANDONED:
+                if isinstance(outcome, StoreOutcome):
                     stored = outcome.stored
                     state = outcome.scoring.state
                     if not stored and state.failed is None:
@@ -222,6 +222,7 @@ class Pipeline(StoreSteps):
             # Step 5: commit, only now that the batch is stored.
             self.source.commit(offsets)
             self.lag.committed(offsets)
+            assert isinstance(outcome, StoreOutcome)  # stored implies the store attempt returned
             self.account(records, outcome.scoring.state, flight.stored_at)
             self.metrics.batch_seconds.observe(time.monotonic() - flight.started)
             self.sizer.adapt(len(records), outcome.scoring.seconds)

@@ -51,12 +51,14 @@ class ScoreStage:
             ) -> ScoreOutcome:
         """Score the batch (``routed``/``decoded`` None: decoding it raised; isolate at once)."""
         started = time.monotonic()
+        scored: Scored | None
         try:
             if routed is None or decoded is None:
                 raise ScoringError("the batch could not be decoded")
-            scored = self.score(records, routed, decoded, router)
-            parts = [(records, scored)]
+            first = self.score(records, routed, decoded, router)
+            parts = [(records, first)]
             culprits: list[tuple[Record, str]] = []
+            scored = first
         except Exception as exc:  # noqa: BLE001 - isolate the records that cause it (below)
             log.warning("scoring a batch failed; isolating the records that fail",
                         extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "records": len(records)})

@@ -48,8 +48,9 @@ class StoreState:
 
 # What a sink raises for the data of a write without naming the rows (not retryable: retrying the same rows
 # fails the same way). Stream mode writes the batch in halves until each such row is alone and dead-lettered.
-UNNAMED_DATA_ERRORS: tuple[type[Exception], ...] = (InputError, ValueError, TypeError, OverflowError,
+UNNAMED_DATA_ERRORS: tuple[type[BaseException], ...] = (InputError, ValueError, TypeError, OverflowError,
                                                     pa.ArrowNotImplementedError)
+REFUSED: tuple[type[BaseException], ...] = (RowsRejected, *UNNAMED_DATA_ERRORS)  # what a write refuses for its data
 
 
 class BadRecordStop(ScoringError):
@@ -74,12 +75,11 @@ class StoreSteps:
             part = state.parts[0]
             try:
                 self.sink.write_batch(Scored(part, state.no_errors))
-            except (RowsRejected, *UNNAMED_DATA_ERRORS) as exc:
-                if not isinstance(exc, RowsRejected):
-                    exc = self.split(state, exc)
-                    if exc is None:
-                        continue
-                self.reject(records, state, exc)
+            except REFUSED as exc:
+                rejected = exc if isinstance(exc, RowsRejected) else self.split(state, exc)
+                if rejected is None:
+                    continue
+                self.reject(records, state, rejected)
                 if self.settings.stream.on_bad_record == "fail" and state.letters:
                     state.failed = (state.letters[0][0], state.letters[0][1])
                     raise BadRecordStop(state.failed[1]) from None
@@ -90,7 +90,7 @@ class StoreSteps:
             log.info("sink recovered")
         self.health.sink_ok, self.health.sink_error = True, ""
 
-    def split(self, state: StoreState, exc: Exception) -> RowsRejected | None:
+    def split(self, state: StoreState, exc: BaseException) -> RowsRejected | None:
         """The sink refused the part being written for its data without naming rows: write it in halves, so
         the row responsible ends up alone; a row alone that fails is rejected with the error as its reason."""
         part = state.parts[0]

@@ -31,7 +31,7 @@ from contextlib import ExitStack
 from confluent_kafka import KafkaException
 
 from workers.errors import ConfigError, ScoringError, SinkError
-from workers.observability import Metrics, serve_probes
+from workers.observability import Metrics, _Server, serve_probes
 from workers.runtime.stream.health import StreamHealth
 from workers.runtime.stream.pipeline import Pipeline, Stop
 from workers.runtime.stream.store import ABANDONED
@@ -69,7 +69,7 @@ class StreamWorker:
                                  sink or open_result_sink(settings, s.sink, "SCORING_STREAM__SINK"),
                                  self.metrics, self.health, self.stop)
         self.given_dead = dead_letters
-        self.probes = None
+        self.probes: _Server | None = None
 
     @property
     def router(self) -> Router:
