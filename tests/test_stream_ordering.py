@@ -55,6 +55,12 @@ def interleaved(n: int, partitions: int = 2, start: int = 0) -> list:
     return [rec("t", i % partitions, r) for i, r in enumerate(records(n, start=start))]
 
 
+def where(script: Script, r) -> tuple[tuple[str, int], int]:
+    """(partition, offset) the script gave record ``r``."""
+    tp = (r.topic, r.partition)
+    return tp, [m.value() for m in script.logs[tp]].index(r.value)
+
+
 def assert_everything_once(script: Script, n: int) -> None:
     ids = script.stored_ids()
     assert len(ids) == len(set(ids)) == n - len(script.dead_offsets())
@@ -90,8 +96,7 @@ def test_crash_while_polling_then_a_new_worker_stores_the_rest_once(models):
         worker_on(script, settings_for(models)).run()
     first = dict(script.committed)
     assert sum(first.values()) < 60  # the crash left work uncommitted
-    second = StreamWorker(settings_for(models), source=script.source(), sink=script.sink,
-                          dead_letters=script.dead_letters(), burst=True)
+    second = worker_on(script, settings_for(models))
     assert second.run() == 0
     assert_everything_once(script, 60)
     # The second member started from the first one's commits: it re-read nothing below them.
@@ -105,9 +110,7 @@ def test_crash_inside_the_store_commits_nothing_of_that_batch_and_the_restart_st
     script = Script(items)
     with pytest.raises(Crashed):
         worker_on(script, settings_for(models)).run()
-    crashed_on = items[23]
-    tp = (crashed_on.topic, crashed_on.partition)
-    offset = [m.value() for m in script.logs[tp]].index(crashed_on.value)
+    tp, offset = where(script, items[23])
     assert script.committed.get(tp, 0) <= offset, "an offset past the record whose store crashed was committed"
     assert worker_on(script, settings_for(models)).run() == 0
     assert_everything_once(script, 50)
@@ -141,9 +144,7 @@ def test_shutdown_is_bounded_while_the_store_hangs_and_the_hung_batch_is_redeliv
     took = time.monotonic() - started
     assert took < 1.4, f"shutdown took {took:.1f}s with a 0.3s bound and a 1.5s hang"
     assert worker.pipeline.abandoned
-    hung = items[13]
-    tp = (hung.topic, hung.partition)
-    offset = [m.value() for m in script.logs[tp]].index(hung.value)
+    tp, offset = where(script, items[13])
     assert script.committed.get(tp, 0) <= offset
     time.sleep(1.5)  # the abandoned write finishes (in a real worker the process exit ends it)
     assert worker_on(script, settings_for(models)).run() == 0
