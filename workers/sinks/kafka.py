@@ -49,9 +49,10 @@ class Producer:
 
     def send(self, topic: str, value: bytes | None, key: bytes | None = None,
              headers: list[tuple[str, bytes]] | None = None) -> None:
+        sent: list[tuple[str, str | bytes | None]] | None = list(headers) if headers is not None else None
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, headers=headers)
+                self.producer.produce(topic, value=value, key=key, headers=sent)
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
                 self.producer.poll(0.05)
@@ -118,7 +119,7 @@ def _json_ready(col: pa.ChunkedArray) -> list:
     return col.to_pylist()
 
 
-def result_messages(scored: Scored) -> list[tuple[bytes, bytes]]:
+def result_messages(scored: Scored) -> list[tuple[bytes | None, bytes]]:
     """(key, value) per result: the id as key, the result row as a JSON object."""
     table = scored.results
     names = table.column_names
