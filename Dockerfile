@@ -14,9 +14,15 @@ ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=${PIP_CERT}
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet --upgrade pip
 WORKDIR /src
+# The runtime dependencies (with the `compiled` extra) come from requirements.lock, every version pinned and
+# hash-checked, so two builds months apart install the same wheels (`make lock` regenerates it). The package
+# itself goes in with --no-deps, and `pip check` fails the build if the lock no longer satisfies it.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --quiet --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY workers ./workers
-RUN /opt/venv/bin/pip install --quiet ".[compiled]" \
+RUN /opt/venv/bin/pip install --quiet --no-deps . \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --quiet --yes pip \
  # The root filesystem is read-only at run time: compile bytecode now, not on every start.
  && /opt/venv/bin/python -m compileall -q /opt/venv \

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults bench lint clean broker
+.PHONY: demo test faults bench lint clean broker lock lock-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ demo: $(BIN)/.installed
 	$(BIN)/scoring-worker demo --dir scoring-demo
 
 # pytest exits 5 when no test ran: that is a failure here, not a pass.
-test: $(BIN)/.installed
+test: $(BIN)/.installed lock-check
 	$(BIN)/ruff check workers tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
@@ -36,8 +36,35 @@ faults: $(BIN)/.installed
 readme: $(BIN)/.installed
 	$(BIN)/python -c "import re,subprocess; t=subprocess.run(['$(BIN)/scoring-worker','settings'],capture_output=True,text=True,check=True).stdout; s=open('README.md').read(); open('README.md','w').write(re.sub(r'<!-- settings:start -->\n.*<!-- settings:end -->', lambda m: '<!-- settings:start -->\n'+t+'<!-- settings:end -->', s, flags=re.S))"
 
+# requirements.lock: the image's runtime dependencies ([project].dependencies and the `compiled` extra), every
+# version pinned with its hashes, resolved for the Dockerfile's Python (bookworm: 3.11) on x86_64 glibc 2.36.
+# uv lives in its own venv, pinned, so the lock's format does not move with whatever uv a machine has.
+UV_VERSION := 0.13.9
+LOCK_VENV ?= .venv-lock
+UV := $(LOCK_VENV)/bin/uv
+# The header names `make lock`, not the temporary output path, so the check can diff whole files.
+LOCK_ARGS := pip compile pyproject.toml --quiet --extra compiled --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_36 --custom-compile-command 'make lock'
+
+$(UV):
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet uv==$(UV_VERSION)
+
+# Regenerate after changing pyproject.toml's runtime dependencies. uv keeps the versions already in the lock
+# when they still satisfy pyproject.toml; `make lock LOCK_UPGRADE=--upgrade` moves everything to the newest.
+lock: $(UV)
+	$(UV) $(LOCK_ARGS) $(LOCK_UPGRADE) -o requirements.lock
+
+# Fails when requirements.lock no longer matches pyproject.toml: resolve again starting from the committed pins
+# (uv keeps a pin that still satisfies pyproject.toml, so a newer release on PyPI alone changes nothing) and diff.
+# Needs PyPI, takes a few seconds.
+lock-check: $(UV)
+	@tmp=$$(mktemp); trap 'rm -f $$tmp' EXIT; cp requirements.lock $$tmp; \
+	$(UV) $(LOCK_ARGS) -o $$tmp && diff -u requirements.lock $$tmp \
+	|| { echo "requirements.lock does not match pyproject.toml: run \`make lock\` and commit it" >&2; exit 1; }
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check workers tests benchmarks
 
 clean:
-	rm -rf $(VENV) scoring-demo .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) scoring-demo .pytest_cache

@@ -1,21 +1,25 @@
-"""The command line: ``scoring-worker batch | stream | serve | check | ...`` (``--help`` lists them).
+"""The command line: ``scoring-worker batch | stream | serve`` (the modes) and the tools beside them (``check``,
+``produce``, ``compile``, ``profile``, ``schema``, ``compare``, ``report``, ``demo``, ``settings``); ``--help``
+lists the two groups apart.
 
-Each flag is generated from a settings field (workers/cli_options.py), so its help is the field's docstring
-and names the env var; a flag given on the command line overrides the env var. A user mistake ends with one
-line on stderr naming the setting or option and exit code 2 (a wrong setting or usage) or 1 (failed inputs,
-an unreachable service, a failed check), never a traceback; tests/test_user_mistakes.py holds that.
+This module only declares: each command's options, then one call into the module that does the work
+(workers/runtime/ for the modes and ``check``, workers/tools/ for the tools), which returns the exit code.
+Each flag bound to a setting is generated from the settings field (workers/cli_options.py), so its help is the
+field's docstring and names the env var; a flag given on the command line overrides the env var. A user
+mistake ends with one line on stderr naming the setting or option and exit code 2 (a wrong setting or usage)
+or 1 (failed inputs, an unreachable service, a failed check), never a traceback (``main`` below turns the
+errors into that line); tests/test_user_mistakes.py holds that.
+
+Trap: the work modules are imported inside the commands, so ``--help`` and a mistyped option stay fast and
+do not load LightGBM, Arrow or librdkafka.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import click
-import orjson
 
 from workers import __version__
 from workers.cli_options import (  # noqa: F401 - FLAGS, _overrides, click_type: used by tests and other tools
@@ -31,10 +35,30 @@ from workers.cli_options import (  # noqa: F401 - FLAGS, _overrides, click_type:
 )
 from workers.errors import ConfigError, ScoringError
 from workers.logs import setup_logging
-from workers.settings import Settings, env_name, redact
+from workers.settings import Settings
+
+MODES = ("batch", "stream", "serve")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Sections(click.Group):
+    """``--help`` lists the modes (what a deployment runs) apart from the tools (what a person runs beside
+    them); command names stay flat (``scoring-worker produce``). Modes in MODES' order, tools by name."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        commands = [(name, cmd) for name, cmd in commands if cmd is not None and not cmd.hidden]
+        if not commands:
+            return
+        width = formatter.width - 6 - max(len(name) for name, _ in commands)
+        modes = sorted((c for c in commands if c[0] in MODES), key=lambda c: MODES.index(c[0]))
+        tools = [c for c in commands if c[0] not in MODES]
+        for title, rows in (("Modes", modes), ("Tools", tools)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl([(name, cmd.get_short_help_str(width)) for name, cmd in rows])
+
+
+@click.group(cls=_Sections, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="scoring-worker")
 def cli() -> None:
     """Score records with a LightGBM model: Parquet files (batch), Kafka topics (stream), HTTP (serve).
@@ -45,6 +69,9 @@ def cli() -> None:
     Exit codes: 0 done; 1 failed inputs, an unreachable service or a failed check; 2 a wrong setting or usage
     (one line naming it).
     """
+
+
+# ---- modes -----------------------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -67,30 +94,9 @@ def batch(settings: Settings) -> None:
     With --queue-topic, the files come from "file arrived" events on a Kafka topic instead of --input,
     and the run ends when the topic is drained (for a KEDA ScaledJob).
     """
-    from workers.runtime.batch import run_batch
+    from workers.runtime.batch import batch_command
 
-    required = [(("batch", "output"), "--output")]
-    if not settings.batch.queue_topic:
-        required.append((("batch", "input"), "--input"))
-    for path, flag in required:
-        if not getattr(settings.batch, path[1]):
-            raise ConfigError(env_name(path), f"required (set {flag} or {env_name(path)})")
-    if settings.batch.queue_topic:
-        from workers.runtime.batch_queue import run_batch_queue
-
-        report = run_batch_queue(settings)
-    else:
-        report = run_batch(settings)
-    summary = report.summary()
-    summary["output"] = redact(summary.get("output") or "")  # the logs redact it; so must the summary
-    if report.failed:
-        summary["failures"] = [{"input": rel, "reason": reason} for rel, reason in report.failed]
-    click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
-    for rel, reason in report.failed:
-        click.echo(f"failed: {rel}: {' '.join(reason.split())}", err=True)  # one line per file
-    if report.rejected and not report.allow_bad_rows:
-        click.echo(f"rejected {report.rejected} rows: see the errors output (or pass --allow-bad-rows)", err=True)
-    sys.exit(report.exit_code)
+    sys.exit(batch_command(settings))
 
 
 @cli.command()
@@ -121,33 +127,13 @@ def stream(settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     """HTTP for Knative: the Open Inference Protocol (KServe v2) and CloudEvents (KafkaSource)."""
     from workers.runtime.serve.app import run_serve
+    from workers.runtime.serve.bind import port_free
 
-    _port_free(settings.serve.host, settings.serve.port, "SCORING_SERVE__PORT")
+    port_free(settings.serve.host, settings.serve.port, "SCORING_SERVE__PORT")
     sys.exit(run_serve(settings))
 
 
-def _port_free(host: str, port: int, setting: str) -> None:
-    """ConfigError naming ``setting`` when ``host:port`` is taken or ``host`` is not an address of this
-    machine. uvicorn would only log the bind error after loading the model and exit 3; this says it in one
-    line first (a port taken in between still gets uvicorn's line). Other bind failures (a privileged port
-    without the right) are left to the server, after the settings' other checks."""
-    import errno
-    import socket
-
-    if port == 0:
-        return
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
-            sock.bind((host, port))
-    except socket.gaierror as exc:
-        raise ConfigError("SCORING_SERVE__HOST", f"cannot listen on {host}: {exc.strerror or exc}") from None
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(setting, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ConfigError("SCORING_SERVE__HOST", f"cannot listen on {host}: {exc.strerror}") from None
+# ---- tools -----------------------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -194,39 +180,6 @@ def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int
     produce(bootstrap_servers, topic, source, partitions, bad, limit, id_column)
 
 
-def _output_file(path: str, setting: str = "--output") -> str:
-    """``path`` when a file can be written there; ConfigError before any work otherwise (a missing folder)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(setting, f"{path} is a folder; name the file to write")
-    if not os.path.isdir(folder):
-        raise ConfigError(setting, f"folder {os.path.dirname(path) or folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(setting, f"folder {os.path.dirname(path) or folder} is not writable")
-    return path
-
-
-def _write(path: str, text: str, setting: str = "--output") -> None:
-    try:
-        with open(path, "w") as fh:
-            fh.write(text)
-    except OSError as exc:
-        raise ConfigError(setting, f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _since(text: str | None):
-    from workers.tools.compare import parse_since
-
-    return parse_since(text) if text else None
-
-
-def _primary_scorer(settings: Settings):
-    """The scorer whose features profile/report read: --model's, or the routing file's primary version's."""
-    from workers.scoring.build import build_router
-
-    return build_router(settings).primary.scorer
-
-
 @cli.command("compile")
 @model_options
 @setting("--routing", "routing.path")
@@ -235,25 +188,9 @@ def _primary_scorer(settings: Settings):
 def compile_cmd(settings: Settings) -> None:
     """Compile the model (with --routing: every version's) with lleaves into the cache (e.g. in an init
     container or at image build)."""
-    from workers.scoring.model import load_model
+    from workers.tools.compile import compile_models
 
-    wanted = [settings.model]
-    if settings.routing.path:
-        from workers.scoring.routing_spec import read_routing
-
-        spec, _ = read_routing(settings.routing.path)
-        wanted = [settings.model.model_copy(update={"path": v.model, "sha256": v.sha256, "version": v.name})
-                  for v in spec.versions]
-    failed = 0
-    for model_settings in wanted:
-        model = load_model(model_settings.model_copy(update={"backend": "lleaves"}), settings.s3)
-        if model.backend != "lleaves":
-            click.echo(f"error: could not compile {model.source} with lleaves (see the warning above)", err=True)
-            failed += 1
-            continue
-        click.echo(f"compiled {model.source} ({model.version}) into {settings.model.cache_dir}")
-    if failed:
-        sys.exit(1)
+    sys.exit(compile_models(settings))
 
 
 @cli.command("profile")
@@ -273,34 +210,9 @@ def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: in
 
     With --routing, the profile is of the primary (most-weighted served) version's features, as `report` reads.
     """
-    import numpy as np
+    from workers.tools.profile import write_profile
 
-    from workers.scoring.drift import build_profile, feature_batches
-
-    _output_file(out)
-    scorer = _primary_scorer(settings)
-    n_files, batches = _as_data(lambda: feature_batches(scorer, data, settings.s3))
-    parts, rows = [], 0
-    for matrix in batches:
-        parts.append(matrix)
-        rows += matrix.shape[0]
-        if rows >= max_rows:
-            break
-    if rows == 0:
-        raise ConfigError("--data", f"{data}: no rows to profile ({n_files} file(s))")
-    profile = build_profile(scorer.model, np.concatenate(parts)[:max_rows] if parts else np.empty((0, 0)), bins)
-    _write(out, orjson.dumps(profile, option=orjson.OPT_INDENT_2).decode())
-    click.echo(f"profiled {min(rows, max_rows):,} rows of {n_files} file(s) into {out}")
-
-
-def _as_data(fn: Callable) -> Any:
-    """Run ``fn``; an input-listing error names --data (the option the user gave), not --input."""
-    try:
-        return fn()
-    except ConfigError as exc:
-        if exc.setting == "SCORING_BATCH__INPUT":
-            raise ConfigError("--data", exc.reason) from None
-        raise
+    write_profile(settings, data, out, bins, max_rows)
 
 
 @cli.command("schema")
@@ -314,41 +226,9 @@ def _as_data(fn: Callable) -> Any:
 @with_settings
 def schema_cmd(settings: Settings, producer: str | None) -> None:
     """Print a JSON Schema for input records of the model (id, features and types, categories, nulls)."""
-    from workers.scoring.model import load_model
-    from workers.tools.schema import check_producer, input_schema
+    from workers.tools.schema import run_schema
 
-    model = load_model(settings.model, settings.s3)
-    if producer:
-        try:
-            with open(producer, "rb") as fh:
-                theirs = orjson.loads(fh.read())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise ConfigError("--check", f"cannot read {producer} as JSON: {exc}") from None
-        _object_schema(theirs, producer)
-        errors, warnings = check_producer(theirs, model, settings.scoring.id_column)
-        for line in errors:
-            click.echo(f"error: {line}")
-        for line in warnings:
-            click.echo(f"warning: {line}")
-        click.echo(f"{producer}: {len(errors)} error(s), {len(warnings)} warning(s) against {model.version}")
-        sys.exit(1 if errors else 0)
-    schema = input_schema(model, settings.scoring.id_column, settings.scoring.passthrough)
-    click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
-
-
-def _object_schema(schema: Any, origin: str) -> None:
-    """ConfigError unless ``schema`` is shaped like a JSON Schema of an object (what `schema --check` reads)."""
-    problem = None
-    if not isinstance(schema, dict):
-        problem = f"it is a JSON {type(schema).__name__}, not an object"
-    elif not isinstance(schema.get("properties", {}), dict):
-        problem = "'properties' is not an object"
-    elif not all(isinstance(v, dict | bool) for v in schema.get("properties", {}).values()):
-        problem = "a property's schema is not an object"
-    elif not isinstance(schema.get("required", []), list):
-        problem = "'required' is not a list"
-    if problem:
-        raise ConfigError("--check", f"{origin} is not a JSON Schema of records: {problem}")
+    sys.exit(run_schema(settings, producer))
 
 
 SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:00, UTC unless it has an offset) "
@@ -368,11 +248,9 @@ SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:0
 def compare_cmd(settings: Settings, results: str, threshold: float | None, since: str | None,
                 as_json: bool) -> None:
     """Compare model versions from a results table: rows, score distribution, shadow agreement."""
-    from workers.tools.compare import compare, read_results, render_text
+    from workers.tools.compare import run_compare
 
-    table = read_results(results, settings.s3, _since(since))
-    report = compare(table, settings.routing.threshold if threshold is None else threshold)
-    click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else render_text(report))
+    run_compare(settings, results, threshold, since, as_json)
 
 
 @cli.command("report")
@@ -394,19 +272,9 @@ def report_cmd(settings: Settings, results: str, out: str, threshold: float | No
 
     The model (--model or --routing) is needed only for drift (--profile with --data).
     """
-    from workers.tools import report as rep
-    from workers.tools.compare import compare, read_results
+    from workers.tools.report import write_report
 
-    if bool(profile_path) != bool(data):
-        raise ConfigError("--profile" if data else "--data", "--profile and --data go together")
-    _output_file(out)
-    table = read_results(results, settings.s3, _since(since))
-    summary = compare(table, settings.routing.threshold if threshold is None else threshold)
-    drift = _as_data(lambda: rep.drift_of(settings, data, profile_path)) if profile_path and data else None
-    text = rep.picture(summary, drift) if out.endswith(".svg") else rep.page(summary, drift, redact(results))
-    _write(out, text)
-    click.echo(f"wrote {out}: {summary['rows']:,} rows, {len(summary['versions'])} version(s)"
-               f"{f', drift for {len(drift)} features' if drift else ''}")
+    write_report(settings, results, out, threshold, since, profile_path, data)
 
 
 @cli.command("settings")
@@ -418,19 +286,9 @@ def report_cmd(settings: Settings, results: str, out: str, threshold: float | No
 @with_settings
 def settings_reference(settings: Settings, as_env: bool) -> None:
     """Print every setting as a Markdown table (env var, default, meaning): the README's reference."""
-    from workers.settings import env_lines, reference_rows
+    from workers.tools.reference import print_settings
 
-    if as_env:
-        lines = env_lines(settings)
-        for line in lines:
-            click.echo(line)
-        if any(":***@" in line or "=***" in line.split("=", 1)[1] for line in lines):
-            click.echo("note: passwords inside URIs are shown as ***: keep the real URI in a Secret, not in the "
-                       "ConfigMap", err=True)
-        return
-    click.echo("| env var | default | meaning |\n|---|---|---|")
-    for name, default, text in reference_rows():
-        click.echo(f"| `{name}` | {f'`{default}`' if default else ''} | {text.replace('|', '/')} |")
+    print_settings(settings, as_env)
 
 
 def _friendly(exc: BaseException) -> str:

@@ -243,23 +243,9 @@ class KafkaSettings(_Group):
     ssl_cafile: str | None = None
     """CA bundle (PEM) to verify the broker's certificate."""
 
-    def client_config(self) -> dict[str, Any]:
-        """kafka-python keyword arguments (the batch queue consumer and the demo producer)."""
-        cfg: dict[str, Any] = {
-            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
-            "client_id": self.client_id,
-            "security_protocol": self.security_protocol,
-        }
-        if self.sasl_mechanism:
-            cfg["sasl_mechanism"] = self.sasl_mechanism
-            cfg["sasl_plain_username"] = self.sasl_username
-            cfg["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
-        if self.ssl_cafile:
-            cfg["ssl_cafile"] = self.ssl_cafile
-        return cfg
-
     def librdkafka_config(self) -> dict[str, Any]:
-        """The same, as librdkafka properties (confluent-kafka: the stream consumer and the producers)."""
+        """These settings as librdkafka properties: every Kafka client of the worker is confluent-kafka (the stream
+        and batch-queue consumers, the producers, the produce tool, `check`)."""
         cfg: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,

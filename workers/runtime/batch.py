@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
 
+import click
+import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -30,7 +32,7 @@ from workers.runtime.progress import Progress
 from workers.scoring.build import build_router
 from workers.scoring.model import Model
 from workers.scoring.router import Router
-from workers.settings import Settings, job_completion_index
+from workers.settings import Settings, env_name, job_completion_index
 from workers.sinks import Sink, open_result_sink
 from workers.sources.parquet import (
     InputFile,
@@ -324,3 +326,30 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
             report.drift = {k: {m: round(v, 6) for m, v in values.items()}
                             for k, values in router.drift.report().items()}
     return report
+
+
+def batch_command(settings: Settings) -> int:
+    """``scoring-worker batch``: check the required settings, run (from --input, or from the queue topic), print
+    the summary as JSON on stdout and one line per failed file on stderr; the exit code (BatchReport's)."""
+    required = [(("batch", "output"), "--output")]
+    if not settings.batch.queue_topic:
+        required.append((("batch", "input"), "--input"))
+    for path, flag in required:
+        if not getattr(settings.batch, path[1]):
+            raise ConfigError(env_name(path), f"required (set {flag} or {env_name(path)})")
+    if settings.batch.queue_topic:
+        from workers.runtime.batch_queue import run_batch_queue
+
+        report = run_batch_queue(settings)
+    else:
+        report = run_batch(settings)
+    summary = report.summary()
+    summary["output"] = redact(summary.get("output") or "")  # the logs redact it; so must the summary
+    if report.failed:
+        summary["failures"] = [{"input": rel, "reason": reason} for rel, reason in report.failed]
+    click.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    for rel, reason in report.failed:
+        click.echo(f"failed: {rel}: {' '.join(reason.split())}", err=True)  # one line per file
+    if report.rejected and not report.allow_bad_rows:
+        click.echo(f"rejected {report.rejected} rows: see the errors output (or pass --allow-bad-rows)", err=True)
+    return report.exit_code

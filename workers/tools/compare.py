@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from workers.errors import ConfigError, SinkError
-from workers.settings import S3Settings
+from workers.settings import S3Settings, Settings
 from workers.sinks.sqlite import sqlite_location
 
 SETTING = "--results"
@@ -235,3 +235,15 @@ def render_text(report: dict) -> str:
 
 def _f(x: float | None, width: int = 8) -> str:
     return f"{'-':>{width}}" if x is None else f"{x:>{width}.4f}"
+
+
+def run_compare(settings: Settings, results: str, threshold: float | None, since: str | None,
+                as_json: bool) -> None:
+    """``scoring-worker compare``: read ``results`` (rows scored at or after ``since``), print the comparison as
+    tables or JSON; ``threshold`` None is SCORING_ROUTING__THRESHOLD's."""
+    import click
+    import orjson
+
+    table = read_results(results, settings.s3, parse_since(since) if since else None)
+    report = compare(table, settings.routing.threshold if threshold is None else threshold)
+    click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else render_text(report))

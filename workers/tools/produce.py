@@ -2,10 +2,17 @@
 
 Through librdkafka (confluent-kafka), configured by ``KafkaSettings.librdkafka_config`` like every other Kafka
 client of the worker.
+
+A broker that cannot be reached is one line and exit 1 (ScoringError), after ``TIMEOUT_S``: librdkafka's own log
+lines are silenced here (it would print one per reconnect attempt), and the last error it reported (say
+"Connection refused") is named in that line instead. Trap: a future's ``result(timeout)`` raises
+``concurrent.futures.TimeoutError``, not KafkaException, when it expires before librdkafka's own request
+timeout does; both become the same ScoringError.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import glob
 import time
@@ -31,12 +38,21 @@ def _default(value: object) -> object:
 
 
 def ensure_topic(config: dict[str, object], topic: str, partitions: int) -> None:
-    """Create ``topic`` with ``partitions`` unless it exists; KafkaException when the broker refuses or is away."""
+    """Create ``topic`` with ``partitions`` unless it exists; KafkaException when the broker refuses or is away
+    (a wait that outlasts ``TIMEOUT_S`` too, whichever timeout fires first)."""
     admin = AdminClient(config)  # kept in a name until the future resolves: a temporary fails with _DESTROY
     futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)],
                                   request_timeout=TIMEOUT_S)
+    future = futures[topic]
+    deadline = time.monotonic() + TIMEOUT_S + 5
+    while not future.done() and time.monotonic() < deadline:
+        admin.poll(0.2)  # serves the error callback, which names why the broker is away
     try:
-        futures[topic].result(TIMEOUT_S)
+        # The request's own timeout normally resolves the future first; this bound is the backstop.
+        future.result(max(deadline - time.monotonic(), 0))
+    except concurrent.futures.TimeoutError:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"topic {topic} not created in {TIMEOUT_S:.0f} s",
+                                        fatal=False)) from None
     except KafkaException as exc:
         if not (exc.args and isinstance(exc.args[0], KafkaError)
                 and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS):
@@ -59,13 +75,29 @@ def produce(bootstrap: str, topic: str, source: str, partitions: int, bad: int, 
     for f in files:
         if id_column not in ds.dataset(f, format="parquet").schema.names:
             raise ConfigError("--id-column", f"{f} has no column {id_column!r}")
+    last = _LastError()
+    # log_level 0: librdkafka prints nothing itself (a line per failed reconnect); its errors reach `last`.
+    config = {**KafkaSettings(bootstrap_servers=bootstrap).librdkafka_config(), "log_level": 0, "error_cb": last}
     try:
-        _produce(KafkaSettings(bootstrap_servers=bootstrap).librdkafka_config(), topic, files, partitions, bad,
-                 limit, id_column)
+        _produce(config, topic, files, partitions, bad, limit, id_column)
     except KafkaException as exc:
         err = exc.args[0] if exc.args else exc
         text = err.str() if isinstance(err, KafkaError) else str(err)
+        if last.error is not None and last.error.str() not in text:
+            text += f" (last error: {last.error.str()})"
         raise ScoringError(f"Kafka at {bootstrap}: {' '.join(text.split())}") from None
+
+
+class _LastError:
+    """librdkafka's error callback: keeps the most recent client error (what a timeout alone would hide)."""
+
+    def __init__(self) -> None:
+        self.error: KafkaError | None = None
+
+    def __call__(self, err: KafkaError) -> None:
+        # "1/1 brokers are down" says less than the connect failure before it: keep the more specific one.
+        if err.code() != KafkaError._ALL_BROKERS_DOWN or self.error is None:
+            self.error = err
 
 
 class _Delivery:

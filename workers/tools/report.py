@@ -153,3 +153,27 @@ def drift_of(settings, data: str, profile: str) -> dict:
     for matrix in feature_batches(primary.scorer, data, settings.s3)[1]:
         monitor.observe(matrix)
     return monitor.report()
+
+
+def write_report(settings, results: str, out: str, threshold: float | None, since: str | None,
+                 profile_path: str | None, data: str | None) -> None:
+    """``scoring-worker report``: the page (``out`` ending .html) or its charts (.svg) from ``results``, with drift
+    when both ``profile_path`` and ``data`` are given (one without the other is a ConfigError, before any read);
+    ``threshold`` None is SCORING_ROUTING__THRESHOLD's."""
+    import click
+
+    from workers.errors import ConfigError
+    from workers.settings import redact
+    from workers.tools.compare import compare, parse_since, read_results
+    from workers.tools.files import as_data, output_file, write_text
+
+    if bool(profile_path) != bool(data):
+        raise ConfigError("--profile" if data else "--data", "--profile and --data go together")
+    output_file(out)
+    table = read_results(results, settings.s3, parse_since(since) if since else None)
+    summary = compare(table, settings.routing.threshold if threshold is None else threshold)
+    drift = as_data(lambda: drift_of(settings, data, profile_path)) if profile_path and data else None
+    text = picture(summary, drift) if out.endswith(".svg") else page(summary, drift, redact(results))
+    write_text(out, text)
+    click.echo(f"wrote {out}: {summary['rows']:,} rows, {len(summary['versions'])} version(s)"
+               f"{f', drift for {len(drift)} features' if drift else ''}")

@@ -1,8 +1,18 @@
-"""JSON Schema for input records, derived from the model (``scoring-worker schema``)."""
+"""JSON Schema for input records, derived from the model (``scoring-worker schema``), and the check of a
+producer's schema against the model (``schema --check``: one line per mismatch, exit 1 when records shaped like
+it would be rejected; warnings alone exit 0).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import click
+import orjson
+
+from workers.errors import ConfigError
 from workers.scoring.model import Model
+from workers.settings import Settings
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -88,3 +98,42 @@ def check_producer(schema: dict, model: Model, id_field: str = "id") -> tuple[li
             errors.append(f"feature '{name}' may be {sorted(wrong)}; the model needs "
                           f"{'a category' if cats else 'a number'} or null (such records are dead-lettered)")
     return errors, warnings
+
+
+def run_schema(settings: Settings, producer: str | None) -> int:
+    """Print the model's input schema, or (``producer``: a JSON Schema file) check it; the exit code."""
+    from workers.scoring.model import load_model
+
+    model = load_model(settings.model, settings.s3)
+    if producer:
+        try:
+            with open(producer, "rb") as fh:
+                theirs = orjson.loads(fh.read())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise ConfigError("--check", f"cannot read {producer} as JSON: {exc}") from None
+        _object_schema(theirs, producer)
+        errors, warnings = check_producer(theirs, model, settings.scoring.id_column)
+        for line in errors:
+            click.echo(f"error: {line}")
+        for line in warnings:
+            click.echo(f"warning: {line}")
+        click.echo(f"{producer}: {len(errors)} error(s), {len(warnings)} warning(s) against {model.version}")
+        return 1 if errors else 0
+    schema = input_schema(model, settings.scoring.id_column, settings.scoring.passthrough)
+    click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def _object_schema(schema: Any, origin: str) -> None:
+    """ConfigError unless ``schema`` is shaped like a JSON Schema of an object (what `schema --check` reads)."""
+    problem = None
+    if not isinstance(schema, dict):
+        problem = f"it is a JSON {type(schema).__name__}, not an object"
+    elif not isinstance(schema.get("properties", {}), dict):
+        problem = "'properties' is not an object"
+    elif not all(isinstance(v, dict | bool) for v in schema.get("properties", {}).values()):
+        problem = "a property's schema is not an object"
+    elif not isinstance(schema.get("required", []), list):
+        problem = "'required' is not a list"
+    if problem:
+        raise ConfigError("--check", f"{origin} is not a JSON Schema of records: {problem}")
