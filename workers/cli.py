@@ -45,8 +45,8 @@ class _Sections(click.Group):
     them); command names stay flat (``scoring-worker produce``). Modes in MODES' order, tools by name."""
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
-        commands = [(name, cmd) for name, cmd in commands if cmd is not None and not cmd.hidden]
+        found = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        commands = [(name, cmd) for name, cmd in found if cmd is not None and not cmd.hidden]
         if not commands:
             return
         width = formatter.width - 6 - max(len(name) for name, _ in commands)

@@ -1,6 +1,10 @@
 """Settings: one group per component, read from ``SCORING_<GROUP>__<NAME>`` env vars and CLI flags.
 
 Every field's docstring is its reference text: ``--help`` and the README table come from it.
+
+Why one module over ~400 lines: it is declarations (each field with its docstring), and one place for every
+setting is what lets ``scoring-worker settings``, ``--help`` and the README table list them all, in one order,
+from one source; the little logic here (URI redaction, the env/flag loader) serves those declarations.
 """
 
 from __future__ import annotations
