@@ -220,7 +220,7 @@ def test_shards_creating_the_tables_at_once_all_succeed(pg_dsn):
                 writer.write(Scored(table, errors))
                 writer.commit()
                 barrier.wait()
-                sink.done(f"f{k}")  # the ledger table too
+                sink.ledger().done(f"f{k}")  # the ledger table too
             except BaseException as exc:  # noqa: BLE001 - collected and asserted below
                 failures.append(exc)
                 barrier.abort()  # the others must not wait for this one

@@ -82,6 +82,9 @@ def cases(w: dict) -> list[Case]:
         Case("batch-missing-model", ["batch", "--model", "nope.txt", "--input", inp, "--output", out],
              "SCORING_MODEL__PATH (--model)"),
         Case("batch-bad-uri-scheme", [*batch[:-1], "ftp://host/x"], "SCORING_BATCH__OUTPUT (--output)"),
+        # A topic cannot say which inputs are finished: refused at start-up, not by a failure mid-run.
+        Case("batch-output-without-ledger", [*batch[:-1], "kafka://results"],
+             "SCORING_BATCH__OUTPUT (--output): kafka://results cannot keep the batch ledger"),
         Case("batch-bad-model-uri-scheme", ["batch", "--model", "ftp://host/m.txt", "--input", inp, "--output", out],
              "SCORING_MODEL__PATH (--model): unknown scheme 'ftp'"),
         Case("batch-bad-input-uri-scheme", ["batch", "--model", m, "--input", "ftp://host/day=1/", "--output", out],
@@ -156,6 +159,8 @@ def cases(w: dict) -> list[Case]:
         Case("check-missing-model", ["check", "--model", "nope.txt"], "SCORING_MODEL__PATH", code=1, where="stdout"),
         Case("check-bad-output-scheme", ["check", "--model", m, "--output", "ftp://x"], "SCORING_BATCH__OUTPUT",
              code=1, where="stdout"),
+        Case("check-bad-sink-scheme", ["check", "--model", m, "--sink", "nosuch://x"],
+             "SCORING_STREAM__SINK: unknown scheme 'nosuch'", code=1, where="stdout"),
         Case("check-bad-shadow-sink", ["check", "--model", m, "--shadow-sink", "sqlite:///"],
              "SCORING_ROUTING__SHADOW_SINK", code=1, where="stdout"),
         Case("check-missing-routing-file", ["check", "--routing", str(root / "nope.yaml")],

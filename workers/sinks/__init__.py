@@ -6,7 +6,7 @@ from urllib.parse import urlparse
 
 from workers.errors import ConfigError
 from workers.settings import S3Settings
-from workers.sinks.base import Sink, UnitWriter
+from workers.sinks.base import Ledger, Sink, UnitWriter
 
 
 def _parquet(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
@@ -77,4 +77,4 @@ def open_result_sink(settings, uri: str, setting: str) -> Sink:
     return SplitSink(sink, shadow)
 
 
-__all__ = ["SINKS", "Sink", "UnitWriter", "open_result_sink", "open_sink"]
+__all__ = ["SINKS", "Ledger", "Sink", "UnitWriter", "open_result_sink", "open_sink"]
