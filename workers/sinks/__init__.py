@@ -54,8 +54,19 @@ def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", 
         raise ConfigError(setting, f"cannot read {redact(uri)!r} as a URI: {exc}") from None
 
 
+def sink_scheme(uri: str, setting: str) -> str:
+    """The scheme that chooses the sink of ``uri`` ('' for a plain path); ConfigError naming ``setting`` when
+    ``uri`` cannot be read as a URI (urllib refuses an unclosed '[' as 'Invalid IPv6 URL')."""
+    try:
+        return urlparse(uri).scheme.lower() if "://" in uri else ""
+    except ValueError as exc:
+        from workers.settings import redact
+
+        raise ConfigError(setting, f"cannot read {redact(uri)!r} as a URI: {exc}") from None
+
+
 def _open(uri: str, s3: S3Settings, setting: str, **extra: object) -> Sink:
-    scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
+    scheme = sink_scheme(uri, setting)
     factory = SINKS.get(scheme)
     if factory is None:
         known = ", ".join(f"{s}://" for s in sorted(SINKS) if s) + " or a directory"
@@ -77,4 +88,4 @@ def open_result_sink(settings, uri: str, setting: str) -> Sink:
     return SplitSink(sink, shadow)
 
 
-__all__ = ["SINKS", "Ledger", "Sink", "UnitWriter", "open_result_sink", "open_sink"]
+__all__ = ["SINKS", "Ledger", "Sink", "UnitWriter", "open_result_sink", "open_sink", "sink_scheme"]
