@@ -45,7 +45,9 @@ SINKS = {
 }
 
 
-def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", **extra: object) -> Sink:
+def open_sink(uri: str, s3: S3Settings, setting: str, **extra: object) -> Sink:
+    """The sink of ``uri``; ``setting`` is where the URI came from (no default: a mistake in a stream or serve
+    sink must never be reported as SCORING_BATCH__OUTPUT)."""
     try:
         return _open(uri, s3, setting, **extra)
     except ValueError as exc:  # urllib's own refusals (an unclosed '[' is 'Invalid IPv6 URL'): a wrong setting
