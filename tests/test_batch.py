@@ -238,6 +238,41 @@ def test_a_bad_sink_uri_names_the_setting_it_came_from(models, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: SCORING_BATCH__OUTPUT (--output): table 'a.b.c'")
 
 
+def test_only_a_sink_that_keeps_a_ledger_takes_batch_output(models, tmp_path):
+    """The ledger is the sink's own (results and ledger in one store); a topic keeps none, so batch mode refuses
+    it at start-up naming the setting, listed or queued, before any input or event is read."""
+    import pytest
+
+    from workers.errors import ConfigError
+    from workers.runtime.batch import batch_ledger
+    from workers.runtime.batch_queue import run_batch_queue
+    from workers.settings import KafkaSettings, S3Settings
+    from workers.sinks.kafka import KafkaSink
+    from workers.sinks.parquet import ParquetSink
+    from workers.sinks.postgres import PostgresSink
+    from workers.sinks.shadow import SplitSink
+    from workers.sinks.sqlite import SqliteSink
+
+    topic = KafkaSink("kafka://results", KafkaSettings(), "SCORING_BATCH__OUTPUT")
+    folder = ParquetSink(str(tmp_path / "o"), S3Settings())
+    for sink in (folder, SqliteSink(f"sqlite:///{tmp_path / 'r.db'}?table=t", "SCORING_BATCH__OUTPUT"),
+                 PostgresSink("postgresql://u@127.0.0.1:1/db?table=t", "SCORING_BATCH__OUTPUT")):
+        assert batch_ledger(sink) is sink
+    assert batch_ledger(SplitSink(folder, topic)) is folder  # shadow rows to a topic: the ledger stays main's
+    for sink in (topic, SplitSink(topic, folder)):
+        with pytest.raises(ConfigError, match="kafka://results cannot keep the batch ledger") as err:
+            batch_ledger(sink, "SCORING_BATCH__OUTPUT")
+        assert err.value.setting == "SCORING_BATCH__OUTPUT"
+    assert not os.path.exists(tmp_path / "o")  # asking created nothing
+    # Queue mode refuses it before reaching the broker (nothing listens on port 1: that would take 10 s).
+    settings = load_settings({"model": {"path": models["binary"]}, "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+                              "batch": {"queue_topic": "files", "output": "kafka://results"}})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="SCORING_BATCH__OUTPUT: kafka://results cannot keep the batch ledger"):
+        run_batch_queue(settings)
+    assert time.monotonic() - started < 5
+
+
 def test_rows_the_store_cannot_hold_fail_that_file_alone(models, tmp_path, monkeypatch):
     """A sink raising RowsRejected (the store cannot hold a value) fails that input alone, with the reason.
 

@@ -152,7 +152,7 @@ def test_duplicate_ids_in_one_file_keep_the_later_row_every_time(kind, models, p
     from workers.settings import S3Settings
     from workers.sinks import open_sink
 
-    sink = open_sink(out, S3Settings())
+    sink = open_sink(out, S3Settings(), setting="SCORING_BATCH__OUTPUT")
     table = pa.table({"id": df["id"].tolist(), "model_version": ["v2"] * 1000, "score": predicted})
     writer = sink.begin("dups.parquet")
     writer.write(Scored(table, pa.table({})))
@@ -220,7 +220,7 @@ def test_shards_creating_the_tables_at_once_all_succeed(pg_dsn):
                 writer.write(Scored(table, errors))
                 writer.commit()
                 barrier.wait()
-                sink.done(f"f{k}")  # the ledger table too
+                sink.ledger().done(f"f{k}")  # the ledger table too
             except BaseException as exc:  # noqa: BLE001 - collected and asserted below
                 failures.append(exc)
                 barrier.abort()  # the others must not wait for this one
@@ -308,8 +308,8 @@ def test_sink_names_never_hold_a_password():
     from workers.sinks.shadow import SplitSink
 
     pg = open_sink("postgresql://u:pw-in-netloc@db:5432/x?table=t&password=pw-in-query&sslpassword=pw3",
-                   S3Settings())
-    kafka = open_sink("kafka://scores", S3Settings(), kafka=KafkaSettings())
+                   S3Settings(), setting="SCORING_BATCH__OUTPUT")
+    kafka = open_sink("kafka://scores", S3Settings(), setting="SCORING_ROUTING__SHADOW_SINK", kafka=KafkaSettings())
     split = SplitSink(pg, kafka)
     for name in (pg.name, kafka.name, split.name):
         assert "pw-in" not in name and "pw3" not in name, name
@@ -317,5 +317,7 @@ def test_sink_names_never_hold_a_password():
     from workers.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:  # credentials in a kafka:// URI: refused, and not echoed
-        open_sink("kafka://user:sasl-secret@broker:9092/scores", S3Settings(), kafka=KafkaSettings())
+        open_sink("kafka://user:sasl-secret@broker:9092/scores", S3Settings(), setting="SCORING_STREAM__SINK",
+                  kafka=KafkaSettings())
     assert "sasl-secret" not in str(info.value) and "not a topic name" in str(info.value)
+    assert info.value.setting == "SCORING_STREAM__SINK"  # the setting it came from

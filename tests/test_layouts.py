@@ -312,26 +312,25 @@ def test_s3_layouts(models, s3_endpoint, s3_bucket, tmp_path):
 def test_a_queued_file_inside_the_output_fails_alone(models, tmp_path):
     """Queue mode (files named by events): a file inside the output is never scored (its own results would be
     scored again); the event fails alone with the reason, and a queued input elsewhere is scored."""
-    from workers.runtime.batch import BatchReport
+    from workers.runtime.batch import BatchReport, open_batch_sink
     from workers.runtime.batch_queue import _score_event
     from workers.runtime.progress import Progress
     from workers.scoring.build import build_router
     from workers.settings import load_settings
-    from workers.sinks import open_result_sink
 
     lake = lake_of(tmp_path, rows=10)
     out = str(tmp_path / "out")
     settings = load_settings({"model": {"path": models["binary"]}, "batch": {"output": out}})
     router = build_router(settings)
-    sink = open_result_sink(settings, out, "SCORING_BATCH__OUTPUT")
+    sink, ledger = open_batch_sink(settings)
     sink.check()
     report, progress = BatchReport(), Progress("log", 0, 0)
     first = f"{lake}/day={DAYS[0]}/part-0.parquet"
-    _score_event(router, settings, sink, first.encode(), report, progress, router.fingerprint)
+    _score_event(router, settings, sink, ledger, first.encode(), report, progress, router.fingerprint)
     assert report.files_scored == 1 and not report.failed
     inside_out = os.path.join(out, result_of(first))
-    _score_event(router, settings, sink, f"file://{out}/./{result_of(first)}".encode(), report, progress,
-                 router.fingerprint)
+    _score_event(router, settings, sink, ledger, f"file://{out}/./{result_of(first)}".encode(), report,
+                 progress, router.fingerprint)
     assert report.files_scored == 1 and len(report.failed) == 1
     assert "is inside the output" in report.failed[0][1]
     assert len(pq.read_table(inside_out)) == 10  # untouched
@@ -347,8 +346,9 @@ def test_the_one_name_two_sources_can_share_is_guarded_by_the_ledger(tmp_path):
 
     sink = ParquetSink(str(tmp_path / "out"), S3Settings())
     sink.check()
-    sink.mark_done("/lake/day=1/part-0.parquet", "fp", 10, 0)
-    assert sink.done("/lake/day=1/part-0.parquet") == "fp"
+    ledger = sink.ledger()
+    ledger.mark_done("/lake/day=1/part-0.parquet", "fp", 10, 0)
+    assert ledger.done("/lake/day=1/part-0.parquet") == "fp"
     with pytest.raises(InputError, match="already holds the results of /lake/day=1/part-0.parquet"):
-        sink.done("s3://lake/day=1/part-0.parquet")
-    assert sink.done("/lake/day=2/part-0.parquet") is None
+        ledger.done("s3://lake/day=1/part-0.parquet")
+    assert ledger.done("/lake/day=2/part-0.parquet") is None

@@ -314,7 +314,7 @@ def test_sqlite_sink_creates_nothing_until_the_first_write(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     sink = SqliteSink("sqlite:///deep/er/scores.db", "SCORING_STREAM__SINK")
     sink.check()
-    assert sink.done("x") is None
+    assert sink.ledger().done("x") is None
     assert list(tmp_path.iterdir()) == []
     sink.write_batch(Scored(results(pa.array(["a"])), pa.table({})))
     assert (tmp_path / "deep" / "er" / "scores.db").exists()
@@ -462,11 +462,14 @@ def test_split_sink_with_both_tables_in_one_sqlite_file_writes_a_unit(tmp_path):
         writer.write(Scored(table, pa.table({})))
         writer.write(Scored(table, pa.table({})))
         writer.commit()
-    sink.mark_done("f.parquet", "fp", 3, 0)
+    sink.ledger().mark_done("f.parquet", "fp", 3, 0)  # the main sink's ledger
     sink.close()
     con = sqlite3.connect(db)
     assert con.execute("SELECT id, model_version FROM scores ORDER BY id").fetchall() == [("a", "v1"), ("b", "v1")]
     assert con.execute("SELECT id, model_version FROM shadow").fetchall() == [("a", "v2")]
+    tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert con.execute("SELECT unit, fingerprint FROM scores_inputs").fetchall() == [("f.parquet", "fp")]
+    assert "shadow_inputs" not in tables  # the ledger is the main sink's only
 
 
 def test_kafka_sink_rejects_a_result_larger_than_a_message_before_sending_anything():

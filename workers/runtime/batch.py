@@ -5,6 +5,8 @@ Order per file, which makes a killed run safe to start again:
   2. stream its row groups through the scorer into ``sink.begin(file)``;
   3. ``commit()`` publishes the output (rename into place / transactions already committed);
   4. ``mark_done`` records it in the ledger.
+The ledger is the sink's (``Sink.ledger()``); a sink that keeps none (``kafka://``) is refused at start-up by
+``batch_ledger``, before any input is read (exit 2), never by a failure mid-run.
 A crash between any two steps leaves the file unrecorded, so the next run writes it again, and the
 sink's idempotency (same file name, or upsert on (id, model_version)) keeps one copy of each row.
 
@@ -33,7 +35,7 @@ from workers.scoring.build import build_router
 from workers.scoring.model import Model
 from workers.scoring.router import Router
 from workers.settings import Settings, env_name, job_completion_index
-from workers.sinks import Sink, open_result_sink
+from workers.sinks import Ledger, Sink, open_result_sink
 from workers.sources.parquet import (
     InputFile,
     Listing,
@@ -122,6 +124,29 @@ def _rejected_reason(rel: str, scored, exc: RowsRejected, show: int = 3) -> str:
 
 
 OUTPUT_SETTING = "SCORING_BATCH__OUTPUT"
+
+
+def batch_ledger(sink: Sink, setting: str = OUTPUT_SETTING) -> Ledger:
+    """The sink's batch ledger; ConfigError naming ``setting`` (exit 2) when the sink cannot keep one."""
+    ledger = sink.ledger()
+    if ledger is None:
+        from workers.sinks.shadow import SplitSink
+
+        shown = sink.main.name if isinstance(sink, SplitSink) else sink.name  # the ledger is the main sink's
+        raise ConfigError(setting, f"{shown} cannot keep the batch ledger (which inputs are finished), so a "
+                                   "rerun could not resume; batch output goes to a folder, s3://, postgresql:// "
+                                   "or sqlite://")
+    return ledger
+
+
+def open_batch_sink(settings: Settings, setting: str = OUTPUT_SETTING) -> tuple[Sink, Ledger]:
+    """The result sink of a batch run and its ledger; the sink is closed again when it keeps none."""
+    sink = open_result_sink(settings, settings.batch.output or "", setting)
+    try:
+        return sink, batch_ledger(sink, setting)
+    except BaseException:
+        sink.close()
+        raise
 
 
 @dataclass(frozen=True)
@@ -289,7 +314,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     mine = [f for f in files if shard_of(f.source, b.shard_count) == index]
     report = BatchReport(files_found=len(files), files_in_shard=len(mine), output=redact(b.output or ""),
                          allow_bad_rows=b.allow_bad_rows)
-    sink = open_result_sink(settings, b.output or "", OUTPUT_SETTING)
+    sink, ledger = open_batch_sink(settings)
     started = time.monotonic()
     log.info("batch start", extra={"files_found": len(files), "shard": f"{index}/{b.shard_count}",
                                    "files_in_shard": len(mine), "model_version": model.version, "output": sink.name,
@@ -300,7 +325,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         for f in mine:
             fingerprint = f"{f.fingerprint};model={router.fingerprint}"
             try:
-                if sink.done(f.source) == fingerprint:
+                if ledger.done(f.source) == fingerprint:
                     report.files_skipped += 1
                     progress.file_done()
                     continue
@@ -309,7 +334,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
                 report.failed.append((f.rel, str(exc)))
                 log.error("input failed", extra={"input": f.rel, "reason": str(exc)})
                 continue
-            sink.mark_done(f.source, fingerprint, result.ok, result.bad)
+            ledger.mark_done(f.source, fingerprint, result.ok, result.bad)
             report.add(result)
             progress.file_done()
             log.debug("input done", extra={"input": f.rel, "rows": result.ok, "rejected": result.bad})

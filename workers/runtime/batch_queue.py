@@ -24,17 +24,16 @@ import pyarrow.fs as pafs
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from workers.errors import InputError, ScoringError, SinkError
-from workers.runtime.batch import OUTPUT_SETTING, BatchReport, output_places, score_file
+from workers.runtime.batch import BatchReport, open_batch_sink, output_places, score_file
 from workers.runtime.progress import Progress
 from workers.scoring.build import build_router
 from workers.settings import Settings
-from workers.sinks import open_result_sink
 from workers.sources.parquet import InputFile
 from workers.storage import canonical, inside, redact, resolve
 
 if TYPE_CHECKING:
     from workers.scoring.router import Router
-    from workers.sinks.base import Sink
+    from workers.sinks.base import Ledger, Sink
 
 log = logging.getLogger("workers.batch")
 
@@ -80,7 +79,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 def run_batch_queue(settings: Settings) -> BatchReport:
     b = settings.batch
     router = build_router(settings)
-    sink = open_result_sink(settings, b.output or "", OUTPUT_SETTING)
+    sink, ledger = open_batch_sink(settings)  # a sink without a ledger stops here, before any event is read
     report = BatchReport(output=redact(b.output or ""), allow_bad_rows=b.allow_bad_rows)
     progress = Progress("log" if b.progress == "auto" else b.progress, 0, 0)
     consumer = _connect(settings)
@@ -104,7 +103,7 @@ def run_batch_queue(settings: Settings) -> BatchReport:
                     break  # never got partitions: nothing for this Job to do
                 continue
             idle_since = None
-            _score_event(router, settings, sink, msg.value(), report, progress, router.fingerprint)
+            _score_event(router, settings, sink, ledger, msg.value(), report, progress, router.fingerprint)
             _commit(consumer, msg)
     except SinkError as exc:
         report.failed.append(("<sink>", str(exc)))
@@ -160,8 +159,8 @@ def _reason(exc: KafkaException) -> str:
     return " ".join((err.str() if isinstance(err, KafkaError) else str(exc)).split())
 
 
-def _score_event(router: Router, settings: Settings, sink: Sink, value: bytes | None, report: BatchReport,
-                 progress: Progress, version: str) -> None:
+def _score_event(router: Router, settings: Settings, sink: Sink, ledger: Ledger, value: bytes | None,
+                 report: BatchReport, progress: Progress, version: str) -> None:
     try:
         path = event_path(value)
         source = canonical(path)
@@ -176,11 +175,11 @@ def _score_event(router: Router, settings: Settings, sink: Sink, value: bytes | 
         report.files_found += 1
         report.files_in_shard += 1
         fingerprint = f"{f.fingerprint};model={version}"
-        if sink.done(f.source) == fingerprint:
+        if ledger.done(f.source) == fingerprint:
             report.files_skipped += 1
             return
         result = score_file(router, fs, f, sink, settings.batch.batch_rows, progress)
-        sink.mark_done(f.source, fingerprint, result.ok, result.bad)
+        ledger.mark_done(f.source, fingerprint, result.ok, result.bad)
         report.add(result)
         log.info("input done", extra={"input": path, "rows": result.ok, "rejected": result.bad})
     except (InputError, OSError) as exc:

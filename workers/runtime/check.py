@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from urllib.parse import urlparse
 
 import click
 
@@ -56,26 +55,28 @@ def run_checks(settings: Settings) -> int:
             reason = exc.args[0].str() if exc.args else str(exc)
             results.append(_line(False, "broker", f"{settings.kafka.bootstrap_servers}: {reason}"))
     if settings.stream.topics or not settings.batch.output:
-        sinks = [("sink", settings.stream.sink, "SCORING_STREAM__SINK")]
-    else:
-        sinks = [("sink", settings.batch.output, "SCORING_BATCH__OUTPUT")]
+        sinks = [("sink", settings.stream.sink, "SCORING_STREAM__SINK", False)]
+    else:  # a batch output must keep the ledger too, as batch mode refuses it at start-up otherwise
+        sinks = [("sink", settings.batch.output, "SCORING_BATCH__OUTPUT", True)]
     if settings.routing.shadow_sink:
-        sinks.append(("shadow sink", settings.routing.shadow_sink, "SCORING_ROUTING__SHADOW_SINK"))
-    for what, target, setting in sinks:
+        sinks.append(("shadow sink", settings.routing.shadow_sink, "SCORING_ROUTING__SHADOW_SINK", False))
+    for what, target, setting, ledger in sinks:
         try:
-            results.append(_line(True, what, check_sink(target, settings, setting)))
+            results.append(_line(True, what, check_sink(target, settings, setting, ledger)))
         except ScoringError as exc:
             results.append(_line(False, what, str(exc)))
     return 0 if all(results) else 1
 
 
-def check_sink(uri: str, settings: Settings, setting: str) -> str:
+def check_sink(uri: str, settings: Settings, setting: str, ledger: bool = False) -> str:
     """Reach the sink at ``uri`` without creating anything (a probe must leave no file behind): a SQLite
     database or a local Parquet folder that does not exist yet passes when its nearest existing folder is
-    writable, as the worker will create it. Returns the line to show; raises ScoringError."""
-    from workers.sinks import open_sink
+    writable, as the worker will create it. With ``ledger``, a sink that cannot keep the batch ledger fails
+    (ConfigError naming ``setting``, as batch mode says at start-up). Returns the line to show; raises
+    ScoringError."""
+    from workers.sinks import open_sink, sink_scheme
 
-    scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
+    scheme = sink_scheme(uri, setting)  # the sinks' own parsing: a URI urllib refuses is a FAIL line, no traceback
     if scheme == "sqlite":
         return _check_sqlite(uri, setting)
     if scheme in ("", "file"):
@@ -84,6 +85,10 @@ def check_sink(uri: str, settings: Settings, setting: str) -> str:
             return _creatable(path, redact(uri), "folder")
     sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka)
     try:
+        if ledger:  # folders and SQLite databases (checked above without opening) always keep one
+            from workers.runtime.batch import batch_ledger
+
+            batch_ledger(sink, setting)
         sink.check()
     finally:
         sink.close()

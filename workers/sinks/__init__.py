@@ -6,7 +6,7 @@ from urllib.parse import urlparse
 
 from workers.errors import ConfigError
 from workers.settings import S3Settings
-from workers.sinks.base import Sink, UnitWriter
+from workers.sinks.base import Ledger, Sink, UnitWriter
 
 
 def _parquet(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
@@ -45,7 +45,9 @@ SINKS = {
 }
 
 
-def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", **extra: object) -> Sink:
+def open_sink(uri: str, s3: S3Settings, setting: str, **extra: object) -> Sink:
+    """The sink of ``uri``; ``setting`` is where the URI came from (no default: a mistake in a stream or serve
+    sink must never be reported as SCORING_BATCH__OUTPUT)."""
     try:
         return _open(uri, s3, setting, **extra)
     except ValueError as exc:  # urllib's own refusals (an unclosed '[' is 'Invalid IPv6 URL'): a wrong setting
@@ -54,8 +56,19 @@ def open_sink(uri: str, s3: S3Settings, setting: str = "SCORING_BATCH__OUTPUT", 
         raise ConfigError(setting, f"cannot read {redact(uri)!r} as a URI: {exc}") from None
 
 
+def sink_scheme(uri: str, setting: str) -> str:
+    """The scheme that chooses the sink of ``uri`` ('' for a plain path); ConfigError naming ``setting`` when
+    ``uri`` cannot be read as a URI (urllib refuses an unclosed '[' as 'Invalid IPv6 URL')."""
+    try:
+        return urlparse(uri).scheme.lower() if "://" in uri else ""
+    except ValueError as exc:
+        from workers.settings import redact
+
+        raise ConfigError(setting, f"cannot read {redact(uri)!r} as a URI: {exc}") from None
+
+
 def _open(uri: str, s3: S3Settings, setting: str, **extra: object) -> Sink:
-    scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
+    scheme = sink_scheme(uri, setting)
     factory = SINKS.get(scheme)
     if factory is None:
         known = ", ".join(f"{s}://" for s in sorted(SINKS) if s) + " or a directory"
@@ -77,4 +90,4 @@ def open_result_sink(settings, uri: str, setting: str) -> Sink:
     return SplitSink(sink, shadow)
 
 
-__all__ = ["SINKS", "Sink", "UnitWriter", "open_result_sink", "open_sink"]
+__all__ = ["SINKS", "Ledger", "Sink", "UnitWriter", "open_result_sink", "open_sink", "sink_scheme"]

@@ -1,4 +1,4 @@
-"""The sink contract: where results and rejected rows are stored.
+"""The sink contract: where results and rejected rows are stored; and the batch ledger, which some sinks keep.
 
 A *unit* is what the runtime writes and then treats as done: one input file in batch mode, one
 partition's slice of a micro-batch in stream mode. The runtime's promises rest on these rules:
@@ -13,8 +13,10 @@ partition's slice of a micro-batch in stream mode. The runtime's promises rest o
   ``RowsRejected`` (not retryable; nothing of that call stored), see ``workers.errors``. A writer that
   failed is ``abort()``-ed and nothing of it
   is recorded as done.
-- ``done``/``mark_done`` keep the batch ledger (which inputs are finished, with their fingerprint) in
-  the same store as the results, so results and ledger cannot disagree about another store.
+- The batch ledger (which inputs are finished, with their fingerprint) is a separate contract, ``Ledger``.
+  A sink that can keep one in the same store as its results returns it from ``ledger()``, so results and
+  ledger cannot disagree about another store; one that cannot (a Kafka topic) returns None, and batch mode
+  refuses it at start-up (``runtime.batch.batch_ledger``) rather than failing mid-run.
 """
 
 from __future__ import annotations
@@ -85,15 +87,42 @@ class Sink(ABC):
         """
         self.write_unit("stream", scored)
 
-    @abstractmethod
-    def done(self, unit: str) -> str | None:
-        """The fingerprint recorded when ``unit`` was finished, or None."""
-
-    @abstractmethod
-    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None: ...
+    def ledger(self) -> Ledger | None:
+        """The batch ledger kept beside these results, or None when this store cannot keep one (batch mode
+        then refuses the sink at start-up). Stream and serve modes never ask."""
+        return None
 
     def check(self) -> None:  # noqa: B027 - optional hook
         """Raise SinkError when the store cannot be reached (used by ``check`` and readiness)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+class Ledger(ABC):
+    """Which batch inputs are finished, and with what fingerprint (size, mtime, model version): resume.
+
+    The runtime's order per unit is ``done`` (skip when the fingerprint is the same), write the unit,
+    ``commit()`` its writer, then ``mark_done``. The traps:
+
+    - ``mark_done`` is called only after the unit's results are durable and visible (``commit`` returned),
+      and is itself durable on return. A crash between the two leaves results without a ledger entry: the
+      next run writes the unit again, and the sink's idempotency (same file name, upsert on the key) keeps
+      one copy. The reverse, an entry without its results, never happens through the runtime.
+    - The ledger lives in the store of the results it describes, so deleting the results by hand and not the
+      ledger makes a rerun skip those inputs: forget both (``_state/``, table ``NAME_inputs``).
+    - ``mark_done`` of a unit already recorded replaces its entry (a changed input or model scored again).
+    - ``done`` creates nothing that a run has not written yet (a probe or an empty run leaves no database).
+    - Failures raise ``SinkError`` (retryable: the run stops, a rerun resumes). ``done`` may raise
+      ``InputError`` when the unit's output name already holds another unit's results: that input fails
+      alone (Parquet: ``/b/k`` and ``s3://b/k``).
+    """
+
+    @abstractmethod
+    def done(self, unit: str) -> str | None:
+        """The fingerprint recorded when ``unit`` was finished, or None."""
+
+    @abstractmethod
+    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
+        """Record ``unit`` as finished with ``fingerprint`` (``rows`` scored, ``rejected`` rows to the errors
+        output). Call it only after the unit's writer committed; durable on return."""

@@ -5,6 +5,9 @@ broker failure may repeat a message, see ``producer``).
 the stream runtime commits input offsets after the results are durable in the output topic. A crash
 between the flush and the commit re-sends those results: consumers of the output topic see each
 result at least once, keyed by id (compact the topic, or upsert downstream, for exactly once).
+
+No batch ledger (``ledger()`` is None): a topic cannot answer "is this input finished", so batch mode refuses
+a ``kafka://`` output at start-up.
 """
 
 from __future__ import annotations
@@ -179,12 +182,6 @@ class KafkaSink(Sink):
 
     def begin(self, unit: str) -> UnitWriter:
         return DirectUnit(self.store)
-
-    def done(self, unit: str) -> str | None:
-        raise ConfigError("SCORING_BATCH__OUTPUT", "kafka:// is a stream-mode sink; batch mode needs a ledger")
-
-    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        raise ConfigError("SCORING_BATCH__OUTPUT", "kafka:// is a stream-mode sink")
 
     def check(self) -> None:
         try:

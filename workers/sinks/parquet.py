@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from workers.errors import InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import S3Settings
-from workers.sinks.base import Sink, UnitWriter
+from workers.sinks.base import Ledger, Sink, UnitWriter
 from workers.storage import is_s3, output_name, redact, resolve
 
 
@@ -226,7 +226,7 @@ class _ParquetUnit(UnitWriter):
         self.errors.abort()
 
 
-class ParquetSink(Sink):
+class ParquetSink(Sink, Ledger):
     def __init__(self, uri: str, s3: S3Settings):
         self.fs, self.root = resolve(uri, s3)
         self.root = self.root.rstrip("/")
@@ -239,6 +239,10 @@ class ParquetSink(Sink):
     def write_batch(self, scored: Scored) -> None:
         for unit, part in _stream_units(scored):
             self.write_unit(unit, part)
+
+    def ledger(self) -> Ledger:
+        """This sink keeps the ledger itself, one JSON file per output name under ``_state/``."""
+        return self
 
     def _state_path(self, unit: str) -> str:
         # Keyed by the output name, not the unit: the entry says which unit owns that name.

@@ -41,7 +41,7 @@ from psycopg.pq import TransactionStatus
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import scrub
-from workers.sinks.base import Sink, UnitWriter, redact
+from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.pgtypes import JSON_COLUMNS, USING, csv_column, escape_nul, exact_columns, join, pg_type
 from workers.sinks.tables import POSITION, UNIT_COLUMN, dedupe_last, missing_keys, with_unit
 
@@ -136,7 +136,7 @@ class _Unit(UnitWriter):
         self.sink._rollback()
 
 
-class PostgresSink(Sink):
+class PostgresSink(Sink, Ledger):
     def __init__(self, uri: str, setting: str, lock_timeout_s: float = 15.0, statement_timeout_s: float = 300.0):
         self.conninfo, parts = split_uri(uri, setting)
         self.setting = setting
@@ -441,6 +441,10 @@ class PostgresSink(Sink):
 
     def begin(self, unit: str) -> UnitWriter:
         return _Unit(self, unit)
+
+    def ledger(self) -> Ledger:
+        """This sink keeps the ledger itself, in table ``NAME_inputs`` beside the results."""
+        return self
 
     def _ledger(self, cur: psycopg.Cursor) -> None:
         if "_inputs" in self._known:

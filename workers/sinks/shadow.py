@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from workers.errors import RowsRejected
 from workers.scoring.scorer import Scored
-from workers.sinks.base import Sink, UnitWriter
+from workers.sinks.base import Ledger, Sink, UnitWriter
 
 
 def split(scored: Scored) -> tuple[Scored, Scored | None, np.ndarray, np.ndarray]:
@@ -79,11 +79,9 @@ class SplitSink(Sink):
         if main.ok or main.rejected:
             _mapped(self.main.write_batch, main, at_main)
 
-    def done(self, unit: str) -> str | None:
-        return self.main.done(unit)
-
-    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        self.main.mark_done(unit, fingerprint, rows, rejected)
+    def ledger(self) -> Ledger | None:
+        """The main sink's: the ledger records a unit once both parts are committed (shadow first)."""
+        return self.main.ledger()
 
     def check(self) -> None:
         self.main.check()

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
-from workers.sinks.base import Sink, UnitWriter, redact
+from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.postgres import ERROR_KEY, RESULT_KEY
 from workers.sinks.tables import (
     POSITION,
@@ -158,7 +158,7 @@ def sqlite_location(uri: str) -> tuple[str, str]:
     return path, dict(parse_qsl(p.query)).get("table", "scores")
 
 
-class SqliteSink(Sink):
+class SqliteSink(Sink, Ledger):
     def __init__(self, uri: str, setting: str):
         path, self.table = sqlite_location(uri)
         if not path:
@@ -327,6 +327,10 @@ class SqliteSink(Sink):
 
     def begin(self, unit: str) -> UnitWriter:
         return _Unit(self, unit)
+
+    def ledger(self) -> Ledger:
+        """This sink keeps the ledger itself, in table ``NAME_inputs`` of the same database."""
+        return self
 
     def _ledger(self) -> None:
         self._connection().execute(
