@@ -309,7 +309,6 @@ class TestingSink(Sink):
         self.offsets: set[tuple[str, int, int]] = set()  # (topic, partition, offset) of every row stored
         self.writes = 0  # write_batch calls that stored something
         self.failures = 0  # write_batch calls that raised
-        self.ledger: dict[str, str] = {}
         self.lock = threading.Lock()
         self.spent: dict[int, int] = {}  # id(marker) -> times it acted
 
@@ -344,12 +343,6 @@ class TestingSink(Sink):
                 self.rows[(row["id"], row["model_version"])] = row
                 self.offsets.add(key)
             self.writes += 1
-
-    def done(self, unit: str) -> str | None:
-        return self.ledger.get(unit)
-
-    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        self.ledger[unit] = fingerprint
 
 
 class TestingProducer:

@@ -91,8 +91,9 @@ def run_batch_queue(settings: Settings) -> BatchReport:
         consumer.subscribe([b.queue_topic or ""])
         while True:
             msg = consumer.poll(0.5)
-            if msg is not None and msg.error() is not None:
-                _warn_once(msg.error(), warned)
+            err = msg.error() if msg is not None else None
+            if err is not None:
+                _warn_once(err, warned)
                 msg = None
             if msg is None:
                 if consumer.assignment():
@@ -134,9 +135,9 @@ def _commit(consumer: Consumer, msg: Message) -> None:
     """Commit the offset after ``msg``, synchronously: its file's results are stored by now."""
     offset = msg.offset() or 0
     try:
-        done = consumer.commit(offsets=[TopicPartition(msg.topic(), msg.partition(), offset + 1)],
+        done = consumer.commit(offsets=[TopicPartition(msg.topic() or "", msg.partition() or 0, offset + 1)],
                                asynchronous=False)
-        failed = [tp.error for tp in done or [] if tp.error is not None]
+        failed: list[object] = [tp.error for tp in done or [] if tp.error is not None]
     except KafkaException as exc:
         failed = [exc.args[0] if exc.args else exc]
     if failed:

@@ -45,7 +45,8 @@ def run_checks(settings: Settings) -> int:
         from confluent_kafka.admin import AdminClient
 
         try:
-            admin = AdminClient({**settings.kafka.librdkafka_config(), "logger": logging.getLogger("workers.kafka")})
+            config: dict = {**settings.kafka.librdkafka_config(), "logger": logging.getLogger("workers.kafka")}
+            admin = AdminClient(config)
             known = admin.list_topics(timeout=10).topics
             results.append(_line(True, "broker", settings.kafka.bootstrap_servers))
             missing = [t for t in settings.stream.topics if t not in known]

@@ -220,13 +220,13 @@ class SqliteSink(Sink, Ledger):
         cols = ", ".join(f"{_q(f.name)} {_sqlite_type(f.type)}" for f in schema)
         keys = ", ".join(map(_q, key))
         if key:
-            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} ({cols}, PRIMARY KEY ({keys}))")
-        have = {row[1].lower() for row in self._conn.execute(f"PRAGMA table_info({_q(table)})")}
+            self._connection().execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} ({cols}, PRIMARY KEY ({keys}))")
+        have = {row[1].lower() for row in self._connection().execute(f"PRAGMA table_info({_q(table)})")}
         for f in schema:
             if f.name.lower() not in have:
-                self._conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(f.name)} {_sqlite_type(f.type)}")
+                self._connection().execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(f.name)} {_sqlite_type(f.type)}")
         if UNIT_COLUMN in schema.names:
-            self._conn.execute(f"CREATE INDEX IF NOT EXISTS {_q(table + '_by_' + UNIT_COLUMN)} "
+            self._connection().execute(f"CREATE INDEX IF NOT EXISTS {_q(table + '_by_' + UNIT_COLUMN)} "
                                f"ON {_q(table)} ({_q(UNIT_COLUMN)})")
         self._known[table] = {n.lower() for n in schema.names} | have
 
@@ -247,29 +247,29 @@ class SqliteSink(Sink, Ledger):
         bad = missing_keys(data, key)
         columns = []
         for name in names:
-            values, rows = _values(name, data.column(name))
+            values, refused = _values(name, data.column(name))
             columns.append(values)
-            for i, reason in rows.items():
+            for i, reason in refused.items():
                 bad.setdefault(i, reason)
         if bad:
             return bad
         rows = list(zip(*columns, strict=True))
-        self._conn.execute("SAVEPOINT upsert")
+        self._connection().execute("SAVEPOINT upsert")
         try:
-            self._conn.executemany(stmt, rows)
+            self._connection().executemany(stmt, rows)
         except _ROW_ERRORS:
             # Find the rows at fault one by one, then store none of them.
             for i, row in enumerate(rows):
                 try:
-                    self._conn.execute(stmt, row)
+                    self._connection().execute(stmt, row)
                 except _ROW_ERRORS as exc:
                     bad[i] = f"SQLite cannot store this row: {exc}"
                     if len(bad) >= FIND_AT_MOST:
                         break
-            self._conn.execute("ROLLBACK TO upsert")
+            self._connection().execute("ROLLBACK TO upsert")
             if not bad:
                 raise
-        self._conn.execute("RELEASE upsert")
+        self._connection().execute("RELEASE upsert")
         return bad
 
     # -- writing ---------------------------------------------------------------------------------
@@ -313,12 +313,12 @@ class SqliteSink(Sink, Ledger):
     def _forget(self, unit: str) -> None:
         """Delete what an earlier run stored for ``unit`` (results and errors), in the unit's transaction."""
         for table in (self.table, f"{self.table}_errors"):
-            have = {row[1].lower() for row in self._conn.execute(f"PRAGMA table_info({_q(table)})")}
+            have = {row[1].lower() for row in self._connection().execute(f"PRAGMA table_info({_q(table)})")}
             if not have:
                 continue
             if UNIT_COLUMN not in have:
                 self._ensure(table, pa.schema([(UNIT_COLUMN, pa.string())]), ())
-            self._conn.execute(f"DELETE FROM {_q(table)} WHERE {_q(UNIT_COLUMN)} = ?", (unit,))
+            self._connection().execute(f"DELETE FROM {_q(table)} WHERE {_q(UNIT_COLUMN)} = ?", (unit,))
 
     def write_batch(self, scored: Scored) -> None:
         collapsed = self._store(scored, None)
@@ -343,7 +343,7 @@ class SqliteSink(Sink, Ledger):
             return None
         try:
             self._ledger()
-            row = self._conn.execute(
+            row = self._connection().execute(
                 f"SELECT fingerprint FROM {_q(self.table + '_inputs')} WHERE unit = ?", (unit,)
             ).fetchone()
         except sqlite3.Error as exc:
@@ -353,7 +353,7 @@ class SqliteSink(Sink, Ledger):
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
         try:
             self._ledger()
-            self._conn.execute(
+            self._connection().execute(
                 f"INSERT INTO {_q(self.table + '_inputs')} VALUES (?, ?, ?, ?, datetime('now')) "
                 "ON CONFLICT (unit) DO UPDATE SET fingerprint = excluded.fingerprint, rows = excluded.rows, "
                 "rejected = excluded.rejected, finished_at = excluded.finished_at",

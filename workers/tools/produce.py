@@ -37,7 +37,7 @@ def _default(value: object) -> object:
     return str(value)
 
 
-def ensure_topic(config: dict[str, object], topic: str, partitions: int) -> None:
+def ensure_topic(config: dict, topic: str, partitions: int) -> None:
     """Create ``topic`` with ``partitions`` unless it exists; KafkaException when the broker refuses or is away
     (a wait that outlasts ``TIMEOUT_S`` too, whichever timeout fires first)."""
     admin = AdminClient(config)  # kept in a name until the future resolves: a temporary fails with _DESTROY
