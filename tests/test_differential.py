@@ -339,7 +339,7 @@ def test_integers_beyond_2_to_53_in_every_wide_type(model_dir):
                 pa.array([Decimal(b) for b in big], pa.decimal128(20, 0))):
         table = pa.table({"id": [f"r{i}" for i in range(6)], "f0": col, "f1": pa.array([3] * 6, pa.int8())})
         out = TableScorer(model).score(table)
-        assert out.rejected == 0, (col.type, out.errors["reason"].to_pylist())
+        assert out.num_errors == 0, (col.type, out.errors["reason"].to_pylist())
         assert np.max(np.abs(out.results["score"].to_numpy() - want)) <= TOLERANCE, col.type
 
 

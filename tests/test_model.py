@@ -161,7 +161,7 @@ def test_pandas_category_list_goes_to_the_pandas_categorical_feature_not_the_fir
     table = pa.table({"id": [f"r{i}" for i in range(len(df))], "x0": df.x0, "k": pa.array(df.k, pa.int64()),
                       "color": pa.array(df.color.astype(str)), "x1": df.x1})
     out = TableScorer(model).score(table)
-    assert out.rejected == 0
+    assert out.num_errors == 0
     assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(df))) <= 1e-9
 
 

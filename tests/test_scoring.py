@@ -21,7 +21,7 @@ def test_scores_equal_booster_predict(models, kind):
     booster = lgb.Booster(model_file=models[kind])
     expected = booster.predict(df[booster.feature_name()])
     out = scorer(models[kind]).score(pa.Table.from_pandas(df, preserve_index=False))
-    assert out.rejected == 0
+    assert out.num_errors == 0
     assert out.results["id"].to_pylist() == df["id"].tolist()
     assert np.max(np.abs(out.results["score"].to_numpy() - expected)) <= 1e-9
 
@@ -126,7 +126,7 @@ def test_float_column_of_integer_categories_maps_through_the_category_list(model
     expected_df["size"] = pd.Categorical(plain["size"], categories=[1, 5, 10])
     expected = booster.predict(expected_df[booster.feature_name()])
     out = scorer(models["categorical"]).score(table)
-    assert out.rejected == 0
+    assert out.num_errors == 0
     assert np.max(np.abs(out.results["score"].to_numpy() - expected)) <= 1e-9
     # Every other physical type of the same values scores the same.
     for t in (pa.int8(), pa.uint16(), pa.int64(), pa.float16(), pa.float32(), pa.decimal128(6, 2), pa.string(),
@@ -149,7 +149,7 @@ def test_numeric_strings_without_nulls_are_parsed_not_a_crash(models):
     for name in ("x0", "x3"):
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(df[name].map(repr)))
     out = scorer(models["binary"]).score(table)
-    assert out.rejected == 0
+    assert out.num_errors == 0
     booster = lgb.Booster(model_file=models["binary"])
     assert np.max(np.abs(out.results["score"].to_numpy() - booster.predict(df[FEATURES]))) <= 1e-9
 
@@ -166,7 +166,7 @@ def test_integers_beyond_2_to_53_are_rounded_to_float64_like_lightgbm(models, t,
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.set_column(table.schema.get_field_index("x2"), "x2", pa.array(values, t))
     out = scorer(models["binary"]).score(table)
-    assert out.rejected == 0
+    assert out.num_errors == 0
     pdf = df[FEATURES].copy()
     pdf["x2"] = pd.Series(values, dtype="uint64" if t == pa.uint64() else "int64")
     booster = lgb.Booster(model_file=models["binary"])
@@ -186,7 +186,7 @@ def test_rejected_rows_keep_any_type_of_id_in_the_errors_output(models, ids, sho
     bytea text form), other types as Arrow or JSON renders them. Before, a binary id crashed the errors table."""
     table = pa.table({"id": ids, **{f: ["bad"] * 3 for f in FEATURES}})
     out = scorer(models["binary"]).score(table)
-    assert out.rejected == 3 and out.errors["id"].type == pa.string()
+    assert out.num_errors == 3 and out.errors["id"].type == pa.string()
     assert out.errors["id"].to_pylist() == shown
     assert all(r.startswith("{") for r in out.errors["raw"].to_pylist())
 

@@ -513,7 +513,7 @@ def locked(pg_dsn):
 def test_a_hung_sink_write_is_answered_503_within_the_bound(models, pg_dsn, pg_table, locked):
     uri = f"{pg_dsn}?table={pg_table}"
     app = app_for(models["binary"], serve={"sink": uri})
-    app.store.timeout_s = 2.0
+    app.plane.store.timeout_s = 2.0
     batch = orjson.dumps([kafka_event(good_record(i), i) for i in range(3)])
     with TestClient(app.asgi()) as c:
         assert c.post("/", headers=BATCH, content=batch).status_code == 200  # creates the tables
@@ -683,7 +683,7 @@ def test_a_write_refused_without_rows_named_is_halved_until_the_events_are_found
     uri = f"sqlite:///{tmp_path}/s.db?table=scores"
     app = app_for(models["binary"], serve={"sink": uri})
     exc = {"InputError": InputError, "ConfigError": ConfigError}[error]
-    app.store.sink = _RefusingSink(app.store.sink, {"e3", "e6", "bad"}, exc)
+    app.plane.store.sink = _RefusingSink(app.plane.store.sink, {"e3", "e6", "bad"}, exc)
     records = [good_record(i) for i in range(8)] + [{"id": "bad", "x0": "abc"}]
     with TestClient(app.asgi()) as c:
         resp = c.post("/", headers=BATCH, content=orjson.dumps([kafka_event(r, i) for i, r in enumerate(records)]))

@@ -4,7 +4,8 @@
 - ``ModelError``: the model file cannot be used (missing, a pickle, a wrong SHA-256, unparsable).
 - ``InputError``: one input (a file) cannot be scored as a whole; the other inputs go on.
 - ``SinkError``: the store failed; the caller retries and must not commit offsets meanwhile.
-- ``RequestError``: an HTTP or gRPC request cannot be answered as asked; carries its status (``BadRequest``: 400).
+- ``RequestError``: an HTTP or gRPC request cannot be answered as asked; carries its status (``BadRequest`` 400,
+  ``NotFound`` 404, ``TooLarge`` 413, ``Unavailable`` 503).
 Bad *records* are not exceptions: they are data (a row in the errors output, a dead letter).
 """
 
@@ -72,3 +73,22 @@ class BadRequest(RequestError, ValueError):
     """The request is malformed: a 400 with this message."""
 
     status = 400
+
+
+class NotFound(RequestError):
+    """No such model or version: a 404 (gRPC: NOT_FOUND)."""
+
+    status = 404
+
+
+class TooLarge(RequestError):
+    """The request is over a size limit: a 413 (gRPC: RESOURCE_EXHAUSTED)."""
+
+    status = 413
+
+
+class Unavailable(RequestError):
+    """Not the caller's fault and worth retrying later (the sink failed, the server is stopping): a 503 (gRPC:
+    UNAVAILABLE)."""
+
+    status = 503

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from workers.decode import cloudevents as ce
 from workers.decode import oip
-from workers.decode.oip import BadRequest
 from workers.decode.records import RecordDecoder
+from workers.errors import BadRequest
 from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 

@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 
-from workers.decode.oip import BadRequest
+from workers.errors import BadRequest
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from workers.errors import InputError
+from workers.errors import BadRequest, InputError
 from workers.scoring.features import model_values
 from workers.scoring.model import Model
 
@@ -35,10 +35,6 @@ DTYPES = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }
-
-
-class BadRequest(ValueError):
-    """The request is malformed: a 400 with this message."""
 
 
 @dataclass

@@ -201,12 +201,13 @@ class RecordDecoder:
         return json_column([None if v is None else to_json(v) for v in values])
 
 
-def carry_columns(passthrough: dict[str, list[Any]], topics: list[str] | None = None,
-                  partitions: list[int] | None = None, offsets: list[int] | None = None,
+def carry_columns(passthrough: dict[str, list[Any]], topics: Sequence[str | None] | None = None,
+                  partitions: Sequence[int | None] | None = None, offsets: Sequence[int | None] | None = None,
                   timestamps_ms: np.ndarray | None = None) -> dict[str, pa.Array]:
     """The columns decoded records carry into results and errors, built once for stream and serve: the
     passthrough values, then where each record came from (``topic`` string, ``partition`` int32, ``offset``
-    int64; ``timestamp`` as UTC milliseconds, a negative stamp being none)."""
+    int64; None for an event that came from no Kafka record; ``timestamp`` as UTC milliseconds, a negative
+    stamp being none)."""
     carry = {name: RecordDecoder.passthrough_array(values) for name, values in passthrough.items()}
     if topics is not None:
         carry["topic"] = pa.array(topics, pa.string())

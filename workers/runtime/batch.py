@@ -70,8 +70,8 @@ class BatchReport:
     def add(self, result: FileResult) -> None:
         """Count one scored file."""
         self.files_scored += 1
-        self.rows += result.ok
-        self.rejected += result.bad
+        self.rows += result.scored
+        self.rejected += result.rejected
         self.shadow_skipped.update(result.shadow_skipped)
 
     @property
@@ -232,8 +232,8 @@ def check_layout(spec: str, listing: Listing, places: list[OutputPlace]) -> None
 
 @dataclass
 class FileResult:
-    ok: int  # rows scored and served
-    bad: int  # rows rejected
+    scored: int  # rows scored and served
+    rejected: int  # rows rejected
     shadow_skipped: Counter = field(default_factory=Counter)  # shadow version -> rows it could not score
     duplicates_collapsed: int = 0  # rows a table sink dropped for a later row of the same key in the same file
 
@@ -275,7 +275,7 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
     bytes_per_row = f.size / max(pf.metadata.num_rows, 1)
     before = router.skipped.copy()
     writer = sink.begin(f.source)
-    ok = bad = offset = 0
+    n_scored = n_rejected = offset = 0
     # An input without rows (no row groups, or empty ones) is scored as one empty batch of its schema, so its
     # output has the results' columns and no rows: one output per input, and readers see it was scored.
     empty = plain_batch(pa.RecordBatch.from_pylist([], schema=pa.schema([schema.field(c) for c in columns])))
@@ -284,7 +284,7 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
             if rb is empty and offset:
                 break
             scored = router.score_table(rb)
-            if scored.rejected:
+            if scored.num_errors:
                 scored = scored.with_error_sources([f"{f.source}#{offset + int(i)}" for i in scored.error_rows])
             try:
                 writer.write(scored)
@@ -292,13 +292,15 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
                 # The store cannot hold some rows as they are: retrying cannot help, so this file fails
                 # alone (aborted below, never recorded as done) and the run goes on with the others.
                 raise InputError(_rejected_reason(f.rel, scored, exc)) from None
-            ok, bad, offset = ok + rb.num_rows - scored.rejected, bad + scored.rejected, offset + rb.num_rows
+            n_scored += rb.num_rows - scored.num_errors
+            n_rejected += scored.num_errors
+            offset += rb.num_rows
             progress.advance(rb.num_rows, int(rb.num_rows * bytes_per_row))
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    return FileResult(ok, bad, router.skipped - before)
+    return FileResult(n_scored, n_rejected, router.skipped - before)
 
 
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
@@ -334,10 +336,10 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
                 report.failed.append((f.rel, str(exc)))
                 log.error("input failed", extra={"input": f.rel, "reason": str(exc)})
                 continue
-            ledger.mark_done(f.source, fingerprint, result.ok, result.bad)
+            ledger.mark_done(f.source, fingerprint, result.scored, result.rejected)
             report.add(result)
             progress.file_done()
-            log.debug("input done", extra={"input": f.rel, "rows": result.ok, "rejected": result.bad})
+            log.debug("input done", extra={"input": f.rel, "rows": result.scored, "rejected": result.rejected})
     except SinkError as exc:
         # The store failed: stop here; what was committed stays, the rest is picked up by a rerun.
         report.failed.append(("<sink>", str(exc)))

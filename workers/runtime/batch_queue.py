@@ -180,9 +180,9 @@ def _score_event(router: Router, settings: Settings, sink: Sink, ledger: Ledger,
             report.files_skipped += 1
             return
         result = score_file(router, fs, f, sink, settings.batch.batch_rows, progress)
-        ledger.mark_done(f.source, fingerprint, result.ok, result.bad)
+        ledger.mark_done(f.source, fingerprint, result.scored, result.rejected)
         report.add(result)
-        log.info("input done", extra={"input": path, "rows": result.ok, "rejected": result.bad})
+        log.info("input done", extra={"input": path, "rows": result.scored, "rejected": result.rejected})
     except (InputError, OSError) as exc:
         name = value.decode("utf-8", errors="replace")[:200] if value else "<empty>"
         report.failed.append((name, str(exc)))

@@ -403,7 +403,7 @@ class Router:
             served_version[good_rows] = self.versions.index(v)
             if v.model.multiclass:
                 served_label[good_rows] = scored.results["label"].to_numpy()
-            if scored.rejected:
+            if scored.num_errors:
                 errors.append(scored.errors)
                 error_rows.append(job.rows[scored.error_rows])
         self.guards.check()

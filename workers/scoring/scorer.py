@@ -85,11 +85,13 @@ class Scored:
         return Scored(self.results, errors, self.error_rows)
 
     @property
-    def ok(self) -> int:
+    def num_results(self) -> int:
+        """Result rows (shadow versions' rows included)."""
         return self.results.num_rows
 
     @property
-    def rejected(self) -> int:
+    def num_errors(self) -> int:
+        """Rejected records (rows of ``errors``)."""
         return self.errors.num_rows
 
 

@@ -28,22 +28,19 @@ Column types follow ``pgtypes`` (a column whose type changes is widened once). R
 
 from __future__ import annotations
 
-import hashlib
-import io
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import psycopg
 import pyarrow as pa
-import pyarrow.csv as pacsv
 from psycopg import sql
-from psycopg.pq import TransactionStatus
 
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
-from workers.sinks.pgtypes import JSON_COLUMNS, USING, csv_column, escape_nul, exact_columns, join, pg_type
-from workers.sinks.tables import POSITION, UNIT_COLUMN, dedupe_last, missing_keys, with_unit
+from workers.sinks.pgtables import PgTables
+from workers.sinks.pgtypes import JSON_COLUMNS, escape_nul, exact_columns
+from workers.sinks.tables import UNIT_COLUMN, dedupe_last, missing_keys, with_unit
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
@@ -146,17 +143,9 @@ class PostgresSink(Sink, Ledger):
         self._uri = uri  # for scrub(): driver messages may quote the password
         self.timeouts = (lock_timeout_s, statement_timeout_s)
         self._conn: psycopg.Connection | None = None
-        self._known: dict[str, dict[str, str]] = {}  # suffix -> the table's columns and types, once read
-        self._stages: set[str] = set()  # staging tables created in this session
-        qualified = f"{self.schema or ''}.{self.table}"
-        self._lock_key = int.from_bytes(hashlib.sha256(f"scoring-sink:{qualified}".encode()).digest()[:8],
-                                        "big", signed=True)
+        self.tables = PgTables(self.schema, self.table)  # what this session knows of the tables, their DDL
 
     # -- connection ------------------------------------------------------------------------------
-    def _ident(self, suffix: str = "") -> sql.Identifier:
-        name = self.table + suffix
-        return sql.Identifier(self.schema, name) if self.schema else sql.Identifier(name)
-
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             lock_s, statement_s = self.timeouts
@@ -172,14 +161,12 @@ class PostgresSink(Sink, Ledger):
                 self._conn.commit()
             except psycopg.Error as exc:
                 raise SinkError(scrub(f"cannot connect to {self.name}: {exc}".strip(), self._uri)) from exc
-            self._known.clear()
-            self._stages.clear()
+            self.tables.forget()
         return self._conn
 
     def _rollback(self) -> None:
         # What the transaction created (tables, staging tables) is gone with it: forget it.
-        self._known.clear()
-        self._stages.clear()
+        self.tables.forget()
         if self._conn is not None and not self._conn.closed:
             try:
                 self._conn.rollback()
@@ -214,103 +201,6 @@ class PostgresSink(Sink, Ledger):
             self._conn.close()
             self._conn = None
 
-    # -- schema ----------------------------------------------------------------------------------
-    def _catalog(self, cur: psycopg.Cursor, suffix: str) -> dict[str, str] | None:
-        """The table's columns and their types, or None when it does not exist."""
-        cur.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                    "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-                    (self._ident(suffix).as_string(cur),))
-        rows = cur.fetchall()
-        return dict(rows) if rows else None
-
-    def _ensure(self, cur: psycopg.Cursor, suffix: str, schema: pa.Schema, key: tuple[str, ...]) -> dict[str, str]:
-        """Create or widen the table so it holds ``schema``; returns its columns' types. Runs its DDL in its own
-        committed transaction unless a unit's transaction is open (then inside it)."""
-        want = {f.name: pg_type(f.type, f.name) for f in schema}
-        have = self._known.get(suffix)
-        if have is not None and all(n in have and join(have[n], t, n in key) == have[n] for n, t in want.items()):
-            return have
-        conn = cur.connection
-        own = conn.info.transaction_status == TransactionStatus.IDLE
-        # Shards starting together: one at a time past this point (released at commit/rollback).
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
-        ident = self._ident(suffix)
-        have = self._catalog(cur, suffix)
-        if have is None:
-            if self.schema:
-                cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            cols = [sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in want.items()]
-            for k in key:
-                if k not in want:  # a key the rows lack (never expected): text, so the table is still usable
-                    cols.append(sql.SQL("{} text").format(sql.Identifier(k)))
-            pk = sql.SQL(", PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
-            cur.execute(sql.SQL("CREATE TABLE {} ({}{})").format(ident, sql.SQL(", ").join(cols), pk))
-        else:
-            for n, t in want.items():
-                if n not in have:
-                    cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(ident, sql.Identifier(n),
-                                                                                  sql.SQL(t)))
-                elif join(have[n], t, n in key) != have[n]:
-                    wider = join(have[n], t, n in key)
-                    cur.execute(sql.SQL("ALTER TABLE {t} ALTER COLUMN {c} TYPE {w} USING " + USING[wider]).format(
-                        t=ident, c=sql.Identifier(n), w=sql.SQL(wider)))
-        if UNIT_COLUMN in want:
-            # Rewriting a unit deletes its rows by this column: it must not scan the whole table.
-            index = "ix_" + hashlib.sha256(f"{self.schema}.{self.table}{suffix}".encode()).hexdigest()[:20]
-            cur.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                sql.Identifier(index), ident, sql.Identifier(UNIT_COLUMN)))
-        have = self._catalog(cur, suffix) or {}
-        if own:
-            conn.commit()
-        self._known[suffix] = have
-        return have
-
-    def _stage(self, cur: psycopg.Cursor, suffix: str, types: dict[str, str]) -> sql.Identifier:
-        """A session-local staging table with exactly these columns and types, empty. Named by a hash (short:
-        long table names cannot collide after truncation), so each column set has its own."""
-        signature = f"{self.schema}.{self.table}{suffix}|" + "|".join(f"{n}:{t}" for n, t in types.items())
-        name = "_stage_" + hashlib.sha256(signature.encode()).hexdigest()[:20]
-        stage = sql.Identifier(name)
-        if name not in self._stages:
-            cols = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in types.items())
-            cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(stage, cols))
-            self._stages.add(name)
-        cur.execute(sql.SQL("TRUNCATE {}").format(stage))
-        return stage
-
-    def _render(self, table: pa.Table, types: dict[str, str], key: tuple[str, ...]) -> tuple[bytes, dict[int, str]]:
-        """The table as CSV for COPY, and the rows known not to fit before the server sees them."""
-        bad = missing_keys(table, key)
-        cols = []
-        for name in table.column_names:
-            col, rows = csv_column(name, table.column(name), types[name])
-            cols.append(col)
-            for i, reason in rows.items():
-                bad.setdefault(i, reason)
-        buf = io.BytesIO()
-        pacsv.write_csv(pa.table(cols, names=table.column_names), buf, pacsv.WriteOptions(include_header=False))
-        return buf.getvalue(), bad
-
-    def _upsert(self, cur: psycopg.Cursor, suffix: str, table: pa.Table, csv: bytes, key: tuple[str, ...]) -> None:
-        names = table.column_names
-        types = {n: self._known[suffix][n] for n in names}
-        stage = self._stage(cur, suffix, types)
-        cols = sql.SQL(", ").join(map(sql.Identifier, names))
-        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(stage, cols)) as copy:
-            copy.write(csv)
-        keys = sql.SQL(", ").join(map(sql.Identifier, key))
-        updates = [sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(n)) for n in names if n not in key]
-        action = sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates) if updates else sql.SQL("DO NOTHING")
-        if updates and not suffix and all(c in names for c in POSITION):
-            # Stream rows: never over a newer offset of the same topic-partition (a zombie worker's write that
-            # lands after the partition's new owner stored a later record). Across partitions there is no
-            # order: the later write wins. A missing position (NULL) compares as unknown: the write wins.
-            topic, partition, offset = map(sql.Identifier, POSITION)
-            action += sql.SQL(" WHERE NOT coalesce(t.{0} = EXCLUDED.{0} AND t.{1} = EXCLUDED.{1} "
-                              "AND t.{2} > EXCLUDED.{2}, false)").format(topic, partition, offset)
-        cur.execute(sql.SQL("INSERT INTO {t} AS t ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({keys}) {action}"
-                            ).format(t=self._ident(suffix), cols=cols, s=stage, keys=keys, action=action))
-
     # -- writing ---------------------------------------------------------------------------------
     def _prepare(self, scored: Scored, unit: str | None) -> tuple[pa.Table, list[int] | None, pa.Table]:
         missing = missing_keys(scored.results, RESULT_KEY)
@@ -342,8 +232,8 @@ class PostgresSink(Sink, Ledger):
         try:
             with conn.cursor() as cur:
                 for suffix, table, key in parts:
-                    types = self._ensure(cur, suffix, table.schema, key)
-                    csv, bad = self._render(table, types, key)
+                    types = self.tables.ensure(cur, suffix, table.schema, key)
+                    csv, bad = self.tables.render(table, types, key)
                     if bad:
                         self._rollback()
                         if suffix:
@@ -354,7 +244,7 @@ class PostgresSink(Sink, Ledger):
                 if first and unit is not None:
                     self._forget(cur, unit)
                 for suffix, table, csv, key in rendered:
-                    self._upsert(cur, suffix, table, csv, key)
+                    self.tables.upsert(cur, suffix, table, csv, key)
                 if scored.resolved:
                     self._settle(cur, scored.resolved)
         except psycopg.Error as exc:
@@ -370,21 +260,21 @@ class PostgresSink(Sink, Ledger):
     def _forget(self, cur: psycopg.Cursor, unit: str) -> None:
         """Delete what an earlier run stored for ``unit`` (results and errors), in the unit's transaction."""
         for suffix in ("", "_errors"):
-            have = self._known.get(suffix) or self._catalog(cur, suffix)
+            have = self.tables.known.get(suffix) or self.tables.catalog(cur, suffix)
             if have is None:
                 continue
             if UNIT_COLUMN not in have:  # a table from before units were recorded: add the column first
-                have = self._ensure(cur, suffix, pa.schema([(UNIT_COLUMN, pa.string())]), ())
-            cur.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(self._ident(suffix),
+                have = self.tables.ensure(cur, suffix, pa.schema([(UNIT_COLUMN, pa.string())]), ())
+            cur.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(self.tables.ident(suffix),
                                                                       sql.Identifier(UNIT_COLUMN)), (unit,))
 
     def _settle(self, cur: psycopg.Cursor, resolved: list[tuple[str, str]]) -> None:
         """Delete the error rows of records these results settle (``Scored.resolved``), in the same transaction."""
-        if (self._known.get("_errors") or self._catalog(cur, "_errors")) is None:
+        if (self.tables.known.get("_errors") or self.tables.catalog(cur, "_errors")) is None:
             return
         sources, versions = zip(*resolved, strict=True)
         cur.execute(sql.SQL("DELETE FROM {} WHERE (source, model_version) IN "
-                            "(SELECT * FROM unnest(%s::text[], %s::text[]))").format(self._ident("_errors")),
+                            "(SELECT * FROM unnest(%s::text[], %s::text[]))").format(self.tables.ident("_errors")),
                     (list(sources), list(versions)))
 
     def _bisect(self, part: tuple | None) -> dict[int, str]:
@@ -397,17 +287,17 @@ class PostgresSink(Sink, Ledger):
         conn = self._connection()
         try:
             with conn.cursor() as cur:
-                types = self._ensure(cur, suffix, table.schema, key)
-                self._stage(cur, suffix, {n: types[n] for n in table.column_names})  # outside the savepoints
+                types = self.tables.ensure(cur, suffix, table.schema, key)
+                self.tables.stage(cur, suffix, {n: types[n] for n in table.column_names})  # outside the savepoints
 
                 def probe(lo: int, hi: int) -> None:
                     if len(found) >= FIND_AT_MOST:
                         return
                     chunk = table.slice(lo, hi - lo)
-                    csv, _ = self._render(chunk, types, key)
+                    csv, _ = self.tables.render(chunk, types, key)
                     cur.execute("SAVEPOINT probe")
                     try:
-                        self._upsert(cur, suffix, chunk, csv, key)
+                        self.tables.upsert(cur, suffix, chunk, csv, key)
                         cur.execute("ROLLBACK TO SAVEPOINT probe")
                         return
                     except psycopg.Error as exc:
@@ -447,18 +337,18 @@ class PostgresSink(Sink, Ledger):
         return self
 
     def _ledger(self, cur: psycopg.Cursor) -> None:
-        if "_inputs" in self._known:
+        if "_inputs" in self.tables.known:
             return
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+        self.tables.lock(cur)
         if self.schema:
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
         cur.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (unit text PRIMARY KEY, fingerprint text NOT NULL, "
                 "rows bigint, rejected bigint, finished_at timestamptz NOT NULL DEFAULT now())"
-            ).format(self._ident("_inputs"))
+            ).format(self.tables.ident("_inputs"))
         )
-        self._known["_inputs"] = {}
+        self.tables.known["_inputs"] = {}
 
     def done(self, unit: str) -> str | None:
         conn = self._connection()
@@ -466,7 +356,7 @@ class PostgresSink(Sink, Ledger):
             with conn.cursor() as cur:
                 self._ledger(cur)
                 cur.execute(
-                    sql.SQL("SELECT fingerprint FROM {} WHERE unit = %s").format(self._ident("_inputs")), (unit,)
+                    sql.SQL("SELECT fingerprint FROM {} WHERE unit = %s").format(self.tables.ident("_inputs")), (unit,)
                 )
                 row = cur.fetchone()
             conn.commit()
@@ -484,7 +374,7 @@ class PostgresSink(Sink, Ledger):
                         "INSERT INTO {} (unit, fingerprint, rows, rejected) VALUES (%s, %s, %s, %s) "
                         "ON CONFLICT (unit) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, "
                         "rows = EXCLUDED.rows, rejected = EXCLUDED.rejected, finished_at = now()"
-                    ).format(self._ident("_inputs")),
+                    ).format(self.tables.ident("_inputs")),
                     (unit, fingerprint, rows, rejected),
                 )
             conn.commit()

@@ -74,9 +74,9 @@ class SplitSink(Sink):
 
     def write_batch(self, scored: Scored) -> None:
         main, shadow, at_main, at_shadow = split(scored)
-        if shadow is not None and shadow.ok:
+        if shadow is not None and shadow.num_results:
             _mapped(self.shadow.write_batch, shadow, at_shadow)
-        if main.ok or main.rejected:
+        if main.num_results or main.num_errors:
             _mapped(self.main.write_batch, main, at_main)
 
     def ledger(self) -> Ledger | None:

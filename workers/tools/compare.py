@@ -120,7 +120,7 @@ def _read_postgres(uri: str, since: dt.datetime | None) -> pd.DataFrame:
             cols = [c for c in COLUMNS if c in present]
             where, params = _since_clause(since, "%s")
             query = sql.SQL("SELECT {} FROM {}").format(
-                sql.SQL(", ").join(sql.Identifier(c) for c in cols), sink._ident()) + sql.SQL(where)
+                sql.SQL(", ").join(sql.Identifier(c) for c in cols), sink.tables.ident()) + sql.SQL(where)
             rows = conn.execute(query, params).fetchall()
     except psycopg.Error as exc:
         raise SinkError(f"cannot read {sink.name}: {exc}") from None

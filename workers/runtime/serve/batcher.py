@@ -22,7 +22,7 @@ class Batcher:
         self.max_rows, self.max_latency_s = max_rows, max_latency_s
         self.rows_hist, self.requests_hist = rows_hist, requests_hist
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future, Model]] = asyncio.Queue()
-        self.carry: tuple[np.ndarray, asyncio.Future, Model] | None = None
+        self.held: tuple[np.ndarray, asyncio.Future, Model] | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="predict")
         self.task: asyncio.Task | None = None
 
@@ -35,8 +35,8 @@ class Batcher:
         return await future
 
     async def _next(self, timeout: float | None) -> tuple[np.ndarray, asyncio.Future, Model] | None:
-        if self.carry is not None:
-            item, self.carry = self.carry, None
+        if self.held is not None:
+            item, self.held = self.held, None
             return item
         if timeout is None:
             return await self.queue.get()
@@ -63,7 +63,7 @@ class Batcher:
                 if item is None:
                     break
                 if rows + item[0].shape[0] > self.max_rows or item[2] is not model:
-                    self.carry = item  # starts the next batch; requests are never split
+                    self.held = item  # starts the next batch; requests are never split
                     break
                 items.append(item)
                 rows += item[0].shape[0]

@@ -68,7 +68,7 @@ class ScoreStage:
         version = router.primary.model.version
         letters = [(record, reason, version) for record, reason in culprits]
         for part, part_scored in parts:
-            if part_scored.rejected:
+            if part_scored.num_errors:
                 for i, reason, v in zip(part_scored.error_rows, part_scored.errors["reason"].to_pylist(),
                                         part_scored.errors["model_version"].to_pylist(), strict=True):
                     letters.append((part[int(i)], reason, v))
