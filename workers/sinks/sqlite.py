@@ -158,7 +158,10 @@ def sqlite_location(uri: str) -> tuple[str, str]:
     return path, dict(parse_qsl(p.query)).get("table", "scores")
 
 
-class SqliteSink(Sink, Ledger):
+class SqliteSink(Sink):
+    """See the module docstring. The ``Sink`` contract, the shared connection it runs on, and the table DDL
+    and upsert (SQLite's are small enough to stay); the ledger is ``SqliteLedger``."""
+
     def __init__(self, uri: str, setting: str):
         path, self.table = sqlite_location(uri)
         if not path:
@@ -169,6 +172,7 @@ class SqliteSink(Sink, Ledger):
         self._conn: sqlite3.Connection | None = None
         self._key = ""
         self._known: dict[str, set[str]] = {}
+        self._inputs = SqliteLedger(self)
 
     # -- connection: opened (and the file created) on first use, never by construction or check ----------
     def _connection(self) -> sqlite3.Connection:
@@ -329,38 +333,8 @@ class SqliteSink(Sink, Ledger):
         return _Unit(self, unit)
 
     def ledger(self) -> Ledger:
-        """This sink keeps the ledger itself, in table ``NAME_inputs`` of the same database."""
-        return self
-
-    def _ledger(self) -> None:
-        self._connection().execute(
-            f"CREATE TABLE IF NOT EXISTS {_q(self.table + '_inputs')} (unit TEXT PRIMARY KEY, "
-            "fingerprint TEXT NOT NULL, rows INTEGER, rejected INTEGER, finished_at TEXT)"
-        )
-
-    def done(self, unit: str) -> str | None:
-        if not self._exists():  # nothing written yet: nothing done, and nothing to create for asking
-            return None
-        try:
-            self._ledger()
-            row = self._connection().execute(
-                f"SELECT fingerprint FROM {_q(self.table + '_inputs')} WHERE unit = ?", (unit,)
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise SinkError(f"reading the ledger of {self.name}: {exc}") from exc
-        return row[0] if row else None
-
-    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        try:
-            self._ledger()
-            self._connection().execute(
-                f"INSERT INTO {_q(self.table + '_inputs')} VALUES (?, ?, ?, ?, datetime('now')) "
-                "ON CONFLICT (unit) DO UPDATE SET fingerprint = excluded.fingerprint, rows = excluded.rows, "
-                "rejected = excluded.rejected, finished_at = excluded.finished_at",
-                (unit, fingerprint, rows, rejected),
-            )
-        except sqlite3.Error as exc:
-            raise SinkError(f"recording an input as done in {self.name}: {exc}") from exc
+        """The batch ledger, in table ``NAME_inputs`` of the same database, on this sink's connection."""
+        return self._inputs
 
     def check(self) -> None:
         """Can the database be used? Looks only: an existing file is opened read-only; a missing one needs a
@@ -393,3 +367,42 @@ class SqliteSink(Sink, Ledger):
             if shared[1] <= 0:
                 del _SHARED[self._key]
                 shared[0].close()
+
+
+class SqliteLedger(Ledger):
+    """The batch ledger of a ``SqliteSink``: table ``NAME_inputs`` of the same database, on the sink's
+    connection. Asking ``done`` before anything was written creates no file."""
+
+    def __init__(self, sink: SqliteSink):
+        self.sink = sink
+        self.table = _q(sink.table + "_inputs")
+
+    def _ensure(self) -> None:
+        self.sink._connection().execute(
+            f"CREATE TABLE IF NOT EXISTS {self.table} (unit TEXT PRIMARY KEY, "
+            "fingerprint TEXT NOT NULL, rows INTEGER, rejected INTEGER, finished_at TEXT)"
+        )
+
+    def done(self, unit: str) -> str | None:
+        if not self.sink._exists():  # nothing written yet: nothing done, and nothing to create for asking
+            return None
+        try:
+            self._ensure()
+            row = self.sink._connection().execute(
+                f"SELECT fingerprint FROM {self.table} WHERE unit = ?", (unit,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise SinkError(f"reading the ledger of {self.sink.name}: {exc}") from exc
+        return row[0] if row else None
+
+    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
+        try:
+            self._ensure()
+            self.sink._connection().execute(
+                f"INSERT INTO {self.table} VALUES (?, ?, ?, ?, datetime('now')) "
+                "ON CONFLICT (unit) DO UPDATE SET fingerprint = excluded.fingerprint, rows = excluded.rows, "
+                "rejected = excluded.rejected, finished_at = excluded.finished_at",
+                (unit, fingerprint, rows, rejected),
+            )
+        except sqlite3.Error as exc:
+            raise SinkError(f"recording an input as done in {self.sink.name}: {exc}") from exc

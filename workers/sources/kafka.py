@@ -67,7 +67,8 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 
 class KafkaSource(Source):
     """The ``Source`` of stream mode (contract: ``workers.sources.base``). Building it does no I/O: the
-    consumer is created, and the topics listed, by ``open()``."""
+    consumer is created, and the topics listed, by ``open()``. Its methods are the contract's nine plus the
+    consumer's rebalance callbacks, which must see the same state (revoked, holding): one class on purpose."""
 
     consumer: Consumer
 

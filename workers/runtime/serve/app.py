@@ -36,7 +36,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class App:
-    """The HTTP front end of one ``DataPlane`` (``plane``); see the module docstring."""
+    """The HTTP front end of one ``DataPlane`` (``plane``); see the module docstring. One short method per
+    route (the OIP REST routes, CloudEvents, probes), each only translating to and from the dataplane."""
 
     def __init__(self, settings: Settings, model: Model | None = None):
         self.settings = settings

@@ -72,7 +72,9 @@ class Inference:
 
 class DataPlane:
     """The serve dataplane; see the module docstring. ``model`` injects a loaded model (tests, ``demo``);
-    without it the routing settings (``--model`` or a routing file) are loaded."""
+    without it the routing settings (``--model`` or a routing file) are loaded. Its methods are the operations
+    a front end calls (OIP's five, CloudEvents) and the lifecycle; the batcher and the event store are
+    their own modules."""
 
     def __init__(self, settings: Settings, model: Model | None = None):
         self.settings = settings
