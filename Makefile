@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults bench lint clean broker lock lock-check
+.PHONY: demo test faults bench lint clean broker lock lock-check grpc-stubs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,14 @@ lock-check: $(UV)
 	@tmp=$$(mktemp); trap 'rm -f $$tmp' EXIT; cp requirements.lock $$tmp; \
 	$(UV) $(LOCK_ARGS) -o $$tmp && diff -u requirements.lock $$tmp \
 	|| { echo "requirements.lock does not match pyproject.toml: run \`make lock\` and commit it" >&2; exit 1; }
+
+# The Open Inference Protocol's gRPC stubs, generated from the vendored .proto (origin in
+# workers/decode/oip_proto/__init__.py) by the grpcio-tools the test extra pins; never edited by hand.
+# tests/test_grpc.py checks that the committed files are what this generates.
+GRPC_STUBS := workers/decode/oip_proto
+grpc-stubs: $(BIN)/.installed
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		$(GRPC_STUBS)/open_inference_grpc.proto
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check workers tests benchmarks

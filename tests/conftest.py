@@ -19,6 +19,10 @@ import pytest
 from tests import helpers
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Serve's gRPC port defaults to 8081: servers the tests start (module fixtures included, which are set up before
+# the per-test environment below) serve REST only unless a test asks for gRPC on a free port (tests/test_grpc.py),
+# so parallel servers never race for 8081.
+os.environ["SCORING_SERVE__GRPC_PORT"] = ""
 BIN = os.path.dirname(sys.executable)
 
 
@@ -53,6 +57,7 @@ def _no_scoring_env(monkeypatch):
     for key in list(os.environ):
         if key.upper().startswith("SCORING_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("SCORING_SERVE__GRPC_PORT", "")  # see the top of this file
 
 
 @pytest.fixture(scope="session")

@@ -117,6 +117,7 @@ def stream(settings: Settings) -> None:
 @common
 @setting("--host", "serve.host")
 @setting("--port", "serve.port")
+@setting("--grpc-port", "serve.grpc_port")
 @setting("--model-name", "serve.model_name")
 @setting("--max-batch-rows", "serve.max_batch_rows")
 @setting("--max-latency-ms", "serve.max_latency_ms")
@@ -125,11 +126,17 @@ def stream(settings: Settings) -> None:
 @setting("--sink", "serve.sink")
 @with_settings
 def serve(settings: Settings) -> None:
-    """HTTP for Knative: the Open Inference Protocol (KServe v2) and CloudEvents (KafkaSource)."""
+    """HTTP for Knative and KServe: the Open Inference Protocol v2 (REST, and gRPC on --grpc-port) and
+    CloudEvents (KafkaSource)."""
     from workers.runtime.serve.app import run_serve
     from workers.runtime.serve.bind import port_free
 
-    port_free(settings.serve.host, settings.serve.port, "SCORING_SERVE__PORT")
+    sv = settings.serve
+    port_free(sv.host, sv.port, "SCORING_SERVE__PORT")
+    if sv.grpc_port is not None:
+        if sv.grpc_port == sv.port and sv.port != 0:
+            raise ConfigError("SCORING_SERVE__GRPC_PORT", f"{sv.grpc_port} is the HTTP port too; choose another")
+        port_free(sv.host, sv.grpc_port, "SCORING_SERVE__GRPC_PORT")
     sys.exit(run_serve(settings))
 
 

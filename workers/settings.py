@@ -312,8 +312,11 @@ class ServeSettings(_Group):
     """Address to listen on."""
     port: int = Field(8080, ge=0, le=65535)
     """HTTP port (Knative sends traffic to 8080 by default); /healthz, /readyz and /metrics are served here too."""
+    grpc_port: int | None = Field(8081, ge=0, le=65535)
+    """gRPC port of the Open Inference Protocol (`inference.GRPCInferenceService`) and of `grpc.health.v1`
+    (KServe's default 8081); empty to serve REST only. Messages are held to `max_body_bytes` too."""
     model_name: str | None = None
-    """Model name in `/v2/models/{name}` URLs; default: the model file's stem."""
+    """Model name in `/v2/models/{name}` URLs and gRPC requests; default: the model file's stem."""
     max_batch_rows: int = Field(256, ge=1, le=1_000_000)
     """Adaptive batching: most rows gathered from concurrent requests into one predict call."""
     max_latency_ms: float = Field(2.0, ge=0, le=10_000)
