@@ -28,6 +28,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from workers.errors import ScoringError
+from workers.kafka_tls import broker_problem, check_brokers
 from workers.observability import Metrics
 from workers.settings import Settings
 from workers.sources.base import TP, Batch, Source
@@ -35,6 +36,12 @@ from workers.sources.base import TP, Batch, Source
 log = logging.getLogger("workers.stream")
 
 METADATA_REFRESH_MS = 3000
+
+
+def _text(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return err.str() if isinstance(err, KafkaError) else str(exc)
+
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
     s = settings.stream
@@ -84,13 +91,22 @@ class KafkaSource(Source):
 
     def open(self) -> None:
         settings = self.settings
-        self.consumer = Consumer(consumer_config(settings), logger=logging.getLogger("workers.kafka"))
         try:
-            known = self.consumer.list_topics(timeout=10).topics
+            self.consumer = Consumer(consumer_config(settings), logger=logging.getLogger("workers.kafka"))
+        except KafkaException as exc:  # a property librdkafka refuses
+            raise ScoringError(f"Kafka client: {_text(exc)}") from None
+        try:
+            metadata = self.consumer.list_topics(timeout=10)
+            # The advertised brokers are connected to next: one whose certificate does not fit would be
+            # retried forever by librdkafka (workers.kafka_tls).
+            check_brokers(settings.kafka, metadata)
         except KafkaException as exc:
             self.consumer.close()
-            raise ScoringError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: "
-                               f"{exc.args[0].str() if exc.args else exc}") from None
+            raise broker_problem(settings.kafka, _text(exc)) from None
+        except ScoringError:
+            self.consumer.close()
+            raise
+        known = metadata.topics
         self._opened = True
         self.missing = [t for t in settings.stream.topics if t not in known]
         if self.missing:
