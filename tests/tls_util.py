@@ -45,6 +45,7 @@ class Pki:
     server: tuple[str, str]  # (cert, key): SAN localhost and 127.0.0.1
     expired: tuple[str, str]  # same names, expired yesterday
     wrong_host: tuple[str, str]  # SAN elsewhere.invalid only
+    ip_only: tuple[str, str]  # SAN 127.0.0.1 only: good for the bootstrap address, not the advertised localhost
     client: tuple[str, str]  # (cert, key); the key is encrypted with KEY_PASSWORD
     client_plain_key: str  # the same client key, unencrypted
 
@@ -122,6 +123,7 @@ def make_pki(folder: str) -> Pki:
         server=pair("server", *_leaf(ca, "broker", *here, server)),
         expired=pair("expired", *_leaf(ca, "broker", *here, server, expired=True)),
         wrong_host=pair("wrong-host", *_leaf(ca, "broker", ["elsewhere.invalid"], [], server)),
+        ip_only=pair("ip-only", *_leaf(ca, "broker", [], ["127.0.0.1"], server)),
         client=client,
         client_plain_key=_write(os.path.join(folder, "client-plain-key.pem"), _key_pem(client_key)),
     )

@@ -18,9 +18,16 @@ hostname check, client certificate) and reads the exact reason OpenSSL gives:
 - anything else (nothing listens, the broker does not answer) -> ScoringError "cannot reach Kafka" (exit 1),
   as before.
 
-``check_brokers`` probes the brokers the metadata names: a client reaches the bootstrap address and then
-connects to each advertised one, whose certificate may not hold the advertised name; librdkafka would retry
-those connections forever while the worker looks alive.
+``reach`` is how every client of the worker gets its first metadata (stream source, batch queue, ``check``):
+it probes after the first failed attempt, so a TLS failure is named in about two seconds, not after the whole
+wait; a probe that finds nothing leaves the wait as it was. Then ``check_brokers`` probes the brokers the
+metadata names: a client reaches the bootstrap address and then connects to each advertised one, whose
+certificate may not hold the advertised name; librdkafka would retry those connections forever while the
+worker looks alive. A broker whose certificate goes bad after start-up is not caught here (the consumer logs
+librdkafka's error, once a minute).
+
+A closed connection right after the handshake, without an answer to ApiVersions, is read as "a client
+certificate is demanded" when none is configured: a Kafka broker answers ApiVersions even before SASL.
 
 ``check_files`` refuses, before any client is built, a TLS file that does not exist or cannot be read, a key
 that is not the certificate's, and an encrypted key without its password (librdkafka: "ssl.key.location failed:
@@ -37,6 +44,7 @@ import os
 import socket
 import ssl
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 from workers.errors import ConfigError, ScoringError
@@ -45,10 +53,12 @@ if TYPE_CHECKING:
     from workers.settings import KafkaSettings
 
 PROBE_TIMEOUT_S = 5.0
+REACH_TIMEOUT_S = 10.0  # how long a client waits for the broker at start-up (as before: list_topics(timeout=10))
+ATTEMPT_S = 2.0
 CAFILE = "SCORING_KAFKA__SSL_CAFILE"
 CERTFILE = "SCORING_KAFKA__SSL_CERTFILE"
 KEYFILE = "SCORING_KAFKA__SSL_KEYFILE"
-KEY_PASSWORD = "SCORING_KAFKA__SSL_KEY_PASSWORD"
+KEY_PASSWORD = "SCORING_KAFKA__SSL_KEY_PASSWORD"  # noqa: S105 - the setting's name, not a password
 CHECK_HOSTNAME = "SCORING_KAFKA__SSL_CHECK_HOSTNAME"
 PROTOCOL = "SCORING_KAFKA__SECURITY_PROTOCOL"
 
@@ -115,13 +125,45 @@ def _addresses(servers: str) -> list[tuple[str, int]]:
     return out
 
 
-def broker_problem(kafka: KafkaSettings, reason: str) -> ScoringError:
-    """What to raise when a client could not reach the broker at start-up (``reason``: librdkafka's words)."""
+def _probe_bootstrap(kafka: KafkaSettings) -> ScoringError | None:
     for host, port in _addresses(kafka.bootstrap_servers):
         problem = probe(kafka, host, port)
         if problem is not None:
             return problem
-    return ScoringError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {' '.join(reason.split())}")
+    return None
+
+
+def broker_problem(kafka: KafkaSettings, reason: str) -> ScoringError:
+    """What to raise when a client could not reach the broker at start-up (``reason``: librdkafka's words)."""
+    unreachable = ScoringError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {' '.join(reason.split())}")
+    return _probe_bootstrap(kafka) or unreachable
+
+
+def reach(client: Any, kafka: KafkaSettings, timeout: float = REACH_TIMEOUT_S) -> Any:
+    """The metadata (``list_topics``) from ``client`` (a confluent-kafka Consumer, Producer or AdminClient),
+    every advertised broker probed (``check_brokers``). Raises the named problem at the first failed attempt
+    that a probe explains (a TLS failure takes about ``ATTEMPT_S``, not the whole ``timeout``), else
+    ScoringError "cannot reach Kafka" after ``timeout``. The caller closes the client on error."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    deadline = time.monotonic() + timeout
+    probed = False
+    while True:
+        try:
+            metadata = client.list_topics(timeout=max(min(ATTEMPT_S, deadline - time.monotonic()), 0.1))
+            break
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            reason = err.str() if isinstance(err, KafkaError) else str(exc)
+            if time.monotonic() >= deadline:
+                raise broker_problem(kafka, reason) from None
+            if not probed:  # once: a TLS problem does not go away by waiting
+                probed = True
+                problem = _probe_bootstrap(kafka)
+                if problem is not None:
+                    raise problem from None
+    check_brokers(kafka, metadata)
+    return metadata
 
 
 def check_brokers(kafka: KafkaSettings, metadata: Any) -> None:

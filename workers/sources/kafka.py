@@ -28,7 +28,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from workers.errors import ScoringError
-from workers.kafka_tls import broker_problem, check_brokers
+from workers.kafka_tls import reach
 from workers.observability import Metrics
 from workers.settings import Settings
 from workers.sources.base import TP, Batch, Source
@@ -96,13 +96,9 @@ class KafkaSource(Source):
         except KafkaException as exc:  # a property librdkafka refuses
             raise ScoringError(f"Kafka client: {_text(exc)}") from None
         try:
-            metadata = self.consumer.list_topics(timeout=10)
-            # The advertised brokers are connected to next: one whose certificate does not fit would be
-            # retried forever by librdkafka (workers.kafka_tls).
-            check_brokers(settings.kafka, metadata)
-        except KafkaException as exc:
-            self.consumer.close()
-            raise broker_problem(settings.kafka, _text(exc)) from None
+            # A TLS or protocol mistake is named (the setting to fix), also for an advertised broker whose
+            # certificate does not fit, which librdkafka would retry forever (workers.kafka_tls).
+            metadata = reach(self.consumer, settings.kafka)
         except ScoringError:
             self.consumer.close()
             raise
