@@ -181,3 +181,22 @@ def test_check_names_the_tls_setting_and_passes_with_the_right_one(models, tls, 
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stdout + bad.stderr
     fail = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
     assert len(fail) == 1 and fail[0].startswith("FAIL broker: SCORING_KAFKA__SSL_CAFILE: "), bad.stdout
+
+
+def test_produce_tool_talks_tls_from_the_env_and_names_a_wrong_ca(tls, tmp_path):
+    from tests.helpers import write_inputs
+
+    broker, kafka = tls
+    write_inputs(str(tmp_path / "in"), files=1, rows=40)
+    topic = f"produce-tls-{time.time_ns()}"
+    cmd = [sys.executable, "-m", "workers", "produce", "--bootstrap-servers", broker.bootstrap, "--topic", topic,
+           "--input", str(tmp_path / "in"), "--partitions", "1"]
+    bad = subprocess.run(cmd, env={**_clean_env(), **broker.env(ca=broker.pki.other_ca)}, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.splitlines()[0].startswith("error: SCORING_KAFKA__SSL_CAFILE"), \
+        bad.stderr
+    assert len(bad.stderr.splitlines()) == 1, bad.stderr
+    ok = subprocess.run(cmd, env={**_clean_env(), **broker.env()}, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith(f"produced 40 records and 0 malformed ones to {topic}"), \
+        ok.stdout + ok.stderr
+    assert len(kafka.consume_all(topic, 40)) == 40

@@ -125,7 +125,8 @@ def _addresses(servers: str) -> list[tuple[str, int]]:
     return out
 
 
-def _probe_bootstrap(kafka: KafkaSettings) -> ScoringError | None:
+def probe_bootstrap(kafka: KafkaSettings) -> ScoringError | None:
+    """The TLS or protocol problem of the first bootstrap server that shows one (``probe``), else None."""
     for host, port in _addresses(kafka.bootstrap_servers):
         problem = probe(kafka, host, port)
         if problem is not None:
@@ -136,7 +137,7 @@ def _probe_bootstrap(kafka: KafkaSettings) -> ScoringError | None:
 def broker_problem(kafka: KafkaSettings, reason: str) -> ScoringError:
     """What to raise when a client could not reach the broker at start-up (``reason``: librdkafka's words)."""
     unreachable = ScoringError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {' '.join(reason.split())}")
-    return _probe_bootstrap(kafka) or unreachable
+    return probe_bootstrap(kafka) or unreachable
 
 
 def reach(client: Any, kafka: KafkaSettings, timeout: float = REACH_TIMEOUT_S) -> Any:
@@ -159,7 +160,7 @@ def reach(client: Any, kafka: KafkaSettings, timeout: float = REACH_TIMEOUT_S) -
                 raise broker_problem(kafka, reason) from None
             if not probed:  # once: a TLS problem does not go away by waiting
                 probed = True
-                problem = _probe_bootstrap(kafka)
+                problem = probe_bootstrap(kafka)
                 if problem is not None:
                     raise problem from None
     check_brokers(kafka, metadata)
