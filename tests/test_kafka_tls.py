@@ -200,3 +200,17 @@ def test_produce_tool_talks_tls_from_the_env_and_names_a_wrong_ca(tls, tmp_path)
     assert ok.returncode == 0 and ok.stdout.startswith(f"produced 40 records and 0 malformed ones to {topic}"), \
         ok.stdout + ok.stderr
     assert len(kafka.consume_all(topic, 40)) == 40
+
+
+def test_batch_queue_consumer_names_a_wrong_ca(models, tls, tmp_path):
+    """The batch queue's consumer reaches the broker the same way (workers.kafka_tls.reach)."""
+    broker, _ = tls
+    cmd = [sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--queue-topic", "files",
+           "--output", str(tmp_path / "out"), "--bootstrap-servers", broker.bootstrap]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env={**_clean_env(), **broker.env(ca=broker.pki.other_ca)}, capture_output=True,
+                          text=True, timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: SCORING_KAFKA__SSL_CAFILE") and "cannot verify" in lines[0], lines[0]
+    assert time.monotonic() - started < 30

@@ -5,7 +5,7 @@ librdkafka says little: every certificate verification failure is "certificate v
 certificate could not be verified, verify that ssl.ca.location is correctly configured" (an expired certificate
 and a wrong host alike), a broker that demands a client certificate shows only as "1/1 brokers are down", and
 a TLS client talking to a plaintext listener (or the reverse) as "Broker transport failure". So when a client
-cannot reach the broker, ``broker_problem`` connects once with Python's ``ssl`` and the same settings (CA,
+cannot reach the broker, ``probe`` connects once with Python's ``ssl`` and the same settings (CA,
 hostname check, client certificate) and reads the exact reason OpenSSL gives:
 
 - not signed by a CA in the bundle -> ConfigError ``SCORING_KAFKA__SSL_CAFILE`` (exit 2);
@@ -134,12 +134,6 @@ def probe_bootstrap(kafka: KafkaSettings) -> ScoringError | None:
     return None
 
 
-def broker_problem(kafka: KafkaSettings, reason: str) -> ScoringError:
-    """What to raise when a client could not reach the broker at start-up (``reason``: librdkafka's words)."""
-    unreachable = ScoringError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {' '.join(reason.split())}")
-    return probe_bootstrap(kafka) or unreachable
-
-
 def reach(client: Any, kafka: KafkaSettings, timeout: float = REACH_TIMEOUT_S) -> Any:
     """The metadata (``list_topics``) from ``client`` (a confluent-kafka Consumer, Producer or AdminClient),
     every advertised broker probed (``check_brokers``). Raises the named problem at the first failed attempt
@@ -156,13 +150,14 @@ def reach(client: Any, kafka: KafkaSettings, timeout: float = REACH_TIMEOUT_S) -
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             reason = err.str() if isinstance(err, KafkaError) else str(exc)
-            if time.monotonic() >= deadline:
-                raise broker_problem(kafka, reason) from None
             if not probed:  # once: a TLS problem does not go away by waiting
                 probed = True
                 problem = probe_bootstrap(kafka)
                 if problem is not None:
                     raise problem from None
+            if time.monotonic() >= deadline:
+                raise ScoringError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {' '.join(reason.split())}") \
+                    from None
     check_brokers(kafka, metadata)
     return metadata
 

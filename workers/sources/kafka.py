@@ -13,6 +13,12 @@ Rules that keep at-least-once true (with idempotent sinks, exactly once in the s
   group without taking records. Pausing drops librdkafka's prefetched records; ``resume`` fetches again
   from the last record handed to us. A partition assigned meanwhile is paused as it arrives.
 
+Start-up (``open``): the first metadata comes through ``workers.kafka_tls.reach``, so a TLS or protocol mistake
+(wrong CA, a certificate not valid for the host, a client certificate demanded, TLS to a plaintext listener)
+stops the worker within seconds with one line naming the setting, where librdkafka alone would say "transport
+failure" after the wait, or retry an advertised broker's connection forever. A broker that does not answer is
+ScoringError (exit 1) after 10 s.
+
 Why librdkafka and not kafka-python: kafka-python parses fetch responses in Python on the thread that
 decodes records (10 us per record measured, a quarter of the stream worker's time); librdkafka fetches
 and parses in its own threads (2 us per record to hand over).
