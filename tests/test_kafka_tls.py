@@ -214,3 +214,21 @@ def test_batch_queue_consumer_names_a_wrong_ca(models, tls, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: SCORING_KAFKA__SSL_CAFILE") and "cannot verify" in lines[0], lines[0]
     assert time.monotonic() - started < 30
+
+
+def test_a_client_certificate_the_broker_refuses_is_named(tls):
+    """The front demands a client certificate for client authentication; the server's certificate (same CA,
+    made for serverAuth only) is refused: the probe names SCORING_KAFKA__SSL_CERTFILE, and the right one passes."""
+    from workers.kafka_tls import probe
+    from workers.settings import KafkaSettings
+
+    broker, _ = tls
+    broker.front.serve(broker.pki.server, require_client=True)
+    host, port = broker.bootstrap.split(":")
+    wrong = KafkaSettings(bootstrap_servers=broker.bootstrap, security_protocol="SSL", ssl_cafile=broker.pki.ca,
+                          ssl_certfile=broker.pki.server[0], ssl_keyfile=broker.pki.server[1])
+    problem = probe(wrong, host, int(port))
+    assert problem is not None and problem.setting == "SCORING_KAFKA__SSL_CERTFILE", problem
+    assert "refused the client certificate" in str(problem)
+    right = wrong.model_copy(update={"ssl_certfile": broker.pki.client[0], "ssl_keyfile": broker.pki.client_plain_key})
+    assert probe(right, host, int(port)) is None

@@ -243,8 +243,8 @@ def _verify_problem(kafka: KafkaSettings, exc: ssl.SSLCertVerificationError, whe
                            f"({message}): connect by a name the certificate holds (SCORING_KAFKA__BOOTSTRAP_SERVERS, "
                            f"or the broker's advertised listener), or set {CHECK_HOSTNAME}=false")
     if exc.verify_code in _EXPIRED:
-        return ScoringError(f"{CAFILE}: the broker at {where} presents a certificate that {message} (checked "
-                            f"against {bundle}): the broker's certificate must be renewed")
+        return ScoringError(f"{CAFILE}: the broker at {where} presents a certificate that is not valid now "
+                            f"({message}; checked against {bundle}): the broker's certificate must be renewed")
     return ConfigError(CAFILE, f"the broker at {where} presents a certificate that {bundle} cannot verify "
                        f"({message}): set it to the CA that signed the broker's certificate")
 
