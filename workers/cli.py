@@ -180,11 +180,16 @@ def demo(folder: str, rows: int) -> None:
 @click.option("--id-column", default="id", show_default=True)
 def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int, bad: int, limit: int | None,
                 id_column: str) -> None:
-    """Publish Parquet rows as JSON records (a tool for trying stream mode; not used in production)."""
+    """Publish Parquet rows as JSON records (a tool for trying stream mode; not used in production).
+
+    TLS and SASL come from the SCORING_KAFKA__* env vars, as for the worker.
+    """
+    from workers.settings import load_settings
     from workers.tools.produce import produce
 
     setup_logging("WARNING")
-    produce(bootstrap_servers, topic, source, partitions, bad, limit, id_column)
+    kafka = load_settings({"kafka": {"bootstrap_servers": bootstrap_servers}}).kafka
+    produce(kafka, topic, source, partitions, bad, limit, id_column)
 
 
 @cli.command("compile")

@@ -245,11 +245,24 @@ class KafkaSettings(_Group):
     sasl_password: SecretStr | None = None
     """SASL password (never logged or shown)."""
     ssl_cafile: str | None = None
-    """CA bundle (PEM) to verify the broker's certificate."""
+    """CA bundle (PEM) to verify the broker's certificate; empty means the system's CAs."""
+    ssl_certfile: str | None = None
+    """Client certificate (PEM) for brokers that demand one (mTLS); needs `ssl_keyfile`."""
+    ssl_keyfile: str | None = None
+    """Private key (PEM) of `ssl_certfile`."""
+    ssl_key_password: SecretStr | None = None
+    """Password of an encrypted `ssl_keyfile` (never logged or shown)."""
+    ssl_check_hostname: bool = True
+    """Check that the broker's certificate names the host connected to (false: any certificate the CA signed)."""
 
     def librdkafka_config(self) -> dict[str, Any]:
         """These settings as librdkafka properties: every Kafka client of the worker is confluent-kafka (the stream
-        and batch-queue consumers, the producers, the produce tool, `check`)."""
+        and batch-queue consumers, the producers, the produce tool, `check`).
+
+        With TLS, the files are checked first (``workers.kafka_tls.check_files``): a missing or unreadable file, a
+        key that does not match the certificate or a wrong key password raises ConfigError naming the setting,
+        where librdkafka would say "ssl.key.location failed: PEM lib". Not at settings load: a deployment's
+        files exist only inside its pod (tests/test_deploy.py loads those settings here)."""
         cfg: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,
@@ -259,8 +272,18 @@ class KafkaSettings(_Group):
             cfg["sasl.mechanisms"] = self.sasl_mechanism
             cfg["sasl.username"] = self.sasl_username or ""
             cfg["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
-        if self.ssl_cafile:
-            cfg["ssl.ca.location"] = self.ssl_cafile
+        if self.security_protocol.endswith("SSL"):
+            from workers.kafka_tls import check_files
+
+            check_files(self)
+            if self.ssl_cafile:
+                cfg["ssl.ca.location"] = self.ssl_cafile
+            if self.ssl_certfile:
+                cfg["ssl.certificate.location"] = self.ssl_certfile
+                cfg["ssl.key.location"] = self.ssl_keyfile
+            if self.ssl_key_password:
+                cfg["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+            cfg["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
         return cfg
 
 
