@@ -134,13 +134,15 @@ class App:
     async def infer(self, request: Request) -> Response:
         name, version = self.names(request)
         self.plane.version(name, version)  # a 404 before reading the body
-        body = await self.body(request)
-        header = request.headers.get("inference-header-content-length")
-        if header is not None and not _DIGITS.fullmatch(header):
-            # str.isdigit() would take '²' or Arabic-Indic digits, which int() then refuses or reads differently.
-            raise BadRequest("Inference-Header-Content-Length must be a number of bytes (ASCII digits)")
-        length = int(header) if header is not None else None
-        return self.reply(await self.plane.infer_rest(name, version, body, length))
+        # On its way to the batcher from now on: a batch forming meanwhile waits for it (see batcher.py).
+        with self.plane.batcher.arrival() as arrival:
+            body = await self.body(request)
+            header = request.headers.get("inference-header-content-length")
+            if header is not None and not _DIGITS.fullmatch(header):
+                # str.isdigit() would take '²' or Arabic-Indic digits, which int() then refuses or reads otherwise.
+                raise BadRequest("Inference-Header-Content-Length must be a number of bytes (ASCII digits)")
+            length = int(header) if header is not None else None
+            return self.reply(await self.plane.infer_rest(name, version, body, length, arrival))
 
     # -- CloudEvents -----------------------------------------------------------------------------
     async def cloudevent(self, request: Request) -> Response:
