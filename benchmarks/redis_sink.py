@@ -31,26 +31,50 @@ def results(n: int, start: int = 0) -> pa.Table:
                      "country": ["de"] * n, "amount": rng.normal(size=n)})
 
 
+class Clock:
+    """Wall time, this process's CPU time and the Redis server's (INFO cpu), over one timed block: on a shared
+    machine the CPU microseconds per row say more than the wall rate, which other work slows down."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def _server(self) -> float:
+        cpu = self.client.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu, self.server = time.perf_counter(), time.process_time(), self._server()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+        self.server = self._server() - self.server
+
+    def line(self, rows: int) -> str:
+        return (f"{rows / self.wall:>9,.0f} rows/s; client {self.cpu / rows * 1e6:.1f} us/row, "
+                f"Redis {self.server / rows * 1e6:.1f} us/row")
+
+
 def run(uri: str, rows: int) -> None:
     empty = pa.table({})
+    client = redis.Redis.from_url(uri)
     for ttl in ("", "&ttl_s=3600"):
         prefix = f"bench-{uuid.uuid4().hex[:8]}:"
         sink = RedisSink(f"{uri}?prefix={prefix}{ttl}", "bench")
         batches = [results(1000, s) for s in range(0, rows, 1000)]
-        started = time.perf_counter()
-        for b in batches:
-            sink.write_batch(Scored(b, empty))
-        stream = rows / (time.perf_counter() - started)
+        with Clock(client) as stream:
+            for b in batches:
+                sink.write_batch(Scored(b, empty))
         big = [results(min(65536, rows - s), s) for s in range(0, rows, 65536)]
-        started = time.perf_counter()
-        writer = sink.begin("/bench/unit.parquet")
-        for b in big:
-            writer.write(Scored(b, empty))
-        writer.commit()
-        unit = rows / (time.perf_counter() - started)
-        print(f"ttl={'3600' if ttl else 'none':>5}: write_batch x1000 rows: {stream:,.0f} rows/s; "
-              f"one unit of {rows:,} rows: {unit:,.0f} rows/s")
-        client = redis.Redis.from_url(uri)
+        with Clock(client) as unit:
+            writer = sink.begin("/bench/unit.parquet")
+            for b in big:
+                writer.write(Scored(b, empty))
+            writer.commit()
+        shown = "3600" if ttl else "none"
+        print(f"ttl_s={shown:>4}  write_batch of 1000 rows (new keys): {stream.line(rows)}")
+        print(f"ttl_s={shown:>4}  one batch unit of {rows:,} (overwrites): {unit.line(rows)}")
         for keys in _batched(client.scan_iter(f"{prefix}*", count=10_000), 10_000):
             client.delete(*keys)
         sink.close()
