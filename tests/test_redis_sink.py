@@ -403,3 +403,59 @@ def test_redis_going_away_mid_run_is_a_sink_error_and_writes_resume_when_it_is_b
         assert sorted(results_of(client, prefix)) == ["a", "b"]
     finally:
         proxy.close()
+
+
+def test_a_run_with_a_password_never_shows_it(models, tmp_path, client, prefix):
+    """The local server has no password: Redis accepts AUTH with one (redis-py's documented fallback), so the
+    whole run goes through with a secret in the URI, which must appear in no output, log line or summary."""
+    write_inputs(str(tmp_path / "in"), files=2, rows=20)
+    target = f"redis://:pw-s3cret@{REDIS_URL.split('://', 1)[1]}?prefix={prefix}"
+    proc = subprocess.run([sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input",
+                           str(tmp_path / "in"), "--output", target], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd(), "SCORING_LOG_LEVEL": "DEBUG"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["output"] == target.replace("pw-s3cret", "***")
+    assert "pw-s3cret" not in proc.stdout + proc.stderr
+    assert len(results_of(client, prefix)) == 40
+
+
+def test_rediss_takes_a_ca_file_and_the_uri_parts_are_read_as_given(tmp_path):
+    from workers.sinks.redis import RedisTarget
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked before connecting")
+    t = RedisTarget(f"rediss://app:p%40ss@cache.internal:6380/3?prefix=s:&ttl_s=60&ca_file={ca}", SETTING)
+    assert (t.tls, t.host, t.port, t.db, t.username, t.password, t.prefix, t.ttl_s, t.ca_file) == (
+        True, "cache.internal", 6380, 3, "app", "p@ss", "s:", 60, str(ca))
+    assert t.name == f"rediss://app:***@cache.internal:6380/3?prefix=s:&ttl_s=60&ca_file={ca}"
+    plain_target = RedisTarget("redis://[::1]", SETTING)
+    assert (plain_target.tls, plain_target.host, plain_target.port, plain_target.db, plain_target.prefix,
+            plain_target.ttl_s) == (False, "::1", 6379, 0, "scores:", 0)
+
+
+def test_a_rewritten_unit_keeps_only_its_new_rows_and_an_emptied_one_leaves_nothing(client, prefix):
+    sink = RedisSink(uri(prefix), SETTING)
+
+    def unit(ids, version, name="/in/a.parquet"):
+        table = pa.table({"id": ids, "score": [0.5] * len(ids), "model_version": [version] * len(ids),
+                          "served": [True] * len(ids)})
+        writer = sink.begin(name)
+        if ids:
+            writer.write(Scored(table, pa.table({})))
+        writer.commit()
+
+    unit(["a", "b"], "v1")
+    unit(["c"], "v1", name="/in/other.parquet")
+    unit(["b", "d"], "v2")  # a new model: v1's rows of this unit go, the pointer follows v2
+    got = results_of(client, prefix)
+    assert set(got) == {"b", "c", "d"}
+    assert got["b"] == {"served": "v2", "v2": {"id": "b", "score": 0.5, "model_version": "v2", "served": True}}
+    # An aborted rewrite stores nothing and deletes nothing.
+    writer = sink.begin("/in/a.parquet")
+    writer.write(Scored(pa.table({"id": ["z"], "score": [0.1], "model_version": ["v3"]}), pa.table({})))
+    writer.abort()
+    assert set(results_of(client, prefix)) == {"b", "c", "d"}
+    unit([], "v2")  # the input emptied: its rows, id set and unit entry go; the other input's stay
+    assert set(results_of(client, prefix)) == {"c"}
+    assert sorted(state(client, prefix)) == ["_unit:/in/other.parquet", "_units", "c"]
+    sink.close()
