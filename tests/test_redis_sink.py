@@ -459,3 +459,13 @@ def test_a_rewritten_unit_keeps_only_its_new_rows_and_an_emptied_one_leaves_noth
     assert set(results_of(client, prefix)) == {"c"}
     assert sorted(state(client, prefix)) == ["_unit:/in/other.parquet", "_units", "c"]
     sink.close()
+
+
+def test_a_foreign_key_of_another_type_under_the_prefix_fails_the_write_naming_it(client, prefix):
+    client.set(prefix + "b", "not a hash")
+    sink = RedisSink(uri(prefix), "SCORING_STREAM__SINK")
+    with pytest.raises(SinkError, match=f"WRONGTYPE .*key {prefix}b"):
+        sink.write_batch(Scored(pa.table({"id": ["a", "b"], "score": [0.1, 0.2], "model_version": ["v1", "v1"]}),
+                                pa.table({})))
+    sink.close()
+    assert client.get(prefix + "b") == b"not a hash"  # left as it was

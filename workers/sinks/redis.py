@@ -422,7 +422,7 @@ class RedisSink(Sink, Ledger):
         return ["EVAL", _WRITE, 0, self.target.ttl_s, self.prefix, self.errors_prefix, ids, errs]
 
     def _transaction(self, commands: list[list]) -> None:
-        """Run ``commands`` atomically: one alone, several in MULTI/EXEC, sent one at a time (bounded memory).
+        """Run ``commands`` atomically: one alone, several in MULTI/EXEC, each packed just before it is sent.
         Raises SinkError (retryable) on any failure; a command's error reply names what failed."""
         if not commands:
             return
@@ -438,11 +438,21 @@ class RedisSink(Sink, Ledger):
                 return
             conn.send_command("MULTI", check_health=False)
             conn.read_response()
-            for command in commands:
+            for command in commands:  # pipelined: the server parses one while the next is packed
                 conn.send_packed_command(_pack(conn, command), check_health=False)
-                conn.read_response()  # QUEUED
             conn.send_command("EXEC", check_health=False)
-            replies = conn.read_response()
+            queued_error = None
+            for _ in commands:  # QUEUED each, or the error that makes EXEC abort
+                try:
+                    conn.read_response()
+                except redis.exceptions.ResponseError as exc:
+                    queued_error = queued_error or exc
+            try:
+                replies = conn.read_response()
+            except redis.exceptions.ResponseError:
+                if queued_error is not None:
+                    raise queued_error from None
+                raise
             failed = [r for r in replies or [] if isinstance(r, redis.exceptions.ResponseError)]
             if failed:
                 raise failed[0]
