@@ -386,20 +386,26 @@ class RedisSink(Sink, Ledger):
             raise RowsRejected(bad)
         collapsed = 0
         if results.num_rows:
-            deduped, keep = dedupe_last(results, RESULT_KEY)
-            if keep is not None:
-                collapsed = results.num_rows - deduped.num_rows
-                keys = [keys[i] for i in keep]
-                versions = [versions[i] for i in keep]
+            deduped = results
+            if len(set(zip(keys, versions, strict=True))) < len(keys):  # distinct keys: distinct ids, none to collapse
+                deduped, keep = dedupe_last(results, RESULT_KEY)
+                if keep is not None:
+                    collapsed = results.num_rows - deduped.num_rows
+                    keys = [keys[i] for i in keep]
+                    versions = [versions[i] for i in keep]
+            n = deduped.num_rows
             served_col = deduped.column("served") if "served" in deduped.column_names else None
-            served = (pc.fill_null(served_col, False).to_pylist() if served_col is not None
-                      else [True] * deduped.num_rows)
-            args = into.args
+            served = [b"1" if s else b"0" for s in pc.fill_null(served_col, False).to_pylist()] \
+                if served_col is not None else [b"1"] * n
             prefix = self.prefix
-            for key, version, body, is_served in zip(keys, versions, _json_rows(deduped), served, strict=True):
-                args += (prefix + (key or b""), version, body, b"1" if is_served else b"0")
+            rows: list = [None] * (4 * n)  # (key, field, JSON, kind) per row, interleaved by slice assignment
+            rows[0::4] = [prefix + k for k in keys]  # type: ignore[operator]  # None was refused above
+            rows[1::4] = versions
+            rows[2::4] = _json_rows(deduped)
+            rows[3::4] = served
+            into.args += rows
             into.versions.update(versions)
-            into.rows += deduped.num_rows
+            into.rows += n
         self._encode_errors(scored.errors, into)
         into.settle += [["HDEL", self.errors_prefix + source.encode(), version] for source, version in scored.resolved]
         return collapsed
