@@ -469,3 +469,19 @@ def test_a_foreign_key_of_another_type_under_the_prefix_fails_the_write_naming_i
                                 pa.table({})))
     sink.close()
     assert client.get(prefix + "b") == b"not a hash"  # left as it was
+
+
+def test_a_result_that_settles_an_earlier_rejection_deletes_its_error_entry(client, prefix):
+    """Serve mode: an event rejected once, redelivered and now scored (``Scored.resolved``)."""
+    sink = RedisSink(uri(prefix), "SCORING_SERVE__SINK")
+    errors = pa.table({"id": ["e1"], "reason": ["x0 is not a number"], "raw": ['{"x0": "abc"}'],
+                       "model_version": ["v1"], "source": ["events/0@5"]})
+    sink.write_batch(Scored(pa.table({"id": ["a"], "score": [0.1], "model_version": ["v1"]}), errors))
+    body = orjson.loads(client.hget(f"{prefix}_errors:events/0@5", "v1"))
+    assert body == {"id": "e1", "reason": "x0 is not a number", "raw": {"x0": "abc"}, "model_version": "v1",
+                    "source": "events/0@5"}
+    sink.write_batch(Scored(pa.table({"id": ["e1"], "score": [0.7], "model_version": ["v1"]}), pa.table({}),
+                            resolved=[("events/0@5", "v1")]))
+    sink.close()
+    assert not client.exists(f"{prefix}_errors:events/0@5")
+    assert results_of(client, prefix)["e1"]["v1"]["score"] == 0.7
