@@ -485,3 +485,26 @@ def test_a_result_that_settles_an_earlier_rejection_deletes_its_error_entry(clie
     sink.close()
     assert not client.exists(f"{prefix}_errors:events/0@5")
     assert results_of(client, prefix)["e1"]["v1"]["score"] == 0.7
+
+
+def test_a_stale_stream_write_never_replaces_a_later_offset_of_the_same_partition(client, prefix):
+    """A zombie worker (its partition reassigned) writes offset 5 after the new owner stored offset 9: skipped,
+    served pointer included. Another partition's row is not ordered against it: the later write wins."""
+    sink = RedisSink(uri(prefix), "SCORING_STREAM__SINK")
+
+    def write(partition, offset, score, served=True, version="v1"):
+        sink.write_batch(Scored(pa.table({"id": ["a"], "score": [score], "model_version": [version],
+                                          "served": [served], "topic": ["t"],
+                                          "partition": pa.array([partition], pa.int32()),
+                                          "offset": pa.array([offset], pa.int64())}), pa.table({})))
+
+    write(0, 9, 0.9)
+    write(0, 5, 0.5)  # stale
+    assert results_of(client, prefix)["a"]["v1"]["score"] == 0.9
+    write(0, 9, 0.91)  # the same offset again (a redelivery): written
+    assert results_of(client, prefix)["a"]["v1"]["score"] == 0.91
+    write(0, 3, 0.3, version="v2")  # another version has its own order
+    write(1, 2, 0.2)  # another partition: the later write wins
+    sink.close()
+    got = results_of(client, prefix)["a"]
+    assert (got["v1"]["score"], got["v1"]["partition"], got["v2"]["score"], got["served"]) == (0.2, 1, 0.3, "v1")

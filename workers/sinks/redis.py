@@ -34,8 +34,10 @@ deletes a pointer whose row it deleted). Ids are keys as text: text as is, binar
 Arrow casts them to text (``scorer.error_ids``), so ids 7 and "7" are one key. Rules and traps:
 
 - Idempotent per (id, model_version): writing a row again sets the same field; a later write wins (within one
-  call the later row is kept and counted in ``duplicates_collapsed``, as in the table sinks). Unlike the table
-  sinks there is no stale-offset check: a zombie stream worker's late write of an older offset replaces the row.
+  call the later row is kept and counted in ``duplicates_collapsed``, as in the table sinks). As in the table
+  sinks, a stream/serve row (``topic``, ``partition``, ``offset``) does not replace the stored row of its version
+  when that one is from a later offset of the same topic-partition (a zombie worker's late write is skipped);
+  across partitions the later write wins.
 - A rejected record's error entry is not deleted by a later successful result of the same record (except when the
   mode says the result settles it, ``Scored.resolved``, as the serve mode does for a redelivered event): read the
   results, not the errors, for what was scored.
@@ -92,7 +94,7 @@ from workers.scoring.scorer import Scored, error_ids
 from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.kafka import _default, _plain_columns
-from workers.sinks.tables import dedupe_last, is_json, json_default, missing_keys, plain
+from workers.sinks.tables import POSITION, dedupe_last, is_json, json_default, missing_keys, plain
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
@@ -104,18 +106,34 @@ CHUNK = 5000  # rows per script call: about 1 MB of arguments, a few ms of serve
 _BINARY = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
 
 # ARGV: ttl (0: none), prefix, errors prefix, ids set key ('' outside a unit), error sources set key, then per row
-# key, field, JSON, kind (1 served result, 0 shadow result, e error). pcall: a foreign key of another type is named.
+# key, field, JSON, kind (1 served result, 0 shadow result, e error; a stream row's kind goes on with
+# |topic|partition|offset: it is skipped when the stored row of that version is from a later offset of the same
+# topic-partition). pcall: a foreign key of another type is named.
 _WRITE = """
 local ttl, plen, elen, ids, errs = tonumber(ARGV[1]), #ARGV[2], #ARGV[3], ARGV[4], ARGV[5]
-local sub, pcall = string.sub, redis.pcall
+local sub, rpcall = string.sub, redis.pcall
 local idl, errl = {}, {}
 for i = 6, #ARGV, 4 do
   local k, f, kind = ARGV[i], ARGV[i + 1], ARGV[i + 3]
-  local r
-  if kind == '1' then r = pcall('HSET', k, f, ARGV[i + 2], 'served', f) else r = pcall('HSET', k, f, ARGV[i + 2]) end
-  if type(r) == 'table' and r.err then return redis.error_reply(r.err .. ' (key ' .. k .. ')') end
-  if ttl > 0 then redis.call('EXPIRE', k, ttl) end
-  if kind == 'e' then errl[#errl + 1] = sub(k, elen + 1) else idl[#idl + 1] = sub(k, plen + 1) end
+  local stale = false
+  if #kind > 1 then
+    local old = rpcall('HGET', k, f)
+    if type(old) == 'string' then
+      local t, p, o = string.match(kind, '^.|(.*)|(%-?%d+)|(%-?%d+)$')
+      local ok, d = pcall(cjson.decode, old)
+      stale = ok and type(d) == 'table' and d.topic == t and tostring(d.partition) == p
+              and type(d.offset) == 'number' and d.offset > tonumber(o)
+    end
+    kind = sub(kind, 1, 1)
+  end
+  if not stale then
+    local r
+    if kind == '1' then r = rpcall('HSET', k, f, ARGV[i + 2], 'served', f)
+    else r = rpcall('HSET', k, f, ARGV[i + 2]) end
+    if type(r) == 'table' and r.err then return redis.error_reply(r.err .. ' (key ' .. k .. ')') end
+    if ttl > 0 then redis.call('EXPIRE', k, ttl) end
+    if kind == 'e' then errl[#errl + 1] = sub(k, elen + 1) else idl[#idl + 1] = sub(k, plen + 1) end
+  end
 end
 for _, set in ipairs({{ids, idl}, {errs, errl}}) do
   if set[1] ~= '' and #set[2] > 0 then
@@ -397,6 +415,10 @@ class RedisSink(Sink, Ledger):
             served_col = deduped.column("served") if "served" in deduped.column_names else None
             served = [b"1" if s else b"0" for s in pc.fill_null(served_col, False).to_pylist()] \
                 if served_col is not None else [b"1"] * n
+            if all(c in deduped.column_names for c in POSITION):  # stream/serve rows: never over a later offset
+                positions = zip(*(deduped.column(c).to_pylist() for c in POSITION), strict=True)
+                served = [kind if None in where else b"%s|%s|%d|%d" % (kind, str(where[0]).encode(), *where[1:])
+                          for kind, where in zip(served, positions, strict=True)]
             prefix = self.prefix
             rows: list = [None] * (4 * n)  # (key, field, JSON, kind) per row, interleaved by slice assignment
             rows[0::4] = [prefix + k for k in keys]  # type: ignore[operator]  # None was refused above
