@@ -3,9 +3,11 @@
     python benchmarks/redis_sink.py [redis://127.0.0.1:6379/0] [rows]
 
 Builds result rows shaped like a binary model's (id, score, model_version, served, scored_at, two passthrough
-columns), then times, per path: ``write_batch`` of 1000-row micro-batches (stream/serve) and one batch unit of all
-rows (``begin``/``write`` in 65536-row batches/``commit``, batch mode), with and without ``ttl_s``. Encoding is
-included (the time is the sink's whole cost). Everything written is deleted afterwards (a prefix of its own).
+columns), then times, per path: ``write_batch`` of 1000-row micro-batches of stream rows (with topic, partition
+and offset) into new keys, the same again (each row then checked against the stored row's offset), and one batch
+unit of all rows (``begin``/``write`` in 65536-row batches/``commit``, batch mode, over the keys written before),
+with and without ``ttl_s``. Encoding is included (the time is the sink's whole cost). Everything written is
+deleted afterwards (a prefix of its own).
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from workers.scoring.scorer import Scored
 from workers.sinks.redis import RedisSink
 
 
-def results(n: int, start: int = 0) -> pa.Table:
+def results(n: int, start: int = 0, stream: bool = False) -> pa.Table:
+    """Result rows; ``stream`` adds topic/partition/offset (the sink then checks each against the stored row)."""
     rng = np.random.default_rng(start)
     at = pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC"))
-    return pa.table({"id": [f"r{i}" for i in range(start, start + n)], "score": rng.random(n),
-                     "model_version": ["churn-0123456789ab"] * n, "served": [True] * n, "scored_at": at,
-                     "country": ["de"] * n, "amount": rng.normal(size=n)})
+    table = pa.table({"id": [f"r{i}" for i in range(start, start + n)], "score": rng.random(n),
+                      "model_version": ["churn-0123456789ab"] * n, "served": [True] * n, "scored_at": at,
+                      "country": ["de"] * n, "amount": rng.normal(size=n)})
+    if stream:
+        table = table.append_column("topic", pa.array(["events"] * n)).append_column(
+            "partition", pa.array(np.arange(start, start + n) % 8, pa.int32())).append_column(
+            "offset", pa.array(np.arange(start, start + n) // 8, pa.int64()))
+    return table
 
 
 class Clock:
@@ -62,8 +70,11 @@ def run(uri: str, rows: int) -> None:
     for ttl in ("", "&ttl_s=3600"):
         prefix = f"bench-{uuid.uuid4().hex[:8]}:"
         sink = RedisSink(f"{uri}?prefix={prefix}{ttl}", "bench")
-        batches = [results(1000, s) for s in range(0, rows, 1000)]
+        batches = [results(1000, s, stream=True) for s in range(0, rows, 1000)]
         with Clock(client) as stream:
+            for b in batches:
+                sink.write_batch(Scored(b, empty))
+        with Clock(client) as again:
             for b in batches:
                 sink.write_batch(Scored(b, empty))
         big = [results(min(65536, rows - s), s) for s in range(0, rows, 65536)]
@@ -73,7 +84,8 @@ def run(uri: str, rows: int) -> None:
                 writer.write(Scored(b, empty))
             writer.commit()
         shown = "3600" if ttl else "none"
-        print(f"ttl_s={shown:>4}  write_batch of 1000 rows (new keys): {stream.line(rows)}")
+        print(f"ttl_s={shown:>4}  write_batch of 1000 stream rows (new keys): {stream.line(rows)}")
+        print(f"ttl_s={shown:>4}  the same again (offsets checked):      {again.line(rows)}")
         print(f"ttl_s={shown:>4}  one batch unit of {rows:,} (overwrites): {unit.line(rows)}")
         for keys in _batched(client.scan_iter(f"{prefix}*", count=10_000), 10_000):
             client.delete(*keys)
