@@ -508,3 +508,26 @@ def test_a_stale_stream_write_never_replaces_a_later_offset_of_the_same_partitio
     sink.close()
     got = results_of(client, prefix)["a"]
     assert (got["v1"]["score"], got["v1"]["partition"], got["v2"]["score"], got["served"]) == (0.2, 1, 0.3, "v1")
+
+
+def test_shadow_rows_to_their_own_redis_prefix(models, tmp_path, client, prefix):
+    """``--shadow-sink``: served rows (and the ledger) in the main prefix, shadow rows in the other, where no
+    served pointer is ever set."""
+    inputs = str(tmp_path / "in")
+    write_inputs(inputs, files=1, rows=50)
+    routing = write_routing(tmp_path / "routing.yaml", [{"name": "v1", "model": models["binary"]},
+                                                        {"name": "v3", "model": models["binary_v2"], "shadow": True}])
+    shadow = "s" + prefix  # not under the main prefix: nested prefixes would mix their keys
+    settings = load_settings({"routing": {"path": routing, "shadow_sink": uri(shadow)},
+                              "batch": {"input": inputs, "output": uri(prefix)}})
+    try:
+        assert run_batch(settings).exit_code == 0
+        main, side = results_of(client, prefix), results_of(client, shadow)
+        assert len(main) == len(side) == 50
+        assert all(set(h) == {"v1", "served"} and h["served"] == "v1" for h in main.values())
+        assert all(set(h) == {"v3"} and h["v3"]["served"] is False for h in side.values())
+        assert client.hlen(prefix + "_ledger") == 1 and not client.exists(shadow + "_ledger")
+    finally:
+        keys = list(client.scan_iter(match=shadow + "*"))
+        if keys:
+            client.delete(*keys)

@@ -7,7 +7,8 @@ URI (port or db not a whole number, ttl_s not a positive whole number, an unknow
 rediss:// or not a file) is a ``ConfigError`` naming the setting, before any connection. An unreachable server
 is a ``SinkError`` (retryable) at ``check()`` or the first write, with the redacted address.
 
-Layout (``P`` is the prefix; every key of the sink starts with it; read side as redis-cli commands):
+Layout (``P`` is the prefix; every key of the sink starts with it, so two sinks on one database need prefixes
+neither of which starts the other, e.g. ``scores:`` and ``shadow:``; read side as redis-cli commands):
 
     P{id}                 hash: field <model_version> -> JSON of that version's result row (id, score, label and
                           scores for multiclass, model_version, served, scored_at as ISO 8601 UTC, explanation,
