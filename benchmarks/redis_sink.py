@@ -8,6 +8,12 @@ and offset) into new keys, the same again (each row then checked against the sto
 unit of all rows (``begin``/``write`` in 65536-row batches/``commit``, batch mode, over the keys written before),
 with and without ``ttl_s``. Encoding is included (the time is the sink's whole cost). Everything written is
 deleted afterwards (a prefix of its own).
+
+Last runs (2026-12-03, 2 shared cores, load average 3-8 from other work, Redis 7.0 local, 300k rows, 3 runs):
+batch unit 81k/161k/97k rows/s without TTL (client 2.7-4.0 us/row + Redis 3.9-6.5 us/row), 100k/101k/93k with
+ttl_s; stream write_batch into new keys 85k/71k/94k without TTL, 51k/75k/51k with it; the same rows again (every
+row's stored offset decoded and checked) 68k/74k/80k. The wall rate follows the machine's load; the CPU per row
+(client + server about 7-11 us) is the steadier figure.
 """
 
 from __future__ import annotations
