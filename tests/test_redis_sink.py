@@ -531,3 +531,31 @@ def test_shadow_rows_to_their_own_redis_prefix(models, tmp_path, client, prefix)
         keys = list(client.scan_iter(match=shadow + "*"))
         if keys:
             client.delete(*keys)
+
+
+def test_sigkill_partway_then_rerun_gives_every_row_exactly_once(models, tmp_path, client, prefix):
+    import signal
+    import time
+
+    inputs = str(tmp_path / "in")
+    files, rows = 12, 3000
+    write_inputs(inputs, files=files, rows=rows, row_group=500)
+    args = [sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input", inputs, "--output",
+            uri(prefix), "--batch-rows", "500"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and client.hlen(prefix + "_ledger") < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = client.hlen(prefix + "_ledger")
+    assert 3 <= finished_before < files, "the kill must land partway through the run"
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["files_skipped"] >= finished_before and summary["files_scored"] == files - summary["files_skipped"]
+    got = results_of(client, prefix)
+    assert len(got) == files * rows
+    assert all(len(h) == 2 for h in got.values())  # one version and the pointer: nothing twice, nothing stale
+    assert client.hlen(prefix + "_ledger") == files
