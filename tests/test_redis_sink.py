@@ -361,8 +361,8 @@ def test_an_unreachable_server_is_a_retryable_sink_error_naming_the_redacted_add
     sink = RedisSink(target, SETTING)
     assert sink.name == f"redis://user:***@127.0.0.1:{closed}/0?prefix=x:"
     table = Scored(pa.table({"id": ["a"], "score": [0.1], "model_version": ["v1"]}), pa.table({}))
-    for call in (sink.check, lambda: sink.write_batch(table), lambda: sink.done("u"),
-                 lambda: sink.mark_done("u", "f", 1, 0), lambda: sink.write_unit("u", table)):
+    for call in (sink.check, lambda: sink.write_batch(table), lambda: sink.ledger().done("u"),
+                 lambda: sink.ledger().mark_done("u", "f", 1, 0), lambda: sink.write_unit("u", table)):
         with pytest.raises(SinkError) as err:
             call()
         assert f"127.0.0.1:{closed}" in str(err.value) and "pw-s3cret" not in str(err.value)

@@ -265,11 +265,30 @@ def _loads(head: bytes) -> Any:
     if b"NaN" in head or b"Infinity" in head:
         import json
 
+        # Python's json takes more than orjson refused: only the three literals are let through. A number that
+        # overflows (1e400, an integer of 400 digits) or a lone surrogate (which no reply could hold) is still
+        # the invalid JSON it was, wherever NaN appears in the body.
         try:
-            return json.loads(head)
-        except (ValueError, RecursionError):
+            value = json.loads(head, parse_float=_finite_float, parse_int=_finite_int)
+            orjson.dumps(value)  # every string is valid Unicode
+            return value
+        except (ValueError, RecursionError, TypeError, OverflowError):
             pass
     raise BadRequest(f"body is not valid JSON: {error}") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]} is out of the float range")
+    return value
+
+
+def _finite_int(text: str) -> int | float:
+    value = int(text)
+    if abs(value) >= 2**64:  # as orjson reads such an integer: a float, refused when out of range
+        return _finite_float(text)
+    return value
 
 
 def _model_values(model: Model, j: int, values: np.ndarray) -> np.ndarray:

@@ -68,9 +68,6 @@ Arrow casts them to text (``scorer.error_ids``), so ids 7 and "7" are one key. R
 from __future__ import annotations
 
 import datetime as dt
-import decimal
-import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from urllib.parse import parse_qsl, unquote, urlparse
@@ -94,8 +91,8 @@ from workers.errors import ConfigError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored, error_ids
 from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
-from workers.sinks.kafka import _default, _plain_columns
-from workers.sinks.tables import POSITION, dedupe_last, is_json, json_default, missing_keys, plain
+from workers.sinks.rowjson import json_rows, plain_columns
+from workers.sinks.tables import POSITION, dedupe_last, missing_keys, plain
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
@@ -248,83 +245,6 @@ def _bad_ids(keys: list[bytes | None]) -> dict[int, str]:
     return bad
 
 
-def _json_rows(table: pa.Table, fragments: tuple[str, ...] = ()) -> list[bytes]:
-    """Each row as a JSON object with the Kafka sink's value mapping (timestamps RFC 3339, JSON text embedded as
-    JSON, other values by ``tables.json_default``, else as text); never raises. Columns in ``fragments`` hold JSON
-    text. Built column by column (orjson over a whole column, split where a separator cannot occur), then one
-    ``bytes %`` per row: the per-row cost stays well under a microsecond per column."""
-    n = table.num_rows
-    if not n:
-        return []
-    names = table.column_names
-    parts, columns = [], []
-    for name in names:
-        quoted, values = _column_json(table.column(name), name in fragments)
-        key = orjson.dumps(name).replace(b"%", b"%%")
-        parts.append(key + (b':"%s"' if quoted else b":%s"))
-        columns.append(values)
-    template = b"{" + b",".join(parts) + b"}"
-    return [template % row for row in zip(*columns, strict=True)]
-
-
-def _column_json(col: pa.ChunkedArray, fragment: bool) -> tuple[bool, list[bytes]]:
-    """(quoted, values): each value's JSON, or with ``quoted`` the inside of its JSON string (a text column without
-    nulls, whose quotes the template adds)."""
-    t = plain(col).type if not is_json(col.type) else col.type
-    if fragment or is_json(col.type):
-        return False, [b"null" if v is None else _fragment(v) for v in plain(col).to_pylist()]
-    if pa.types.is_timestamp(t) and t.tz in (None, "UTC", "+00:00"):
-        encoded = pc.dictionary_encode(plain(col).combine_chunks())
-        fmt = "%Y-%m-%dT%H:%M:%S" + ("Z" if t.tz else "")
-        texts = [orjson.dumps(v) for v in pc.strftime(encoded.dictionary, format=fmt).to_pylist()]
-        return False, [b"null" if i is None else texts[i] for i in encoded.indices.to_pylist()]
-    values = plain(col).to_pylist()
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-        return False, orjson.dumps(values)[1:-1].split(b",")  # numbers, true/false, null: never a comma inside
-    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and not col.null_count:
-        # Inside a JSON string every quote is escaped, so '","' only ever separates two elements.
-        return True, orjson.dumps(values)[2:-2].split(b'","')
-    return False, [_value_json(v) for v in values]
-
-
-def _value_json(value: object) -> bytes:
-    try:
-        return orjson.dumps(value, default=_default)
-    except (orjson.JSONEncodeError, TypeError):  # e.g. an integer beyond 64 bits inside a list: Python's json
-        return json.dumps(_plain_json(value), default=str).encode()
-
-
-def _plain_json(value: object) -> object:
-    """For Python's json (the fallback): NaN and infinities as null (orjson's rule), integers of any size exact,
-    other values as ``tables.json_default`` maps them, else as text."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _plain_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain_json(v) for v in value]
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    try:
-        converted = json_default(value)
-    except TypeError:
-        return str(value)
-    return str(converted) if isinstance(converted, orjson.Fragment) else _plain_json(converted)
-
-
-def _fragment(text: str) -> bytes:
-    """JSON text as it is; text that is not JSON (not from the scorer) as a JSON string."""
-    try:
-        orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return orjson.dumps(text)
-    return text.encode()
-
-
 class _Encoded:
     """A write's rows as script arguments: (key, field, JSON, kind) flattened, and the versions of its results."""
 
@@ -361,7 +281,9 @@ class _Unit(UnitWriter):
         self.encoded = _Encoded()
 
 
-class RedisSink(Sink, Ledger):
+class RedisSink(Sink):
+    """See the module docstring (a third of this module: the key layout is the contract readers rely on)."""
+
     def __init__(self, uri: str, setting: str):
         self.target = RedisTarget(uri, setting)
         self.setting = setting
@@ -370,6 +292,7 @@ class RedisSink(Sink, Ledger):
         self.prefix = self.target.prefix.encode()
         self.errors_prefix = self.prefix + b"_errors:"
         self._client: redis.Redis | None = None
+        self._inputs = RedisLedger(self)
 
     @property
     def client(self) -> redis.Redis:
@@ -387,7 +310,7 @@ class RedisSink(Sink, Ledger):
     def _encode(self, scored: Scored, into: _Encoded) -> int:
         """Add the results and errors of ``scored`` to ``into``; RowsRejected (nothing added) for rows that
         cannot be keyed. Returns how many duplicate rows were collapsed."""
-        results = _plain_columns(scored).results
+        results = plain_columns(scored).results
         bad: dict[int, str] = {}
         keys: list[bytes | None] = []
         versions: list[str] = []
@@ -424,7 +347,7 @@ class RedisSink(Sink, Ledger):
             rows: list = [None] * (4 * n)  # (key, field, JSON, kind) per row, interleaved by slice assignment
             rows[0::4] = [prefix + k for k in keys]  # type: ignore[operator]  # None was refused above
             rows[1::4] = versions
-            rows[2::4] = _json_rows(deduped)
+            rows[2::4] = json_rows(deduped)
             rows[3::4] = served
             into.args += rows
             into.versions.update(versions)
@@ -443,7 +366,7 @@ class RedisSink(Sink, Ledger):
         sources = errors.column("source").to_pylist()
         versions = (errors.column("model_version").to_pylist() if "model_version" in errors.column_names
                     else [""] * errors.num_rows)
-        for source, version, body in zip(sources, versions, _json_rows(errors, ("raw",)), strict=True):
+        for source, version, body in zip(sources, versions, json_rows(errors, ("raw",)), strict=True):
             into.args += (self.errors_prefix + str(source).encode(), version or "", body, b"e")
 
     # -- writing -------------------------------------------------------------------------------------
@@ -518,28 +441,8 @@ class RedisSink(Sink, Ledger):
 
     # -- ledger ----------------------------------------------------------------------------------------
     def ledger(self) -> Ledger:
-        """This sink keeps the ledger itself, in hash ``{prefix}_ledger`` of the same server."""
-        return self
-
-    def done(self, unit: str) -> str | None:
-        try:
-            entry = self.client.hget(self._key("_ledger"), unit)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise self._fail("reading the ledger of", exc) from None
-        if entry is None:
-            return None
-        try:
-            return str(orjson.loads(entry)["fingerprint"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return None  # not ours: score the input again, which rewrites the entry
-
-    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        entry = orjson.dumps({"fingerprint": fingerprint, "rows": rows, "rejected": rejected,
-                              "finished_at": dt.datetime.now(dt.UTC).isoformat()})
-        try:
-            self.client.hset(self._key("_ledger"), unit, entry)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise self._fail("recording an input as done in", exc) from None
+        """The batch ledger, in hash ``{prefix}_ledger`` of the same server."""
+        return self._inputs
 
     def check(self) -> None:
         try:
@@ -552,3 +455,31 @@ class RedisSink(Sink, Ledger):
             self._client.close()
             self._client.connection_pool.disconnect()
             self._client = None
+
+
+class RedisLedger(Ledger):
+    """The batch ledger of a ``RedisSink``: hash ``{prefix}_ledger``, unit -> JSON {fingerprint, rows, rejected,
+    finished_at}, on the sink's client."""
+
+    def __init__(self, sink: RedisSink):
+        self.sink = sink
+
+    def done(self, unit: str) -> str | None:
+        try:
+            entry = self.sink.client.hget(self.sink._key("_ledger"), unit)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self.sink._fail("reading the ledger of", exc) from None
+        if entry is None:
+            return None
+        try:
+            return str(orjson.loads(entry)["fingerprint"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None  # not ours: score the input again, which rewrites the entry
+
+    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
+        entry = orjson.dumps({"fingerprint": fingerprint, "rows": rows, "rejected": rejected,
+                              "finished_at": dt.datetime.now(dt.UTC).isoformat()})
+        try:
+            self.sink.client.hset(self.sink._key("_ledger"), unit, entry)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise self.sink._fail("recording an input as done in", exc) from None
