@@ -58,8 +58,8 @@ BAD_KINDS = {
     "not-json": lambda n: b"\xff\x00 not json",
     "json-list": lambda n: b"[1,2,3]",
     "no-id": lambda n: b'{"x0": 1.0}',
-    "string-feature": lambda n: ('{"id": "bad-%d", "x0": "abc"}' % n).encode(),
-    "nan-literal": lambda n: ('{"id": "bad-%d", "x0": NaN}' % n).encode(),
+    "string-feature": lambda n: b'{"id": "bad-' + str(n).encode() + b'", "x0": "abc"}',
+    "nan-literal": lambda n: b'{"id": "bad-' + str(n).encode() + b'", "x0": NaN}',
     "null-value": lambda n: None,
 }
 
