@@ -22,6 +22,10 @@ Invariants, checked once the script is drained:
 4. each partition's committed offset equals its end;
 5. nothing is both stored and dead-lettered.
 On failure hypothesis shrinks the script and the test prints it (``describe``).
+
+Known defect (xfail regression at the end of this file): a batch polled in the step that drops the batch before
+it misses the exclude rule. The property reaches it rarely (found once in 1500 examples; it also needs the
+commit to win a race), so with 200 examples it is usually green; once fixed it should stay so at any count.
 """
 
 from __future__ import annotations
