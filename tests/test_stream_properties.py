@@ -23,9 +23,8 @@ Invariants, checked once the script is drained:
 5. nothing is both stored and dead-lettered.
 On failure hypothesis shrinks the script and the test prints it (``describe``).
 
-Known defect (xfail regression at the end of this file): a batch polled in the step that drops the batch before
-it misses the exclude rule. The property reaches it rarely (found once in 1500 examples; it also needs the
-commit to win a race), so with 200 examples it is usually green; once fixed it should stay so at any count.
+A defect this property found (once in 1500 examples; fixed, regression test at the end of this file): a batch
+polled in the step whose drain dropped the batch before it missed the exclude rule and committed past it.
 """
 
 from __future__ import annotations
@@ -249,10 +248,6 @@ def test_random_scripts_keep_every_ordering_invariant(models, booster, case):
 
 
 # -- defects the property found, minimised ------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=OrderViolation, reason=(
-    "defect: a batch polled in the step whose drain drops the batch before it (its store failed, then every "
-    "partition of it was revoked during the retry's keep_alive) is submitted after the drop, so it misses the "
-    "exclude rule; once the partition is assigned back it commits past the dropped batch's unstored records"))
 def test_a_batch_polled_before_the_drop_of_an_earlier_batch_does_not_commit_past_it(models):
     """Found by test_random_scripts_keep_every_ordering_invariant (1500 examples). max_records=7, one partition:
     A = t[0] 0-6 (its first store fails), B = 7-13, C = 14-20. The step that polls C drains A: the retry's
