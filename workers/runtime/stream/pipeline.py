@@ -191,7 +191,7 @@ class Pipeline(StoreSteps):
         try:
             self.attempt(flight.records, outcome.state)  # Steps 3 and 4
         except SinkError as exc:
-            self.sink_failed(exc, 0.2)
+            self.sink_failed(exc, min(0.2, self.settings.stream.retry_backoff_max_s))
             return StoreOutcome(outcome, False)
         except BadRecordStop:
             return StoreOutcome(outcome, False)
@@ -273,7 +273,7 @@ class Pipeline(StoreSteps):
         """Main thread: retry steps 3-4 with backoff, staying in the group; False when the batch was dropped.
 
         Each attempt runs on the retry lane and is awaited with ``await_call`` (bounded by the shutdown)."""
-        backoff = 0.2
+        backoff = min(0.2, self.settings.stream.retry_backoff_max_s)  # the first wait, never over the max
         batch_tps = records.partition_set()
         while True:
             until = time.monotonic() + backoff
