@@ -308,7 +308,8 @@ def test_values_round_trip_and_rows_the_server_cannot_take_are_rejected_before_a
                          "at": pa.array([when] * 5, pa.timestamp("us", "+02:00")),
                          "flag": [True, False, None, True, False],
                          "blob": [b"\x00\xff", None, b"", b"x", b"y"],
-                         "tags": [["a"], [], None, ["b", "c"], ["d"]]})
+                         "tags": [["a"], [], None, ["b", "c"], ["d"]],
+                         "note": ["it's", "back\\slash \\'", "line\nbreak\r", "\x1a ctrl-z", 'quote" \\0']})
         sink.write_batch(Scored(good, pa.table({})))
         rows = {r[0]: r[1:] for r in query(f"SELECT id, score, n, d, `at`, flag, `blob`, tags FROM `{my_table}`")}
         assert sorted(rows) == sorted(ids)
@@ -316,6 +317,8 @@ def test_values_round_trip_and_rows_the_server_cannot_take_are_rejected_before_a
         assert rows["nul\x00"][1] == 2**64 - 1 and rows["a"][2] == decimal.Decimal("1.25")
         assert rows["a"][3] == dt.datetime(2026, 3, 4, 3, 6, 7, 123456)  # UTC
         assert rows["a"][4:] == (1, b"\x00\xff", '["a"]')
+        notes = dict(query(f"SELECT id, note FROM `{my_table}`"))  # quoting: what was written reads back
+        assert [notes[i] for i in ids] == good.column("note").to_pylist()
         bad_utf8 = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 1, 2], np.int32)),
                                                           pa.py_buffer(b"o\xff")])
         cases = [

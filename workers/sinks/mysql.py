@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pymysql
 import pymysql.cursors
 
@@ -50,13 +51,14 @@ from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
-from workers.sinks.mysqltypes import join, key_type, my_type, values
+from workers.sinks.mysqltypes import join, key_type, literals, my_type, values
 from workers.sinks.tables import POSITION, UNIT_COLUMN, dedupe_last, missing_keys, with_unit
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
 MAX_IDENT = 64  # MariaDB identifiers hold at most 64 characters
 FIND_AT_MOST = 20  # rows named per RowsRejected when bisecting
+STATEMENT_BYTES = 4 << 20  # most SQL text per staging INSERT (the server's max_allowed_packet is 16 MiB by default)
 OPTIONS = {"table", "connect_timeout"}
 # The scorer's error columns, so a unit's first write can create the errors table before its transaction.
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("raw", pa.string()),
@@ -332,25 +334,39 @@ class MysqlSink(Sink):
         cur.execute(f"DELETE FROM {q(name)}")
         return name
 
-    def render(self, table: pa.Table, types: dict[str, str], key: tuple[str, ...]) -> tuple[list[tuple],
+    def render(self, table: pa.Table, types: dict[str, str], key: tuple[str, ...]) -> tuple[list[str],
                                                                                            dict[int, str]]:
-        """The rows as tuples PyMySQL sends, and the rows known not to fit before the server sees them."""
+        """Each row as the SQL text of its VALUES tuple, ``(v1,v2,...)``, and the rows known not to fit before
+        the server sees them. Built column by column in Arrow (``mysqltypes.literals``)."""
         bad = missing_keys(table, key)
         columns = []
         for name in table.column_names:
             vals, refused = values(name, table.column(name), types[name])
-            columns.append(vals)
+            columns.append(literals(vals))
             for i, reason in refused.items():
                 bad.setdefault(i, reason)
-        return list(zip(*columns, strict=True)), bad
+        if not columns:
+            return [], bad
+        sep = pa.scalar(",", pa.large_string())
+        joined = pc.binary_join_element_wise(*[pc.cast(c, pa.large_string()) for c in columns], sep)
+        return pc.binary_join_element_wise(pa.scalar("(", pa.large_string()), joined,
+                                           pa.scalar(")", pa.large_string()), pa.scalar("", pa.large_string())
+                                           ).to_pylist(), bad
 
-    def upsert(self, cur: pymysql.cursors.Cursor, suffix: str, names: list[str], rows: list[tuple],
+    def upsert(self, cur: pymysql.cursors.Cursor, suffix: str, names: list[str], rows: list[str],
                key: tuple[str, ...]) -> None:
-        """Rows into the staging table (multi-row INSERTs), then one INSERT ... SELECT ... ON DUPLICATE KEY UPDATE."""
+        """Rows into the staging table (multi-row INSERTs of at most ``STATEMENT_BYTES``), then one
+        INSERT ... SELECT ... ON DUPLICATE KEY UPDATE."""
         types = {n: self.known[suffix][n] for n in names}
         stage = self._stage(cur, types)
         cols = ", ".join(map(q, names))
-        cur.executemany(f"INSERT INTO {q(stage)} ({cols}) VALUES ({', '.join(['%s'] * len(names))})", rows)
+        head = f"INSERT INTO {q(stage)} ({cols}) VALUES "
+        start, size = 0, 0
+        for i, row in enumerate(rows):
+            size += len(row) + 1
+            if size >= STATEMENT_BYTES or i == len(rows) - 1:
+                cur.execute(head + ",".join(rows[start:i + 1]))
+                start, size = i + 1, 0
         target = q(self.table + suffix)
         plain = [n for n in names if n not in key and n not in POSITION]
         positions = [n for n in ("offset", "partition", "topic") if n in names]  # offset first: see the docstring
