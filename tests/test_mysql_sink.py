@@ -451,3 +451,27 @@ def test_eight_sinks_creating_the_tables_at_once_all_succeed(my_table):
     assert query(f"SELECT count(*) FROM `{my_table}`") == [(400,)]
     assert query(f"SELECT count(*) FROM `{my_table}_errors`") == [(8,)]
     assert query(f"SELECT count(*) FROM `{my_table}_inputs`") == [(8,)]
+
+
+# -- compare and report read the table ----------------------------------------------------------------------
+def test_compare_and_report_read_a_mysql_table_as_they_read_sqlite(models, my_table, tmp_path):
+    from tests.test_report import run
+    from tests.test_rollout import ab_with_shadow
+
+    inputs, routing = ab_with_shadow(models, tmp_path, files=2, rows=1000,
+                                     names=("champion", "challenger", "shadow-x"), weights=(70, 30))
+    sqlite = f"sqlite:///{tmp_path / 'r.db'}?table=scores"
+    for results in (out(my_table), sqlite):
+        run("batch", "--routing", routing, "--input", str(inputs), "--output", results)
+    mine, theirs = (json.loads(run("compare", "--results", r, "--json")) for r in (out(my_table), sqlite))
+    assert mine["rows"] == 4000 and {v["version"] for v in mine["versions"]} == {"champion", "challenger", "shadow-x"}
+    for report in (mine, theirs):
+        report.pop("results", None)
+    assert mine == theirs
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).isoformat()
+    assert json.loads(run("compare", "--results", out(my_table), "--json", "--since", later))["rows"] == 0
+    assert json.loads(run("compare", "--results", out(my_table), "--json", "--since", "1h"))["rows"] == 4000
+    page = tmp_path / "report.html"
+    assert "4,000 rows, 3 version(s)" in run("report", "--routing", routing, "--results", out(my_table), "--output",
+                                             str(page))
+    assert "shadow-x" in page.read_text()
