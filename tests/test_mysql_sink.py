@@ -8,11 +8,9 @@ import datetime as dt
 import decimal
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
-import uuid
 
 import lightgbm as lgb
 import numpy as np
@@ -21,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port, need
+from tests.conftest import MYSQL_URI, free_port
+from tests.conftest import query_mysql as query
 from tests.helpers import frame, write_inputs
 from tests.test_stream import FEATURES, records
 from workers.errors import ConfigError, RowsRejected, SinkError
@@ -30,42 +29,6 @@ from workers.scoring.scorer import Scored
 from workers.settings import load_settings
 from workers.sinks.base import DirectUnit, Sink
 from workers.sinks.mysql import MysqlSink
-
-MYSQL_URI = os.environ.get("TEST_MYSQL_URI", "mysql://root@127.0.0.1:3306/test")
-
-
-@pytest.fixture(scope="session")
-def my_uri() -> str:
-    import pymysql
-
-    try:
-        pymysql.connect(**MysqlSink(MYSQL_URI, "TEST_MYSQL_URI").connect_args).close()
-    except pymysql.err.MySQLError as exc:
-        need("MariaDB", f"{MYSQL_URI}: {exc}")
-    return MYSQL_URI
-
-
-def query(sql: str, args: tuple = ()) -> list[tuple]:
-    import pymysql
-
-    conn = pymysql.connect(**MysqlSink(MYSQL_URI, "TEST_MYSQL_URI").connect_args, charset="utf8mb4")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            rows = list(cur.fetchall())
-        conn.commit()
-        return rows
-    finally:
-        conn.close()
-
-
-@pytest.fixture
-def my_table(my_uri):
-    """A fresh table name; dropped (with its _errors and _inputs tables) afterwards."""
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    yield name
-    for suffix in ("", "_errors", "_inputs"):
-        query(f"DROP TABLE IF EXISTS `{name}{suffix}`")
 
 
 def out(table: str) -> str:
