@@ -438,3 +438,74 @@ def test_compare_and_report_read_a_mysql_table_as_they_read_sqlite(models, my_ta
     assert "4,000 rows, 3 version(s)" in run("report", "--routing", routing, "--results", out(my_table), "--output",
                                              str(page))
     assert "shadow-x" in page.read_text()
+
+
+def test_a_lost_connection_is_a_sink_error_and_the_next_write_reconnects(my_table):
+    sink = MysqlSink(out(my_table), "SCORING_STREAM__SINK")
+    try:
+        sink.write_batch(_stream_rows(("K", 1.0, 0, 1)))
+        query(f"KILL {sink._connection().thread_id()}")  # the server drops the session (a restart, a proxy)
+        with pytest.raises(SinkError) as err:
+            sink.write_batch(_stream_rows(("K", 2.0, 0, 2)))
+        assert "writing results in mysql://root@127.0.0.1:3306/test" in str(err.value)
+        sink.write_batch(_stream_rows(("K", 2.0, 0, 2)))  # the retry: a new session
+        assert query(f"SELECT score FROM `{my_table}`") == [(2.0,)]
+    finally:
+        sink.close()
+
+
+def test_new_columns_in_the_middle_of_a_unit_fail_it_alone_and_keep_its_old_rows(my_table):
+    """MariaDB commits on DDL: a unit's later write that needs a new column must not commit the unit half done."""
+    from workers.errors import InputError
+
+    sink = MysqlSink(out(my_table), "SCORING_BATCH__OUTPUT")
+
+    def table(ids: list[str], **extra) -> Scored:
+        return Scored(pa.table({"id": ids, "model_version": ["v"] * len(ids), "score": [0.5] * len(ids),
+                                **extra}), pa.table({}))
+
+    try:
+        writer = sink.begin("f")
+        writer.write(table(["old1", "old2"]))
+        writer.commit()
+        writer = sink.begin("f")
+        writer.write(table(["new1"]))
+        with pytest.raises(InputError, match="needed new columns in the middle of this input"):
+            writer.write(table(["new2"], extra=[1]))
+        writer.abort()
+        assert sorted(r[0] for r in query(f"SELECT id FROM `{my_table}`")) == ["old1", "old2"]
+        writer = sink.begin("f")  # the next run: the column exists now, the unit goes in whole
+        writer.write(table(["new1"]))
+        writer.write(table(["new2"], extra=[1]))
+        writer.commit()
+        assert query(f"SELECT id, extra FROM `{my_table}` ORDER BY id") == [("new1", None), ("new2", 1)]
+    finally:
+        sink.close()
+
+
+def test_sigkill_then_rerun_keeps_each_row_once(models, my_table, tmp_path):
+    import signal
+    import time
+
+    inputs = str(tmp_path / "in")
+    files, rows = 8, 20000
+    write_inputs(inputs, files=files, rows=rows, row_group=2000)
+    args = [sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input", inputs,
+            "--output", out(my_table), "--batch-rows", "1000"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    stored = 0
+    while time.monotonic() < deadline and stored < 40_000:
+        try:
+            stored = query(f"SELECT count(*) FROM `{my_table}`")[0][0]
+        except Exception:  # noqa: BLE001 - the table does not exist yet
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = query(f"SELECT count(*) FROM `{my_table}`")[0][0]
+    assert 40_000 <= before < files * rows, "the kill must land partway through the run"
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["files_skipped"] >= 1
+    assert query(f"SELECT count(*), count(DISTINCT id) FROM `{my_table}`") == [(files * rows, files * rows)]
