@@ -507,3 +507,15 @@ def test_sigkill_then_rerun_keeps_each_row_once(models, my_table, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["files_skipped"] >= 1
     assert query(f"SELECT count(*), count(DISTINCT id) FROM `{my_table}`") == [(files * rows, files * rows)]
+
+
+def test_a_bad_mysql_uri_stops_batch_at_start_up_with_one_line(models, tmp_path):
+    inputs = str(tmp_path / "in")
+    write_inputs(inputs, files=1, rows=5)
+    proc = subprocess.run([sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input", inputs,
+                           "--output", "mysql://writer:hunter2@db:3306/?table=t"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "hunter2" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: SCORING_BATCH__OUTPUT (--output): 'mysql://writer:***@db:3306/?table=t' names no database: use "
+        "mysql://user@host:3306/DB?table=NAME"]
