@@ -519,3 +519,13 @@ def test_a_bad_mysql_uri_stops_batch_at_start_up_with_one_line(models, tmp_path)
     assert proc.stderr.strip().splitlines() == [
         "error: SCORING_BATCH__OUTPUT (--output): 'mysql://writer:***@db:3306/?table=t' names no database: use "
         "mysql://user@host:3306/DB?table=NAME"]
+
+
+def test_only_mariadb_10_7_or_later_is_used():
+    """No MySQL server here: the version rule alone (a MySQL server lacks the uuid type, the nopad collation and
+    max_statement_time, so it is refused on connect with a SinkError saying so)."""
+    from workers.sinks.mysql import _supported
+
+    assert _supported("10.11.19-MariaDB-0+deb12u1") and _supported("5.5.5-10.11.6-MariaDB") and _supported(
+        "11.4.2-MariaDB-log")
+    assert not any(map(_supported, ["8.0.36", "8.4.0-commercial", "10.6.12-MariaDB", "5.7.44-log", "junk"]))

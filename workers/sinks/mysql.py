@@ -1,7 +1,10 @@
 """MySQL / MariaDB sink: multi-row INSERT into a temporary staging table, then one upsert, in one transaction.
 
 ``mysql://user[:password]@host:port/db?table=NAME`` (``mariadb://`` alike; default table ``scores``, port 3306;
-``connect_timeout=N`` seconds the only other option). Driver: PyMySQL (pure Python). Tables, created when missing
+``connect_timeout=N`` seconds the only other option). Driver: PyMySQL (pure Python). The server must be MariaDB
+10.7 or later (the ``uuid`` type, collation ``utf8mb4_nopad_bin``, ``max_statement_time``,
+``CREATE INDEX IF NOT EXISTS``): a MySQL server is refused on connect with a SinkError saying so, never half used;
+the ``mysql://`` scheme names the protocol. Tables, created when missing
 (InnoDB, utf8mb4, collation ``utf8mb4_nopad_bin``; column types in ``mysqltypes``):
     NAME         results, primary key (id, model_version)
     NAME_errors  rejected rows, primary key (source, model_version)
@@ -111,6 +114,17 @@ def split_uri(uri: str, setting: str) -> tuple[dict[str, Any], str]:
     return args, table
 
 
+def _supported(version: str) -> bool:
+    """Whether the server (its version string, ``10.11.19-MariaDB-0+deb12u1``) is MariaDB 10.7 or later."""
+    if "mariadb" not in version.lower():
+        return False
+    parts = version.removeprefix("5.5.5-").split("-", 1)[0].split(".")  # 5.5.5-: MariaDB's old handshake prefix
+    try:
+        return (int(parts[0]), int(parts[1])) >= (10, 7)
+    except (ValueError, IndexError):
+        return False
+
+
 def _errno(exc: BaseException) -> int:
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], int) else 0
@@ -185,6 +199,12 @@ class MysqlSink(Sink):
             try:
                 self._conn = pymysql.connect(**self.connect_args, charset=CHARSET, autocommit=False,
                                              read_timeout=int(statement_s + 30), write_timeout=int(statement_s + 30))
+                version = str(self._conn.get_server_info())
+                if not _supported(version):
+                    self._drop()
+                    raise SinkError(f"{self.name} is a {version} server: this sink needs MariaDB 10.7 or later "
+                                    "(its uuid type, utf8mb4_nopad_bin, max_statement_time); MySQL is not supported")
+                assert self._conn is not None
                 with self._conn.cursor() as cur:
                     # Every statement fails instead of hanging (a row lock, a metadata lock, a slow query);
                     # strict mode refuses what the columns cannot hold instead of truncating it.
