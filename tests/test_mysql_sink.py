@@ -529,3 +529,21 @@ def test_only_mariadb_10_7_or_later_is_used():
     assert _supported("10.11.19-MariaDB-0+deb12u1") and _supported("5.5.5-10.11.6-MariaDB") and _supported(
         "11.4.2-MariaDB-log")
     assert not any(map(_supported, ["8.0.36", "8.4.0-commercial", "10.6.12-MariaDB", "5.7.44-log", "junk"]))
+
+
+def test_a_row_larger_than_the_servers_packet_is_rejected_not_retried(my_table):
+    """max_allowed_packet is global on MariaDB (other sessions share this server): the sink's copy of it is
+    lowered instead, as a server with a small packet would set it on connect."""
+    sink = MysqlSink(out(my_table), "SCORING_STREAM__SINK")
+    try:
+        sink.check()
+        assert sink.packet >= 1 << 20  # read from the server
+        sink.packet = 20_000
+        rows = pa.table({"id": ["p0", "p1", "p2"], "model_version": ["v"] * 3, "note": ["a", "x" * 30_000, "b"]})
+        with pytest.raises(RowsRejected) as err:
+            sink.write_batch(Scored(rows, pa.table({})))
+        assert list(err.value.rows) == [1] and "max_allowed_packet (20000)" in err.value.rows[1]
+        sink.write_batch(Scored(rows.take([0, 2]), pa.table({})))  # the rest, in statements under the packet
+        assert sorted(r[0] for r in query(f"SELECT id FROM `{my_table}`")) == ["p0", "p2"]
+    finally:
+        sink.close()

@@ -190,6 +190,7 @@ class MysqlSink(Sink):
         self._open = False  # the connection's transaction holds uncommitted writes
         self.known: dict[str, dict[str, str]] = {}  # suffix -> the table's columns and types, once read
         self.stages: set[str] = set()  # temporary staging tables of this session
+        self.packet = 16 << 20  # the server's max_allowed_packet, read on connect
         self._inputs = MysqlLedger(self)
 
     # -- connection ------------------------------------------------------------------------------
@@ -215,6 +216,8 @@ class MysqlSink(Sink):
                     # No gap locks: shards deleting their own units' rows (an index range each, often empty)
                     # and then inserting into the same gaps deadlock under REPEATABLE READ.
                     cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    cur.execute("SELECT @@max_allowed_packet")
+                    self.packet = int(cur.fetchone()[0])
                 self._conn.commit()
             except pymysql.err.MySQLError as exc:
                 self._conn = None
@@ -369,13 +372,22 @@ class MysqlSink(Sink):
             return [], bad
         sep = pa.scalar(",", pa.large_string())
         joined = pc.binary_join_element_wise(*[pc.cast(c, pa.large_string()) for c in columns], sep)
-        return pc.binary_join_element_wise(pa.scalar("(", pa.large_string()), joined,
-                                           pa.scalar(")", pa.large_string()), pa.scalar("", pa.large_string())
-                                           ).to_pylist(), bad
+        rows = pc.binary_join_element_wise(pa.scalar("(", pa.large_string()), joined,
+                                           pa.scalar(")", pa.large_string()), pa.scalar("", pa.large_string()))
+        # A row the server cannot receive in one packet would drop the connection at every retry: reject it.
+        longest = self.packet - 4096  # room for the INSERT's head
+        sizes = pc.binary_length(rows)
+        if pc.any(pc.greater(sizes, longest)).as_py():
+            for i, n in enumerate(sizes.to_pylist()):
+                if n > longest:
+                    bad.setdefault(i, f"the row is {n} bytes of SQL, more than the server's max_allowed_packet "
+                                      f"({self.packet}) lets one statement carry")
+        return rows.to_pylist(), bad
 
     def upsert(self, cur: pymysql.cursors.Cursor, suffix: str, names: list[str], rows: list[str],
                key: tuple[str, ...]) -> None:
-        """Rows into the staging table (multi-row INSERTs of at most ``STATEMENT_BYTES``), then one
+        """Rows into the staging table (multi-row INSERTs of at most ``STATEMENT_BYTES`` or half the server's
+        ``max_allowed_packet``), then one
         INSERT ... SELECT ... ON DUPLICATE KEY UPDATE."""
         types = {n: self.known[suffix][n] for n in names}
         stage = self._stage(cur, types)
@@ -384,7 +396,7 @@ class MysqlSink(Sink):
         start, size = 0, 0
         for i, row in enumerate(rows):
             size += len(row) + 1
-            if size >= STATEMENT_BYTES or i == len(rows) - 1:
+            if size >= min(STATEMENT_BYTES, self.packet // 2) or i == len(rows) - 1:
                 cur.execute(head + ",".join(rows[start:i + 1]))
                 start, size = i + 1, 0
         target = q(self.table + suffix)
