@@ -547,3 +547,15 @@ def test_a_row_larger_than_the_servers_packet_is_rejected_not_retried(my_table):
         assert sorted(r[0] for r in query(f"SELECT id FROM `{my_table}`")) == ["p0", "p2"]
     finally:
         sink.close()
+
+
+def test_a_table_made_by_hand_with_other_cased_columns_is_written_not_given_a_second_column(my_table):
+    query(f"CREATE TABLE `{my_table}` (ID varchar(255) NOT NULL, Model_Version varchar(255) NOT NULL, SCORE double, "
+          "PRIMARY KEY (ID, Model_Version))")
+    sink = MysqlSink(out(my_table), "SCORING_STREAM__SINK")
+    try:
+        sink.write_batch(Scored(pa.table({"id": ["h1"], "model_version": ["v"], "score": [0.25]}), pa.table({})))
+        sink.write_batch(Scored(pa.table({"id": ["h1"], "model_version": ["v"], "score": [0.5]}), pa.table({})))
+        assert query(f"SELECT * FROM `{my_table}`") == [("h1", "v", 0.5)]
+    finally:
+        sink.close()

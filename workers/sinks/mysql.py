@@ -140,6 +140,15 @@ def _reason(exc: BaseException) -> str:
     return f"MariaDB refuses the row: {message}"
 
 
+def _alias(have: dict[str, str] | None, want: dict[str, str]) -> dict[str, str] | None:
+    """The catalog's columns, also under the spelling ``want`` uses when it differs only in case (MariaDB column
+    names ignore case: a table made by hand with ``ID`` holds our ``id``, and must not be given a second one)."""
+    if have is None:
+        return None
+    lower = {n.lower(): n for n in have}
+    return have | {n: have[lower[n.lower()]] for n in want if n not in have and n.lower() in lower}
+
+
 class _NeedsDdl(Exception):  # noqa: N818 - internal signal, never leaves the module
     """A write inside an open unit transaction needs DDL, which would commit the transaction."""
 
@@ -318,7 +327,7 @@ class MysqlSink(Sink):
             raise _NeedsDdl
         with self._ddl_lock(cur):
             ident = q(self.table + suffix)
-            have = self.catalog(cur, suffix)
+            have = _alias(self.catalog(cur, suffix), want)
             if have is None:
                 cols = [f"{q(n)} {t}" for n, t in want.items()]
                 cols += [f"{q(k)} {key_type(k)}" for k in key if k not in want]
@@ -339,7 +348,7 @@ class MysqlSink(Sink):
                 # Rewriting a unit deletes its rows by this column: it must not scan the whole table.
                 cur.execute(f"CREATE INDEX IF NOT EXISTS {q('ix_' + UNIT_COLUMN)} ON {ident} "
                             f"({q(UNIT_COLUMN)}(255))")
-            have = self.catalog(cur, suffix) or {}
+            have = _alias(self.catalog(cur, suffix), want) or {}
             self._connection().commit()
         self.known[suffix] = have
         return have
