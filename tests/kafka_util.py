@@ -33,10 +33,12 @@ def committed_kafka_python(bootstrap: str, group: str, topic: str, partitions: i
 
 
 class KafkaHelper:
-    def __init__(self, bootstrap: str):
+    def __init__(self, bootstrap: str, config: dict | None = None):
+        """``config``: librdkafka properties every client of the helper adds (TLS: tests/tls_util.py)."""
         self.bootstrap = bootstrap
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
-        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        self.config = {"bootstrap.servers": bootstrap, **(config or {})}
+        self.admin = AdminClient(self.config)
+        self.producer = Producer({**self.config, "enable.idempotence": True, "linger.ms": 5})
         self.procs: list[subprocess.Popen] = []
 
     def topic(self, partitions: int = 3, prefix: str = "t") -> str:
@@ -67,7 +69,7 @@ class KafkaHelper:
 
     def consume_all(self, topic: str, expect: int, timeout: float = 30.0) -> list:
         """Every message of ``topic`` (all partitions, from the start), waiting until ``expect`` arrived."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+        consumer = Consumer({**self.config, "group.id": f"reader-{uuid.uuid4().hex[:8]}",
                              "enable.auto.commit": False})
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
@@ -105,7 +107,7 @@ class KafkaHelper:
             time.sleep(0.2)
 
     def _committed_librdkafka(self, group: str, topic: str, partitions: int) -> dict[int, int]:
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
+        consumer = Consumer({**self.config, "group.id": group, "enable.auto.commit": False})
         got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         consumer.close()
         # librdkafka reports "nothing committed" as a negative sentinel (-1001): that is offset 0 here.

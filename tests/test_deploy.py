@@ -361,7 +361,8 @@ def _mode(command: str, settings) -> str:
 
 
 def _kafka_problems(settings, env: dict[str, str], container: dict, pod: dict, trigger_meta: dict | None) -> list[str]:
-    """What a container that talks to Kafka lacks: SASL credentials from the Secret, the CA file mounted."""
+    """What a container that talks to Kafka lacks: SASL credentials from the Secret, the CA file (and an mTLS
+    certificate and key) mounted, a key password from the Secret."""
     k = settings.kafka
     out = []
     if k.security_protocol.startswith("SASL_"):
@@ -381,6 +382,12 @@ def _kafka_problems(settings, env: dict[str, str], container: dict, pod: dict, t
             out.append("TLS without SCORING_KAFKA__SSL_CAFILE")
         else:
             out += _file_mounted(k.ssl_cafile, container, pod)
+        for path in (k.ssl_certfile, k.ssl_keyfile):  # mTLS: the client certificate and key mounted too
+            if path:
+                out += _file_mounted(path, container, pod)
+        if "SCORING_KAFKA__SSL_KEY_PASSWORD" in env and not env["SCORING_KAFKA__SSL_KEY_PASSWORD"].startswith(
+                "<from secret"):
+            out.append("SCORING_KAFKA__SSL_KEY_PASSWORD is not taken from a Secret")
     return out
 
 

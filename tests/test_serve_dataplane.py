@@ -219,3 +219,38 @@ def test_batcher_answers_an_empty_request_without_calling_the_model(binary):
         return await b.predict(np.empty((0, 8)), counting)
 
     assert asyncio.run(go()).shape == (0,) and counting.calls == []
+
+
+def test_an_idle_batcher_predicts_at_once_and_waits_only_for_a_request_on_its_way(binary):
+    counting = Counting(binary)
+    a, b = np.ones((2, 8)), np.zeros((3, 8))
+
+    async def go():
+        bt = batcher(100, 5.0)  # would wait 5 s for company if it waited blindly
+        bt.task = asyncio.create_task(bt.run())
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            alone = await bt.predict(a, counting)
+            alone_s = loop.time() - started
+            # A request on its way (its body being read): the batch waits for it, and both share one call.
+            with bt.arrival() as on_its_way:
+                first = asyncio.ensure_future(bt.predict(a, counting))
+                await asyncio.sleep(0.05)
+                assert not first.done()  # held for the request on its way
+                second = await on_its_way.submit(b, counting)
+            # One that fails before it is submitted (a 400) lets the waiting batch go.
+            with bt.arrival():
+                third = asyncio.ensure_future(bt.predict(a, counting))
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(third, 2.0)
+            return alone, alone_s, await first, second
+        finally:
+            bt.task.cancel()
+
+    alone, alone_s, first, second = asyncio.run(go())
+    assert alone_s < 2.5, f"an idle batcher waited {alone_s:.2f} s"  # vs the 5 s it would wait blindly
+    np.testing.assert_allclose(alone, binary.predict(a))
+    np.testing.assert_allclose(first, binary.predict(a))
+    np.testing.assert_allclose(second, binary.predict(b))
+    assert counting.calls == [2, 5, 2], counting.calls

@@ -40,6 +40,8 @@ class Case:
 def run_cli(args: list[str], cwd, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.upper().startswith("SCORING_")
             and k != "JOB_COMPLETION_INDEX"}
+    if args[:1] == ["serve"]:
+        full["SCORING_SERVE__GRPC_PORT"] = ""  # REST only, unless a case asks (8081 may be another test's)
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "workers", *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=timeout)
@@ -148,6 +150,10 @@ def cases(w: dict) -> list[Case]:
         Case("serve-missing-model", ["serve", "--model", "nope.txt", "--port", "0"], "SCORING_MODEL__PATH"),
         Case("serve-port-in-use", ["serve", "--model", m, "--port", port], "SCORING_SERVE__PORT"),
         Case("serve-bad-port", ["serve", "--model", m, "--port", "http"], "'--port'"),
+        Case("serve-grpc-port-in-use", ["serve", "--model", m, "--port", "0", "--grpc-port", port],
+             "SCORING_SERVE__GRPC_PORT"),
+        Case("serve-grpc-port-is-the-http-port", ["serve", "--model", m, "--port", "8089", "--grpc-port", "8089"],
+             "SCORING_SERVE__GRPC_PORT"),
         Case("serve-host-not-here", ["serve", "--model", m, "--host", "192.0.2.1", "--port", "8080"],
              "SCORING_SERVE__HOST (--host)"),
         Case("serve-host-unknown", ["serve", "--model", m, "--host", "no-such-host.invalid", "--port", "8080"],

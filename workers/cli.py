@@ -117,6 +117,7 @@ def stream(settings: Settings) -> None:
 @common
 @setting("--host", "serve.host")
 @setting("--port", "serve.port")
+@setting("--grpc-port", "serve.grpc_port")
 @setting("--model-name", "serve.model_name")
 @setting("--max-batch-rows", "serve.max_batch_rows")
 @setting("--max-latency-ms", "serve.max_latency_ms")
@@ -125,11 +126,17 @@ def stream(settings: Settings) -> None:
 @setting("--sink", "serve.sink")
 @with_settings
 def serve(settings: Settings) -> None:
-    """HTTP for Knative: the Open Inference Protocol (KServe v2) and CloudEvents (KafkaSource)."""
+    """HTTP for Knative and KServe: the Open Inference Protocol v2 (REST, and gRPC on --grpc-port) and
+    CloudEvents (KafkaSource)."""
     from workers.runtime.serve.app import run_serve
     from workers.runtime.serve.bind import port_free
 
-    port_free(settings.serve.host, settings.serve.port, "SCORING_SERVE__PORT")
+    sv = settings.serve
+    port_free(sv.host, sv.port, "SCORING_SERVE__PORT")
+    if sv.grpc_port is not None:
+        if sv.grpc_port == sv.port and sv.port != 0:
+            raise ConfigError("SCORING_SERVE__GRPC_PORT", f"{sv.grpc_port} is the HTTP port too; choose another")
+        port_free(sv.host, sv.grpc_port, "SCORING_SERVE__GRPC_PORT")
     sys.exit(run_serve(settings))
 
 
@@ -173,11 +180,16 @@ def demo(folder: str, rows: int) -> None:
 @click.option("--id-column", default="id", show_default=True)
 def produce_cmd(bootstrap_servers: str, topic: str, source: str, partitions: int, bad: int, limit: int | None,
                 id_column: str) -> None:
-    """Publish Parquet rows as JSON records (a tool for trying stream mode; not used in production)."""
+    """Publish Parquet rows as JSON records (a tool for trying stream mode; not used in production).
+
+    TLS and SASL come from the SCORING_KAFKA__* env vars, as for the worker.
+    """
+    from workers.settings import load_settings
     from workers.tools.produce import produce
 
     setup_logging("WARNING")
-    produce(bootstrap_servers, topic, source, partitions, bad, limit, id_column)
+    kafka = load_settings({"kafka": {"bootstrap_servers": bootstrap_servers}}).kafka
+    produce(kafka, topic, source, partitions, bad, limit, id_column)
 
 
 @cli.command("compile")
@@ -238,7 +250,7 @@ SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:0
 @cli.command("compare")
 @click.option("--results", required=True,
               help="Results to read: the sink URI (postgresql://...?table=T, mysql://...?table=T, "
-                   "sqlite:///db?table=T, a Parquet directory or s3:// prefix).")
+                   "sqlite:///db?table=T, redis://host:port/db?prefix=P, a Parquet directory or s3:// prefix).")
 @click.option("--threshold", type=float, default=None,
               help="Decision threshold for agreement [default: SCORING_ROUTING__THRESHOLD, 0.5].")
 @click.option("--since", default=None, help=SINCE_HELP)

@@ -211,8 +211,8 @@ class BatchSettings(_Group):
     """Parquet input: a file, a directory, a glob (`data/*.parquet`) or an `s3://bucket/prefix`."""
     output: str | None = None
     """Where results go: a directory or `s3://` prefix (Parquet dataset, one file per input file) or
-    `postgresql://user@host:port/db?table=NAME`, `mysql://user@host:3306/db?table=NAME` (MySQL / MariaDB), or
-    `sqlite:///path.db?table=NAME`."""
+    `postgresql://user@host:port/db?table=NAME`, `mysql://user@host:3306/db?table=NAME` (MariaDB),
+    `sqlite:///path.db?table=NAME`, or `redis://host:port/db?prefix=scores:` (one hash per id)."""
     batch_rows: int = Field(65536, ge=1, le=10_000_000)
     """Rows per scoring batch read from a Parquet file; peak memory is about one batch plus one row group."""
     shard_index: int | None = Field(None, ge=0)
@@ -246,11 +246,24 @@ class KafkaSettings(_Group):
     sasl_password: SecretStr | None = None
     """SASL password (never logged or shown)."""
     ssl_cafile: str | None = None
-    """CA bundle (PEM) to verify the broker's certificate."""
+    """CA bundle (PEM) to verify the broker's certificate; empty means the system's CAs."""
+    ssl_certfile: str | None = None
+    """Client certificate (PEM) for brokers that demand one (mTLS); needs `ssl_keyfile`."""
+    ssl_keyfile: str | None = None
+    """Private key (PEM) of `ssl_certfile`."""
+    ssl_key_password: SecretStr | None = None
+    """Password of an encrypted `ssl_keyfile` (never logged or shown)."""
+    ssl_check_hostname: bool = True
+    """Check that the broker's certificate names the host connected to (false: any certificate the CA signed)."""
 
     def librdkafka_config(self) -> dict[str, Any]:
         """These settings as librdkafka properties: every Kafka client of the worker is confluent-kafka (the stream
-        and batch-queue consumers, the producers, the produce tool, `check`)."""
+        and batch-queue consumers, the producers, the produce tool, `check`).
+
+        With TLS, the files are checked first (``workers.kafka_tls.check_files``): a missing or unreadable file, a
+        key that does not match the certificate or a wrong key password raises ConfigError naming the setting,
+        where librdkafka would say "ssl.key.location failed: PEM lib". Not at settings load: a deployment's
+        files exist only inside its pod (tests/test_deploy.py loads those settings here)."""
         cfg: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,
@@ -260,8 +273,18 @@ class KafkaSettings(_Group):
             cfg["sasl.mechanisms"] = self.sasl_mechanism
             cfg["sasl.username"] = self.sasl_username or ""
             cfg["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else ""
-        if self.ssl_cafile:
-            cfg["ssl.ca.location"] = self.ssl_cafile
+        if self.security_protocol.endswith("SSL"):
+            from workers.kafka_tls import check_files
+
+            check_files(self)
+            if self.ssl_cafile:
+                cfg["ssl.ca.location"] = self.ssl_cafile
+            if self.ssl_certfile:
+                cfg["ssl.certificate.location"] = self.ssl_certfile
+                cfg["ssl.key.location"] = self.ssl_keyfile
+            if self.ssl_key_password:
+                cfg["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+            cfg["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
         return cfg
 
 
@@ -271,9 +294,9 @@ class StreamSettings(_Group):
     group: Text = "scoring-workers"
     """Consumer group id; every pod of one deployment uses the same group."""
     sink: str = "sqlite:///scores.db?table=scores"
-    """Where results go: `postgresql://...?table=T`, `mysql://...?table=T` (MySQL / MariaDB),
-    `sqlite:///path.db?table=T`, `kafka://topic`, a directory or `s3://` prefix (Parquet, one file per partition
-    per committed batch)."""
+    """Where results go: `postgresql://...?table=T`, `mysql://...?table=T` (MariaDB), `sqlite:///path.db?table=T`,
+    `redis://host:port/db?prefix=P`, `kafka://topic`, a directory or `s3://` prefix (Parquet, one file per
+    partition per committed batch)."""
     dead_letter_topic: TopicName | None = None
     """Topic for bad records (original key and value, headers with the reason); default `<topic>.dlq`."""
     on_bad_record: Literal["dead-letter", "fail"] = "dead-letter"
@@ -314,8 +337,11 @@ class ServeSettings(_Group):
     """Address to listen on."""
     port: int = Field(8080, ge=0, le=65535)
     """HTTP port (Knative sends traffic to 8080 by default); /healthz, /readyz and /metrics are served here too."""
+    grpc_port: int | None = Field(8081, ge=0, le=65535)
+    """gRPC port of the Open Inference Protocol (`inference.GRPCInferenceService`) and of `grpc.health.v1`
+    (KServe's default 8081); empty to serve REST only. Messages are held to `max_body_bytes` too."""
     model_name: str | None = None
-    """Model name in `/v2/models/{name}` URLs; default: the model file's stem."""
+    """Model name in `/v2/models/{name}` URLs and gRPC requests; default: the model file's stem."""
     max_batch_rows: int = Field(256, ge=1, le=1_000_000)
     """Adaptive batching: most rows gathered from concurrent requests into one predict call."""
     max_latency_ms: float = Field(2.0, ge=0, le=10_000)

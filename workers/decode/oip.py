@@ -159,18 +159,36 @@ def _shown(value: Any) -> str:
     return orjson.dumps(text).decode() if not isinstance(text, str) else text
 
 
-def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndarray, int]:
-    """One input tensor -> (values shaped [N] or [N, k]: float64, or object (str) for BYTES; next offset)."""
-    name = spec.get("name")
+def raw_values(name: str, dtype: str, shape: list[int], raw: bytes) -> np.ndarray:
+    """A tensor's raw bytes (REST's binary extension, gRPC's ``raw_input_contents``) -> a flat array: float64,
+    or object (str) for BYTES (each element a 4-byte little-endian length, then its UTF-8 bytes)."""
+    size = math.prod(shape)
+    if dtype == "BYTES":
+        values = np.array(_bytes_tensor(name, raw), dtype=object)
+        if len(values) != size:
+            raise BadRequest(f"input {name!r}: {len(values)} values do not match shape {shape}")
+        return values
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    if len(raw) != size * itemsize:
+        raise BadRequest(f"input {name!r}: {len(raw)} bytes do not hold shape {shape} of {dtype}")
+    return np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")).astype(np.float64)
+
+
+def check_head(name: object, dtype: object, shape: object) -> tuple[str, str, list[int]]:
+    """An input's name, datatype and shape, checked as every front end needs them."""
     if not isinstance(name, str) or not name:
         raise BadRequest(f"each input needs a name (a string), got {_kind(name)}")
-    dtype = spec.get("datatype")
     if not isinstance(dtype, str) or (dtype not in DTYPES and dtype != "BYTES"):
         raise BadRequest(f"input {name!r}: datatype {dtype!r} is not supported (use FP32, FP64, INT*, BOOL or BYTES)")
-    shape = spec.get("shape")
     if (not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
             or len(shape) not in (1, 2)):
         raise BadRequest(f"input {name!r}: shape must be [N] or [N, k] of non-negative integers, got {shape!r}")
+    return name, dtype, shape
+
+
+def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndarray, int]:
+    """One input tensor -> (values shaped [N] or [N, k]: float64, or object (str) for BYTES; next offset)."""
+    name, dtype, shape = check_head(spec.get("name"), spec.get("datatype"), spec.get("shape"))
     size = math.prod(shape)
     params = _parameters(spec, f"input {name!r}")
     if "binary_data_size" in params and "data" in spec:
@@ -181,17 +199,8 @@ def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndar
             raise BadRequest(f"input {name!r}: parameters.binary_data_size must be a non-negative integer, got {n!r}")
         if binary is None or offset + n > len(binary):
             raise BadRequest(f"input {name!r}: binary_data_size {n} does not fit the binary body")
-        raw = bytes(binary[offset:offset + n])
+        values = raw_values(name, dtype, shape, bytes(binary[offset:offset + n]))
         offset += n
-        if dtype == "BYTES":
-            values = np.array(_bytes_tensor(name, raw), dtype=object)
-            if len(values) != size:
-                raise BadRequest(f"input {name!r}: {len(values)} values do not match shape {shape}")
-        else:
-            itemsize = np.dtype(DTYPES[dtype]).itemsize
-            if len(raw) != size * itemsize:
-                raise BadRequest(f"input {name!r}: {len(raw)} bytes do not hold shape {shape} of {dtype}")
-            values = np.frombuffer(raw, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")).astype(np.float64)
     else:
         if "data" not in spec:
             raise BadRequest(f"input {name!r}: no data (and no parameters.binary_data_size)")
@@ -242,7 +251,7 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
                 binary_out.add(o["name"])
     if _flag(params, "binary_data_output", "request"):
         binary_out.add("*")
-    matrix = _to_matrix(tensors, model)
+    matrix = to_matrix(tensors, model)
     return InferRequest(rid, matrix, binary_out, requested)
 
 
@@ -256,11 +265,30 @@ def _loads(head: bytes) -> Any:
     if b"NaN" in head or b"Infinity" in head:
         import json
 
+        # Python's json takes more than orjson refused: only the three literals are let through. A number that
+        # overflows (1e400, an integer of 400 digits) or a lone surrogate (which no reply could hold) is still
+        # the invalid JSON it was, wherever NaN appears in the body.
         try:
-            return json.loads(head)
-        except (ValueError, RecursionError):
+            value = json.loads(head, parse_float=_finite_float, parse_int=_finite_int)
+            orjson.dumps(value)  # every string is valid Unicode
+            return value
+        except (ValueError, RecursionError, TypeError, OverflowError):
             pass
     raise BadRequest(f"body is not valid JSON: {error}") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]} is out of the float range")
+    return value
+
+
+def _finite_int(text: str) -> int | float:
+    value = int(text)
+    if abs(value) >= 2**64:  # as orjson reads such an integer: a float, refused when out of range
+        return _finite_float(text)
+    return value
 
 
 def _model_values(model: Model, j: int, values: np.ndarray) -> np.ndarray:
@@ -285,7 +313,9 @@ def _model_values(model: Model, j: int, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _to_matrix(tensors: dict[str, np.ndarray], model: Model) -> np.ndarray:
+def to_matrix(tensors: dict[str, np.ndarray], model: Model) -> np.ndarray:
+    """Input tensors by name (each [N] or [N, k]: float64, or object (str) for BYTES) -> the model's matrix:
+    one [N, n_features] tensor in feature order, or one tensor per feature; every mistake a ``BadRequest``."""
     names = model.feature_names
     if len(tensors) == 1:
         (name, values), = tensors.items()

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from workers.errors import InputError, ScoringError, SinkError
+from workers.kafka_tls import reach
 from workers.runtime.batch import BatchReport, open_batch_sink, output_places, score_file
 from workers.runtime.progress import Progress
 from workers.scoring.build import build_router
@@ -124,10 +125,10 @@ def _connect(settings: Settings) -> Consumer:
     except KafkaException as exc:  # a property librdkafka refuses (e.g. a CA file it cannot read)
         raise ScoringError(f"Kafka client: {_reason(exc)}") from None
     try:
-        consumer.list_topics(timeout=10)
-    except KafkaException as exc:
+        reach(consumer, settings.kafka)  # a TLS or protocol mistake names its setting (workers.kafka_tls)
+    except ScoringError:
         consumer.close()
-        raise ScoringError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {_reason(exc)}") from None
+        raise
     return consumer
 
 

@@ -44,17 +44,21 @@ def run_checks(settings: Settings) -> int:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
+        from workers.kafka_tls import reach
+
         try:
             config: dict = {**settings.kafka.librdkafka_config(), "logger": logging.getLogger("workers.kafka")}
             admin = AdminClient(config)
-            known = admin.list_topics(timeout=10).topics
+            known = reach(admin, settings.kafka).topics  # a TLS mistake names its setting (workers.kafka_tls)
             results.append(_line(True, "broker", settings.kafka.bootstrap_servers))
             missing = [t for t in settings.stream.topics if t not in known]
             results.append(_line(not missing, "topics", f"missing {missing}" if missing else
                                  ", ".join(settings.stream.topics)))
-        except KafkaException as exc:
+        except KafkaException as exc:  # a property librdkafka refuses
             reason = exc.args[0].str() if exc.args else str(exc)
             results.append(_line(False, "broker", f"{settings.kafka.bootstrap_servers}: {reason}"))
+        except ScoringError as exc:  # the TLS files, a certificate, the protocol, or not reachable
+            results.append(_line(False, "broker", str(exc)))
     if settings.stream.topics or not settings.batch.output:
         sinks = [("sink", settings.stream.sink, "SCORING_STREAM__SINK", False)]
     else:  # a batch output must keep the ledger too, as batch mode refuses it at start-up otherwise

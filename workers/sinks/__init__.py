@@ -40,6 +40,12 @@ def _kafka(uri: str, s3: S3Settings, setting: str, kafka: object = None, **_: ob
     return KafkaSink(uri, kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(), setting)
 
 
+def _redis(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
+    from workers.sinks.redis import RedisSink
+
+    return RedisSink(uri, setting)
+
+
 SINKS = {
     "": _parquet,
     "file": _parquet,
@@ -50,6 +56,8 @@ SINKS = {
     "mysql": _mysql,
     "mariadb": _mysql,
     "kafka": _kafka,
+    "redis": _redis,
+    "rediss": _redis,
 }
 
 

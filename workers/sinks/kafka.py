@@ -12,7 +12,6 @@ a ``kafka://`` output at start-up.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 
@@ -26,7 +25,8 @@ from workers.errors import ConfigError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import KafkaSettings
 from workers.sinks.base import DirectUnit, Sink, UnitWriter, redact
-from workers.sinks.tables import is_json, is_uuid, json_default, plain
+from workers.sinks.rowjson import json_value_default, plain_columns
+from workers.sinks.tables import is_json, plain
 
 
 class Producer:
@@ -82,16 +82,6 @@ class Producer:
         self.producer.flush(timeout)
 
 
-def _default(value: object) -> object:
-    """Values JSON has no type for: the table sinks' mapping (decimal exact, bytes base64...), else text."""
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    try:
-        return json_default(value)
-    except TypeError:
-        return str(value)
-
-
 def _key(value: object) -> bytes | None:
     if value is None:
         return None
@@ -129,17 +119,8 @@ def result_messages(scored: Scored) -> list[tuple[bytes | None, bytes]]:
     columns = [_json_ready(table.column(name)) for name in names]
     keys = [_key(i) for i in columns[names.index("id")]]
     dumps = orjson.dumps
-    return [(key, dumps(dict(zip(names, row, strict=True)), default=_default))
+    return [(key, dumps(dict(zip(names, row, strict=True)), default=json_value_default))
             for key, row in zip(keys, zip(*columns, strict=True), strict=True)]
-
-
-def _plain_columns(scored: Scored) -> Scored:
-    """Column types to_pylist gives no JSON-able value for, made plain (views, float16, extensions)."""
-    table = scored.results
-    if all(not pa.types.is_string_view(t) and not isinstance(t, pa.BaseExtensionType) for t in table.schema.types):
-        return scored
-    cols = [c if is_uuid(c.type) or is_json(c.type) else plain(c) for c in table.columns]
-    return Scored(pa.table(cols, names=table.column_names), scored.errors, scored.error_rows)
 
 
 class KafkaSink(Sink):
@@ -165,7 +146,7 @@ class KafkaSink(Sink):
 
     def write_batch(self, scored: Scored) -> None:
         """Send one message per result; rows too large for a message are rejected before any is sent."""
-        messages = result_messages(_plain_columns(scored))
+        messages = result_messages(plain_columns(scored))
         limit = self.max_message - 512  # room for the record's framing and headers
         big = {i: f"the result is {len(k or b'') + len(v)} bytes, more than a Kafka message holds ({limit})"
                for i, (k, v) in enumerate(messages) if len(k or b"") + len(v) > limit}

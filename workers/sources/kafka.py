@@ -13,6 +13,12 @@ Rules that keep at-least-once true (with idempotent sinks, exactly once in the s
   group without taking records. Pausing drops librdkafka's prefetched records; ``resume`` fetches again
   from the last record handed to us. A partition assigned meanwhile is paused as it arrives.
 
+Start-up (``open``): the first metadata comes through ``workers.kafka_tls.reach``, so a TLS or protocol mistake
+(wrong CA, a certificate not valid for the host, a client certificate demanded, TLS to a plaintext listener)
+stops the worker within seconds with one line naming the setting, where librdkafka alone would say "transport
+failure" after the wait, or retry an advertised broker's connection forever. A broker that does not answer is
+ScoringError (exit 1) after 10 s.
+
 Why librdkafka and not kafka-python: kafka-python parses fetch responses in Python on the thread that
 decodes records (10 us per record measured, a quarter of the stream worker's time); librdkafka fetches
 and parses in its own threads (2 us per record to hand over).
@@ -28,6 +34,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from workers.errors import ScoringError
+from workers.kafka_tls import reach
 from workers.observability import Metrics
 from workers.settings import Settings
 from workers.sources.base import TP, Batch, Source
@@ -35,6 +42,12 @@ from workers.sources.base import TP, Batch, Source
 log = logging.getLogger("workers.stream")
 
 METADATA_REFRESH_MS = 3000
+
+
+def _text(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return err.str() if isinstance(err, KafkaError) else str(exc)
+
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
     s = settings.stream
@@ -85,13 +98,18 @@ class KafkaSource(Source):
 
     def open(self) -> None:
         settings = self.settings
-        self.consumer = Consumer(consumer_config(settings), logger=logging.getLogger("workers.kafka"))
         try:
-            known = self.consumer.list_topics(timeout=10).topics
-        except KafkaException as exc:
+            self.consumer = Consumer(consumer_config(settings), logger=logging.getLogger("workers.kafka"))
+        except KafkaException as exc:  # a property librdkafka refuses
+            raise ScoringError(f"Kafka client: {_text(exc)}") from None
+        try:
+            # A TLS or protocol mistake is named (the setting to fix), also for an advertised broker whose
+            # certificate does not fit, which librdkafka would retry forever (workers.kafka_tls).
+            metadata = reach(self.consumer, settings.kafka)
+        except ScoringError:
             self.consumer.close()
-            raise ScoringError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: "
-                               f"{exc.args[0].str() if exc.args else exc}") from None
+            raise
+        known = metadata.topics
         self._opened = True
         self.missing = [t for t in settings.stream.topics if t not in known]
         if self.missing:

@@ -55,10 +55,12 @@ def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None) -> 
         df = _read_sqlite(uri, since)
     elif scheme in ("mysql", "mariadb"):
         df = _read_mysql(uri, since)
+    elif scheme in ("redis", "rediss"):
+        df = _read_redis(uri, since)
     elif scheme in ("", "file", "s3"):
         df = _read_parquet(uri, s3, since)
     else:
-        raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, MySQL/MariaDB, SQLite "
+        raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, MariaDB, SQLite, Redis "
                                    "or Parquet)")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
@@ -175,6 +177,48 @@ def _read_sqlite(uri: str, since: dt.datetime | None) -> pd.DataFrame:
     finally:
         conn.close()
     return _filter_since(pd.DataFrame(rows, columns=cols), since)
+
+
+def _read_redis(uri: str, since: dt.datetime | None) -> pd.DataFrame:
+    """Every version's row of every result hash under the prefix (the sink's own keys left out), read with SCAN
+    (never KEYS: the server keeps answering others) and pipelined HGETALL, 1000 keys at a time."""
+    import orjson
+    import redis
+
+    from workers.sinks.redis import META, META_PREFIXES, SERVED, RedisSink
+
+    sink = RedisSink(uri, SETTING)
+    own = tuple(sink.prefix + m.encode() for m in META_PREFIXES)
+    meta = {sink.prefix + m.encode() for m in META}
+    rows: list[dict] = []
+    try:
+        client = sink.client
+        keys = [k for k in client.scan_iter(match=_glob_escape(sink.prefix) + b"*", count=1000, _type="hash")
+                if k not in meta and not k.startswith(own)]
+        for start in range(0, len(keys), 1000):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[start:start + 1000]:
+                pipe.hgetall(key)
+            for fields in pipe.execute():
+                for name, value in fields.items():
+                    if name != SERVED.encode():
+                        row = orjson.loads(value)
+                        rows.append({c: row.get(c) for c in COLUMNS if c in row})
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise SinkError(f"cannot read {sink.name}: {exc}") from None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(SETTING, f"{sink.name} holds a hash under its prefix that is not scoring results: "
+                                   f"{exc}") from None
+    finally:
+        sink.close()
+    if not rows:
+        raise ConfigError(SETTING, f"{sink.name} holds no scoring results under its prefix")
+    return _filter_since(pd.DataFrame(rows), since)
+
+
+def _glob_escape(prefix: bytes) -> bytes:
+    """The prefix as a literal in a SCAN MATCH pattern."""
+    return b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in prefix)
 
 
 def _read_parquet(uri: str, s3: S3Settings, since: dt.datetime | None) -> pd.DataFrame:

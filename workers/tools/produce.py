@@ -1,7 +1,7 @@
 """``scoring-worker produce``: publish Parquet rows as JSON records (for trying stream mode and benchmarks).
 
 Through librdkafka (confluent-kafka), configured by ``KafkaSettings.librdkafka_config`` like every other Kafka
-client of the worker.
+client of the worker: ``--bootstrap-servers`` from the flag, TLS and SASL from the ``SCORING_KAFKA__*`` env vars.
 
 A broker that cannot be reached is one line and exit 1 (ScoringError), after ``TIMEOUT_S``: librdkafka's own log
 lines are silenced here (it would print one per reconnect attempt), and the last error it reported (say
@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from workers.errors import ConfigError, ScoringError
+from workers.kafka_tls import probe_bootstrap
 from workers.settings import KafkaSettings
 
 # How long to wait for the broker: to create the topic, and for the last records to be acknowledged.
@@ -59,10 +60,12 @@ def ensure_topic(config: dict, topic: str, partitions: int) -> None:
             raise
 
 
-def produce(bootstrap: str, topic: str, source: str, partitions: int, bad: int, limit: int | None,
+def produce(kafka: KafkaSettings, topic: str, source: str, partitions: int, bad: int, limit: int | None,
             id_column: str) -> None:
-    """Publish the rows of Parquet ``source``. ConfigError for a bad --input (checked before connecting),
+    """Publish the rows of Parquet ``source`` to the broker of ``kafka`` (TLS and SASL as the worker's).
+    ConfigError for a bad --input (checked before connecting) or a TLS mistake (``workers.kafka_tls``),
     ScoringError when the broker cannot be reached."""
+    bootstrap = kafka.bootstrap_servers
     if "://" not in source and not glob.glob(source):
         raise ConfigError("--input", f"{source} does not exist")
     try:
@@ -77,10 +80,18 @@ def produce(bootstrap: str, topic: str, source: str, partitions: int, bad: int, 
             raise ConfigError("--id-column", f"{f} has no column {id_column!r}")
     last = _LastError()
     # log_level 0: librdkafka prints nothing itself (a line per failed reconnect); its errors reach `last`.
-    config = {**KafkaSettings(bootstrap_servers=bootstrap).librdkafka_config(), "log_level": 0, "error_cb": last}
+    config = {**kafka.librdkafka_config(), "log_level": 0, "error_cb": last}
+    if kafka.security_protocol.endswith("SSL"):
+        # Before the topic is created: librdkafka would wait out TIMEOUT_S and say only "transport failure".
+        problem = probe_bootstrap(kafka)
+        if problem is not None:
+            raise problem
     try:
         _produce(config, topic, files, partitions, bad, limit, id_column)
     except KafkaException as exc:
+        problem = probe_bootstrap(kafka)  # a TLS or protocol mistake: name its setting
+        if problem is not None:
+            raise problem from None
         err = exc.args[0] if exc.args else exc
         text = err.str() if isinstance(err, KafkaError) else str(err)
         if last.error is not None and last.error.str() not in text:

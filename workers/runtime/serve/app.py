@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -29,6 +30,9 @@ from workers.runtime.serve.dataplane import DataPlane, Reply
 from workers.scoring.model import Model
 from workers.settings import Settings
 
+if TYPE_CHECKING:
+    from workers.runtime.serve.grpc import GrpcFront
+
 log = logging.getLogger("workers.serve")
 
 _DIGITS = re.compile(r"[0-9]{1,18}")
@@ -42,6 +46,12 @@ class App:
     def __init__(self, settings: Settings, model: Model | None = None):
         self.settings = settings
         self.plane = DataPlane(settings, model)
+        sv = settings.serve
+        self.grpc: GrpcFront | None = None
+        if sv.grpc_port is not None:
+            from workers.runtime.serve.grpc import GrpcFront
+
+            self.grpc = GrpcFront(self.plane, sv.host, sv.grpc_port, sv.max_body_bytes)
         r = self.plane.metrics.registry
         self.requests = Counter("scoring_http_requests", "HTTP requests", ["route", "status"], registry=r)
         self.latency = Histogram("scoring_http_request_seconds", "HTTP request latency", ["route"],
@@ -51,8 +61,12 @@ class App:
     async def lifespan(self, _app: Starlette):
         await self.plane.start()
         try:
+            if self.grpc is not None:
+                await self.grpc.start()
             yield
         finally:
+            if self.grpc is not None:
+                await self.grpc.stop()
             await self.plane.stop()
 
     def route(self, name: str, fn: Endpoint) -> Endpoint:
@@ -120,13 +134,15 @@ class App:
     async def infer(self, request: Request) -> Response:
         name, version = self.names(request)
         self.plane.version(name, version)  # a 404 before reading the body
-        body = await self.body(request)
-        header = request.headers.get("inference-header-content-length")
-        if header is not None and not _DIGITS.fullmatch(header):
-            # str.isdigit() would take '²' or Arabic-Indic digits, which int() then refuses or reads differently.
-            raise BadRequest("Inference-Header-Content-Length must be a number of bytes (ASCII digits)")
-        length = int(header) if header is not None else None
-        return self.reply(await self.plane.infer_rest(name, version, body, length))
+        # On its way to the batcher from now on: a batch forming meanwhile waits for it (see batcher.py).
+        with self.plane.batcher.arrival() as arrival:
+            body = await self.body(request)
+            header = request.headers.get("inference-header-content-length")
+            if header is not None and not _DIGITS.fullmatch(header):
+                # str.isdigit() would take '²' or Arabic-Indic digits, which int() then refuses or reads otherwise.
+                raise BadRequest("Inference-Header-Content-Length must be a number of bytes (ASCII digits)")
+            length = int(header) if header is not None else None
+            return self.reply(await self.plane.infer_rest(name, version, body, length, arrival))
 
     # -- CloudEvents -----------------------------------------------------------------------------
     async def cloudevent(self, request: Request) -> Response:

@@ -35,7 +35,7 @@ from workers.decode import oip
 from workers.decode.records import carry_columns
 from workers.errors import BadRequest, NotFound, Unavailable
 from workers.observability import SIZE_BUCKETS, Metrics
-from workers.runtime.serve.batcher import Batcher
+from workers.runtime.serve.batcher import Arrival, Batcher
 from workers.runtime.serve.store import EventStore, StoreUnavailable
 from workers.runtime.watch import RoutingWatcher
 from workers.scoring import sticky
@@ -162,10 +162,11 @@ class DataPlane:
         return self.ready
 
     # -- Open Inference Protocol -----------------------------------------------------------------
-    async def infer(self, name: str | None, version: str | None,
-                    parse: Callable[[Model], oip.InferRequest]) -> Inference:
+    async def infer(self, name: str | None, version: str | None, parse: Callable[[Model], oip.InferRequest],
+                    arrival: Arrival | None = None) -> Inference:
         """OIP infer: ``parse`` reads the request for a model (its feature order and categories; REST and gRPC
-        bring their own), called again only when the sticky choice has other features than the primary."""
+        bring their own), called again only when the sticky choice has other features than the primary.
+        ``arrival``: the batcher arrival the front end opened when the request came in (see ``batcher``)."""
         chosen = self.version(name, version)
         router = self.routing.current()
         model = chosen.model if chosen else router.primary.model
@@ -178,13 +179,13 @@ class DataPlane:
             model = chosen.model
         if model is router.primary.model:
             router.observe(req.matrix)
-        pred = await self.batcher.predict(req.matrix, model)
-        return Inference(req, model, pred)
+        future = (arrival or self.batcher.arrival()).submit(req.matrix, model)
+        return Inference(req, model, await future)
 
     async def infer_rest(self, name: str | None, version: str | None, body: bytes,
-                         header_length: int | None) -> Reply:
+                         header_length: int | None, arrival: Arrival | None = None) -> Reply:
         """OIP infer from a REST body (JSON, or JSON header plus binary tensors), answered the same way."""
-        done = await self.infer(name, version, lambda model: oip.parse(body, header_length, model))
+        done = await self.infer(name, version, lambda model: oip.parse(body, header_length, model), arrival)
         out, head_len = oip.response(done.predictions, done.model, self.name, done.request)
         if head_len is None:
             return Reply(out)

@@ -15,7 +15,8 @@ Rules kept here (each has an in-process test in tests/test_stream_ordering.py):
 - nothing is committed before it is stored;
 - batches are stored in order: a batch's first store attempt waits until the one before it is stored for
   good or dropped; a dropped batch (stopping, or every partition of it revoked while its store was retried)
-  is not committed, and no later batch commits past it on a partition they share;
+  is not committed, and no later batch commits past it on a partition they share (also the batch polled in the
+  step whose drain drops it, handed to the lanes only after that drain);
 - while the sink fails (``SinkError``), the store is retried with backoff, partitions paused, the member kept
   in the group (``Source.keep_alive``); readiness is false meanwhile and nothing is committed;
 - the main thread never waits on a lane unbounded: past the shutdown bound a call still running is abandoned
@@ -125,6 +126,9 @@ class Pipeline(StoreSteps):
         self.retry_lane = Lane("store-retry")  # retries (the store lane may be waiting for the batch retried)
         self.abandoned = False  # a sink call still running was given up at the shutdown bound
         self.pending: deque[InFlight] = deque()
+        #: partitions of batches dropped since the last poll: the batch that poll took (not submitted yet when the
+        #: drop happens in its step's drain) must not commit past them either
+        self.dropped_since_poll: set[TP] = set()
         #: the source is open (before that, a call awaited at start-up has no group to keep: it just waits)
         self.source_open = False
 
@@ -139,6 +143,7 @@ class Pipeline(StoreSteps):
             self.sizer.calibrate(router)
         # Step 1: poll.
         records = self.source.poll_batch(self.sizer.limit, self.settings.stream.max_wait_ms)
+        self.dropped_since_poll = set()
         routed, decoded = None, None
         if records:
             # Step 2a: decode on this thread (the score lane predicts the batch before).
@@ -168,6 +173,8 @@ class Pipeline(StoreSteps):
         # Step 2b: score on the score lane, then steps 3-4 on the store lane, after the batch before.
         scoring = self.score_lane.submit(self.scorer.run, records, routed, decoded, router)
         flight = InFlight(records, time.monotonic())
+        # A batch dropped after this one was polled (in this step's drain) fences its partitions for it too.
+        flight.exclude |= self.dropped_since_poll
         flight.future = self.store_lane.submit(self.first_store, flight, scoring, before)
         self.pending.append(flight)
 
@@ -218,6 +225,7 @@ class Pipeline(StoreSteps):
                 # batch must not commit past it on a partition they share.
                 for later in self.pending:
                     later.exclude |= set(offsets)
+                self.dropped_since_poll |= set(offsets)  # and the batch polled in this step, not yet pending
                 continue
             # Step 5: commit, only now that the batch is stored.
             self.source.commit(offsets)
