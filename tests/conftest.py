@@ -98,6 +98,51 @@ def pg_table(pg_dsn):
             conn.execute(f'DROP TABLE IF EXISTS "{name}{suffix}"')
 
 
+# -- MySQL / MariaDB ----------------------------------------------------------------------------
+MYSQL_URI = os.environ.get("TEST_MYSQL_URI", "mysql://root@127.0.0.1:3306/test")
+
+
+@pytest.fixture(scope="session")
+def my_uri() -> str:
+    import pymysql
+
+    from workers.sinks.mysql import MysqlSink
+
+    try:
+        pymysql.connect(**MysqlSink(MYSQL_URI, "TEST_MYSQL_URI").connect_args).close()
+    except pymysql.err.MySQLError as exc:
+        need("MariaDB", f"{MYSQL_URI}: {exc}")
+    return MYSQL_URI
+
+
+def query_mysql(sql: str, args: tuple = (), dicts: bool = False) -> list:
+    """Rows of one statement on the test MariaDB server (committed)."""
+    import pymysql
+    import pymysql.cursors
+
+    from workers.sinks.mysql import MysqlSink
+
+    conn = pymysql.connect(**MysqlSink(MYSQL_URI, "TEST_MYSQL_URI").connect_args, charset="utf8mb4",
+                           cursorclass=pymysql.cursors.DictCursor if dicts else pymysql.cursors.Cursor)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            rows = list(cur.fetchall())
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def my_table(my_uri):
+    """A fresh table name; dropped (with its _errors and _inputs tables) afterwards."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    yield name
+    for suffix in ("", "_errors", "_inputs"):
+        query_mysql(f"DROP TABLE IF EXISTS `{name}{suffix}`")
+
+
 # -- S3 (moto_server) ---------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def s3_endpoint():

@@ -283,6 +283,12 @@ def read_table(sink: str, table: str) -> list[dict]:
             return [dict(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
         except sqlite3.OperationalError:
             return []
+    if sink.startswith("mysql"):
+        from tests.conftest import query_mysql
+
+        if not query_mysql("SHOW TABLES LIKE %s", (table,)):
+            return []
+        return query_mysql(f"SELECT * FROM `{table}`", dicts=True)
     import psycopg
     from psycopg.rows import dict_row
 
@@ -291,10 +297,13 @@ def read_table(sink: str, table: str) -> list[dict]:
         return list(conn.execute(f'SELECT * FROM "{table}"')) if exists else []
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def sink_uri(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/serve.db?table=scores", "scores"
+    if request.param == "mysql":
+        uri, table = request.getfixturevalue("my_uri"), request.getfixturevalue("my_table")
+        return f"{uri}?table={table}", table
     pg_dsn, table = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_table")
     return f"{pg_dsn}?table={table}", table
 

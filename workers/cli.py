@@ -249,8 +249,8 @@ SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:0
 
 @cli.command("compare")
 @click.option("--results", required=True,
-              help="Results to read: the sink URI (postgresql://...?table=T, sqlite:///db?table=T, "
-                   "redis://host:port/db?prefix=P, a Parquet directory or s3:// prefix).")
+              help="Results to read: the sink URI (postgresql://...?table=T, mysql://...?table=T, "
+                   "sqlite:///db?table=T, redis://host:port/db?prefix=P, a Parquet directory or s3:// prefix).")
 @click.option("--threshold", type=float, default=None,
               help="Decision threshold for agreement [default: SCORING_ROUTING__THRESHOLD, 0.5].")
 @click.option("--since", default=None, help=SINCE_HELP)

@@ -211,8 +211,8 @@ class BatchSettings(_Group):
     """Parquet input: a file, a directory, a glob (`data/*.parquet`) or an `s3://bucket/prefix`."""
     output: str | None = None
     """Where results go: a directory or `s3://` prefix (Parquet dataset, one file per input file) or
-    `postgresql://user@host:port/db?table=NAME`, `sqlite:///path.db?table=NAME`, or
-    `redis://host:port/db?prefix=scores:` (one hash per id)."""
+    `postgresql://user@host:port/db?table=NAME`, `mysql://user@host:3306/db?table=NAME` (MariaDB),
+    `sqlite:///path.db?table=NAME`, or `redis://host:port/db?prefix=scores:` (one hash per id)."""
     batch_rows: int = Field(65536, ge=1, le=10_000_000)
     """Rows per scoring batch read from a Parquet file; peak memory is about one batch plus one row group."""
     shard_index: int | None = Field(None, ge=0)
@@ -294,8 +294,9 @@ class StreamSettings(_Group):
     group: Text = "scoring-workers"
     """Consumer group id; every pod of one deployment uses the same group."""
     sink: str = "sqlite:///scores.db?table=scores"
-    """Where results go: `postgresql://...?table=T`, `sqlite:///path.db?table=T`, `redis://host:port/db?prefix=P`,
-    `kafka://topic`, a directory or `s3://` prefix (Parquet, one file per partition per committed batch)."""
+    """Where results go: `postgresql://...?table=T`, `mysql://...?table=T` (MariaDB), `sqlite:///path.db?table=T`,
+    `redis://host:port/db?prefix=P`, `kafka://topic`, a directory or `s3://` prefix (Parquet, one file per
+    partition per committed batch)."""
     dead_letter_topic: TopicName | None = None
     """Topic for bad records (original key and value, headers with the reason); default `<topic>.dlq`."""
     on_bad_record: Literal["dead-letter", "fail"] = "dead-letter"

@@ -134,8 +134,8 @@ def batch_ledger(sink: Sink, setting: str = OUTPUT_SETTING) -> Ledger:
 
         shown = sink.main.name if isinstance(sink, SplitSink) else sink.name  # the ledger is the main sink's
         raise ConfigError(setting, f"{shown} cannot keep the batch ledger (which inputs are finished), so a "
-                                   "rerun could not resume; batch output goes to a folder, s3://, postgresql:// "
-                                   "or sqlite://")
+                                   "rerun could not resume; batch output goes to a folder, s3://, postgresql://, "
+                                   "mysql://, sqlite:// or redis://")
     return ledger
 
 

@@ -27,6 +27,12 @@ def _sqlite(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     return SqliteSink(uri, setting)
 
 
+def _mysql(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
+    from workers.sinks.mysql import MysqlSink
+
+    return MysqlSink(uri, setting)
+
+
 def _kafka(uri: str, s3: S3Settings, setting: str, kafka: object = None, **_: object) -> Sink:
     from workers.settings import KafkaSettings
     from workers.sinks.kafka import KafkaSink
@@ -47,6 +53,8 @@ SINKS = {
     "postgresql": _postgres,
     "postgres": _postgres,
     "sqlite": _sqlite,
+    "mysql": _mysql,
+    "mariadb": _mysql,
     "kafka": _kafka,
     "redis": _redis,
     "rediss": _redis,

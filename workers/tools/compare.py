@@ -53,13 +53,15 @@ def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None) -> 
         df = _read_postgres(uri, since)
     elif scheme == "sqlite":
         df = _read_sqlite(uri, since)
+    elif scheme in ("mysql", "mariadb"):
+        df = _read_mysql(uri, since)
     elif scheme in ("redis", "rediss"):
         df = _read_redis(uri, since)
     elif scheme in ("", "file", "s3"):
         df = _read_parquet(uri, s3, since)
     else:
-        raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, SQLite, Redis or "
-                                   "Parquet)")
+        raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, MariaDB, SQLite, Redis "
+                                   "or Parquet)")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ConfigError(SETTING, f"{_shown(uri)} holds no scoring results (no column {', '.join(missing)})")
@@ -127,6 +129,34 @@ def _read_postgres(uri: str, since: dt.datetime | None) -> pd.DataFrame:
             rows = conn.execute(query, params).fetchall()
     except psycopg.Error as exc:
         raise SinkError(f"cannot read {sink.name}: {exc}") from None
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _read_mysql(uri: str, since: dt.datetime | None) -> pd.DataFrame:
+    """Rows of a MySQL / MariaDB results table (``scored_at`` is DATETIME in UTC: compared as naive UTC)."""
+    import pymysql
+
+    from workers.settings import scrub
+    from workers.sinks.mysql import MysqlSink, q
+
+    sink = MysqlSink(uri, SETTING)
+    try:
+        conn = pymysql.connect(**sink.connect_args, charset="utf8mb4", read_timeout=300)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+                            "AND TABLE_NAME = %s", (sink.table,))
+                present = {str(r[0]) for r in cur.fetchall()}
+                if not present:
+                    raise ConfigError(SETTING, f"table {sink.table!r} does not exist in {sink.name}")
+                cols = [c for c in COLUMNS if c in present]
+                where, params = _since_clause(since.astimezone(dt.UTC).replace(tzinfo=None) if since else None, "%s")
+                cur.execute(f"SELECT {', '.join(map(q, cols))} FROM {q(sink.table)}{where}", params)
+                rows = list(cur.fetchall())
+        finally:
+            conn.close()
+    except pymysql.err.MySQLError as exc:
+        raise SinkError(scrub(f"cannot read {sink.name}: {exc}", uri)) from None
     return pd.DataFrame(rows, columns=cols)
 
 
