@@ -215,7 +215,50 @@ def batch_mode(paths: dict, repeats: int) -> dict:
             RATIOS.setdefault(f"batch-{key}", []).append(values[-1] / raw)
         label = f"{backend}" + (", with explanations (top 5, TreeSHAP)" if explain != "none" else "")
         out[key] = record(f"batch Parquet->Parquet 500 trees, {label}", "rows/s", values)
+    # The same inputs into the online and application stores (#18), LightGBM, paired with raw predict.
+    for store, uri in (("Redis", "redis://127.0.0.1:6379/15?prefix=bench:"),
+                       ("MariaDB", f"mysql://root@127.0.0.1:3306/test?table=bench_{uuid.uuid4().hex[:8]}"),
+                       ("PostgreSQL", f"{PG}?table=bench_{uuid.uuid4().hex[:8]}")):
+        values = []
+        for i in range(repeats):
+            raw = raw_now(paths[500], 10_000)
+            target = uri.replace("bench:", f"bench{i}:") if store == "Redis" else f"{uri}{i}"
+            settings = load_settings({"model": {"path": paths[500], "cache_dir": f"{BENCH}/cache"},
+                                      "batch": {"input": big, "output": target, "progress": "log"}})
+            report = run_batch(settings)
+            assert report.rows == 300_000 and not report.failed
+            values.append(report.rows / report.seconds)
+            RATIOS.setdefault(f"batch-{store}", []).append(values[-1] / raw)
+            drop_store(store, target)
+        out[store] = record(f"batch Parquet->{store} 500 trees, lightgbm", "rows/s", values,
+                            over_raw_predict_paired=round(statistics.median(RATIOS[f"batch-{store}"]), 3))
     return out
+
+
+def drop_store(store: str, uri: str) -> None:
+    """What a store case wrote: the Redis keys under its prefix, the MariaDB/PostgreSQL tables."""
+    table = uri.rsplit("table=", 1)[-1]
+    if store == "Redis":
+        import redis
+
+        client = redis.Redis.from_url(uri.split("?", 1)[0])
+        keys = list(client.scan_iter(match=f"{uri.rsplit('prefix=', 1)[-1]}*", count=10_000))
+        for start in range(0, len(keys), 10_000):
+            client.delete(*keys[start:start + 10_000])
+        client.close()
+    elif store == "MariaDB":
+        import pymysql
+
+        with pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test") as conn, \
+                conn.cursor() as cur:
+            for suffix in ("", "_errors", "_inputs"):
+                cur.execute(f"DROP TABLE IF EXISTS `{table}{suffix}`")
+    else:
+        import psycopg
+
+        with psycopg.connect(PG.split("?", 1)[0], autocommit=True) as conn:
+            for suffix in ("", "_errors", "_inputs"):
+                conn.execute(f'DROP TABLE IF EXISTS "{table}{suffix}"')
 
 
 def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backend: str, n: int) -> float:

@@ -40,13 +40,10 @@ The rules are the PostgreSQL sink's (see its module docstring), with MariaDB's s
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlparse
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pymysql
 import pymysql.cursors
 
@@ -54,14 +51,12 @@ from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
-from workers.sinks.mysqltypes import join, key_type, literals, my_type, values
-from workers.sinks.tables import POSITION, UNIT_COLUMN, dedupe_last, missing_keys, with_unit
+from workers.sinks.mysqltables import CHARSET, COLLATION, MAX_IDENT, MysqlTables, NeedsDdl, q
+from workers.sinks.tables import UNIT_COLUMN, dedupe_last, missing_keys, with_unit
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
-MAX_IDENT = 64  # MariaDB identifiers hold at most 64 characters
 FIND_AT_MOST = 20  # rows named per RowsRejected when bisecting
-STATEMENT_BYTES = 4 << 20  # most SQL text per staging INSERT (the server's max_allowed_packet is 16 MiB by default)
 OPTIONS = {"table", "connect_timeout"}
 # The scorer's error columns, so a unit's first write can create the errors table before its transaction.
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("raw", pa.string()),
@@ -69,13 +64,8 @@ ERROR_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("raw", 
                           ("source", pa.string()), (UNIT_COLUMN, pa.string())])
 # Server errors that are the rows' fault (a value the column cannot take): retrying cannot help.
 DATA_ERRORS = {1048, 1101, 1264, 1265, 1292, 1300, 1366, 1367, 1406, 1411, 1416, 1690, 3140, 4025, 4078}
-CHARSET = "utf8mb4"
-COLLATION = "utf8mb4_nopad_bin"
 
 
-def q(name: str) -> str:
-    """An identifier quoted for MariaDB."""
-    return "`" + name.replace("`", "``") + "`"
 
 
 def split_uri(uri: str, setting: str) -> tuple[dict[str, Any], str]:
@@ -140,19 +130,6 @@ def _reason(exc: BaseException) -> str:
     return f"MariaDB refuses the row: {message}"
 
 
-def _alias(have: dict[str, str] | None, want: dict[str, str]) -> dict[str, str] | None:
-    """The catalog's columns, also under the spelling ``want`` uses when it differs only in case (MariaDB column
-    names ignore case: a table made by hand with ``ID`` holds our ``id``, and must not be given a second one)."""
-    if have is None:
-        return None
-    lower = {n.lower(): n for n in have}
-    return have | {n: have[lower[n.lower()]] for n in want if n not in have and n.lower() in lower}
-
-
-class _NeedsDdl(Exception):  # noqa: N818 - internal signal, never leaves the module
-    """A write inside an open unit transaction needs DDL, which would commit the transaction."""
-
-
 class _Unit(UnitWriter):
     """One batch unit: one transaction deleting the unit's old rows, then every write, then commit."""
 
@@ -197,8 +174,7 @@ class MysqlSink(Sink):
         self.timeouts = (lock_timeout_s, statement_timeout_s)
         self._conn: pymysql.connections.Connection | None = None
         self._open = False  # the connection's transaction holds uncommitted writes
-        self.known: dict[str, dict[str, str]] = {}  # suffix -> the table's columns and types, once read
-        self.stages: set[str] = set()  # temporary staging tables of this session
+        self.tables = MysqlTables(self)  # what this session knows of the tables, their DDL and upsert
         self.packet = 16 << 20  # the server's max_allowed_packet, read on connect
         self._inputs = MysqlLedger(self)
 
@@ -231,8 +207,7 @@ class MysqlSink(Sink):
             except pymysql.err.MySQLError as exc:
                 self._conn = None
                 raise SinkError(scrub(f"cannot connect to {self.name}: {exc}", self._uri)) from None
-            self.known.clear()
-            self.stages.clear()
+            self.tables.forget()
             self._open = False
         return self._conn
 
@@ -280,149 +255,6 @@ class MysqlSink(Sink):
         self._drop()
 
     # -- tables ----------------------------------------------------------------------------------
-    @contextmanager
-    def _ddl_lock(self, cur: pymysql.cursors.Cursor) -> Iterator[None]:
-        """One shard's DDL on these tables at a time (a session lock: DDL commits, so no transaction lock)."""
-        name = "scoring-sink:" + hashlib.sha256(f"{self.connect_args['database']}.{self.table}".encode()
-                                                ).hexdigest()[:40]
-        cur.execute("SELECT GET_LOCK(%s, %s)", (name, max(1, int(self.timeouts[0]))))
-        got = cur.fetchone()
-        if not got or got[0] != 1:
-            raise SinkError(f"creating the tables of {self.name}: another writer held the DDL lock for "
-                            f"{self.timeouts[0]:.0f} s")
-        try:
-            yield
-        finally:
-            cur.execute("SELECT RELEASE_LOCK(%s)", (name,))
-            cur.fetchall()
-
-    def catalog(self, cur: pymysql.cursors.Cursor, suffix: str) -> dict[str, str] | None:
-        """The table's columns and their types, or None when it does not exist."""
-        cur.execute("SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = "
-                    "DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION", (self.table + suffix,))
-        rows = cur.fetchall()
-        return {str(n): str(t).lower() for n, t in rows} if rows else None
-
-    def _want(self, schema: pa.Schema, key: tuple[str, ...]) -> dict[str, str]:
-        seen: dict[str, str] = {}
-        for n in schema.names:  # MariaDB column names ignore case
-            if n.lower() in seen:
-                raise ConfigError(self.setting, f"columns {seen[n.lower()]!r} and {n!r} differ only in case, "
-                                                f"and MariaDB treats them as one column ({self.name}): rename one")
-            if len(n) > MAX_IDENT:
-                raise ConfigError(self.setting, f"column {n[:20]!r}... is longer than MariaDB's {MAX_IDENT} "
-                                                "characters: rename it")
-            seen[n.lower()] = n
-        return {f.name: "text" if f.name == UNIT_COLUMN else my_type(f.type, f.name, f.name in key) for f in schema}
-
-    def ensure(self, cur: pymysql.cursors.Cursor, suffix: str, schema: pa.Schema,
-               key: tuple[str, ...]) -> dict[str, str]:
-        """Create or widen the table so it holds ``schema``; returns its columns' types. Raises ``_NeedsDdl``
-        instead when the connection holds uncommitted writes (DDL would commit them)."""
-        want = self._want(schema, key)
-        have = self.known.get(suffix)
-        if have is not None and all(n in have and join(have[n], t, n in key, n) == have[n] for n, t in want.items()):
-            return have
-        if self._open:
-            raise _NeedsDdl
-        with self._ddl_lock(cur):
-            ident = q(self.table + suffix)
-            have = _alias(self.catalog(cur, suffix), want)
-            if have is None:
-                cols = [f"{q(n)} {t}" for n, t in want.items()]
-                cols += [f"{q(k)} {key_type(k)}" for k in key if k not in want]
-                pk = f", PRIMARY KEY ({', '.join(map(q, key))})" if key else ""
-                cur.execute(f"CREATE TABLE IF NOT EXISTS {ident} ({', '.join(cols)}{pk}) ENGINE=InnoDB "
-                            f"DEFAULT CHARSET={CHARSET} COLLATE={COLLATION}")
-            else:
-                changes = []
-                for n, t in want.items():
-                    if n not in have:
-                        changes.append(f"ADD COLUMN {q(n)} {t}")
-                    elif join(have[n], t, n in key, n) != have[n]:
-                        changes.append(f"MODIFY COLUMN {q(n)} {join(have[n], t, n in key, n)}"
-                                       + (" NOT NULL" if n in key else ""))
-                if changes:
-                    cur.execute(f"ALTER TABLE {ident} {', '.join(changes)}")
-            if UNIT_COLUMN in want:
-                # Rewriting a unit deletes its rows by this column: it must not scan the whole table.
-                cur.execute(f"CREATE INDEX IF NOT EXISTS {q('ix_' + UNIT_COLUMN)} ON {ident} "
-                            f"({q(UNIT_COLUMN)}(255))")
-            have = _alias(self.catalog(cur, suffix), want) or {}
-            self._connection().commit()
-        self.known[suffix] = have
-        return have
-
-    def _stage(self, cur: pymysql.cursors.Cursor, types: dict[str, str]) -> str:
-        """A session-local staging table with exactly these columns and types, emptied (DELETE: TRUNCATE would
-        commit). Temporary tables outlive a rollback, so each column set is created once per session."""
-        signature = "|".join(f"{n}:{t}" for n, t in types.items())
-        name = "_stage_" + hashlib.sha256(signature.encode()).hexdigest()[:24]
-        if name not in self.stages:
-            cols = ", ".join(f"{q(n)} {t}" for n, t in types.items())
-            cur.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {q(name)} ({cols}) ENGINE=InnoDB "
-                        f"DEFAULT CHARSET={CHARSET} COLLATE={COLLATION}")
-            self.stages.add(name)
-        cur.execute(f"DELETE FROM {q(name)}")
-        return name
-
-    def render(self, table: pa.Table, types: dict[str, str], key: tuple[str, ...]) -> tuple[list[str],
-                                                                                           dict[int, str]]:
-        """Each row as the SQL text of its VALUES tuple, ``(v1,v2,...)``, and the rows known not to fit before
-        the server sees them. Built column by column in Arrow (``mysqltypes.literals``)."""
-        bad = missing_keys(table, key)
-        columns = []
-        for name in table.column_names:
-            vals, refused = values(name, table.column(name), types[name])
-            columns.append(literals(vals))
-            for i, reason in refused.items():
-                bad.setdefault(i, reason)
-        if not columns:
-            return [], bad
-        sep = pa.scalar(",", pa.large_string())
-        joined = pc.binary_join_element_wise(*[pc.cast(c, pa.large_string()) for c in columns], sep)
-        rows = pc.binary_join_element_wise(pa.scalar("(", pa.large_string()), joined,
-                                           pa.scalar(")", pa.large_string()), pa.scalar("", pa.large_string()))
-        # A row the server cannot receive in one packet would drop the connection at every retry: reject it.
-        longest = self.packet - 4096  # room for the INSERT's head
-        sizes = pc.binary_length(rows)
-        if pc.any(pc.greater(sizes, longest)).as_py():
-            for i, n in enumerate(sizes.to_pylist()):
-                if n > longest:
-                    bad.setdefault(i, f"the row is {n} bytes of SQL, more than the server's max_allowed_packet "
-                                      f"({self.packet}) lets one statement carry")
-        return rows.to_pylist(), bad
-
-    def upsert(self, cur: pymysql.cursors.Cursor, suffix: str, names: list[str], rows: list[str],
-               key: tuple[str, ...]) -> None:
-        """Rows into the staging table (multi-row INSERTs of at most ``STATEMENT_BYTES`` or half the server's
-        ``max_allowed_packet``), then one
-        INSERT ... SELECT ... ON DUPLICATE KEY UPDATE."""
-        types = {n: self.known[suffix][n] for n in names}
-        stage = self._stage(cur, types)
-        cols = ", ".join(map(q, names))
-        head = f"INSERT INTO {q(stage)} ({cols}) VALUES "
-        start, size = 0, 0
-        for i, row in enumerate(rows):
-            size += len(row) + 1
-            if size >= min(STATEMENT_BYTES, self.packet // 2) or i == len(rows) - 1:
-                cur.execute(head + ",".join(rows[start:i + 1]))
-                start, size = i + 1, 0
-        target = q(self.table + suffix)
-        plain = [n for n in names if n not in key and n not in POSITION]
-        positions = [n for n in ("offset", "partition", "topic") if n in names]  # offset first: see the docstring
-        if not suffix and all(c in names for c in POSITION):
-            topic, partition, offset = (f"{target}.{q(c)}" for c in POSITION)
-            stale = (f"COALESCE({topic} = VALUES({q('topic')}) AND {partition} = VALUES({q('partition')}) "
-                     f"AND {offset} > VALUES({q('offset')}), 0)")
-            updates = [f"{target}.{q(n)} = IF({stale}, {target}.{q(n)}, VALUES({q(n)}))" for n in plain + positions]
-        else:
-            updates = [f"{target}.{q(n)} = VALUES({q(n)})" for n in plain + positions]
-        if not updates:  # only key columns: nothing to update
-            updates = [f"{target}.{q(key[0])} = {target}.{q(key[0])}"]
-        cur.execute(f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {q(stage)} "
-                    f"ON DUPLICATE KEY UPDATE {', '.join(updates)}")
-
     # -- writing ---------------------------------------------------------------------------------
     def _prepare(self, scored: Scored, unit: str | None) -> tuple[pa.Table, list[int] | None, pa.Table]:
         missing = missing_keys(scored.results, RESULT_KEY)
@@ -449,10 +281,10 @@ class MysqlSink(Sink):
             with conn.cursor() as cur:
                 try:
                     if first and unit is not None and not errors.num_rows:  # before the transaction: DDL commits
-                        self.ensure(cur, "_errors", ERROR_SCHEMA, ERROR_KEY)
+                        self.tables.ensure(cur, "_errors", ERROR_SCHEMA, ERROR_KEY)
                     for suffix, table, key in parts:
-                        types = self.ensure(cur, suffix, table.schema, key)
-                        rows, bad = self.render(table, types, key)
+                        types = self.tables.ensure(cur, suffix, table.schema, key)
+                        rows, bad = self.tables.render(table, types, key)
                         if bad:
                             self._rollback()
                             if suffix:
@@ -460,10 +292,10 @@ class MysqlSink(Sink):
                                                  f"{next(iter(bad.values()))}")
                             raise RowsRejected({back(i): reason for i, reason in bad.items()})
                         rendered.append((suffix, table.column_names, rows, key))
-                except _NeedsDdl:
+                except NeedsDdl:
                     self._rollback()
                     for suffix, table, key in parts:
-                        self.ensure(cur, suffix, table.schema, key)
+                        self.tables.ensure(cur, suffix, table.schema, key)
                     raise InputError(f"{self.name} needed new columns in the middle of this input (MariaDB commits "
                                      "on DDL, so they were added after rolling the input back): nothing of it is "
                                      "stored, the next run writes it") from None
@@ -471,7 +303,7 @@ class MysqlSink(Sink):
                 if first and unit is not None:
                     self._forget(cur, unit)
                 for suffix, names, rows, key in rendered:
-                    self.upsert(cur, suffix, names, rows, key)
+                    self.tables.upsert(cur, suffix, names, rows, key)
                 if scored.resolved:
                     self._settle(cur, scored.resolved)
         except pymysql.err.MySQLError as exc:
@@ -487,14 +319,14 @@ class MysqlSink(Sink):
     def _forget(self, cur: pymysql.cursors.Cursor, unit: str) -> None:
         """Delete what an earlier run stored for ``unit`` (results and errors), in the unit's transaction."""
         for suffix in ("", "_errors"):
-            have = self.known.get(suffix) or self.catalog(cur, suffix)
+            have = self.tables.known.get(suffix) or self.tables.catalog(cur, suffix)
             if have is None or UNIT_COLUMN not in have:
                 continue  # no table, or one holding no batch rows: nothing of a unit to delete
             cur.execute(f"DELETE FROM {q(self.table + suffix)} WHERE {q(UNIT_COLUMN)} = %s", (unit,))
 
     def _settle(self, cur: pymysql.cursors.Cursor, resolved: list[tuple[str, str]]) -> None:
         """Delete the error rows of records these results settle (``Scored.resolved``), in the same transaction."""
-        if (self.known.get("_errors") or self.catalog(cur, "_errors")) is None:
+        if (self.tables.known.get("_errors") or self.tables.catalog(cur, "_errors")) is None:
             return
         cur.executemany(f"DELETE FROM {q(self.table + '_errors')} WHERE source = %s AND model_version = %s",
                         resolved)
@@ -516,7 +348,7 @@ class MysqlSink(Sink):
                         return
                     cur.execute("SAVEPOINT probe")
                     try:
-                        self.upsert(cur, suffix, names, rows[lo:hi], key)
+                        self.tables.upsert(cur, suffix, names, rows[lo:hi], key)
                         cur.execute("ROLLBACK TO SAVEPOINT probe")
                         return
                     except pymysql.err.MySQLError as exc:
@@ -561,14 +393,14 @@ class MysqlLedger(Ledger):
         self.ident = q(sink.table + "_inputs")
 
     def _ensure(self, cur: pymysql.cursors.Cursor) -> None:
-        if "_inputs" in self.sink.known:
+        if "_inputs" in self.sink.tables.known:
             return
-        with self.sink._ddl_lock(cur):
+        with self.sink.tables.ddl_lock(cur):
             cur.execute(f"CREATE TABLE IF NOT EXISTS {self.ident} (unit_sha CHAR(64) CHARACTER SET ascii PRIMARY KEY, "
                         "unit TEXT NOT NULL, fingerprint TEXT NOT NULL, `rows` BIGINT, rejected BIGINT, "
                         "finished_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB "
                         f"DEFAULT CHARSET={CHARSET} COLLATE={COLLATION}")
-        self.sink.known["_inputs"] = {}
+        self.sink.tables.known["_inputs"] = {}
 
     @staticmethod
     def _sha(unit: str) -> str:

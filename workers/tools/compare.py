@@ -137,7 +137,8 @@ def _read_mysql(uri: str, since: dt.datetime | None) -> pd.DataFrame:
     import pymysql
 
     from workers.settings import scrub
-    from workers.sinks.mysql import MysqlSink, q
+    from workers.sinks.mysql import MysqlSink
+    from workers.sinks.mysqltables import q
 
     sink = MysqlSink(uri, SETTING)
     try:
