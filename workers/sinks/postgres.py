@@ -40,7 +40,7 @@ from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.pgtables import PgTables
 from workers.sinks.pgtypes import JSON_COLUMNS, escape_nul, exact_columns
-from workers.sinks.tables import UNIT_COLUMN, dedupe_last, missing_keys, with_unit
+from workers.sinks.tables import UNIT_COLUMN, TransactionUnit, dedupe_last, missing_keys, with_unit
 
 RESULT_KEY = ("id", "model_version")
 ERROR_KEY = ("source", "model_version")
@@ -99,38 +99,6 @@ def _reason(exc: psycopg.Error) -> str:
     if not column and diag.context and ", column " in diag.context:
         column = diag.context.split(", column ", 1)[1].split(":", 1)[0]
     return f"column {column!r}: {message}" if column else message
-
-
-class _Unit(UnitWriter):
-    """One batch unit: one transaction deleting the unit's old rows, then every write, then commit."""
-
-    def __init__(self, sink: PostgresSink, unit: str):
-        self.sink, self.unit = sink, unit
-        self.started = self.failed = False
-        self.collapsed = 0
-
-    def write(self, scored: Scored) -> None:
-        if self.failed:
-            raise SinkError(f"writing {self.unit} to {self.sink.name}: an earlier write of this unit failed")
-        try:
-            self.collapsed += self.sink._store(scored, self.unit, first=not self.started)
-        except ConfigError as exc:  # columns this table cannot hold: this input fails alone, the run goes on
-            self.failed = True
-            self.sink._rollback()
-            raise InputError(str(exc)) from None
-        except BaseException:
-            self.failed = True
-            raise
-        self.started = True
-
-    def commit(self) -> None:
-        if not self.started:  # an emptied input: its old rows still go
-            self.write(Scored(pa.table({}), pa.table({})))
-        self.sink._commit("writing results")
-        self.sink.duplicates_collapsed += self.collapsed
-
-    def abort(self) -> None:
-        self.sink._rollback()
 
 
 class PostgresSink(Sink):
@@ -334,7 +302,7 @@ class PostgresSink(Sink):
         self.duplicates_collapsed += collapsed
 
     def begin(self, unit: str) -> UnitWriter:
-        return _Unit(self, unit)
+        return TransactionUnit(self, unit)
 
     def ledger(self) -> Ledger:
         """The batch ledger, in table ``NAME_inputs`` beside the results, on this sink's connection."""

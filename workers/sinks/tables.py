@@ -1,4 +1,5 @@
-"""What the table sinks (PostgreSQL, SQLite) share, on the Arrow side, before any SQL.
+"""What the table sinks (PostgreSQL, MariaDB, SQLite) share: on the Arrow side, before any SQL, and the batch
+unit of the server-backed ones (``TransactionUnit``).
 
 - ``dedupe_last``: one row per key within one write, the *later* row kept, as the README promises; the caller
   counts the dropped rows. Later means: input order (batch); for rows carrying ``topic``, ``partition`` and
@@ -27,12 +28,15 @@ import datetime as dt
 import decimal
 import uuid
 from collections.abc import Iterable
+from typing import Protocol
 
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workers.errors import ConfigError
+from workers.errors import ConfigError, InputError, SinkError
+from workers.scoring.scorer import Scored
+from workers.sinks.base import UnitWriter
 
 #: set on every row written through ``Sink.begin(unit)`` (batch); NULL for stream/serve rows
 UNIT_COLUMN = "input_file"
@@ -221,3 +225,48 @@ def with_unit(table: pa.Table, unit: str | None, setting: str) -> pa.Table:
         raise ConfigError(setting, f"a column named {UNIT_COLUMN!r} (a passthrough?) clashes with the column "
                                    "table outputs use for the input file of each row; rename it")
     return table.append_column(UNIT_COLUMN, pa.array([unit] * table.num_rows, pa.string()))
+
+
+class TransactionalSink(Protocol):
+    """What ``TransactionUnit`` needs of a server-backed table sink (PostgreSQL, MariaDB)."""
+
+    name: str
+    duplicates_collapsed: int
+
+    def _store(self, scored: Scored, unit: str | None, first: bool = False) -> int: ...
+    def _rollback(self) -> None: ...
+    def _commit(self, what: str) -> None: ...
+
+
+class TransactionUnit(UnitWriter):
+    """One batch unit of a server-backed table sink: one transaction that first deletes the unit's old rows (the
+    sink's ``_store`` with ``first``), then every write, then commit. Columns the table cannot hold fail this
+    input alone (``InputError``); after any failure the unit refuses further writes."""
+
+    def __init__(self, sink: TransactionalSink, unit: str):
+        self.sink, self.unit = sink, unit
+        self.started = self.failed = False
+        self.collapsed = 0
+
+    def write(self, scored: Scored) -> None:
+        if self.failed:
+            raise SinkError(f"writing {self.unit} to {self.sink.name}: an earlier write of this unit failed")
+        try:
+            self.collapsed += self.sink._store(scored, self.unit, first=not self.started)
+        except ConfigError as exc:  # columns this table cannot hold: this input fails alone, the run goes on
+            self.failed = True
+            self.sink._rollback()
+            raise InputError(str(exc)) from None
+        except BaseException:
+            self.failed = True
+            raise
+        self.started = True
+
+    def commit(self) -> None:
+        if not self.started:  # an emptied input: its old rows still go
+            self.write(Scored(pa.table({}), pa.table({})))
+        self.sink._commit("writing results")
+        self.sink.duplicates_collapsed += self.collapsed
+
+    def abort(self) -> None:
+        self.sink._rollback()
