@@ -124,6 +124,24 @@ def test_a_tls_failure_at_start_up_is_one_line_naming_the_setting(models, tls, t
     assert took < 30, took  # measured: about 4 s each (2 s of them loading the worker)
 
 
+def test_the_probe_reads_the_advertised_brokers_and_names_one_whose_certificate_lacks_its_name(tls):
+    """librdkafka may take the metadata before ``list_topics`` asks and then try only the advertised brokers, so
+    the probe asks for them itself (a Metadata v1 request over TLS); here they advertise localhost:<port>."""
+    from workers.kafka_tls import advertised, probe_bootstrap
+    from workers.settings import KafkaSettings
+
+    broker, _ = tls
+    broker.front.serve(broker.pki.ip_only)  # valid for 127.0.0.1 (the bootstrap), not for localhost
+    host, port = broker.bootstrap.split(":")
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, security_protocol="SSL", ssl_cafile=broker.pki.ca)
+    assert advertised(kafka, host, int(port)) == [("localhost", broker.front.port)]
+    problem = probe_bootstrap(kafka)
+    assert problem is not None and problem.setting == "SCORING_KAFKA__SSL_CHECK_HOSTNAME"
+    assert "localhost" in str(problem)
+    broker.front.serve(broker.pki.server)  # valid for both: nothing to name
+    assert probe_bootstrap(kafka) is None
+
+
 def test_wrong_host_passes_with_the_hostname_check_off(tls):
     """ssl_check_hostname=false: librdkafka's endpoint identification off, and the probe agrees."""
     from workers.kafka_tls import probe

@@ -126,12 +126,71 @@ def _addresses(servers: str) -> list[tuple[str, int]]:
 
 
 def probe_bootstrap(kafka: KafkaSettings) -> ScoringError | None:
-    """The TLS or protocol problem of the first bootstrap server that shows one (``probe``), else None."""
-    for host, port in _addresses(kafka.bootstrap_servers):
+    """The TLS or protocol problem of the first bootstrap server that shows one (``probe``), else that of a broker
+    the bootstrap servers advertise (asked with our own Metadata request: librdkafka may have taken its metadata
+    already and then only try the advertised brokers, so ``list_topics`` times out and the metadata that
+    ``check_brokers`` needs never comes), else None."""
+    addresses = _addresses(kafka.bootstrap_servers)
+    for host, port in addresses:
         problem = probe(kafka, host, port)
         if problem is not None:
             return problem
+    if not kafka.security_protocol.endswith("SSL"):
+        return None
+    for host, port in addresses:
+        brokers = advertised(kafka, host, port)
+        for b_host, b_port in brokers:
+            if (b_host, b_port) != (host, port):
+                problem = probe(kafka, b_host, b_port)
+                if problem is not None:
+                    return problem
+        if brokers:
+            return None
     return None
+
+
+def _metadata_v1(client_id: str) -> bytes:
+    cid = client_id.encode()[:200]
+    # Metadata v1, correlation id 2, an empty topic list (v1: no topics, only the brokers).
+    body = struct.pack(">hhih", 3, 1, 2, len(cid)) + cid + struct.pack(">i", 0)
+    return struct.pack(">i", len(body)) + body
+
+
+def advertised(kafka: KafkaSettings, host: str, port: int) -> list[tuple[str, int]]:
+    """The brokers ``host:port`` advertises (host, port), from one Metadata v1 request over TLS; [] when it
+    cannot be asked (any failure: the probes of the addresses themselves say what is wrong)."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as sock, \
+                _client_context(kafka).wrap_socket(sock, server_hostname=host) as conn:
+            conn.sendall(_metadata_v1(kafka.client_id))
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack(">i", data[:4])[0]:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return []
+                data += chunk
+                if len(data) > 1 << 20:
+                    return []
+    except (OSError, ValueError):
+        return []
+    try:
+        pos = 8  # size, correlation id
+        (count,) = struct.unpack_from(">i", data, pos)
+        pos += 4
+        out = []
+        for _ in range(max(0, min(count, 1000))):
+            _node, n = struct.unpack_from(">ih", data, pos)
+            pos += 6
+            name = data[pos:pos + n].decode()
+            pos += n
+            (b_port,) = struct.unpack_from(">i", data, pos)
+            pos += 4
+            (rack,) = struct.unpack_from(">h", data, pos)
+            pos += 2 + max(rack, 0)
+            out.append((name, b_port))
+        return out
+    except (struct.error, UnicodeDecodeError):
+        return []
 
 
 def reach(client: Any, kafka: KafkaSettings, timeout: float = REACH_TIMEOUT_S) -> Any:
