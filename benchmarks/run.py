@@ -130,7 +130,11 @@ class Broker:
     def __exit__(self, *exc) -> None:
         self.kafka.close()
         self.proc.terminate()
-        self.proc.wait(10)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:  # seen once: Tansu still busy 10 s after SIGTERM
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 # -- cases ----------------------------------------------------------------------------------------
