@@ -52,10 +52,14 @@ from workers.scoring.scorer import Scored
 from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.mysqltables import CHARSET, COLLATION, MAX_IDENT, MysqlTables, NeedsDdl, q
-from workers.sinks.tables import UNIT_COLUMN, TransactionUnit, dedupe_last, missing_keys, with_unit
+from workers.sinks.tables import (
+    ERROR_KEY,
+    RESULT_KEY,
+    UNIT_COLUMN,
+    TransactionUnit,
+    keyed_rows,
+)
 
-RESULT_KEY = ("id", "model_version")
-ERROR_KEY = ("source", "model_version")
 FIND_AT_MOST = 20  # rows named per RowsRejected when bisecting
 OPTIONS = {"table", "connect_timeout"}
 # The scorer's error columns, so a unit's first write can create the errors table before its transaction.
@@ -222,20 +226,9 @@ class MysqlSink(Sink):
     def close(self) -> None:
         self._drop()
 
-    # -- tables ----------------------------------------------------------------------------------
     # -- writing ---------------------------------------------------------------------------------
     def _prepare(self, scored: Scored, unit: str | None) -> tuple[pa.Table, list[int] | None, pa.Table]:
-        missing = missing_keys(scored.results, RESULT_KEY)
-        if missing:  # before collapsing duplicates: rows without a key are refused one by one
-            raise RowsRejected(missing)
-        results = with_unit(scored.results, unit, self.setting)
-        errors = scored.errors
-        if errors.num_rows and "source" not in errors.column_names:
-            ids = errors.column("id").to_pylist() if "id" in errors.column_names else [None] * errors.num_rows
-            errors = errors.append_column("source", pa.array([f"id:{i}" for i in ids], pa.string()))
-        errors = with_unit(errors, unit, self.setting)
-        results, keep = dedupe_last(results, RESULT_KEY)
-        errors, _ = dedupe_last(errors, ERROR_KEY)
+        results, keep, errors = keyed_rows(scored, unit, self.setting)
         return results, keep, errors
 
     def _store(self, scored: Scored, unit: str | None, first: bool = False) -> int:

@@ -40,10 +40,14 @@ from workers.settings import scrub
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.pgtables import PgTables
 from workers.sinks.pgtypes import JSON_COLUMNS, escape_nul, exact_columns
-from workers.sinks.tables import UNIT_COLUMN, TransactionUnit, dedupe_last, missing_keys, with_unit
+from workers.sinks.tables import (
+    ERROR_KEY,
+    RESULT_KEY,
+    UNIT_COLUMN,
+    TransactionUnit,
+    keyed_rows,
+)
 
-RESULT_KEY = ("id", "model_version")
-ERROR_KEY = ("source", "model_version")
 MAX_IDENT = 63  # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes)
 SUFFIXES = ("", "_errors", "_inputs")
 FIND_AT_MOST = 20  # rows named per RowsRejected when bisecting: the caller writes the rest again
@@ -175,18 +179,7 @@ class PostgresSink(Sink):
 
     # -- writing ---------------------------------------------------------------------------------
     def _prepare(self, scored: Scored, unit: str | None) -> tuple[pa.Table, list[int] | None, pa.Table]:
-        missing = missing_keys(scored.results, RESULT_KEY)
-        if missing:  # before collapsing duplicates: rows without a key are refused one by one
-            raise RowsRejected(missing)
-        results = with_unit(scored.results, unit, self.setting)
-        errors = scored.errors
-        if errors.num_rows and "source" not in errors.column_names:
-            # Rows without a locator (a mode that does not set one): keyed by their id instead.
-            ids = errors.column("id").to_pylist() if "id" in errors.column_names else [None] * errors.num_rows
-            errors = errors.append_column("source", pa.array([f"id:{i}" for i in ids], pa.string()))
-        errors = with_unit(errors, unit, self.setting)
-        results, keep = dedupe_last(results, RESULT_KEY)
-        errors, _ = dedupe_last(errors, ERROR_KEY)
+        results, keep, errors = keyed_rows(scored, unit, self.setting)
         # Rejected rows are diagnostics: a NUL character (which text/jsonb refuse) is shown escaped, so the
         # error row is stored instead of failing the write.
         errors = pa.table([escape_nul(c, json=n in JSON_COLUMNS) for n, c in zip(errors.column_names, errors.columns,

@@ -36,9 +36,10 @@ import pyarrow.compute as pc
 from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
-from workers.sinks.postgres import ERROR_KEY, RESULT_KEY
 from workers.sinks.tables import (
+    ERROR_KEY,
     POSITION,
+    RESULT_KEY,
     UNIT_COLUMN,
     dedupe_last,
     is_json,

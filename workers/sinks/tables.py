@@ -34,12 +34,14 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workers.errors import ConfigError, InputError, SinkError
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.sinks.base import UnitWriter
 
 #: set on every row written through ``Sink.begin(unit)`` (batch); NULL for stream/serve rows
 UNIT_COLUMN = "input_file"
+RESULT_KEY = ("id", "model_version")  # results' primary key in every table sink
+ERROR_KEY = ("source", "model_version")  # rejected rows' primary key
 #: where a stream (or serve) row's record sits: rows with these columns are ordered by them, not by input order
 POSITION = ("topic", "partition", "offset")
 
@@ -270,3 +272,23 @@ class TransactionUnit(UnitWriter):
 
     def abort(self) -> None:
         self.sink._rollback()
+
+
+def keyed_rows(scored: Scored, unit: str | None, setting: str) -> tuple[pa.Table, list[int] | None, pa.Table]:
+    """A write's results and errors as a keyed table sink stores them: rows without a key refused
+    (``RowsRejected``, one by one, before duplicates collapse), the unit column added, errors without a locator
+    keyed by their id, and rows with the same key collapsed to the later one (``keep``: the kept rows' indices
+    in the input, None when none was dropped)."""
+    missing = missing_keys(scored.results, RESULT_KEY)
+    if missing:
+        raise RowsRejected(missing)
+    results = with_unit(scored.results, unit, setting)
+    errors = scored.errors
+    if errors.num_rows and "source" not in errors.column_names:
+        # Rows without a locator (a mode that does not set one): keyed by their id instead.
+        ids = errors.column("id").to_pylist() if "id" in errors.column_names else [None] * errors.num_rows
+        errors = errors.append_column("source", pa.array([f"id:{i}" for i in ids], pa.string()))
+    errors = with_unit(errors, unit, setting)
+    results, keep = dedupe_last(results, RESULT_KEY)
+    errors, _ = dedupe_last(errors, ERROR_KEY)
+    return results, keep, errors
