@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from tests.helpers import frame, write_inputs
 from workers.runtime.batch import run_batch
 from workers.settings import load_settings
-from workers.sources.parquet import shard_of
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -128,13 +127,13 @@ def test_two_shards_cover_every_file_exactly_once(models, tmp_path):
         seen += [f for f in result_files(out) if f not in seen]
     assert len(seen) == 12
     assert len(read_results(out)) == 600
-    # The assignment is a pure function of the canonical location: the same in any process.
-    assert [shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)] == [
-        shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)]
-    probe = subprocess.run([sys.executable, "-c", "from workers.sources.parquet import shard_of;"
-                            "print([shard_of(f'part-{k:03d}.parquet', 2) for k in range(12)])"],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"})
-    assert probe.stdout.strip() == str([shard_of(f"part-{k:03d}.parquet", 2) for k in range(12)])
+    # The plan is a pure function of the listing: the same in any process (no hash() of str involved).
+    script = ("import sys; from workers.sources.parquet import find_inputs; from workers.sources.units import plan;"
+              "from workers.settings import S3Settings; l = find_inputs(sys.argv[1], S3Settings());"
+              "print([[u.name for u in s] for s in plan(l.fs, l.files, 1000, 3)])")
+    runs = {subprocess.run([sys.executable, "-c", script, inputs], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "123")}
+    assert len(runs) == 1 and "part-" in runs.pop()
 
 
 def test_bad_files_fail_alone_and_bad_rows_go_to_errors(models, tmp_path):

@@ -81,6 +81,7 @@ def cli() -> None:
 @setting("--batch-rows", "batch.batch_rows")
 @setting("--shard-index", "batch.shard_index")
 @setting("--shard-count", "batch.shard_count")
+@setting("--unit-bytes", "batch.unit_bytes")
 @setting("--allow-bad-rows", "batch.allow_bad_rows", is_flag=True)
 @setting("--progress", "batch.progress")
 @setting("--queue-topic", "batch.queue_topic")

@@ -218,7 +218,13 @@ class BatchSettings(_Group):
     shard_index: int | None = Field(None, ge=0)
     """This pod's shard (0-based). Default: `JOB_COMPLETION_INDEX` (Kubernetes Indexed Job), else 0."""
     shard_count: int = Field(1, ge=1)
-    """Number of shards; each input file belongs to exactly one, by a stable hash of its path."""
+    """Number of shards (the Indexed Job's completions). Every pod computes the same plan: each unit (a file, or
+    a row-group range of a file larger than `unit_bytes`) belongs to exactly one shard, balanced by bytes."""
+    unit_bytes: int = Field(256 * 2**20, ge=0)
+    """Files larger than this are cut into ranges of row groups of about this many compressed bytes, each its
+    own unit (shard, ledger entry, output file `NAME.row-groups-A-B-of-N.parquet`), so one big file spreads over
+    many pods and a rerun resumes mid-file. 0: whole files only. Changing it rescores the large files once
+    (their earlier results are replaced, not doubled)."""
     allow_bad_rows: bool = False
     """Exit 0 when the only failures were rejected rows (they are in the errors output either way)."""
     progress: Literal["auto", "bar", "log"] = "auto"

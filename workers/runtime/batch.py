@@ -1,4 +1,5 @@
-"""Batch mode: score Parquet files into a sink, one unit per input file, resumable and shardable.
+"""Batch mode: score Parquet files into a sink, one unit per input file (or row-group range of a large one),
+resumable and shardable.
 
 Order per file, which makes a killed run safe to start again:
   1. skip it if the ledger says it is finished with the same fingerprint (size, mtime, model version);
@@ -19,6 +20,7 @@ output that could land on an input (exit 2), and the listing leaves out the outp
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,15 +39,14 @@ from workers.scoring.router import Router
 from workers.settings import Settings, env_name, job_completion_index
 from workers.sinks import Ledger, Sink, open_result_sink
 from workers.sources.parquet import (
-    InputFile,
     Listing,
     duplicated_columns,
     find_inputs,
     iter_batches,
     open_parquet,
     plain_batch,
-    shard_of,
 )
+from workers.sources.units import Unit, plan
 from workers.storage import canonical, inside, redact
 
 log = logging.getLogger("workers.batch")
@@ -55,6 +56,7 @@ log = logging.getLogger("workers.batch")
 class BatchReport:
     files_found: int = 0
     files_in_shard: int = 0
+    units_in_shard: int = 0  # files, or row-group ranges of large files (``sources.units``)
     files_scored: int = 0
     files_skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -88,6 +90,7 @@ class BatchReport:
         return {
             "files_found": self.files_found,
             "files_in_shard": self.files_in_shard,
+            "units_in_shard": self.units_in_shard,
             "files_scored": self.files_scored,
             "files_skipped": self.files_skipped,
             "files_failed": len(self.failed),
@@ -194,9 +197,16 @@ def _ours(listing: Listing, place: OutputPlace) -> set[str]:
         recorded = set()
     ours = {f"{place.root}/{n}" for n in names}
     for f in listing.excluded:
-        if f.source.startswith(place.root + "/") and ledger_file(f.source[len(place.root) + 1:]) in recorded:
+        if not f.source.startswith(place.root + "/"):
+            continue
+        rel = f.source[len(place.root) + 1:]
+        part = _PART.fullmatch(rel)  # a row-group range of an input whose whole results name is ours
+        if ledger_file(rel) in recorded or (part is not None and f"{part[1]}.parquet" in names):
             ours.add(f.source)
     return ours
+
+
+_PART = re.compile(r"(.*)\.row-groups-[0-9]+-[0-9]+-of-[0-9]+\.parquet")
 
 
 def check_layout(spec: str, listing: Listing, places: list[OutputPlace]) -> None:
@@ -243,21 +253,22 @@ class FileResult:
 _DATA_ERRORS = (pa.ArrowException, KeyError, ValueError, TypeError, IndexError, OverflowError)
 
 
-def score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
-    """Score one input file into one sink unit (named by the file's canonical location).
+def score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
+    """Score one unit (an input file, or a range of its row groups) into one sink unit of the same name.
 
-    Raises InputError for anything wrong with the file's data, so the run goes on with the other files;
+    Raises InputError for anything wrong with the file's data, so the run goes on with the other units;
     SinkError (the store failed) propagates."""
     try:
-        return _score_file(router, fs, f, sink, batch_rows, progress)
+        return _score_file(router, fs, unit, sink, batch_rows, progress)
     except (ScoringError, OSError):  # ours (InputError, SinkError...) or I/O: as they are
         raise
     except _DATA_ERRORS as exc:
-        log.debug("input data error", exc_info=True, extra={"input": f.rel})
-        raise InputError(f"cannot score {f.rel}: {type(exc).__name__}: {str(exc)[:300]}") from None
+        log.debug("input data error", exc_info=True, extra={"input": unit.rel})
+        raise InputError(f"cannot score {unit.rel}: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
-def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
+def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
+    f = unit.file
     pf = open_parquet(fs, f)
     try:
         schema = pf.schema_arrow
@@ -274,14 +285,15 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
     columns = router.input_columns(pf.schema_arrow)
     bytes_per_row = f.size / max(pf.metadata.num_rows, 1)
     before = router.skipped.copy()
-    writer = sink.begin(f.source)
-    n_scored = n_rejected = offset = 0
+    writer = sink.begin(unit.name)
+    n_scored = n_rejected = 0
+    offset = unit.first_row  # error sources name rows by their index in the file
     # An input without rows (no row groups, or empty ones) is scored as one empty batch of its schema, so its
     # output has the results' columns and no rows: one output per input, and readers see it was scored.
     empty = plain_batch(pa.RecordBatch.from_pylist([], schema=pa.schema([schema.field(c) for c in columns])))
     try:
-        for rb in chain(iter_batches(pf, columns, batch_rows), [empty]):
-            if rb is empty and offset:
+        for rb in chain(iter_batches(pf, columns, batch_rows, unit.row_groups), [empty]):
+            if rb is empty and offset > unit.first_row:
                 break
             scored = router.score_table(rb)
             if scored.num_errors:
@@ -291,7 +303,7 @@ def _score_file(router: Router, fs, f: InputFile, sink: Sink, batch_rows: int, p
             except RowsRejected as exc:
                 # The store cannot hold some rows as they are: retrying cannot help, so this file fails
                 # alone (aborted below, never recorded as done) and the run goes on with the others.
-                raise InputError(_rejected_reason(f.rel, scored, exc)) from None
+                raise InputError(_rejected_reason(unit.rel, scored, exc)) from None
             n_scored += rb.num_rows - scored.num_errors
             n_rejected += scored.num_errors
             offset += rb.num_rows
@@ -313,33 +325,35 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     check_layout(b.input or "", listing, places)
     fs, files = listing.fs, listing.files
     index = shard_index(settings)
-    mine = [f for f in files if shard_of(f.source, b.shard_count) == index]
-    report = BatchReport(files_found=len(files), files_in_shard=len(mine), output=redact(b.output or ""),
-                         allow_bad_rows=b.allow_bad_rows)
+    mine = plan(fs, files, b.unit_bytes, b.shard_count)[index]
+    report = BatchReport(files_found=len(files), files_in_shard=len({u.file.source for u in mine}),
+                         units_in_shard=len(mine), output=redact(b.output or ""), allow_bad_rows=b.allow_bad_rows)
     sink, ledger = open_batch_sink(settings)
     started = time.monotonic()
     log.info("batch start", extra={"files_found": len(files), "shard": f"{index}/{b.shard_count}",
-                                   "files_in_shard": len(mine), "model_version": model.version, "output": sink.name,
+                                   "files_in_shard": report.files_in_shard, "units_in_shard": len(mine),
+                                   "model_version": model.version, "output": sink.name,
                                    "versions": router.describe()})
-    progress = Progress(b.progress, len(mine), sum(f.size for f in mine))
+    progress = Progress(b.progress, len(mine), sum(u.size for u in mine))
     try:
         sink.check()
-        for f in mine:
-            fingerprint = f"{f.fingerprint};model={router.fingerprint}"
+        for u in mine:
+            fingerprint = f"{u.file.fingerprint};model={router.fingerprint}"
             try:
-                if ledger.done(f.source) == fingerprint:
+                # A range is also finished when an earlier run (before the file was cut) scored it whole.
+                if ledger.done(u.name) == fingerprint or (not u.whole and ledger.done(u.file.source) == fingerprint):
                     report.files_skipped += 1
                     progress.file_done()
                     continue
-                result = score_file(router, fs, f, sink, b.batch_rows, progress)
+                result = score_file(router, fs, u, sink, b.batch_rows, progress)
             except InputError as exc:
-                report.failed.append((f.rel, str(exc)))
-                log.error("input failed", extra={"input": f.rel, "reason": str(exc)})
+                report.failed.append((u.rel, str(exc)))
+                log.error("input failed", extra={"input": u.rel, "reason": str(exc)})
                 continue
-            ledger.mark_done(f.source, fingerprint, result.scored, result.rejected)
+            ledger.mark_done(u.name, fingerprint, result.scored, result.rejected)
             report.add(result)
             progress.file_done()
-            log.debug("input done", extra={"input": f.rel, "rows": result.scored, "rejected": result.rejected})
+            log.debug("input done", extra={"input": u.rel, "rows": result.scored, "rejected": result.rejected})
     except SinkError as exc:
         # The store failed: stop here; what was committed stays, the rest is picked up by a rerun.
         report.failed.append(("<sink>", str(exc)))

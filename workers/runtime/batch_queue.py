@@ -30,6 +30,7 @@ from workers.runtime.progress import Progress
 from workers.scoring.build import build_router
 from workers.settings import Settings
 from workers.sources.parquet import InputFile
+from workers.sources.units import Unit
 from workers.storage import canonical, inside, redact, resolve
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def _score_event(router: Router, settings: Settings, sink: Sink, ledger: Ledger,
         if ledger.done(f.source) == fingerprint:
             report.files_skipped += 1
             return
-        result = score_file(router, fs, f, sink, settings.batch.batch_rows, progress)
+        result = score_file(router, fs, Unit(f, f.size), sink, settings.batch.batch_rows, progress)
         ledger.mark_done(f.source, fingerprint, result.scored, result.rejected)
         report.add(result)
         log.info("input done", extra={"input": path, "rows": result.scored, "rejected": result.rejected})

@@ -31,13 +31,41 @@ from workers.errors import InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import S3Settings
 from workers.sinks.base import Ledger, Sink, UnitWriter
+from workers.sources.units import split_range
 from workers.storage import is_s3, output_name, redact, resolve
 
 
 def result_name(unit: str) -> str:
-    """The file of a unit's results, relative to the root (its errors: ``_errors/`` + the same)."""
+    """The file of a unit's results, relative to the root (its errors: ``_errors/`` + the same). Row groups
+    A..B of N of a large input (``sources.units``) go beside the whole file's name:
+    ``part-0.row-groups-A-B-of-N.parquet``."""
+    span = split_range(unit)
+    if span is not None:
+        location, first, last, groups = span
+        return f"{_stem(location)}.row-groups-{first}-{last}-of-{groups}.parquet"
     name = output_name(unit)
     return name if name.endswith(".parquet") else f"{name}.parquet"
+
+
+def _stem(location: str) -> str:
+    whole = result_name(location)
+    return whole[: -len(".parquet")]
+
+
+def _parts_pattern(location: str) -> re.Pattern:
+    """Names (in the whole file's folder) of the row-group ranges of ``location``: (first, last, groups)."""
+    stem = _stem(location).rsplit("/", 1)[-1]
+    return re.compile(re.escape(stem) + r"\.row-groups-([0-9]+)-([0-9]+)-of-([0-9]+)\.parquet")
+
+
+def is_result_of(rel: str, location: str) -> bool:
+    """Whether ``rel`` (relative to an output root) is the results file of ``location`` or of a row-group
+    range of it."""
+    whole = result_name(location)
+    if rel == whole:
+        return True
+    folder, _, base = rel.rpartition("/")
+    return folder == whole.rpartition("/")[0] and _parts_pattern(location).fullmatch(base) is not None
 
 
 def ledger_file(name: str) -> str:
@@ -184,7 +212,7 @@ def _unwritable(table: pa.Table, exc: Exception) -> str:
 
 class _ParquetUnit(UnitWriter):
     def __init__(self, sink: ParquetSink, unit: str):
-        self.sink = sink
+        self.sink, self.unit = sink, unit
         name = result_name(unit)
         self.results = _File(sink.fs, f"{sink.root}/{name}", sink.atomic_rename)
         self.errors = _File(sink.fs, f"{sink.root}/_errors/{name}", sink.atomic_rename)
@@ -218,6 +246,7 @@ class _ParquetUnit(UnitWriter):
             for part in (self.results, self.errors):
                 if not part.commit():
                     part.remove()
+            self.sink.retire_others(self.unit)
         except OSError as exc:
             raise SinkError(f"publishing {self.results.final}: {exc}") from exc
 
@@ -267,6 +296,9 @@ class ParquetSink(Sink, Ledger):
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
         entry = {"unit": unit, "output": result_name(unit), "fingerprint": fingerprint, "rows": rows,
                  "rejected": rejected, "at": time.time()}
+        self._write_entry(unit, entry)
+
+    def _write_entry(self, unit: str, entry: dict) -> None:
         out = _File(self.fs, self._state_path(unit), self.atomic_rename)
         path = out.tmp
         try:
@@ -278,6 +310,51 @@ class ParquetSink(Sink, Ledger):
                 self.fs.move(path, out.final)
         except OSError as exc:
             raise SinkError(f"recording {unit} as done: {exc}") from exc
+
+    def retire_others(self, unit: str) -> None:
+        """After ``unit`` is published: delete results of the same input under another cut, so a replaced
+        input (or another ``SCORING_BATCH__UNIT_BYTES``) never leaves rows twice in the dataset.
+
+        A row-group range removes the whole file's results and every range of the same input that overlaps it
+        or belongs to a file with another row-group count; ranges of the current cut never overlap, so
+        concurrent shards writing the other ranges are left alone. It also marks the whole file's ledger
+        entry as split, which is how a later whole-file write of that input knows that ranges exist to be
+        removed (listing the folder for every small file would cost a listing per input)."""
+        span = split_range(unit)
+        if span is None:
+            try:
+                with self.fs.open_input_stream(self._state_path(unit)) as f:
+                    split = json.loads(f.read()).get("split", False)
+            except (FileNotFoundError, OSError, ValueError):
+                split = False
+            if split:
+                self._remove_results(unit, lambda first, last, groups: True)
+            return
+        location, first, last, groups = span
+        self._write_entry(location, {"unit": location, "output": result_name(location), "split": True})
+
+        def stale(a: int, b: int, n: int) -> bool:
+            return n != groups or ((a, b) != (first, last) and a <= last and first <= b)
+
+        self._remove_results(location, stale, whole=True)
+
+    def _remove_results(self, location: str, stale, whole: bool = False) -> None:
+        pattern = _parts_pattern(location)
+        whole_name = result_name(location)
+        whole_base = whole_name.rsplit("/", 1)[-1]
+        for top in ("", "_errors/"):
+            folder = f"{self.root}/{top}{whole_name}".rsplit("/", 1)[0]
+            try:
+                entries = self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            except OSError:
+                continue
+            for entry in entries:
+                m = pattern.fullmatch(entry.base_name)
+                if (m and stale(int(m[1]), int(m[2]), int(m[3]))) or (whole and entry.base_name == whole_base):
+                    try:
+                        self.fs.delete_file(entry.path)
+                    except (FileNotFoundError, OSError):
+                        pass
 
     def check(self) -> None:
         try:

@@ -1,9 +1,8 @@
-"""Parquet inputs: find the files, assign them to shards, stream their row groups in bounded memory."""
+"""Parquet inputs: find the files, stream their row groups in bounded memory (``units`` cuts and shards them)."""
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,13 +125,6 @@ def list_inputs(spec: str, s3: S3Settings) -> tuple[pafs.FileSystem, list[InputF
     return listing.fs, listing.files
 
 
-def shard_of(source: str, shard_count: int) -> int:
-    """A stable shard for an input's canonical location: the same on every pod, process and Python version
-    (not ``hash()``)."""
-    digest = hashlib.sha256(source.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % shard_count
-
-
 def open_parquet(fs: pafs.FileSystem, f: InputFile) -> pq.ParquetFile:
     try:
         # pre_buffer=False: pyarrow's default pre-buffering reads far ahead of the row group in hand, and
@@ -197,8 +189,9 @@ def duplicated_columns(schema: pa.Schema, wanted: list[str]) -> list[str]:
     return [c for c in wanted if len(schema.get_all_field_indices(c)) > 1]
 
 
-def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Row groups one at a time: memory holds two batches, whatever the file size.
+def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int,
+                 row_groups: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+    """Row groups one at a time (all, or ``row_groups``): memory holds two batches, whatever the file size.
 
     The next batch is read and decoded on a helper thread while the caller scores this one (pyarrow
     releases the GIL while it reads and decompresses), so I/O overlaps scoring. The helper starts on the
@@ -216,7 +209,8 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Ite
 
     def read() -> None:
         try:
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=columns,
+                                         use_threads=False):
                 ahead.put(plain_batch(batch))
                 del batch
                 while not taken.acquire(timeout=0.1):
