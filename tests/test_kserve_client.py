@@ -61,8 +61,8 @@ def test_kserve_grpc_client_infers_fp32_and_fp64_reads_metadata_and_readiness(mo
     shutil.copy(models["binary"], mnt / "model.bst")  # lgbserver's file name, from storageUri .../model.bst
     http, grpc_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "workers", "serve", f"--model_dir={mnt}",
-                             "--model_name=fraud-scorer", f"--http_port={http}", f"--grpc_port={grpc_port}",
-                             "--nthread=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--model_name=fraud-scorer", f"--http_port={http}", f"--grpc_port={grpc_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert wait_port(http, 30) and wait_port(grpc_port, 30), "server did not start"
         x = np.random.default_rng(5).normal(size=(41, len(FEATURES)))

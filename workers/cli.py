@@ -130,8 +130,8 @@ def serve(settings: Settings) -> None:
     CloudEvents (KafkaSource).
 
     As a KServe runtime: --model-dir /mnt/models (where the storage initializer puts storageUri) and
-    --model-name {{.Name}}; KServe's spellings (--model_dir, --model_name, --http_port, --grpc_port,
-    --nthread) are accepted too.
+    --model-name {{.Name}}; KServe's spellings (--model_dir, --model_name, --http_port, --grpc_port)
+    are accepted too.
     """
     from workers.runtime.serve.app import run_serve
     from workers.runtime.serve.bind import port_free

@@ -114,7 +114,7 @@ model_options = options(
     setting("--model-dir", "model.dir", aliases=("--model_dir",)),
     setting("--model-sha256", "model.sha256"),
     setting("--model-version", "model.version"),
-    setting("--threads", "model.threads", aliases=("--nthread",)),
+    setting("--threads", "model.threads"),
     setting("--backend", "model.backend"),
     setting("--cache-dir", "model.cache_dir"),
 )
