@@ -574,7 +574,25 @@ def test_deploy_semantics_catch_planted_mistakes(rendered, monkeypatch):
     def unknown_setting(deployment, _):
         _pod_spec(deployment)["containers"][0]["env"].append({"name": "SCORING_STREAM__TOPIC", "value": "events"})
 
+    def no_model_dir(runtime, _):  # the runtime would ignore what KServe downloads
+        c = _pod_spec(runtime)["containers"][0]
+        c["args"] = [a for a in c["args"] if not a.startswith("--model-dir")] + ["--model=s3://models/m.txt"]
+
+    def grpc_port_as_http1(ksvc, _):  # Knative would speak HTTP/1 to the gRPC server
+        _pod_spec(ksvc)["containers"][0]["ports"][0]["name"] = "http1"
+
+    def fixed_model_name(runtime, _):
+        c = _pod_spec(runtime)["containers"][0]
+        c["args"] = [a if not a.startswith("--model-name") else "--model-name=model" for a in c["args"]]
+
+    serve_docs = copy.deepcopy(rendered["serve"])
+    serve_docs = [d for d in serve_docs if d["apiVersion"] != "serving.knative.dev/v1" or d["metadata"][
+        "name"].endswith("-grpc")] + [d for d in serve_docs if d["apiVersion"] == "serving.knative.dev/v1"
+                                      and not d["metadata"]["name"].endswith("-grpc")]
     cases = [
+        ("kserve", rendered["kserve"], "ClusterServingRuntime", no_model_dir, "must read the model KServe downloads"),
+        ("kserve", rendered["kserve"], "ClusterServingRuntime", fixed_model_name, "not the InferenceService's"),
+        ("serve", serve_docs, "Service", grpc_port_as_http1, "the container exposes [('http1', 8081)]"),
         ("batch", batch, "CronJob", old_configmap, "batch/CronJob/scoring-batch: runs batch-queue, meant to run "
                                                    "batch-files"),
         ("batch", batch, "ScaledJob", no_ca, "/etc/scoring/kafka/ca.crt is not on any mounted volume"),
