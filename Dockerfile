@@ -29,6 +29,11 @@ RUN /opt/venv/bin/pip install --quiet --no-deps . \
  && find /opt/venv -name '*.dist-info' -path '*/tests/*' -prune -o -type d -name tests -prune -exec rm -rf {} +
 
 # ---- runtime: python, libgomp (LightGBM's OpenMP), the venv; no compilers, no caches, non-root ----
+# OpenShift (restricted-v2 SCC) runs the container under an arbitrary UID whose group is 0 (root group, no root
+# privileges), with no passwd entry; other restricted clusters keep the image's 10001 (in group 0 too). Nothing
+# needs a named user: HOME, TMPDIR and every cache point at /tmp (an emptyDir or tmpfs; the root filesystem is
+# read-only), the venv is world-readable, and a worker in group 0 writes group-writable files (scoring-worker
+# drops the group bits from its umask) so pods of different UIDs can share a cache or output volume.
 FROM ${BASE_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libgomp1 ca-certificates \
@@ -38,10 +43,13 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    HOME=/tmp
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    TMPDIR=/tmp
 # Writes go only to /tmp (mount an emptyDir there) or a mounted volume.
 WORKDIR /tmp
-USER 10001:10001
-EXPOSE 8080 9000
+USER 10001:0
+# 8080 REST (serve) or metrics (stream 9000), 8081 gRPC (serve, the Open Inference Protocol).
+EXPOSE 8080 8081 9000
 ENTRYPOINT ["scoring-worker"]
 CMD ["--help"]

@@ -18,17 +18,21 @@ from tests.conftest import need
 from workers.settings import known_env_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CRDS = os.path.join(ROOT, "..", "shared", "crds")
-OVERLAYS = ("stream", "batch", "serve", "rollout")
+# ../shared/crds beside the project; CRDS_DIR points elsewhere (a git worktree, another checkout).
+CRDS = os.environ.get("CRDS_DIR") or os.path.join(ROOT, "..", "shared", "crds")
+WORKLOAD_OVERLAYS = ("stream", "batch", "serve", "rollout")  # each renders core kinds too
+OVERLAYS = (*WORKLOAD_OVERLAYS, "kserve", "monitoring")
 CORE_GROUPS = {"v1", "apps/v1", "batch/v1"}
 
 
 def is_core(doc: dict) -> bool:
     return doc["apiVersion"] in CORE_GROUPS
 CRD_FILES = ["keda_scaledobjects.yaml", "keda_scaledjobs.yaml", "keda_triggerauthentications.yaml",
-             "ksvc.yaml", "kafkasource.yaml"]
+             "ksvc.yaml", "kafkasource.yaml", "kafkasink.yaml", "kserve_clusterservingruntimes.yaml",
+             "kserve_inferenceservices.yaml", "monitoring_servicemonitors.yaml", "monitoring_podmonitors.yaml",
+             "monitoring_prometheusrules.yaml"]
 # Kinds no CRD file here describes: listed so nothing passes unvalidated by accident.
-NO_SCHEMA = {("eventing.knative.dev/v1alpha1", "KafkaSink")}
+NO_SCHEMA: set[tuple[str, str]] = set()
 
 
 def kubectl() -> str:
@@ -77,7 +81,9 @@ def by_kind(docs: list[dict], kind: str) -> dict:
 def test_every_overlay_renders_and_core_kinds_validate(rendered, tmp_path):
     for overlay, docs in rendered.items():
         core = [d for d in docs if is_core(d)]
-        assert core, overlay
+        assert core or overlay not in WORKLOAD_OVERLAYS, overlay
+        if not core:
+            continue
         proc = kube_validate(core, tmp_path)
         assert proc.returncode == 0, f"{overlay}: {proc.stdout}{proc.stderr}"
 
@@ -101,7 +107,8 @@ def test_keda_and_knative_kinds_validate_against_the_upstream_crds(rendered, crd
             assert key in crd_schemas, f"{overlay}: no CRD schema for {key}"
             assert crd_errors(doc, crd_schemas) == [], (overlay, key)
             checked.add(doc["kind"])
-    assert checked == {"ScaledObject", "ScaledJob", "TriggerAuthentication", "Service", "KafkaSource"}
+    assert checked == {"ScaledObject", "ScaledJob", "TriggerAuthentication", "Service", "KafkaSource", "KafkaSink",
+                       "ClusterServingRuntime", "InferenceService", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 def test_crd_validation_catches_planted_mistakes(rendered, crd_schemas):
@@ -121,6 +128,27 @@ def test_crd_validation_catches_planted_mistakes(rendered, crd_schemas):
                               and d["apiVersion"].startswith("serving.knative.dev")))
     ksvc["spec"]["template"]["spec"]["containerConcurency"] = 10  # misspelled
     assert crd_errors(ksvc, crd_schemas), "the Knative schema must reject a misspelled field"
+    runtime = copy.deepcopy(by_kind(rendered["kserve"], "ClusterServingRuntime"))
+    runtime["spec"]["supportedModelFormat"] = runtime["spec"].pop("supportedModelFormats")  # misspelled
+    assert any("supportedModelFormat" in e for e in crd_errors(runtime, crd_schemas))
+    runtime = copy.deepcopy(by_kind(rendered["kserve"], "ClusterServingRuntime"))
+    del runtime["spec"]["containers"]  # required
+    assert any("containers" in e for e in crd_errors(runtime, crd_schemas))
+    runtime = copy.deepcopy(by_kind(rendered["kserve"], "ClusterServingRuntime"))
+    runtime["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080"  # wrong type
+    assert crd_errors(runtime, crd_schemas)
+    isvc = copy.deepcopy(by_kind(rendered["kserve"], "InferenceService"))
+    isvc["spec"]["predictor"]["model"]["storageURI"] = isvc["spec"]["predictor"]["model"].pop("storageUri")
+    assert any("storageURI" in e for e in crd_errors(isvc, crd_schemas))
+    monitor = copy.deepcopy(by_kind(rendered["monitoring"], "ServiceMonitor"))
+    monitor["spec"]["endpoint"] = monitor["spec"].pop("endpoints")  # misspelled
+    assert any("endpoint" in e for e in crd_errors(monitor, crd_schemas))
+    pods = copy.deepcopy(by_kind(rendered["monitoring"], "PodMonitor"))
+    del pods["spec"]["selector"]  # required
+    assert any("selector" in e for e in crd_errors(pods, crd_schemas))
+    pods = copy.deepcopy(by_kind(rendered["monitoring"], "PodMonitor"))
+    pods["spec"]["podMetricsEndpoints"][0]["interval"] = 15  # a duration is text
+    assert crd_errors(pods, crd_schemas)
 
 
 def config(docs: list[dict], name: str = "scoring-config") -> dict[str, str]:
@@ -152,15 +180,7 @@ def test_env_files_are_valid_worker_settings(rendered, monkeypatch):
 
 
 def _containers(doc: dict) -> list[dict]:
-    spec = doc.get("spec", {})
-    for path in (("template", "spec"), ("jobTemplate", "spec", "template", "spec"),
-                 ("jobTargetRef", "template", "spec")):
-        node = spec
-        for p in path:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if node.get("containers"):
-            return node["containers"]
-    return []
+    return _pod_spec(doc).get("containers", [])
 
 
 def test_stream_trigger_matches_the_worker_settings(rendered):
@@ -278,9 +298,14 @@ INTENDED = {
     ("batch", "CronJob", "scoring-batch"): "batch-files",
     ("batch", "ScaledJob", "scoring-batch-queue"): "batch-queue",
     ("serve", "Service", "scoring-serve"): "serve",
+    ("serve", "Service", "scoring-serve-grpc"): "serve",
+    ("kserve", "ClusterServingRuntime", "scoring-workers"): "serve",
+    ("kserve", "ClusterServingRuntime", "scoring-workers-grpc"): "serve",
     ("rollout", "Deployment", "scoring-stream"): "stream",
 }
-WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "ScaledJob", "Pod"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "ScaledJob", "Pod",
+                  "ClusterServingRuntime", "ServingRuntime"}
+KSERVE_MODELS = "/mnt/models"  # where KServe's storage initializer puts the storageUri
 IMAGE = "ghcr.io/scoring-workers/scoring-workers"
 SECRET = "<from secret {}/{}>"  # secrets are not in the manifests; a placeholder stands for the value
 
@@ -486,9 +511,19 @@ def workload_problems(overlay: str, docs: list[dict], monkeypatch) -> list[str]:
                 problems += [f"{where}: routing file: {p}" for p in _file_mounted(s.routing.path, container, pod)]
             problems += [f"{where}: {p}" for p in _kafka_problems(s, env, container, pod, meta)]
         elif mode == "serve":
-            ports = [p["containerPort"] for p in container.get("ports", [])]
-            if ports != [s.serve.port]:
-                problems.append(f"{where}: serves on {s.serve.port}, the container exposes {ports}")
+            # Knative routes one port per container, named for its protocol: REST or gRPC, never both.
+            ports = [(p.get("name"), p["containerPort"]) for p in container.get("ports", [])]
+            if ports not in ([("http1", s.serve.port)], [("h2c", s.serve.grpc_port)]):
+                problems.append(f"{where}: serves REST on {s.serve.port} and gRPC on {s.serve.grpc_port}, the "
+                                f"container exposes {ports}")
+            if doc["kind"].endswith("ServingRuntime"):
+                if s.model.path or s.routing.path or s.model.dir != KSERVE_MODELS:
+                    problems.append(f"{where}: a KServe runtime must read the model KServe downloads: --model-dir "
+                                    f"{KSERVE_MODELS} and no model path or routing file (got dir {s.model.dir!r}, "
+                                    f"path {s.model.path!r}, routing {s.routing.path!r})")
+                if s.serve.model_name != "{{.Name}}":
+                    problems.append(f"{where}: the model name is {s.serve.model_name!r}, not the InferenceService's "
+                                    "({{.Name}})")
             if s.serve.sink and s.serve.sink.startswith("kafka://"):
                 problems += [f"{where}: {p}" for p in _kafka_problems(s, env, container, pod, None)]
     return problems
@@ -539,7 +574,25 @@ def test_deploy_semantics_catch_planted_mistakes(rendered, monkeypatch):
     def unknown_setting(deployment, _):
         _pod_spec(deployment)["containers"][0]["env"].append({"name": "SCORING_STREAM__TOPIC", "value": "events"})
 
+    def no_model_dir(runtime, _):  # the runtime would ignore what KServe downloads
+        c = _pod_spec(runtime)["containers"][0]
+        c["args"] = [a for a in c["args"] if not a.startswith("--model-dir")] + ["--model=s3://models/m.txt"]
+
+    def grpc_port_as_http1(ksvc, _):  # Knative would speak HTTP/1 to the gRPC server
+        _pod_spec(ksvc)["containers"][0]["ports"][0]["name"] = "http1"
+
+    def fixed_model_name(runtime, _):
+        c = _pod_spec(runtime)["containers"][0]
+        c["args"] = [a if not a.startswith("--model-name") else "--model-name=model" for a in c["args"]]
+
+    serve_docs = copy.deepcopy(rendered["serve"])
+    serve_docs = [d for d in serve_docs if d["apiVersion"] != "serving.knative.dev/v1" or d["metadata"][
+        "name"].endswith("-grpc")] + [d for d in serve_docs if d["apiVersion"] == "serving.knative.dev/v1"
+                                      and not d["metadata"]["name"].endswith("-grpc")]
     cases = [
+        ("kserve", rendered["kserve"], "ClusterServingRuntime", no_model_dir, "must read the model KServe downloads"),
+        ("kserve", rendered["kserve"], "ClusterServingRuntime", fixed_model_name, "not the InferenceService's"),
+        ("serve", serve_docs, "Service", grpc_port_as_http1, "the container exposes [('http1', 8081)]"),
         ("batch", batch, "CronJob", old_configmap, "batch/CronJob/scoring-batch: runs batch-queue, meant to run "
                                                    "batch-files"),
         ("batch", batch, "ScaledJob", no_ca, "/etc/scoring/kafka/ca.crt is not on any mounted volume"),
@@ -553,3 +606,122 @@ def test_deploy_semantics_catch_planted_mistakes(rendered, monkeypatch):
     for overlay, docs, kind, change, expected in cases:
         problems = workload_problems(overlay, _mutated(docs, kind, change), monkeypatch)
         assert any(expected in p for p in problems), (change.__name__, problems)
+
+
+def test_the_grpc_knative_service_is_h2c_on_the_grpc_port_with_grpc_probes(rendered):
+    docs = rendered["serve"]
+    data = config(docs)
+    ksvc = next(d for d in docs if d["apiVersion"] == "serving.knative.dev/v1" and d["metadata"]["name"].endswith(
+        "-grpc"))
+    container = ksvc["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"] == [{"name": "h2c", "containerPort": int(data["SCORING_SERVE__GRPC_PORT"])}]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe] == {**container[probe], "grpc": {"port": int(data["SCORING_SERVE__GRPC_PORT"])}}
+    rest = next(d for d in docs if d["apiVersion"] == "serving.knative.dev/v1" and d is not ksvc)
+    assert container["envFrom"] == rest["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+
+
+def test_kserve_runtimes_and_inference_services_fit_together(rendered):
+    docs = rendered["kserve"]
+    runtimes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterServingRuntime"}
+    services = [d for d in docs if d["kind"] == "InferenceService"]
+    assert {p for r in runtimes.values() for p in r["spec"]["protocolVersions"]} == {"v2", "grpc-v2"}
+    assert len(services) == len(runtimes) == 2
+    for isvc in services:
+        model = isvc["spec"]["predictor"]["model"]
+        runtime = runtimes[model["runtime"]]
+        formats = runtime["spec"]["supportedModelFormats"]
+        assert any(f["name"] == model["modelFormat"]["name"] == "lightgbm" for f in formats)
+        assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+        assert model["storageUri"].startswith("s3://")
+        port = runtime["spec"]["containers"][0]["ports"][0]
+        assert port["name"] == ("h2c" if model["protocolVersion"] == "grpc-v2" else "http1")
+        assert runtime["spec"]["containers"][0]["name"] == "kserve-container"  # the name KServe merges into
+
+
+def _pod_labels(doc: dict) -> dict:
+    if doc["kind"] == "InferenceService":
+        return doc["spec"]["predictor"].get("labels", {})
+    return doc["spec"]["template"].get("metadata", {}).get("labels", {})
+
+
+def test_monitors_select_the_stream_service_and_every_serve_pod(rendered):
+    mon = rendered["monitoring"]
+    service_monitor, pod_monitor = by_kind(mon, "ServiceMonitor"), by_kind(mon, "PodMonitor")
+    stream = rendered["stream"]
+    service = by_kind(stream, "Service")
+    wanted = service_monitor["spec"]["selector"]["matchLabels"]
+    assert wanted.items() <= service["metadata"]["labels"].items()
+    assert service_monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert service_monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    wanted = pod_monitor["spec"]["selector"]["matchLabels"]
+    serve_pods = [d for d in rendered["serve"] if d["apiVersion"] == "serving.knative.dev/v1"] + [
+        d for d in rendered["kserve"] if d["kind"] == "InferenceService"]
+    assert len(serve_pods) == 4
+    for doc in serve_pods:
+        assert wanted.items() <= _pod_labels(doc).items(), doc["metadata"]["name"]
+    stream_pods = _pod_labels(by_kind(stream, "Deployment"))
+    assert not wanted.items() <= stream_pods.items(), "stream pods would be scraped twice"
+    endpoint = pod_monitor["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "user-port" and endpoint["path"] == "/metrics"
+    rewrite = next(r for r in endpoint["relabelings"] if r["targetLabel"] == "__address__")
+    assert rewrite["replacement"] == f"$1:{config(rendered['serve'])['SCORING_SERVE__PORT']}"
+
+
+# -- Restricted clusters: Pod Security "restricted" and OpenShift's restricted-v2 SCC ------------------
+def security_problems(doc: dict) -> list[str]:
+    """What keeps a workload from running under the restricted Pod Security Standard and OpenShift's
+    restricted-v2 SCC, which assigns its own UID (so none may be named) with group 0."""
+    pod = _pod_spec(doc)
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    out = []
+    pod_sc = pod.get("securityContext", {})
+    for name in ("runAsUser", "runAsGroup", "fsGroup"):
+        if name in pod_sc:
+            out.append(f"{where}: pod securityContext.{name} is set (OpenShift assigns it)")
+    mounts_of = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        sc = container.get("securityContext", {})
+        name = f"{where}/{container.get('name', 'container')}"
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            out.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"] or sc.get("capabilities", {}).get("add"):
+            out.append(f"{name}: capabilities do not drop ALL")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            out.append(f"{name}: readOnlyRootFilesystem is not true")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp != "RuntimeDefault":
+            out.append(f"{name}: seccompProfile is {seccomp!r}, not RuntimeDefault")
+        if "runAsUser" in sc or "runAsGroup" in sc:
+            out.append(f"{name}: securityContext names a UID/GID (OpenShift assigns it)")
+        if not any(m["mountPath"] == "/tmp" and m["name"] in mounts_of for m in container.get("volumeMounts", [])):
+            out.append(f"{name}: no emptyDir at /tmp (HOME, caches and temp files go there)")
+    return out
+
+
+def test_every_workload_runs_restricted_and_a_removed_field_fails(rendered):
+    seen = 0
+    for overlay, docs in rendered.items():
+        for doc in workloads(docs):
+            assert security_problems(doc) == [], overlay
+            seen += 1
+    assert seen == len(INTENDED)
+    stream, kserve = by_kind(rendered["stream"], "Deployment"), by_kind(rendered["kserve"], "ClusterServingRuntime")
+    ksvc = next(d for d in rendered["serve"] if d["apiVersion"] == "serving.knative.dev/v1")
+    planted = [
+        (stream, lambda p, c: p["securityContext"].pop("runAsNonRoot"), "runAsNonRoot is not true"),
+        (stream, lambda p, c: p["securityContext"].pop("seccompProfile"), "seccompProfile is None"),
+        (stream, lambda p, c: p["securityContext"].update(runAsUser=10001), "pod securityContext.runAsUser"),
+        (stream, lambda p, c: c["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "drop ALL"),
+        (ksvc, lambda p, c: c["securityContext"].pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
+        (ksvc, lambda p, c: c["securityContext"].update(seccompProfile={"type": "Unconfined"}), "'Unconfined'"),
+        (kserve, lambda p, c: c["securityContext"].pop("readOnlyRootFilesystem"), "readOnlyRootFilesystem"),
+        (kserve, lambda p, c: c.update(volumeMounts=[]), "no emptyDir at /tmp"),
+    ]
+    for doc, change, expected in planted:
+        broken = copy.deepcopy(doc)
+        pod = _pod_spec(broken)
+        change(pod, pod["containers"][0])
+        assert any(expected in p for p in security_problems(broken)), (expected, security_problems(broken))

@@ -1,5 +1,7 @@
 """The container image is built and run: batch on a mounted folder, stream against the host's broker and
-PostgreSQL, as a non-root user on a read-only root filesystem.
+PostgreSQL, serve (REST and gRPC) with the model where KServe puts it, all as OpenShift runs containers: an
+arbitrary UID with group 0 (``--user 123456:0``, no passwd entry) on a read-only root filesystem with a tmpfs at
+/tmp (``--read-only --tmpfs /tmp``, as the manifests' emptyDir; podman would add that tmpfs by itself, Docker not).
 
 Engine: Docker when one answers; else podman + buildah (no registry is reachable here, so the Debian base
 image is made locally with debootstrap, as ../shared/ENVIRONMENT.md describes).
@@ -88,16 +90,21 @@ def engine(tmp_path_factory):
     return eng
 
 
+OPENSHIFT_USER = "123456:0"  # restricted-v2 SCC: a UID of the namespace's range, group 0, no passwd entry
+
+
 def run_args(eng: Engine, *extra: str) -> list[str]:
     # --read-only: the root filesystem is read-only; /tmp is a tmpfs (as an emptyDir would be).
-    return [eng.cli, "run", "--rm", "--read-only", "--user", "10001:10001", "--network", "host", *extra]
+    return [eng.cli, "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--user", OPENSHIFT_USER, "--network", "host",
+            *extra]
 
 
 def test_image_is_small_non_root_and_has_no_build_tools(engine):
     info = json.loads(engine.run(engine.cli, "image", "inspect", TAG).stdout)[0]
     config = info.get("Config", {})
-    assert config.get("User") == "10001:10001"
+    assert config.get("User") == "10001:0"
     assert config.get("Entrypoint") == ["scoring-worker"]
+    assert {"8080/tcp", "8081/tcp", "9000/tcp"} <= set(config.get("ExposedPorts") or {})
     probe = engine.run(engine.cli, "run", "--rm", "--entrypoint", "sh", TAG, "-c",
                        "id -u; command -v gcc cc pip pip3 || true; ls /root/.cache 2>/dev/null | wc -l")
     lines = probe.stdout.split()
@@ -120,6 +127,10 @@ def test_batch_in_the_container_on_a_mounted_folder(engine, models, tmp_path):
 
     ids = ds.dataset(str(data / "out"), format="parquet").to_table(columns=["id"])["id"].to_pylist()
     assert len(ids) == 6000 == len(set(ids))
+    # Written by UID 123456 in group 0, group-writable: another UID of group 0 (the next pod) can resume.
+    written = [os.path.join(d, f) for d, _, fs in os.walk(data / "out") for f in fs]
+    assert written and all(os.stat(f).st_uid == 123456 and os.stat(f).st_gid == 0 for f in written)
+    assert all(os.stat(f).st_mode & 0o020 for f in written), [oct(os.stat(f).st_mode) for f in written]
     # The root filesystem really is read-only for the worker.
     denied = engine.run(*run_args(engine), "--entrypoint", "sh", TAG, "-c", "touch /opt/x", check=False)
     assert denied.returncode != 0
@@ -148,3 +159,59 @@ def test_stream_in_the_container_against_host_broker_and_postgres(engine, models
     assert count(pg_dsn, pg_table) == (3000, 3000)
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute(f'SELECT count(DISTINCT "partition") FROM "{pg_table}"').fetchone()[0] == 3
+
+
+def test_serve_in_the_container_finds_the_model_where_kserve_puts_it(engine, models, tmp_path):
+    """As deploy/kserve's runtime starts it: --model-dir /mnt/models (mounted read-only, as KServe mounts the
+    storage initializer's emptyDir), KServe's --model_name spelling; REST infer and gRPC infer answer."""
+    import urllib.request
+
+    import lightgbm as lgb
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    from tests.conftest import free_port, wait_port
+    from tests.helpers import FEATURES
+
+    mnt = tmp_path / "models"
+    mnt.mkdir()
+    shutil.copy(models["binary"], mnt / "model.txt")
+    os.chmod(mnt, 0o755)
+    os.chmod(mnt / "model.txt", 0o644)
+    http, grpc_port = free_port(), free_port()
+    name = f"scoring-serve-test-{http}"
+    engine.run(*[a for a in run_args(engine, "-d", "--name", name, "-v", f"{mnt}:/mnt/models:ro") if a != "--rm"],
+               TAG, "serve", "--model-dir=/mnt/models", "--model_name=churn", f"--port={http}",
+               f"--grpc-port={grpc_port}")
+    try:
+        ready = wait_port(http, 60) and wait_port(grpc_port, 30)
+        assert ready, engine.run(engine.cli, "logs", name, check=False).stderr[-2000:]
+        x = np.random.default_rng(3).normal(size=(7, len(FEATURES)))
+        body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP64",
+                                       "data": x.ravel().tolist()}]}).encode()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/churn/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "model never ready"
+            time.sleep(0.5)
+        request = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/churn/infer", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            rest = json.loads(reply.read())
+        booster = lgb.Booster(model_file=models["binary"])
+        np.testing.assert_allclose(rest["outputs"][0]["data"], booster.predict(x), atol=1e-12)
+        client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        tensor = triton.InferInput("input", list(x.shape), "FP64")
+        tensor.set_data_from_numpy(x)
+        np.testing.assert_allclose(client.infer("churn", [tensor]).as_numpy("score"), booster.predict(x),
+                                   atol=1e-12)
+        engine.run(engine.cli, "stop", "-t", "30", name)
+        state = json.loads(engine.run(engine.cli, "inspect", name).stdout)[0]["State"]
+        assert state["ExitCode"] == 0, engine.run(engine.cli, "logs", name, check=False).stderr[-2000:]
+    finally:
+        engine.run(engine.cli, "rm", "-f", name, check=False)

@@ -65,6 +65,11 @@ def workspace(models, tmp_path_factory):
     empty.mkdir()
     table = pa.Table.from_pandas(helpers.frame(1), preserve_index=False)
     pq.write_table(table.slice(0, 0), empty / "none.parquet")  # a file of the right columns and no rows
+    two = root / "two-models"  # a KServe storageUri prefix holding two model files
+    (two / "v1").mkdir(parents=True)
+    (two / "v1" / "model.bst").write_text("tree\n")
+    (two / "model.txt").write_text("tree\n")
+    (root / "no-model").mkdir()
     taken = socket.socket()
     taken.bind(("0.0.0.0", 0))  # noqa: S104 - the workers bind every interface by default
     taken.listen()
@@ -148,6 +153,12 @@ def cases(w: dict) -> list[Case]:
              "SCORING_STREAM__SINK (--sink)"),
         # serve
         Case("serve-missing-model", ["serve", "--model", "nope.txt", "--port", "0"], "SCORING_MODEL__PATH"),
+        Case("serve-model-dir-two-models", ["serve", "--model_dir", str(root / "two-models"), "--port", "0"],
+             "SCORING_MODEL__DIR (--model-dir): "),
+        Case("serve-model-dir-empty", ["serve", "--model-dir", str(root / "no-model"), "--port", "0"],
+             "SCORING_MODEL__DIR (--model-dir): "),
+        Case("serve-model-dir-missing", ["serve", "--model-dir", str(root / "nope"), "--port", "0"],
+             "SCORING_MODEL__DIR (--model-dir): "),
         Case("serve-port-in-use", ["serve", "--model", m, "--port", port], "SCORING_SERVE__PORT"),
         Case("serve-bad-port", ["serve", "--model", m, "--port", "http"], "'--port'"),
         Case("serve-grpc-port-in-use", ["serve", "--model", m, "--port", "0", "--grpc-port", port],

@@ -117,9 +117,9 @@ def stream(settings: Settings) -> None:
 @cli.command()
 @common
 @setting("--host", "serve.host")
-@setting("--port", "serve.port")
-@setting("--grpc-port", "serve.grpc_port")
-@setting("--model-name", "serve.model_name")
+@setting("--port", "serve.port", aliases=("--http_port",))
+@setting("--grpc-port", "serve.grpc_port", aliases=("--grpc_port",))
+@setting("--model-name", "serve.model_name", aliases=("--model_name",))
 @setting("--max-batch-rows", "serve.max_batch_rows")
 @setting("--max-latency-ms", "serve.max_latency_ms")
 @setting("--max-body-bytes", "serve.max_body_bytes")
@@ -128,7 +128,12 @@ def stream(settings: Settings) -> None:
 @with_settings
 def serve(settings: Settings) -> None:
     """HTTP for Knative and KServe: the Open Inference Protocol v2 (REST, and gRPC on --grpc-port) and
-    CloudEvents (KafkaSource)."""
+    CloudEvents (KafkaSource).
+
+    As a KServe runtime: --model-dir /mnt/models (where the storage initializer puts storageUri) and
+    --model-name {{.Name}}; KServe's spellings (--model_dir, --model_name, --http_port, --grpc_port)
+    are accepted too.
+    """
     from workers.runtime.serve.app import run_serve
     from workers.runtime.serve.bind import port_free
 
@@ -315,7 +320,19 @@ def _friendly(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _group_writable_under_gid0() -> None:
+    """OpenShift (restricted-v2) runs the container as an arbitrary UID in group 0; pods of other UIDs share a
+    volume (a model cache, an output folder) only through that group, so what this process writes must be
+    group-writable: the group bits leave the umask. Any other user keeps the umask it has."""
+    import os
+
+    if os.getgid() == 0 and os.getuid() != 0:
+        old = os.umask(0)
+        os.umask(old & ~0o070)
+
+
 def main() -> None:
+    _group_writable_under_gid0()
     try:
         cli.main(prog_name="scoring-worker", standalone_mode=False)
     except click.exceptions.Abort:

@@ -50,8 +50,10 @@ def click_type(annotation: Any) -> click.ParamType:
     return _OrEmpty(kind) if optional and kind is not click.STRING else kind
 
 
-def setting(flag: str, path: str, *, is_flag: bool = False, multiple: bool = False) -> Callable:
-    """A click option bound to the setting at dotted ``path`` (e.g. 'model.path')."""
+def setting(flag: str, path: str, *, is_flag: bool = False, multiple: bool = False,
+            aliases: tuple[str, ...] = ()) -> Callable:
+    """A click option bound to the setting at dotted ``path`` (e.g. 'model.path'). ``aliases``: other spellings
+    accepted too (KServe's model servers take ``--model_dir``, ``--model_name``, ``--http_port``...)."""
     parts = tuple(path.split("."))
     info = field_for(parts)
     FLAGS[parts] = flag.split("/")[0]
@@ -64,7 +66,7 @@ def setting(flag: str, path: str, *, is_flag: bool = False, multiple: bool = Fal
         kwargs["type"] = click_type(info.annotation)
     if multiple:
         kwargs["multiple"] = True
-    return click.option(flag, dest, **kwargs)
+    return click.option(flag, *aliases, dest, **kwargs)
 
 
 def _overrides(params: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +111,7 @@ def with_settings(fn: Callable) -> Callable:
 # Option groups.
 model_options = options(
     setting("--model", "model.path"),
+    setting("--model-dir", "model.dir", aliases=("--model_dir",)),
     setting("--model-sha256", "model.sha256"),
     setting("--model-version", "model.version"),
     setting("--threads", "model.threads"),

@@ -164,6 +164,10 @@ Text = Annotated[str, AfterValidator(_text)]
 class ModelSettings(_Group):
     path: ReadableUri = None
     """LightGBM model file in the text format `Booster.save_model` writes: a path, `file://` or `s3://` URI."""
+    dir: str | None = None
+    """Folder holding one model file, used when no model path is given: e.g. `/mnt/models`, where KServe's
+    storage initializer puts an InferenceService's `storageUri`. The file is its only `*.txt`, `*.bst`, `*.lgb` or
+    `*.model` file (sub-folders searched), else its only file; several candidates stop start-up."""
     sha256: str | None = None
     """Pinned SHA-256 (hex) of the model file; when set, a file with another hash is refused before parsing."""
     version: str | None = None

@@ -270,11 +270,16 @@ def default_version(uri: str, sha256: str) -> str:
 
 
 def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
-    """Read, verify and parse the model named by ``settings.path``; raises ModelError naming the setting."""
+    """Read, verify and parse the model named by ``settings.path`` (else the one file in ``settings.dir``);
+    raises ModelError naming the setting."""
     uri = settings.path
+    if not uri and settings.dir:
+        from workers.scoring.model_dir import find_model_file
+
+        uri = find_model_file(settings.dir)
     if not uri:
-        raise ModelError(PATH_SETTING, "no model given (set --model or SCORING_MODEL__PATH, or a routing file with "
-                                       "--routing or SCORING_ROUTING__PATH)")
+        raise ModelError(PATH_SETTING, "no model given (set --model or SCORING_MODEL__PATH, --model-dir or "
+                                       "SCORING_MODEL__DIR, or a routing file with --routing or SCORING_ROUTING__PATH)")
     try:
         data = read_bytes(uri, s3 or S3Settings())
     except FileNotFoundError:
