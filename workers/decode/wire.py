@@ -35,6 +35,10 @@ MAGIC = 0
 Parsed = tuple[list[Any], dict[int, str]]  # objects (None where a reason is), reasons by record index
 
 
+class PayloadError(ValueError):
+    """A payload that is readable but wrong for its schema (its message is the whole reason)."""
+
+
 def schema_id_of(value: bytes | None) -> int | None:
     """The schema id of a wire-format value, or None when the value is not one (its reason comes in parse)."""
     if value is None or len(value) < 5 or value[0] != MAGIC:
@@ -98,6 +102,8 @@ class WireFormat:
                 else:
                     try:
                         obj = self.read(schema, value, sid)
+                    except PayloadError as exc:
+                        reasons[i] = f"{self.kind} schema id {sid}: {exc}"[:300]
                     except Exception as exc:  # noqa: BLE001 - the payload does not decode: the record's fault
                         reasons[i] = f"does not decode as {self.kind} schema id {sid}: {type(exc).__name__}: " \
                                      f"{exc}"[:300]
@@ -275,13 +281,13 @@ class JsonSchemaFormat(WireFormat):
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON: {str(exc)[:120]}") from None
+            raise PayloadError(f"not valid JSON: {str(exc)[:120]}") from None
         if long_number(payload):
             obj = exact_loads(payload)
         error = next(iter(compiled.iter_errors(obj)), None)
         if error is not None:
             where = "/".join(map(str, error.absolute_path)) or "(root)"
-            raise ValueError(f"does not match its schema at {where}: {error.message[:200]}")
+            raise PayloadError(f"does not match the schema at {where}: {error.message[:200]}")
         return obj
 
 
