@@ -5,8 +5,7 @@ It implements the REST subset confluent-kafka's serializers and our reader use: 
 (``?format=serialized`` answers what a Protobuf serializer registered: a base64 FileDescriptorProto),
 ``GET /subjects/{s}/versions/{n|latest}``, ``GET /schemas/types``, and a 404 JSON answer for anything else
 (confluent-kafka 2.16 asks ``/associations/...`` first and falls back on that). Switches: ``fail_status``
-(answer every request with that status), ``hang_up`` (close connections unanswered), ``stop()``/``start()`` (the
-port refuses connections); optional basic auth and HTTPS. A threaded stdlib HTTP server, on 127.0.0.1.
+(answer every request with that status), ``stop()``/``start()`` (the port refuses connections); optional basic auth and HTTPS. A threaded stdlib HTTP server, on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ class TestRegistry:
         self.schemas: dict[int, dict[str, Any]] = {}  # id -> {"schema", "schemaType", "references"}
         self.subjects: dict[str, list[int]] = {}  # subject -> ids, one per version
         self.fail_status: int | None = None
-        self.hang_up = False
         self.requests: list[str] = []  # paths asked, in order (caching checks)
         self.lock = threading.Lock()
         self.port = 0
@@ -77,10 +75,8 @@ class TestRegistry:
     def register(self, subject: str, schema: str, schema_type: str = "AVRO", references: list | None = None) -> int:
         with self.lock:
             record = {"schema": schema, "schemaType": schema_type, "references": references or []}
-            for sid, known in self.schemas.items():
-                if known == record:
-                    break
-            else:
+            sid = next((k for k, known in self.schemas.items() if known == record), 0)
+            if not sid:
                 sid = len(self.schemas) + 1
                 self.schemas[sid] = record
             versions = self.subjects.setdefault(subject, [])
@@ -114,10 +110,6 @@ class TestRegistry:
         return {"subject": subject, "version": version, "id": sid, **record}
 
     def handle(self, h: BaseHTTPRequestHandler, body: bytes | None) -> None:
-        if self.hang_up:
-            h.close_connection = True
-            h.connection.close()
-            return
         parts = urlsplit(h.path)
         path = parts.path
         self.requests.append(path)
