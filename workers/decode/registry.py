@@ -159,9 +159,9 @@ class RegistryClient:
             self.missing.pop(schema_id, None)
         return schema
 
-    def reference(self, subject: str, version: int, serialized: bool = False) -> str:
-        """The schema text of a referenced subject version (Protobuf imports); RegistryUnavailable or
-        SchemaNotFound when it cannot be had."""
+    def reference(self, subject: str, version: int, serialized: bool = False) -> tuple[str, list[dict[str, Any]]]:
+        """The schema text and references of a referenced subject version (Protobuf imports, Avro named types);
+        RegistryUnavailable or SchemaNotFound when it cannot be had."""
         query = "?format=serialized" if serialized else ""
         got = self._get(f"/subjects/{quote(subject, safe='')}/versions/{int(version)}{query}")
-        return str(got.get("schema", ""))
+        return str(got.get("schema", "")), list(got.get("references") or [])

@@ -125,7 +125,7 @@ class AvroFormat(WireFormat):
 
         named: dict[str, Any] = {}
         for ref in schema.references:  # named types of other subjects, parsed into the same namespace first
-            fastavro.parse_schema(orjson.loads(self.registry.reference(ref["subject"], ref["version"])), named)
+            fastavro.parse_schema(orjson.loads(self.registry.reference(ref["subject"], ref["version"])[0]), named)
         return fastavro.parse_schema(orjson.loads(schema.text), named)
 
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
@@ -180,19 +180,36 @@ class ProtobufFormat(WireFormat):
         return pool, pool.FindFileByName(proto.name), [m.name for m in proto.message_type]
 
     def _add(self, pool: Any, text: str, references: list[dict], seen: set[str]) -> None:
-        from google.protobuf import descriptor_pb2, descriptor_pool
+        """Add the file ``text`` (base64 FileDescriptorProto) after its imports: Google's well-known types from
+        the runtime, the others from the registry subjects its references name (their own imports first)."""
+        from google.protobuf import (  # noqa: F401 - imported so the default pool has them to copy from
+            any_pb2,
+            descriptor_pb2,
+            descriptor_pool,
+            duration_pb2,
+            empty_pb2,
+            struct_pb2,
+            timestamp_pb2,
+            wrappers_pb2,
+        )
 
-        for ref in references:
-            if ref["name"] in seen:
+        proto = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text))
+        by_name = {ref["name"]: ref for ref in references}
+        for dep in proto.dependency:
+            if dep in seen:
                 continue
-            seen.add(ref["name"])
-            try:
-                pool.AddSerializedFile(descriptor_pool.Default().FindFileByName(ref["name"]).serialized_pb)
-                continue  # a well-known type the runtime ships
-            except KeyError:
-                pass
-            self._add(pool, self.registry.reference(ref["subject"], ref["version"], serialized=True), [], seen)
-        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text)))
+            seen.add(dep)
+            if dep.startswith("google/protobuf/"):
+                try:
+                    pool.AddSerializedFile(descriptor_pool.Default().FindFileByName(dep).serialized_pb)
+                    continue
+                except KeyError:
+                    pass
+            ref = by_name.get(dep)
+            if ref is None:
+                raise SchemaNotFound(f"it imports {dep}, which no reference names")
+            self._add(pool, *self.registry.reference(ref["subject"], ref["version"], serialized=True), seen)
+        pool.Add(proto)
 
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
         count, pos = _varint(value, 5)
