@@ -133,3 +133,17 @@ def test_registry_settings_and_start_up_check(tmp_path):
     assert RegistryClient(SchemaRegistrySettings(url=reg.url, username="u", password="right")).check() is None
     reg.stop()
     assert "unreachable" in (RegistryClient(SchemaRegistrySettings(url=reg.url)).check() or "")
+
+
+def test_https_registry_certificate_checked_against_the_ca_file(tmp_path):
+    from tests.tls_util import make_pki
+
+    pki = make_pki(str(tmp_path))
+    reg = TestRegistry(tls=pki.server)
+    assert RegistryClient(SchemaRegistrySettings(url=reg.url, ca_file=pki.ca)).check() is None
+    with pytest.raises(ConfigError, match="SCORING_SCHEMA_REGISTRY__CA_FILE: .*certificate"):
+        RegistryClient(SchemaRegistrySettings(url=reg.url, ca_file=pki.other_ca)).check()
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    with pytest.raises(ConfigError, match="SCORING_SCHEMA_REGISTRY__CA_FILE: not a PEM CA bundle"):
+        RegistryClient(SchemaRegistrySettings(url=reg.url, ca_file=str(not_pem)))

@@ -97,11 +97,11 @@ class RegistryClient:
             detail = exc.read(300).decode("utf-8", "replace").strip()
             raise RegistryUnavailable(f"schema registry {self.shown} answered {exc.code} for {path}"
                                       + (f": {detail}" if detail else "")) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise RegistryUnavailable(f"schema registry {self.shown}: TLS certificate not verified "
-                                      f"({exc.verify_message})") from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
+            reason = getattr(exc, "reason", exc)  # urllib wraps the socket's error, a TLS verification one too
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise RegistryUnavailable(f"schema registry {self.shown}: TLS certificate not verified "
+                                          f"({reason.verify_message})") from None
             raise RegistryUnavailable(f"schema registry {self.shown} unreachable: {reason}") from None
         if len(body) > MAX_SCHEMA_BYTES:
             raise RegistryUnavailable(f"schema registry {self.shown}: answer to {path} over {MAX_SCHEMA_BYTES} bytes")
