@@ -48,6 +48,8 @@ def readyz(port: int) -> tuple[int, str]:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except urllib.error.URLError:  # the probe server is not listening yet
+        return 0, ""
 
 
 def avro_schema(drop: tuple[str, ...] = (), extra: list[dict] | None = None, x0: str = "double") -> str:
@@ -294,3 +296,20 @@ def test_bad_registry_settings_stop_start_up_naming_the_setting(models, kafka, t
                          "--schema-registry-username", "reader"],
                         env={"SCORING_SCHEMA_REGISTRY__PASSWORD": "wrong-pw"}), "SCORING_SCHEMA_REGISTRY__PASSWORD")
     assert "401" in line and "wrong-pw" not in line
+
+
+def test_registry_down_at_start_up_is_readiness_then_recovers_while_idle(models, kafka, tmp_path):
+    """Unreachable at start-up is not a setting's fault: the worker runs, not ready (naming the registry), and turns
+    ready once the registry answers, with no record needed to find out."""
+    reg = TestRegistry()
+    reg.stop()
+    topic = kafka.topic(partitions=1)
+    port = free_port()
+    proc = worker(kafka, models["binary"], topic, str(tmp_path / "s.db"), "avro", reg.url, "--metrics-port",
+                  str(port), log=str(tmp_path / "w.log"))
+    wait_for(lambda: "schema registry unavailable" in readyz(port)[1], 60, what="readiness names the registry")
+    assert proc.poll() is None
+    reg.start()
+    wait_for(lambda: readyz(port)[0] == 200, 30, what="ready once the registry answers")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0

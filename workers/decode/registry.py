@@ -110,6 +110,16 @@ class RegistryClient:
         except ValueError:
             raise RegistryUnavailable(f"schema registry {self.shown}: answer to {path} is not JSON") from None
 
+    def probe(self) -> str | None:
+        """Why the registry does not answer now, None when it does (no ConfigError: used while running)."""
+        try:
+            self._get("/schemas/types")
+        except SchemaNotFound:
+            return None
+        except RegistryUnavailable as exc:
+            return str(exc)
+        return None
+
     def check(self) -> str | None:
         """Start-up probe: ConfigError for credentials refused or a certificate not verified; the reason when the
         registry does not answer (readiness false; fetching retries), None when it does."""

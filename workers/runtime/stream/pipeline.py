@@ -128,6 +128,7 @@ class Pipeline(StoreSteps):
         self.lag = LagWatch(source, health, metrics)
         self.wire = wire_from_settings(settings)  # None for JSON values; else its schemas come from the registry
         self.scorer = ScoreStage(settings.stream, self.wire)
+        self.registry_checked = 0.0
         self.score_lane = Lane("score")
         self.store_lane = Lane("store")  # first attempt of each batch, in order
         self.retry_lane = Lane("store-retry")  # retries (the store lane may be waiting for the batch retried)
@@ -154,6 +155,8 @@ class Pipeline(StoreSteps):
         routed, decoded = None, None
         if records and self.wire is not None and not self.fetch_schemas(records):
             return len(records)  # dropped uncommitted (stopping, or its partitions revoked): redelivered
+        if not records and self.health.registry_error and self.wire is not None:
+            self._registry_recheck()
         if records:
             # Step 2a: decode on this thread (the score lane predicts the batch before).
             try:
@@ -352,6 +355,14 @@ class Pipeline(StoreSteps):
         self.health.registry_error = str(exc)[:300]
         log.warning("schema registry unavailable; the batch waits, nothing committed past it",
                     extra={"reason": str(exc)[:300], "retry_in_s": backoff})
+
+    def _registry_recheck(self) -> None:
+        """Idle with the registry marked down (at start-up, or since the last batch): ask it again every few
+        seconds, so readiness turns true when it answers, not only when the next record arrives."""
+        if time.monotonic() - self.registry_checked >= 5.0:
+            assert self.wire is not None
+            self.registry_checked = time.monotonic()
+            self.health.registry_error = self.wire.registry.probe() or ""
 
     def _registry_back(self) -> bool:
         if self.health.registry_error:
