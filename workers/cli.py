@@ -105,7 +105,8 @@ def batch(settings: Settings) -> None:
 @kafka_options
 @with_settings
 def stream(settings: Settings) -> None:
-    """Consume JSON records from Kafka, score micro-batches, store results, then commit offsets.
+    """Consume records from Kafka (JSON, or Avro/Protobuf/JSON Schema with --value-format), score micro-batches,
+    store results, then commit offsets.
 
     The SASL password comes only from SCORING_KAFKA__SASL_PASSWORD (never a flag, never logged).
     """

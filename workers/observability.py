@@ -52,6 +52,8 @@ class Metrics:
         self.dead_lettered = Counter("scoring_records_dead_lettered", "Records sent to the dead-letter topic",
                                      ["topic", "model_version"], registry=r)
         self.sink_errors = Counter("scoring_sink_errors", "Failed sink writes (retried)", registry=r)
+        self.registry_errors = Counter("scoring_schema_registry_errors",
+                                       "Schema Registry requests that got no answer (retried)", registry=r)
         self.commit_failures = Counter("scoring_commit_failures", "Offset commits that failed (rebalance)",
                                        registry=r)
         self.rebalances = Counter("scoring_rebalances", "Partition assignments and revocations", ["kind"],

@@ -313,6 +313,9 @@ class StreamSettings(_Group):
     """What a record that cannot be scored does: go to the dead-letter topic, or stop the worker (exit 1)."""
     key_as_id: bool = False
     """Use the message key as the record id when the JSON has no id field."""
+    value_format: Literal["json", "avro", "protobuf", "jsonschema"] = "json"
+    """Record values: plain JSON, or the Confluent wire format (magic byte 0, schema id, payload) of Avro,
+    Protobuf or JSON Schema, with schemas from `SCORING_SCHEMA_REGISTRY__URL`."""
     max_records: int = Field(1000, ge=1, le=100_000)
     """Most records per micro-batch."""
     max_wait_ms: int = Field(200, ge=1, le=60_000)
@@ -366,6 +369,20 @@ class ServeSettings(_Group):
     """Longest wait for one sink write in serve mode; a longer one is answered 503 (Knative retries the event)."""
 
 
+class SchemaRegistrySettings(_Group):
+    url: str | None = None
+    """Schema Registry (Confluent REST API) base URL, `http://` or `https://`; needed by a non-json
+    `SCORING_STREAM__VALUE_FORMAT`."""
+    username: str | None = None
+    """Basic-auth user of the registry (Confluent Cloud: the API key)."""
+    password: SecretStr | None = None
+    """Basic-auth password of the registry (never logged or shown)."""
+    ca_file: str | None = None
+    """CA bundle (PEM) to verify an `https://` registry; empty means the system's CAs."""
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    """Longest wait for one registry request; a longer one counts as the registry being unavailable."""
+
+
 class RoutingSettings(_Group):
     path: str | None = None
     """Routing file (YAML or JSON) naming several model versions with weights (sticky A/B split by key) or
@@ -398,6 +415,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = Field(default_factory=StreamSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the JSON log lines written to stderr."""
 
@@ -506,6 +524,14 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         if loop:
             raise ConfigError(name, f"writes to {', '.join(loop)}, which is also an input topic "
                               "(SCORING_STREAM__TOPICS): the worker would consume its own output")
+    reg = settings.schema_registry
+    if st.value_format != "json" and not reg.url:
+        raise ConfigError("SCORING_SCHEMA_REGISTRY__URL", f"needed by SCORING_STREAM__VALUE_FORMAT={st.value_format}")
+    if reg.url and not reg.url.lower().startswith(("http://", "https://")):
+        raise ConfigError("SCORING_SCHEMA_REGISTRY__URL",
+                          f"must start with http:// or https:// (got {redact(reg.url)!r})")
+    if reg.password is not None and not reg.username:
+        raise ConfigError("SCORING_SCHEMA_REGISTRY__USERNAME", "needed with SCORING_SCHEMA_REGISTRY__PASSWORD")
     b = settings.batch
     if b.shard_index is not None and b.shard_index >= b.shard_count:
         raise ConfigError(

@@ -29,7 +29,7 @@ _NUMERIC = frozenset({int, float, type(None)})
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
 
-def _long_number(value: bytes | bytearray | memoryview | str) -> bool:
+def long_number(value: bytes | bytearray | memoryview | str) -> bool:
     if isinstance(value, str):
         return _LONG_NUMBER.search(value.encode()) is not None
     return _LONG_NUMBER.search(value) is not None
@@ -104,7 +104,10 @@ class RecordDecoder:
             return f"feature '{self.names[j]}': expected a number, got {type(v).__name__} {shown}"
         return None
 
-    def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None) -> Decoded:
+    def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
+               parsed: tuple[list[Any], dict[int, str]] | None = None) -> Decoded:
+        """``values`` as JSON records, or, with ``parsed``, the objects a wire format already read from them
+        (``workers.decode.wire``: Avro, Protobuf, JSON Schema) with the reasons of those it could not read."""
         n = len(values)
         width = len(self.names)
         flat: list[Any] = []  # n * width feature values, row after row
@@ -114,22 +117,27 @@ class RecordDecoder:
         passthrough: dict[str, list[Any]] = {name: [] for name in self.passthrough}
         nan_row = [None] * width
         id_field, names = self.id_field, self.names
-        extend, loads, big = flat.extend, orjson.loads, _long_number
+        extend, loads, big = flat.extend, orjson.loads, long_number
+        objs, given = parsed if parsed is not None else (None, {})
         for i in range(n):
-            value = values[i]
             obj: Any = None
             reason = None
-            if value is None:
-                reason = "empty value (tombstone)"
+            if objs is not None:
+                obj = objs[i]
+                reason = given.get(i)
             else:
-                try:
-                    obj = loads(value)
-                    if big(value):
-                        obj = exact_loads(value)
-                except orjson.JSONDecodeError as exc:
-                    reason = f"not valid JSON: {str(exc)[:120]}"
+                value = values[i]
+                if value is None:
+                    reason = "empty value (tombstone)"
+                else:
+                    try:
+                        obj = loads(value)
+                        if big(value):
+                            obj = exact_loads(value)
+                    except orjson.JSONDecodeError as exc:
+                        reason = f"not valid JSON: {str(exc)[:120]}"
             if reason is None and type(obj) is not dict:
-                reason = f"JSON {type(obj).__name__} where an object was expected"
+                reason = f"{'JSON ' if objs is None else ''}{type(obj).__name__} where an object was expected"
                 obj = None
             rid: Any = None
             if reason is None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -234,12 +235,15 @@ class Router:
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
-               key_as_id: bool = False) -> tuple[Routed, Decoded]:
-        """JSON records -> a routed batch (and the primary decoding: ids, passthrough, raw values)."""
+               key_as_id: bool = False, parse: Callable[[Sequence[bytes | None]], Any] | None = None
+               ) -> tuple[Routed, Decoded]:
+        """JSON records -> a routed batch (and the primary decoding: ids, passthrough, raw values). ``parse``: a
+        wire format's reader (``workers.decode.wire``), run once for every decoder."""
         decoded = []
+        parsed = parse(values) if parse is not None else None
         for decoder in self.decoders:
             decoder.key_as_id = key_as_id
-            decoded.append(decoder.decode(values, keys))
+            decoded.append(decoder.decode(values, keys, parsed))
         first = decoded[0]
         passthrough = dict(first.passthrough)
         route_keys = first.ids

@@ -1,7 +1,8 @@
-"""Stream health: per-partition lag and stalls, and the subscribed topics the broker lacks.
+"""Stream health: per-partition lag and stalls, the subscribed topics the broker lacks, the schema registry.
 
 ``/healthz`` (liveness) is the loop ticking; ``/readyz`` (readiness) is false while the sink is down, a
-partition is stalled (lag > 0 with no progress for ``stall_seconds``) or a subscribed topic is missing.
+partition is stalled (lag > 0 with no progress for ``stall_seconds``), a subscribed topic is missing or the
+schema registry a wire format needs does not answer.
 Lag is kept current also while the pipeline waits for its sink, so a stall shows while it lasts.
 """
 
@@ -22,13 +23,18 @@ class StreamHealth(Health):
     worker waits for them and consumes them once created, but it is not doing its job meanwhile)."""
 
     missing_topics: list[str] = field(default_factory=list)
+    #: why the schema registry cannot be used now ("" when it answers): records wait, partitions paused
+    registry_error: str = ""
 
     def readiness(self) -> tuple[bool, list[str]]:
         ok, problems = super().readiness()
         missing = list(self.missing_topics)
         if missing:
             problems = [*problems, f"topics missing on the broker: {', '.join(missing)}"]
-        return ok and not missing, problems
+        registry = self.registry_error
+        if registry:
+            problems = [*problems, f"schema registry unavailable: {registry}"]
+        return ok and not missing and not registry, problems
 
 
 class LagWatch:

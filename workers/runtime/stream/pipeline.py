@@ -19,6 +19,8 @@ Rules kept here (each has an in-process test in tests/test_stream_ordering.py):
   step whose drain drops it, handed to the lanes only after that drain);
 - while the sink fails (``SinkError``), the store is retried with backoff, partitions paused, the member kept
   in the group (``Source.keep_alive``); readiness is false meanwhile and nothing is committed;
+- while the schema registry does not answer (a wire format's schemas for a batch), the batch waits before
+  decoding the same way, readiness naming the registry; nothing polled after it exists meanwhile;
 - the main thread never waits on a lane unbounded: past the shutdown bound a call still running is abandoned
   and its batch left uncommitted (redelivered).
 Three stages overlap: while the store lane writes batch N and the score lane predicts batch N+1 (LightGBM, the
@@ -39,6 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.decode.records import Decoded
+from workers.decode.registry import RegistryUnavailable
+from workers.decode.wire import from_settings as wire_from_settings
 from workers.errors import SinkError
 from workers.observability import Metrics, observe_many
 from workers.runtime.lane import Lane
@@ -107,6 +111,8 @@ class Pipeline(StoreSteps):
     Methods beyond ~12 (with ``StoreSteps``'s four): each is one step or the bounded wait between steps, kept
     apart because each has its own threads and its own failure rule."""
 
+    health: StreamHealth
+
     def __init__(self, settings: Settings, routing: RoutingWatcher, source: Source, sink: Sink,
                  metrics: Metrics, health: StreamHealth, stop: Stop):
         self.settings = settings
@@ -120,7 +126,9 @@ class Pipeline(StoreSteps):
         self.stop = stop
         self.sizer = BatchSizer(settings.stream, metrics)
         self.lag = LagWatch(source, health, metrics)
-        self.scorer = ScoreStage(settings.stream)
+        self.wire = wire_from_settings(settings)  # None for JSON values; else its schemas come from the registry
+        self.scorer = ScoreStage(settings.stream, self.wire)
+        self.registry_checked = 0.0
         self.score_lane = Lane("score")
         self.store_lane = Lane("store")  # first attempt of each batch, in order
         self.retry_lane = Lane("store-retry")  # retries (the store lane may be waiting for the batch retried)
@@ -145,6 +153,10 @@ class Pipeline(StoreSteps):
         records = self.source.poll_batch(self.sizer.limit, self.settings.stream.max_wait_ms)
         self.dropped_since_poll = set()
         routed, decoded = None, None
+        if records and self.wire is not None and not self.fetch_schemas(records):
+            return len(records)  # dropped uncommitted (stopping, or its partitions revoked): redelivered
+        if not records and self.health.registry_error and self.wire is not None:
+            self._registry_recheck()
         if records:
             # Step 2a: decode on this thread (the score lane predicts the batch before).
             try:
@@ -300,6 +312,63 @@ class Pipeline(StoreSteps):
             except BadRecordStop:
                 self.source.resume()
                 return False
+
+    def fetch_schemas(self, records: Batch) -> bool:
+        """Main thread, before decoding: the schemas the batch names. While the registry does not answer, the
+        batch waits like a sink outage: partitions paused, the member kept in the group, readiness naming the
+        registry, the batches before it committed, nothing after it polled. False when the batch was dropped
+        (the shutdown bound passed, or every partition of it was revoked)."""
+        assert self.wire is not None
+        try:
+            self.wire.prepare(records.values())
+            return self._registry_back()
+        except RegistryUnavailable as exc:
+            self._registry_failed(exc, 0.2)
+        self.drain()  # what was polled before this batch stores and commits meanwhile
+        backoff = min(0.2, self.settings.stream.retry_backoff_max_s)
+        batch_tps = records.partition_set()
+        while True:
+            until = time.monotonic() + backoff
+            while time.monotonic() < until:
+                if self.stop.passed():
+                    log.warning("shutdown bound reached with the batch's schemas not fetched; dropped uncommitted")
+                    self.source.resume()
+                    return False
+                self.health.tick()
+                self.source.keep_alive(int(min(500, max(until - time.monotonic(), 0.01) * 1000)))
+                self.lag.update(set())
+            if not batch_tps & self.source.assignment():
+                log.info("every partition of the undecoded batch was revoked; dropped for the new owner")
+                self.source.resume()
+                return False
+            backoff = min(backoff * 2, self.settings.stream.retry_backoff_max_s)
+            try:
+                self.wire.prepare(records.values())
+            except RegistryUnavailable as exc:
+                self._registry_failed(exc, backoff)
+                continue
+            self.source.resume()
+            return self._registry_back()
+
+    def _registry_failed(self, exc: Exception, backoff: float) -> None:
+        self.metrics.registry_errors.inc()
+        self.health.registry_error = str(exc)[:300]
+        log.warning("schema registry unavailable; the batch waits, nothing committed past it",
+                    extra={"reason": str(exc)[:300], "retry_in_s": backoff})
+
+    def _registry_recheck(self) -> None:
+        """Idle with the registry marked down (at start-up, or since the last batch): ask it again every few
+        seconds, so readiness turns true when it answers, not only when the next record arrives."""
+        if time.monotonic() - self.registry_checked >= 5.0:
+            assert self.wire is not None
+            self.registry_checked = time.monotonic()
+            self.health.registry_error = self.wire.registry.probe() or ""
+
+    def _registry_back(self) -> bool:
+        if self.health.registry_error:
+            log.info("schema registry answers again")
+        self.health.registry_error = ""
+        return True
 
     def account(self, records: Batch, state: StoreState, stored_at: float) -> None:
         # Counted per (topic, model_version) of the *served* rows (shadow rows: scoring_version_rows_total).

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from workers.decode.records import Decoded, carry_columns
+from workers.decode.wire import WireFormat
 from workers.errors import ScoringError
 from workers.runtime.stream.store import StoreState
 from workers.scoring.router import Routed, Router
@@ -36,11 +37,15 @@ class ScoreOutcome:
 
 
 class ScoreStage:
-    def __init__(self, settings: StreamSettings):
+    def __init__(self, settings: StreamSettings, wire: WireFormat | None = None):
         self.settings = settings
+        self.wire = wire  # a registry format (its schemas fetched by the pipeline before decoding), or JSON
 
     def decode(self, records: Batch, router: Router) -> tuple[Routed, Decoded]:
-        return router.decode(records.values(), records.keys(), self.settings.key_as_id)
+        if self.wire is None:
+            return router.decode(records.values(), records.keys(), self.settings.key_as_id)
+        self.wire.want(router.input_columns())
+        return router.decode(records.values(), records.keys(), self.settings.key_as_id, self.wire.parse)
 
     def score(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> Scored:
         carry = carry_columns(decoded.passthrough, records.topics(), records.partitions(), records.offsets(),

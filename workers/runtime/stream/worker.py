@@ -131,6 +131,12 @@ class StreamWorker:
         except SinkError as exc:
             self.health.sink_error = str(exc)
             log.warning("sink not reachable at start; will retry", extra={"reason": str(exc)})
+        if p.wire is not None:
+            # Credentials refused or a certificate the CA file does not verify: ConfigError (exit 2) now.
+            down = p.wire.registry.check()
+            if down:
+                self.health.registry_error = down
+                log.warning("schema registry not reachable at start; will retry", extra={"reason": down})
         p.source.open()  # ScoringError when the broker does not answer
         p.source_open = True
         p.lag.opened()

@@ -1,0 +1,177 @@
+"""A Schema Registry client (the Confluent REST API subset a reader needs): schemas by id, cached for good.
+
+A schema id names one schema forever, so a schema fetched once is never fetched again. What the registry
+answers decides whose fault a record is:
+- 404 for an id (``SchemaNotFound``): the record names a schema nobody registered; it is dead-lettered. The
+  answer is remembered for ``NOT_FOUND_TTL_S`` so a burst of such records costs one request.
+- no answer, a timeout, 5xx, 401/403 at run time (``RegistryUnavailable``): not the record's fault; the stream
+  pipeline retries with the partitions paused, readiness naming the registry, and commits nothing meanwhile.
+At start-up (``check``), 401/403 and a TLS certificate the CA file does not verify are ConfigError naming the
+setting; an unreachable registry only makes readiness false (it may come up later).
+
+Stdlib HTTP (urllib) on purpose: a reader makes one request per schema id over the worker's life, so a pooled
+client buys nothing, and the TLS context (``CA_FILE``) is the ssl module's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from workers.errors import ConfigError, ScoringError
+from workers.settings import SchemaRegistrySettings, redact
+
+log = logging.getLogger("workers.registry")
+
+NOT_FOUND_TTL_S = 30.0
+MAX_SCHEMA_BYTES = 8 * 1024 * 1024
+
+
+class SchemaNotFound(Exception):
+    """The registry does not know the schema id (404): the record's fault."""
+
+
+class RegistryUnavailable(ScoringError):
+    """The registry cannot answer now (unreachable, timeout, 5xx, refused credentials): retried."""
+
+
+@dataclass
+class Schema:
+    """One registered schema as the registry gave it: ``text`` (Avro/JSON Schema JSON text, or base64
+    FileDescriptorProto for Protobuf with ``format=serialized``), its type and references."""
+
+    id: int
+    schema_type: str
+    text: str
+    references: list[dict[str, Any]] = field(default_factory=list)
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The TLS context of an https registry; ConfigError naming CA_FILE when the file is not a PEM CA bundle."""
+    try:
+        return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+    except FileNotFoundError:
+        raise ConfigError("SCORING_SCHEMA_REGISTRY__CA_FILE", f"no such file: {ca_file}") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError("SCORING_SCHEMA_REGISTRY__CA_FILE",
+                          f"not a PEM CA bundle ({ca_file}): {exc}"[:300]) from None
+
+
+class RegistryClient:
+    """Thread-safe: the main thread fetches, the score lane reads the cache."""
+
+    def __init__(self, settings: SchemaRegistrySettings):
+        assert settings.url
+        self.base = settings.url.rstrip("/")
+        self.shown = redact(self.base)
+        self.timeout = settings.timeout_s
+        self.ctx = tls_context(settings.ca_file) if self.base.lower().startswith("https://") else None
+        self.headers = {"Accept": "application/vnd.schemaregistry.v1+json, application/json"}
+        if settings.username:
+            secret = settings.password.get_secret_value() if settings.password else ""
+            token = base64.b64encode(f"{settings.username}:{secret}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+        self.schemas: dict[int, Schema] = {}
+        self.missing: dict[int, float] = {}  # id -> monotonic time of the 404
+        self.lock = threading.Lock()
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+    def _get(self, path: str) -> Any:
+        """GET ``path`` as JSON. SchemaNotFound on 404, RegistryUnavailable on anything that is not an answer."""
+        request = urllib.request.Request(self.base + path, headers=self.headers)  # noqa: S310 - http(s) only
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self.ctx) as reply:  # noqa: S310
+                body = reply.read(MAX_SCHEMA_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise SchemaNotFound(path) from None
+            detail = exc.read(300).decode("utf-8", "replace").strip()
+            raise RegistryUnavailable(f"schema registry {self.shown} answered {exc.code} for {path}"
+                                      + (f": {detail}" if detail else "")) from None
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)  # urllib wraps the socket's error, a TLS verification one too
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise RegistryUnavailable(f"schema registry {self.shown}: TLS certificate not verified "
+                                          f"({reason.verify_message})") from None
+            raise RegistryUnavailable(f"schema registry {self.shown} unreachable: {reason}") from None
+        if len(body) > MAX_SCHEMA_BYTES:
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer to {path} over {MAX_SCHEMA_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer to {path} is not JSON") from None
+
+    def probe(self) -> str | None:
+        """Why the registry does not answer now, None when it does (no ConfigError: used while running)."""
+        try:
+            self._get("/schemas/types")
+        except SchemaNotFound:
+            return None
+        except RegistryUnavailable as exc:
+            return str(exc)
+        return None
+
+    def check(self) -> str | None:
+        """Start-up probe: ConfigError for credentials refused or a certificate not verified; the reason when the
+        registry does not answer (readiness false; fetching retries), None when it does."""
+        try:
+            self._get("/schemas/types")
+        except SchemaNotFound:
+            return None  # an older registry without /schemas/types: it answered
+        except RegistryUnavailable as exc:
+            text = str(exc)
+            if " answered 401" in text or " answered 403" in text:
+                raise ConfigError("SCORING_SCHEMA_REGISTRY__PASSWORD",
+                                  f"the registry refused the credentials of SCORING_SCHEMA_REGISTRY__USERNAME "
+                                  f"({text.split(' answered ', 1)[1][:3]})") from None
+            if "TLS certificate not verified" in text:
+                raise ConfigError("SCORING_SCHEMA_REGISTRY__CA_FILE", text.split(": ", 1)[1]) from None
+            return text
+        return None
+
+    # -- schemas -------------------------------------------------------------------------------------
+    def cached(self, schema_id: int) -> Schema | None:
+        """The schema if fetched (no I/O); None also for an id the registry did not know."""
+        return self.schemas.get(schema_id)
+
+    def known_missing(self, schema_id: int) -> bool:
+        return schema_id in self.missing
+
+    def fetch(self, schema_id: int, serialized: bool = False) -> Schema | None:
+        """The schema of ``schema_id`` (cached), or None when the registry does not know it (404, remembered for
+        a while). RegistryUnavailable when the registry cannot answer."""
+        with self.lock:
+            if schema_id in self.schemas:
+                return self.schemas[schema_id]
+            seen = self.missing.get(schema_id)
+            if seen is not None and time.monotonic() - seen < NOT_FOUND_TTL_S:
+                return None
+        query = "?format=serialized" if serialized else ""
+        try:
+            got = self._get(f"/schemas/ids/{schema_id}{query}")
+        except SchemaNotFound:
+            with self.lock:
+                self.missing[schema_id] = time.monotonic()
+            return None
+        schema = Schema(schema_id, str(got.get("schemaType") or "AVRO").upper(), str(got.get("schema", "")),
+                        list(got.get("references") or []))
+        with self.lock:
+            self.schemas[schema_id] = schema
+            self.missing.pop(schema_id, None)
+        return schema
+
+    def reference(self, subject: str, version: int, serialized: bool = False) -> tuple[str, list[dict[str, Any]]]:
+        """The schema text and references of a referenced subject version (Protobuf imports, Avro named types);
+        RegistryUnavailable or SchemaNotFound when it cannot be had."""
+        query = "?format=serialized" if serialized else ""
+        got = self._get(f"/subjects/{quote(subject, safe='')}/versions/{int(version)}{query}")
+        return str(got.get("schema", "")), list(got.get("references") or [])

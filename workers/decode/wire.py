@@ -1,0 +1,327 @@
+"""Confluent wire-format record values (Avro, Protobuf, JSON Schema) -> the objects ``RecordDecoder`` maps to
+features by name, with a reason for each value that is the record's fault.
+
+Wire format: magic byte 0, the writer schema's id (4 bytes, big-endian), then the payload; Protobuf puts the
+message indexes (zigzag varints: a count, then the path of the message in the schema's file; ``[0]`` written
+as the single byte 0) before it. Each id's schema is fetched once (``workers.decode.registry``) and compiled
+once: a fastavro parsed schema, a Protobuf message class built from the registry's FileDescriptorProto
+(``format=serialized``) in a descriptor pool of its own, or a JSON Schema validator.
+
+Fields map to features by name, so writer schemas evolve freely: a feature the writer's schema lacks is
+missing (null), extra fields are ignored unless passed through, records of several schema ids mix in a batch.
+Avro enums decode to their symbol and Protobuf enums to their value's name, so categorical features map
+through the model's categories as JSON strings do.
+
+Two steps, on two threads: ``prepare`` (the pipeline's main thread) fetches the schemas a batch names and may
+raise ``RegistryUnavailable`` (retried, partitions paused); ``parse`` (any thread) uses only what was fetched,
+so scoring never waits on the registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from workers.decode.records import exact_loads, long_number
+from workers.decode.registry import RegistryClient, Schema, SchemaNotFound
+from workers.settings import Settings
+
+MAGIC = 0
+Parsed = tuple[list[Any], dict[int, str]]  # objects (None where a reason is), reasons by record index
+
+
+class PayloadError(ValueError):
+    """A payload that is readable but wrong for its schema (its message is the whole reason)."""
+
+
+def schema_id_of(value: bytes | None) -> int | None:
+    """The schema id of a wire-format value, or None when the value is not one (its reason comes in parse)."""
+    if value is None or len(value) < 5 or value[0] != MAGIC:
+        return None
+    return int.from_bytes(value[1:5], "big")
+
+
+class WireFormat:
+    """One of the registry formats; subclasses compile a schema and read a payload with it."""
+
+    kind = ""  # the registry's schemaType
+    serialized = False  # ask the registry for ?format=serialized
+
+    def __init__(self, registry: RegistryClient):
+        self.registry = registry
+        self.compiled: dict[int, Any] = {}  # schema id -> compiled schema, or a str: why it cannot be used
+        self.lock = threading.Lock()
+
+    def want(self, names: Sequence[str]) -> None:
+        """The field names decoders read (the routing may change them on reload); Protobuf reads only those."""
+
+    def prepare(self, values: Sequence[bytes | None]) -> None:
+        """Fetch and compile every schema the batch names (RegistryUnavailable: the caller retries)."""
+        for sid in {schema_id_of(v) for v in values} - {None} - set(self.compiled):
+            assert sid is not None
+            schema = self.registry.fetch(sid, self.serialized)
+            if schema is None:
+                continue  # a 404: parse gives the reason (asked again after a while)
+            compiled = self._compile_checked(schema)
+            with self.lock:
+                self.compiled[sid] = compiled
+
+    def _compile_checked(self, schema: Schema) -> Any:
+        if schema.schema_type != self.kind:
+            return f"schema id {schema.id} is a {schema.schema_type} schema, not {self.kind}"
+        try:
+            return self.compile(schema)
+        except SchemaNotFound as exc:
+            return f"schema id {schema.id} references a schema the registry does not have ({exc})"
+        except Exception as exc:  # noqa: BLE001 - any schema the library refuses is unusable for its records
+            return f"schema id {schema.id} cannot be used: {type(exc).__name__}: {exc}"[:300]
+
+    def parse(self, values: Sequence[bytes | None]) -> Parsed:
+        objs: list[Any] = []
+        reasons: dict[int, str] = {}
+        compiled = self.compiled
+        for i, value in enumerate(values):
+            obj = None
+            if value is None:
+                reasons[i] = "empty value (tombstone)"
+            elif len(value) < 5 or value[0] != MAGIC:
+                reasons[i] = (f"not the Confluent wire format: magic byte {value[0]}, expected 0" if value else
+                              "not the Confluent wire format: empty value")
+            else:
+                sid = int.from_bytes(value[1:5], "big")
+                schema = compiled.get(sid)
+                if schema is None:
+                    reasons[i] = f"schema id {sid} is not in the schema registry"
+                elif type(schema) is str:
+                    reasons[i] = schema
+                else:
+                    try:
+                        obj = self.read(schema, value, sid)
+                    except PayloadError as exc:
+                        reasons[i] = f"{self.kind} schema id {sid}: {exc}"[:300]
+                    except Exception as exc:  # noqa: BLE001 - the payload does not decode: the record's fault
+                        reasons[i] = f"does not decode as {self.kind} schema id {sid}: {type(exc).__name__}: " \
+                                     f"{exc}"[:300]
+            objs.append(obj)
+        return objs, reasons
+
+    def compile(self, schema: Schema) -> Any:
+        raise NotImplementedError
+
+    def read(self, compiled: Any, value: bytes, sid: int) -> Any:
+        raise NotImplementedError
+
+
+class AvroFormat(WireFormat):
+    kind = "AVRO"
+
+    def compile(self, schema: Schema) -> Any:
+        import fastavro
+
+        named: dict[str, Any] = {}
+        for ref in schema.references:  # named types of other subjects, parsed into the same namespace first
+            fastavro.parse_schema(orjson.loads(self.registry.reference(ref["subject"], ref["version"])[0]), named)
+        return fastavro.parse_schema(orjson.loads(schema.text), named)
+
+    def read(self, compiled: Any, value: bytes, sid: int) -> Any:
+        from fastavro import schemaless_reader
+
+        buf = io.BytesIO(value)
+        buf.seek(5)
+        obj = schemaless_reader(buf, compiled, None)
+        if buf.tell() != len(value):
+            raise ValueError(f"{len(value) - buf.tell()} bytes left after the record")
+        return obj
+
+
+def _varint(value: bytes, pos: int) -> tuple[int, int]:
+    """A zigzag varint at ``pos``: (value, position after it)."""
+    shift = result = 0
+    while True:
+        if pos >= len(value) or shift > 63:
+            raise ValueError("truncated message index")
+        b = value[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+
+
+class ProtobufFormat(WireFormat):
+    """The registry's FileDescriptorProto (``format=serialized``) into a pool of its own, rather than parsing the
+    .proto text: it is the form protoc produces and the upb runtime loads directly, with no parser to trust
+    beside protobuf itself; imports are the references, loaded first (Google's well-known types are built in)."""
+
+    kind = "PROTOBUF"
+    serialized = True
+
+    def __init__(self, registry: RegistryClient, wanted: Sequence[str]):
+        super().__init__(registry)
+        self.wanted = frozenset(wanted)
+        self.classes: dict[tuple[int, tuple[int, ...]], tuple[Any, Callable[[Any], dict]]] = {}
+
+    def want(self, names: Sequence[str]) -> None:
+        if frozenset(names) != self.wanted:
+            self.wanted = frozenset(names)
+            self.classes = {}
+
+    def compile(self, schema: Schema) -> Any:
+        from google.protobuf import descriptor_pb2, descriptor_pool
+
+        pool = descriptor_pool.DescriptorPool()
+        self._add(pool, schema.text, schema.references, set())
+        proto = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(schema.text))
+        return pool, pool.FindFileByName(proto.name), [m.name for m in proto.message_type]
+
+    def _add(self, pool: Any, text: str, references: list[dict], seen: set[str]) -> None:
+        """Add the file ``text`` (base64 FileDescriptorProto) after its imports: Google's well-known types from
+        the runtime, the others from the registry subjects its references name (their own imports first)."""
+        from google.protobuf import (  # noqa: F401 - imported so the default pool has them to copy from
+            any_pb2,
+            descriptor_pb2,
+            descriptor_pool,
+            duration_pb2,
+            empty_pb2,
+            struct_pb2,
+            timestamp_pb2,
+            wrappers_pb2,
+        )
+
+        proto = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text))
+        by_name = {ref["name"]: ref for ref in references}
+        for dep in proto.dependency:
+            if dep in seen:
+                continue
+            seen.add(dep)
+            if dep.startswith("google/protobuf/"):
+                try:
+                    pool.AddSerializedFile(descriptor_pool.Default().FindFileByName(dep).serialized_pb)
+                    continue
+                except KeyError:
+                    pass
+            ref = by_name.get(dep)
+            if ref is None:
+                raise SchemaNotFound(f"it imports {dep}, which no reference names")
+            self._add(pool, *self.registry.reference(ref["subject"], ref["version"], serialized=True), seen)
+        pool.Add(proto)
+
+    def read(self, compiled: Any, value: bytes, sid: int) -> Any:
+        count, pos = _varint(value, 5)
+        path: tuple[int, ...]
+        if count == 0:
+            path = (0,)
+        else:
+            if count < 0 or count > 64:
+                raise ValueError(f"message index count {count}")
+            items = []
+            for _ in range(count):
+                index, pos = _varint(value, pos)
+                items.append(index)
+            path = tuple(items)
+        made = self.classes.get((sid, path))
+        if made is None:
+            made = self._class(compiled[1], compiled[2], path)
+            self.classes[(sid, path)] = made
+        cls, to_obj = made
+        msg = cls.FromString(value[pos:])
+        return to_obj(msg)
+
+    def _class(self, file: Any, names: list[str], path: tuple[int, ...]) -> tuple[Any, Callable[[Any], dict]]:
+        from google.protobuf import message_factory
+
+        try:
+            desc = file.message_types_by_name[names[path[0]]]
+            for index in path[1:]:
+                desc = desc.nested_types[index]
+        except IndexError:
+            raise ValueError(f"no message at index {list(path)} in {file.name}") from None
+        return message_factory.GetMessageClass(desc), self._reader(desc)
+
+    def _reader(self, desc: Any) -> Callable[[Any], dict]:
+        """msg -> {field name: value} for the wanted fields the message has: enums as their names, unset fields
+        that track presence as None, nested messages and repeated fields as JSON-like values."""
+        from google.protobuf.descriptor import FieldDescriptor
+        from google.protobuf.json_format import MessageToDict
+
+        plain, special = [], []
+        for fd in desc.fields:
+            if fd.name not in self.wanted:
+                continue
+            repeated = fd.label == FieldDescriptor.LABEL_REPEATED
+            if not repeated and fd.type not in (FieldDescriptor.TYPE_ENUM, FieldDescriptor.TYPE_MESSAGE) \
+                    and not fd.has_presence:
+                plain.append(fd.name)
+            else:
+                special.append((fd.name, fd, repeated))
+
+        def value_of(msg: Any, name: str, fd: Any, repeated: bool) -> Any:
+            if repeated:
+                return MessageToDict(msg, preserving_proto_field_name=True).get(name)
+            if fd.has_presence and not msg.HasField(name):
+                return None
+            v = getattr(msg, name)
+            if fd.type == FieldDescriptor.TYPE_ENUM:
+                known = fd.enum_type.values_by_number.get(v)
+                return known.name if known is not None else v
+            if fd.type == FieldDescriptor.TYPE_MESSAGE:
+                return MessageToDict(v, preserving_proto_field_name=True)
+            return v
+
+        def to_obj(msg: Any) -> dict:
+            obj = {name: getattr(msg, name) for name in plain}
+            for name, fd, repeated in special:
+                obj[name] = value_of(msg, name, fd, repeated)
+            return obj
+
+        return to_obj
+
+
+class JsonSchemaFormat(WireFormat):
+    kind = "JSON"
+
+    def compile(self, schema: Schema) -> Any:
+        from jsonschema.validators import validator_for
+
+        doc = orjson.loads(schema.text)
+        cls = validator_for(doc)
+        cls.check_schema(doc)
+        return cls(doc)
+
+    def read(self, compiled: Any, value: bytes, sid: int) -> Any:
+        payload = value[5:]
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise PayloadError(f"not valid JSON: {str(exc)[:120]}") from None
+        if long_number(payload):
+            obj = exact_loads(payload)
+        error = next(iter(compiled.iter_errors(obj)), None)
+        if error is not None:
+            where = "/".join(map(str, error.absolute_path)) or "(root)"
+            raise PayloadError(f"does not match the schema at {where}: {error.message[:200]}")
+        return obj
+
+
+def wire_format(value_format: str, registry: RegistryClient, wanted: Sequence[str] = ()) -> WireFormat:
+    """The reader of ``value_format`` (``wanted``: the field names any decoder reads: features, id, passthrough)."""
+    if value_format == "avro":
+        return AvroFormat(registry)
+    if value_format == "protobuf":
+        return ProtobufFormat(registry, wanted)
+    if value_format == "jsonschema":
+        return JsonSchemaFormat(registry)
+    raise ValueError(value_format)
+
+
+def from_settings(settings: Settings) -> WireFormat | None:
+    """The stream's wire format, None for plain JSON. No network I/O (a bad CA file is ConfigError already)."""
+    fmt = settings.stream.value_format
+    if fmt == "json":
+        return None
+    return wire_format(fmt, RegistryClient(settings.schema_registry))
