@@ -64,6 +64,9 @@ class Metrics:
                                     "Record timestamp to result stored", buckets=LATENCY_BUCKETS, registry=r)
         self.lag = Gauge("scoring_consumer_lag", "High watermark minus next offset to process",
                          ["topic", "partition"], registry=r)
+        self.lag_seconds = Gauge("scoring_consumer_lag_seconds",
+                                 "Age of the oldest record not yet committed (0 when caught up)",
+                                 ["topic", "partition"], registry=r)
         self.ready = Gauge("scoring_ready", "1 when /readyz answers 200", registry=r)
         self.stalled = Gauge("scoring_partition_stalled", "1 while a partition has lag and makes no progress",
                              ["topic", "partition"], registry=r)

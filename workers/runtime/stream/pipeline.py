@@ -144,6 +144,7 @@ class Pipeline(StoreSteps):
         # Step 1: poll.
         records = self.source.poll_batch(self.sizer.limit, self.settings.stream.max_wait_ms)
         self.dropped_since_poll = set()
+        self.lag.handed(records)
         routed, decoded = None, None
         if records:
             # Step 2a: decode on this thread (the score lane predicts the batch before).
