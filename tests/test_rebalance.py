@@ -162,3 +162,44 @@ def test_lag_seconds_on_a_live_worker_behind_then_caught_up(models, kafka, pg_ds
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
     assert count(pg_dsn, pg_table) == (30, 30)
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_a_static_member_restarted_gets_its_partitions_back_without_a_rebalance(models, kafka, pg_dsn, pg_table,
+                                                                                 tmp_path):
+    """Two static members (HOSTNAME as a pod name); one is SIGKILLed and restarted with the same name within the
+    session timeout: it owns the same partitions again and the other member never gave any up."""
+    topic = kafka.topic(partitions=4)
+    group = f"g-{pg_table}"
+    ports = {"a": free_port(), "b": free_port()}
+
+    def start(name: str, n: int):
+        return kafka.worker("--model", models["binary"], "--topic", topic, "--group", group, "--sink",
+                            f"{pg_dsn}?table={pg_table}", "--metrics-port", str(ports[name]),
+                            env={"HOSTNAME": f"{group}-{name}"}, log=str(tmp_path / f"{name}{n}.log"))
+
+    def owned(name: str) -> set[str]:
+        try:
+            return set(gauges(ports[name], "scoring_consumer_lag"))
+        except OSError:
+            return set()
+
+    a, b = start("a", 0), start("b", 0)
+    kafka.produce_json(topic, records(400))
+    wait_for(lambda: count(pg_dsn, pg_table)[0] >= 400, 60, what="first records stored")
+    wait_for(lambda: owned("a") and owned("b") and len(owned("a") | owned("b")) == 4, 30, what="both own some")
+    before = owned("a"), owned("b")
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    a = start("a", 1)
+    kafka.produce_json(topic, records(400, start=400))
+    wait_for(lambda: owned("a"), 30, what="the restarted member owns partitions")
+    assert (owned("a"), owned("b")) == before
+    wait_for(lambda: count(pg_dsn, pg_table)[0] >= 800, 60, what="all stored")
+    revocations = [line for line in open(tmp_path / "b0.log") if '"partitions revoked"' in line]
+    assert not revocations, revocations
+    for w in (a, b):
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0
+    assert count(pg_dsn, pg_table) == (800, 800)
