@@ -190,7 +190,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the scraper gave up (its timeout): not our error
+            pass
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - probes are not worth a log line
         pass
