@@ -192,6 +192,10 @@ class ScriptedConsumer:
     def __init__(self, chunks, on_revoke):
         self.chunks = list(chunks)
         self.on_revoke = on_revoke
+        self.unassigned: list[tuple[str, int]] = []  # incremental_unassign calls (the cooperative protocol)
+
+    def incremental_unassign(self, partitions):
+        self.unassigned += [(p.topic, p.partition) for p in partitions]
 
     def consume(self, num_messages, timeout):
         if not self.chunks:
@@ -222,3 +226,4 @@ def test_kafka_source_drops_records_of_a_partition_revoked_during_the_poll(model
     batch = source.poll_batch(10, 200)
     assert [(m.partition(), m.offset()) for m in batch.messages] == [(1, 0), (0, 0), (1, 1)]
     assert source.assignment() == {("t", 1)}
+    assert source.consumer.unassigned == [("t", 0)]  # cooperative (the default): only the revoked one

@@ -66,6 +66,9 @@ class Metrics:
                                     "Record timestamp to result stored", buckets=LATENCY_BUCKETS, registry=r)
         self.lag = Gauge("scoring_consumer_lag", "High watermark minus next offset to process",
                          ["topic", "partition"], registry=r)
+        self.lag_seconds = Gauge("scoring_consumer_lag_seconds",
+                                 "Age of the oldest record not yet committed (0 when caught up)",
+                                 ["topic", "partition"], registry=r)
         self.ready = Gauge("scoring_ready", "1 when /readyz answers 200", registry=r)
         self.stalled = Gauge("scoring_partition_stalled", "1 while a partition has lag and makes no progress",
                              ["topic", "partition"], registry=r)
@@ -189,7 +192,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the scraper gave up (its timeout): not our error
+            pass
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - probes are not worth a log line
         pass

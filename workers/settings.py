@@ -328,6 +328,16 @@ class StreamSettings(_Group):
     """Heartbeat interval (well below the session timeout)."""
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     """Longest time between polls before the group evicts the worker; batch size adapts to stay well below."""
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    """Partition assignment (`partition.assignment.strategy`): `cooperative-sticky` moves only the partitions that
+    change owner when a pod joins or leaves; `range`/`roundrobin` (eager) stop every partition of the group at each
+    rebalance. Every member of a group must use the same one."""
+    static_membership: bool = True
+    """Join as a static member (`group.instance.id`): a pod restarted within the session timeout gets its partitions
+    back without a rebalance. Needs an instance id (`instance_id`, else the pod name in `HOSTNAME`); off when none."""
+    instance_id: Text | None = None
+    """The static member's `group.instance.id`; empty: the `HOSTNAME` env var (the pod name in Kubernetes). Must be
+    unique in the group and stable across restarts of one pod (a StatefulSet's names, or a Deployment's pod name)."""
     fetch_max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Upper bound of bytes per fetch response (caps memory with a backlog)."""
     max_partition_fetch_bytes: int = Field(1024 * 1024, ge=1024)

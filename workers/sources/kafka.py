@@ -8,6 +8,14 @@ Rules that keep at-least-once true (with idempotent sinks, exactly once in the s
   the sink's upsert makes the second write a no-op.
 - Records of partitions revoked while a batch was being gathered are dropped from it, uncommitted (also
   when the same partition comes back in the same rebalance: it restarts from the commit).
+- Rebalancing (``stream.assignment_strategy``): with ``cooperative-sticky`` (the default) a rebalance revokes
+  only the partitions that change owner; the callbacks then get the *increments* (``incremental_assign`` /
+  ``incremental_unassign``) and every other partition keeps consuming. With ``range``/``roundrobin`` (eager)
+  each rebalance revokes everything and assigns the full new set. The rules above hold for both: what is
+  revoked is dropped from the batch in hand and never committed by us.
+- Static membership (``group.instance.id``: ``stream.instance_id``, else ``HOSTNAME``, the pod name): a member
+  that restarts within ``session.timeout.ms`` rejoins with its partitions and no rebalance of the others. A
+  static member does not leave the group on close (its partitions wait for it, or for the session timeout).
 - ``keep_alive`` serves the group (librdkafka evicts a member that does not call consume within
   ``max.poll.interval.ms``) with every partition paused, so a worker waiting for its sink stays in the
   group without taking records. Pausing drops librdkafka's prefetched records; ``resume`` fetches again
@@ -27,6 +35,7 @@ and parses in its own threads (2 us per record to hand over).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -49,11 +58,23 @@ def _text(exc: KafkaException) -> str:
     return err.str() if isinstance(err, KafkaError) else str(exc)
 
 
+def instance_id(settings: Settings) -> str | None:
+    """The static member id: ``stream.instance_id``, else the pod name (``HOSTNAME``); None when static
+    membership is off or no name is known (then the member is dynamic, as before)."""
+    s = settings.stream
+    if not s.static_membership:
+        return None
+    return s.instance_id or (os.environ.get("HOSTNAME") or "").strip() or None
+
+
 def consumer_config(settings: Settings) -> dict[str, Any]:
     s = settings.stream
+    static = instance_id(settings)
     return {
         **settings.kafka.librdkafka_config(),
         "group.id": s.group,
+        **({"group.instance.id": static} if static else {}),
+        "partition.assignment.strategy": s.assignment_strategy,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": s.auto_offset_reset,
@@ -95,6 +116,9 @@ class KafkaSource(Source):
         self._warned: dict[str, float] = {}
         self._start: dict[TP, int] = {}  # committed offset at assignment, for lag before the first record
         self._opened = False
+        # confluent-kafka's Python binding has no rebalance_protocol(): the strategy decides it (librdkafka does
+        # not allow a cooperative strategy mixed with eager ones, and the setting takes one).
+        self.cooperative = settings.stream.assignment_strategy == "cooperative-sticky"
 
     def open(self) -> None:
         settings = self.settings
@@ -116,6 +140,9 @@ class KafkaSource(Source):
             log.warning("topics not on the broker yet; waiting for them", extra={"topics": self.missing})
         self.consumer.subscribe(settings.stream.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
+        log.info("joining the group", extra={"group": settings.stream.group,
+                                             "assignment_strategy": settings.stream.assignment_strategy,
+                                             "instance_id": instance_id(settings)})
 
     def find_missing(self) -> list[str]:
         """The subscribed topics the broker does not have (asked again; the last answer if it does not reply)."""
@@ -134,23 +161,36 @@ class KafkaSource(Source):
 
     # -- rebalance callbacks (run inside consume, on the calling thread) ---------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        consumer.assign(partitions)
+        """Eager: ``partitions`` is the whole new assignment. Cooperative: only what is added (often nothing: each
+        rebalance ends with an assign callback, also for a member that only gave partitions up)."""
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         got = {(p.topic, p.partition) for p in partitions}
         self._assigned |= got
         if self.holding and partitions:
             consumer.pause(partitions)
-        self.metrics.rebalances.labels("assigned").inc()
-        log.info("partitions assigned", extra={"partitions": sorted(f"{t}[{p}]" for t, p in got)})
+        if got:
+            self.metrics.rebalances.labels("assigned").inc()
+        log.info("partitions assigned", extra={"partitions": sorted(f"{t}[{p}]" for t, p in got),
+                                               "owned": len(self._assigned)})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Revoked or lost (also the ``on_lost`` callback). Cooperative: only the partitions moving away."""
         gone = {(p.topic, p.partition) for p in partitions}
         self.revoked |= gone
-        self._assigned -= gone  # confluent-kafka unassigns them after this returns
+        self._assigned -= gone
+        if self.cooperative:
+            if partitions:
+                consumer.incremental_unassign(partitions)
+        # eager: confluent-kafka unassigns everything after this returns
         for tp in gone:
             self._start.pop(tp, None)
         if gone:
             self.metrics.rebalances.labels("revoked").inc()
-        log.info("partitions revoked", extra={"partitions": sorted(f"{t}[{p}]" for t, p in gone)})
+        log.info("partitions revoked", extra={"partitions": sorted(f"{t}[{p}]" for t, p in gone),
+                                              "owned": len(self._assigned)})
 
     # -- consuming ---------------------------------------------------------------------------------------
     def assignment(self) -> set[TP]:
@@ -183,6 +223,11 @@ class KafkaSource(Source):
 
     def _consume_error(self, err: KafkaError) -> None:
         if err.fatal():
+            if err.code() == KafkaError.FENCED_INSTANCE_ID:
+                raise ScoringError(
+                    f"Kafka consumer failed: another member of group {self.settings.stream.group!r} joined with this "
+                    f"instance id ({instance_id(self.settings)!r}); give each worker its own "
+                    "SCORING_STREAM__INSTANCE_ID (or HOSTNAME), or set SCORING_STREAM__STATIC_MEMBERSHIP=false")
             raise ScoringError(f"Kafka consumer failed: {err.str()}")
         now = time.monotonic()
         if now - self._warned.get(err.str(), -60.0) >= 60.0:  # e.g. a topic not created yet: once a minute

@@ -4,6 +4,16 @@
 partition is stalled (lag > 0 with no progress for ``stall_seconds``), a subscribed topic is missing or the
 schema registry a wire format needs does not answer.
 Lag is kept current also while the pipeline waits for its sink, so a stall shows while it lasts.
+
+Lag in seconds (``scoring_consumer_lag_seconds``): how old the oldest record of the partition not yet committed
+is, i.e. now minus the timestamp (CreateTime or LogAppendTime, as the topic says) of the record at the
+committed offset; 0 when the partition is caught up (record-count lag 0). Where that timestamp comes from:
+- the record has been handed to the pipeline (in a batch being scored, stored or retried): its own timestamp;
+  a record the broker gave no timestamp counts from the moment the worker received it;
+- it has not been fetched yet (records arrived since the last poll): the time since the partition was first
+  seen behind without it, a lower bound (it never alarms on a quiet topic's one new record) that keeps growing
+  if nothing is fetched. In a busy pipeline the next batch is already in hand, so this case is short.
+Clocks: producer and worker clocks differ; an age below 0 is shown as 0.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from workers.observability import Health, Metrics
-from workers.sources.base import TP, Source
+from workers.sources.base import TP, Batch, Source
 
 TOPIC_RECHECK_S = 5.0  # how often topics missing from the broker are looked for again (readiness names them)
 
@@ -38,7 +48,8 @@ class StreamHealth(Health):
 
 
 class LagWatch:
-    """Lag and stall gauges of the partitions owned, from the offsets the pipeline committed (main thread)."""
+    """Lag (records, seconds) and stall gauges of the partitions owned, from the offsets the pipeline committed
+    and the records it was handed (main thread)."""
 
     def __init__(self, source: Source, health: StreamHealth, metrics: Metrics):
         self.source = source
@@ -46,6 +57,11 @@ class LagWatch:
         self.metrics = metrics
         #: per owned partition, the offset after the last record stored and committed by us
         self.next_offsets: dict[TP, int] = {}
+        #: per owned partition, (offset, timestamp in s) of the first record of each batch handed over and not
+        #: committed yet, in offset order: the first one at or after the commit is the oldest record not committed
+        self.handed_at: dict[TP, list[tuple[int, float]]] = {}
+        #: per partition behind with no uncommitted record in hand: wall time it was first seen so
+        self.behind_since: dict[TP, float] = {}
         self.topics_checked = 0.0
 
     def opened(self) -> None:
@@ -54,6 +70,38 @@ class LagWatch:
 
     def committed(self, offsets: dict[TP, int]) -> None:
         self.next_offsets.update(offsets)
+        for tp, off in offsets.items():
+            firsts = self.handed_at.get(tp)
+            if firsts:
+                firsts[:] = [f for f in firsts if f[0] >= off]
+
+    def handed(self, records: Batch) -> None:
+        """A poll's records: keep the first offset and timestamp of each partition in it (for lag seconds)."""
+        if not records:
+            return
+        now = time.time()
+        seen: set[TP] = set()
+        for m, ts in zip(records.messages, records.timestamps(), strict=True):
+            tp = (m.topic(), m.partition())
+            if tp in seen:
+                continue
+            seen.add(tp)
+            offset = m.offset()
+            firsts = self.handed_at.setdefault(tp, [])
+            if firsts and firsts[-1][0] >= offset:  # re-read from the commit (a batch of it was dropped)
+                firsts[:] = [f for f in firsts if f[0] < offset]
+            firsts.append((offset, ts / 1000 if ts >= 0 else now))
+
+    def age(self, tp: TP, lag: int, now: float) -> float:
+        """Seconds since the oldest uncommitted record of ``tp`` was written (see the module docstring)."""
+        if lag <= 0:
+            self.behind_since.pop(tp, None)
+            return 0.0
+        firsts = self.handed_at.get(tp)
+        if firsts:
+            self.behind_since.pop(tp, None)
+            return max(now - firsts[0][1], 0.0)
+        return now - self.behind_since.setdefault(tp, now)
 
     def check_topics(self) -> None:
         """Look again for subscribed topics the broker lacks (often while some are missing, rarely after)."""
@@ -65,20 +113,25 @@ class LagWatch:
     def update(self, advanced: set[TP]) -> None:
         """Refresh lag of every owned partition (``advanced``: those that just got records); forget the rest."""
         owned = self.source.assignment()
+        now = time.time()
         for tp in owned:
             lag = self.source.lag(tp, self.next_offsets.get(tp))
             if lag is None:
                 continue
             topic, partition = tp
             self.metrics.lag.labels(topic, str(partition)).set(lag)
+            self.metrics.lag_seconds.labels(topic, str(partition)).set(round(self.age(tp, lag, now), 3))
             self.health.progress(tp, lag, tp in advanced)
             self.metrics.stalled.labels(topic, str(partition)).set(self.health.is_stalled(tp))
         for tp in [tp for tp in self.next_offsets if tp not in owned]:
             del self.next_offsets[tp]  # the next owner commits it; a reassignment starts from the commit
+        for kept in (self.handed_at, self.behind_since):
+            for tp in [tp for tp in kept if tp not in owned]:
+                del kept[tp]
         for topic, partition in list(self.health.partitions):
             if (topic, partition) not in owned:
                 self.health.forget([(topic, partition)])
-                for gauge in (self.metrics.lag, self.metrics.stalled):
+                for gauge in (self.metrics.lag, self.metrics.lag_seconds, self.metrics.stalled):
                     try:
                         gauge.remove(topic, str(partition))
                     except KeyError:

@@ -152,6 +152,7 @@ class Pipeline(StoreSteps):
         # Step 1: poll.
         records = self.source.poll_batch(self.sizer.limit, self.settings.stream.max_wait_ms)
         self.dropped_since_poll = set()
+        self.lag.handed(records)
         routed, decoded = None, None
         if records and self.wire is not None and not self.fetch_schemas(records):
             return len(records)  # dropped uncommitted (stopping, or its partitions revoked): redelivered
