@@ -301,3 +301,94 @@ def test_redis_rows_are_json_a_reader_in_another_language_parses(models, tmp_pat
             if field != b"served":
                 orjson.loads(value)
                 assert b"Infinity" not in value and b"NaN" not in value
+
+
+# -- stream mode: a real broker and a real worker process --------------------------------------------------------
+def _stream_into(kafka, models, tmp_path, sink: str, good: list[dict], bad: list[tuple], refused: list[dict],
+                 stored):
+    """Produce good, malformed and store-refused records, run a worker until every good one is stored and every
+    other one dead-lettered, SIGKILL it, start a second worker that reads the same records again from an earlier
+    commit point (redelivery), then stop it. Returns the dead letters."""
+    import signal
+
+    from tests.kafka_util import wait_for
+
+    topic = kafka.topic(partitions=2)
+    kafka.produce_json(topic, good[: len(good) // 2])
+    kafka.produce(topic, bad)
+    kafka.produce_json(topic, refused)
+    kafka.produce_json(topic, good[len(good) // 2:])
+    log = str(tmp_path / "w.log")
+    args = ("--model", models["binary"], "--topic", topic, "--group", f"g-{topic}", "--sink", sink,
+            "--metrics-port", "0")
+    first = kafka.worker(*args, log=log)
+    wait_for(lambda: stored() >= len(good) or first.poll() is not None, 90, what="every good record stored")
+    dead = kafka.consume_all(f"{topic}.dlq", len(bad) + len(refused), timeout=30)
+    assert first.poll() is None, open(log).read()[-3000:]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    kafka.produce_json(topic, good[:5])  # the same records again: an upsert, not a second row
+    second = kafka.worker(*args, log=log + "2")
+    time.sleep(8)  # joins the group (about 3 s) and reads the records after the last commit again
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 0, open(log + "2").read()[-3000:]
+    return dead
+
+
+@pytest.mark.kafka
+def test_stream_into_redis_with_an_odd_prefix_a_db_number_ttl_bad_and_refused_records(models, tmp_path, kafka):
+    import redis as redis_py
+
+    from tests.test_stream import BAD, records
+
+    good = records(120, start=7000)
+    refused = [{"id": "_ledger", "x0": 1.0, **{f: 0.1 for f in FEATURES[1:]}},
+               {"id": "", **{f: 0.1 for f in FEATURES}}]
+    odd = "rv é{x}*?[ ]:"
+    db = 3
+    r = redis_py.Redis.from_url(f"{REDIS_URL.rsplit('/', 1)[0]}/{db}")
+    from urllib.parse import quote
+
+    sink = f"{REDIS_URL.rsplit('/', 1)[0]}/{db}?prefix={quote(odd)}&ttl_s=3600"
+    try:
+        dead = _stream_into(kafka, models, tmp_path, sink, good, BAD[:6], refused,
+                            lambda: sum(1 for _ in r.scan_iter(match="rv \u00e9{x}\\*\\?\\[ \\]:s*")))
+        reasons = {m.key(): dict(m.headers() or []) for m in dead}
+        assert len(dead) == 8 and {b"_ledger", b""} <= set(reasons)
+        keys = {k for k in r.scan_iter(match=odd.replace("*", "\\*").replace("?", "\\?").replace("[", "\\[")
+                                       .replace("]", "\\]") + "*")}
+        ids = {k.decode()[len(odd):] for k in keys}
+        assert ids == {g["id"] for g in good}
+        assert all(0 < r.ttl(k) <= 3600 for k in keys)
+        booster = lgb.Booster(model_file=models["binary"])
+        frame = pd.DataFrame(good)
+        want = dict(zip(frame["id"], booster.predict(frame[FEATURES]), strict=True))
+        for k in keys:
+            h = r.hgetall(k)
+            assert set(h) == {b"served", h[b"served"]}  # one version, once, redelivery or not
+            assert abs(orjson.loads(h[h[b"served"]])["score"] - want[k.decode()[len(odd):]]) <= 1e-12
+    finally:
+        for k in r.scan_iter(match="rv \u00e9*"):
+            r.delete(k)
+        r.close()
+
+
+@pytest.mark.kafka
+def test_stream_into_mariadb_bad_and_refused_records_are_dead_lettered_and_redelivery_keeps_one_row(
+        models, tmp_path, kafka, my_table):
+    from tests.test_stream import BAD, records
+
+    good = records(120, start=8000)
+    refused = [{"id": "x" * 256, **{f: 0.1 for f in FEATURES}}]
+    def stored() -> int:
+        try:
+            return int(query(f"SELECT COUNT(*) FROM `{my_table}`")[0][0])
+        except Exception:  # the table is created with the first write
+            return 0
+
+    dead = _stream_into(kafka, models, tmp_path, f"{MYSQL_URI}?table={my_table}", good, BAD[:6], refused, stored)
+    assert len(dead) == 7 and b"x" * 256 in {m.key() for m in dead}
+    rows = dict(query(f"SELECT id, score FROM `{my_table}`"))
+    frame = pd.DataFrame(good)
+    want = dict(zip(frame["id"], lgb.Booster(model_file=models["binary"]).predict(frame[FEATURES]), strict=True))
+    assert rows.keys() == want.keys() and max(abs(rows[k] - want[k]) for k in want) <= 1e-12
