@@ -196,6 +196,12 @@ def test_a_hash_in_the_redis_prefix_is_refused_not_silently_cut(tmp_path):
     assert RedisTarget("redis://127.0.0.1:6379/0?prefix=a%20b%7B%C3%A9%7D*?:", "S").prefix == "a b{é}*?:"
 
 
+def test_a_plus_in_the_redis_prefix_is_a_plus_not_a_space():
+    """Defect: ``?prefix=team+v2:`` wrote under ``team v2:`` (query form decoding), a namespace nobody named."""
+    assert RedisTarget("redis://127.0.0.1:6379/0?prefix=team+v2:", "S").prefix == "team+v2:"
+    assert RedisTarget("redis://127.0.0.1:6379/0?prefix=team%2Bv2:&ttl_s=5", "S").prefix == "team+v2:"
+
+
 def test_a_redis_database_number_the_server_lacks_stops_start_up_naming_the_setting(models, tmp_path, client):
     """Defect: ``redis://host/16`` on a server with 16 databases (0-15) ran, failed as a retryable store outage
     ("sink failed; rerun to resume", exit 1) although no rerun can help. Now exit 2 with one line naming the

@@ -199,7 +199,8 @@ class RedisTarget:
         self.db = _whole(db, setting, "the database (the path after the port)", shown) if db else 0
         self.username = unquote(p.username) if p.username else None
         self.password = unquote(p.password) if p.password else None
-        pairs = parse_qsl(p.query, keep_blank_values=True)
+        # A '+' is itself (form decoding would make it a space: another prefix, silently); %2B works too.
+        pairs = parse_qsl(p.query.replace("+", "%2B"), keep_blank_values=True)
         unknown = sorted({k for k, _ in pairs} - QUERY_KEYS)
         if unknown:
             raise ConfigError(setting, f"{shown}: unknown query key(s) {', '.join(map(repr, unknown))}; "
