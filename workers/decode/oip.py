@@ -177,7 +177,8 @@ def raw_values(name: str, dtype: str, shape: list[int], raw: bytes) -> np.ndarra
 def check_head(name: object, dtype: object, shape: object) -> tuple[str, str, list[int]]:
     """An input's name, datatype and shape, checked as every front end needs them."""
     if not isinstance(name, str) or not name:
-        raise BadRequest(f"each input needs a name (a string), got {_kind(name)}")
+        got = "an empty string" if name == "" else _kind(name)
+        raise BadRequest(f"each input needs a name (a non-empty string), got {got}")
     if not isinstance(dtype, str) or (dtype not in DTYPES and dtype != "BYTES"):
         raise BadRequest(f"input {name!r}: datatype {dtype!r} is not supported (use FP32, FP64, INT*, BOOL or BYTES)")
     if (not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)

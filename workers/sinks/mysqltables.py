@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pymysql.cursors
 
 from workers.errors import ConfigError, SinkError
-from workers.sinks.mysqltypes import join, key_type, literals, my_type, values
+from workers.sinks.mysqltypes import join, key_type, literals, my_type, sub_micro_keys, values
 from workers.sinks.tables import POSITION, UNIT_COLUMN, missing_keys
 
 if TYPE_CHECKING:
@@ -151,6 +151,9 @@ class MysqlTables:
         bad = missing_keys(table, key)
         columns = []
         for name in table.column_names:
+            if name in key:
+                for i, reason in sub_micro_keys(name, table.column(name)).items():
+                    bad.setdefault(i, reason)
             vals, refused = values(name, table.column(name), types[name])
             columns.append(literals(vals))
             for i, reason in refused.items():

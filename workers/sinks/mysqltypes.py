@@ -16,8 +16,9 @@ with the catalog). Tables are ``utf8mb4`` with collation ``utf8mb4_nopad_bin``: 
     (``arrow.json``, passthrough values of mixed JSON types) -> longtext holding that JSON; null -> longtext
 Key columns must fit an InnoDB primary key (3072 bytes): a text or binary ``id`` and ``model_version`` are
 ``varchar(255)`` / ``varbinary(255)``, the errors' ``source`` ``varchar(512)`` (255 + 512 characters of 4
-bytes fit); a key value longer than its column rejects the row, never truncated. ``input_file`` is ``text``
-with a 255-character prefix index (what a rewritten input deletes by).
+bytes fit); a key value longer than its column rejects the row, never truncated, and so does a nanosecond
+timestamp key that is not a whole microsecond (``datetime(6)`` would make ids 1 ns apart one row).
+``input_file`` is ``text`` with a 255-character prefix index (what a rewritten input deletes by).
 A column that exists with another type is widened once (``join``): integers of both signs -> decimal(20,0),
 decimals (and integers) of other precision or scale -> a decimal holding both (up to 65 digits), other numbers
 -> double, a key column -> varchar(255), other mixes -> longtext (values as text / JSON).
@@ -185,6 +186,19 @@ def _temporal(name: str, col: pa.ChunkedArray | pa.Array) -> tuple[Values, dict[
             out.append(None)
             bad[i] = f"column {name!r}: the timestamp is outside the years MariaDB DATETIME holds (1000-9999)"
     return out, bad
+
+
+def sub_micro_keys(name: str, col: pa.ChunkedArray | pa.Array) -> dict[int, str]:
+    """Rows of a key column of nanosecond timestamps (or times) whose value is not a whole microsecond: MariaDB's
+    ``datetime(6)`` / ``time(6)`` would truncate them, so two distinct ids 1 ns apart would become one row."""
+    col = plain(col)
+    t = col.type
+    if not ((pa.types.is_timestamp(t) or pa.types.is_time(t)) and t.unit == "ns"):
+        return {}
+    nanos = pc.cast(col, pa.int64()).to_pylist()
+    return {i: f"column {name!r}: {v % 1000} nanoseconds past the microsecond; MariaDB keeps microseconds, so "
+               "ids this close would become one row (store the id as text, or whole microseconds)"
+            for i, v in enumerate(nanos) if v is not None and v % 1000}
 
 
 def values(name: str, col: pa.ChunkedArray | pa.Array, target: str) -> tuple[Values, dict[int, str]]:

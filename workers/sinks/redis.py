@@ -4,7 +4,8 @@
 ``&ca_file=/path/ca.pem`` to verify the server against that CA). Defaults: port 6379, db 0, prefix ``scores:``, no
 TTL. The password is a secret: percent-encode ``@ / ? #`` in it; it is never in ``name``, logs or errors. A bad
 URI (port or db not a whole number, ttl_s not a positive whole number, an unknown query key, ca_file without
-rediss:// or not a file) is a ``ConfigError`` naming the setting, before any connection. An unreachable server
+rediss:// or not a file, a ``#`` not written ``%23``) is a ``ConfigError`` naming the setting, before any
+connection; a database the server does not have is one at ``check()``. An unreachable server
 is a ``SinkError`` (retryable) at ``check()`` or the first write, with the redacted address.
 
 Layout (``P`` is the prefix; every key of the sink starts with it, so two sinks on one database need prefixes
@@ -181,6 +182,9 @@ class RedisTarget:
     """What a ``redis://`` / ``rediss://`` URI names, checked (ConfigError naming ``setting``) without connecting."""
 
     def __init__(self, uri: str, setting: str):
+        if "#" in uri:  # urlparse would drop it and what follows as a fragment: another prefix, silently
+            raise ConfigError(setting, "a '#' in a Redis URI starts a fragment, which would be dropped: write it "
+                                       "as %23 (in the prefix or the password)")
         self.name = redact(uri)
         shown = self.name
         p = urlparse(uri)
@@ -195,7 +199,8 @@ class RedisTarget:
         self.db = _whole(db, setting, "the database (the path after the port)", shown) if db else 0
         self.username = unquote(p.username) if p.username else None
         self.password = unquote(p.password) if p.password else None
-        pairs = parse_qsl(p.query, keep_blank_values=True)
+        # A '+' is itself (form decoding would make it a space: another prefix, silently); %2B works too.
+        pairs = parse_qsl(p.query.replace("+", "%2B"), keep_blank_values=True)
         unknown = sorted({k for k, _ in pairs} - QUERY_KEYS)
         if unknown:
             raise ConfigError(setting, f"{shown}: unknown query key(s) {', '.join(map(repr, unknown))}; "
@@ -447,6 +452,11 @@ class RedisSink(Sink):
     def check(self) -> None:
         try:
             self.client.ping()
+        except redis.exceptions.ResponseError as exc:
+            if "DB index is out of range" in str(exc):  # a wrong setting: no rerun can help
+                raise ConfigError(self.setting, f"{self.name}: the server has no database {self.target.db} (its "
+                                                "`databases` setting bounds them; the default is 0 to 15)") from None
+            raise self._fail("cannot reach", exc) from None
         except (redis.exceptions.RedisError, OSError) as exc:
             raise self._fail("cannot reach", exc) from None
 
