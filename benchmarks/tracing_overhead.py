@@ -28,6 +28,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("stream", "serve", "batch")
 
 
+class Clock:
+    """Wall time and the process's CPU time (every thread): on a shared machine the wall time of one run swings
+    by 2x with the neighbours' load, the CPU a run spends much less, so the ratios are taken on CPU time."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def per(self, n: int) -> tuple[float, float]:
+        """(units per wall second, CPU microseconds per unit)."""
+        return n / (time.perf_counter() - self.wall), (time.process_time() - self.cpu) / n * 1e6
+
+
 def _helpers():
     """tests/helpers.py of this tree, loaded by path (``workers`` must come from PYTHONPATH: main or this tree)."""
     import importlib.util
@@ -60,11 +72,10 @@ def case_stream(model: str, folder: str) -> float:
         "topics": ["t"], "metrics_port": None, "max_records": 1000, "max_wait_ms": 5}})
     worker = StreamWorker(settings, source=script.source(), sink=script.sink, dead_letters=script.dead_letters(),
                           burst=True)
-    started = time.perf_counter()
+    clock = Clock()
     assert worker.run() == 0
-    seconds = time.perf_counter() - started
     assert len(script.sink.rows) == n
-    return n / seconds
+    return clock.per(n)
 
 
 def case_serve(model: str, folder: str) -> float:
@@ -87,10 +98,10 @@ def case_serve(model: str, folder: str) -> float:
             async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
                 for _ in range(100):  # warm-up
                     (await client.post("/v2/models/binary/infer", content=body)).raise_for_status()
-                started = time.perf_counter()
+                clock = Clock()
                 for _ in range(n):
                     (await client.post("/v2/models/binary/infer", content=body)).raise_for_status()
-                return n / (time.perf_counter() - started)
+                return clock.per(n)
         finally:
             await app.plane.stop()
 
@@ -114,9 +125,10 @@ def case_batch(model: str, folder: str) -> float:
     out = tempfile.mkdtemp(dir=folder)
     settings = load_settings({"model": {"path": model}, "batch": {"input": inputs, "output": out,
                                                                   "batch_rows": 10_000}})
+    clock = Clock()
     report = run_batch(settings)
     assert report.rows == 200_000, report.summary()
-    return report.rows / report.seconds
+    return clock.per(report.rows)
 
 
 def one(case: str, folder: str) -> None:
@@ -132,10 +144,10 @@ def one(case: str, folder: str) -> None:
 
     print(f"workers from {os.path.dirname(workers.__file__)}, tracing {'on' if tracing_on else 'off'}", file=sys.stderr)
     model = _model(folder)
-    rate = {"stream": case_stream, "serve": case_serve, "batch": case_batch}[case](model, folder)
+    rate, cpu_us = {"stream": case_stream, "serve": case_serve, "batch": case_batch}[case](model, folder)
     if tracing is not None and tracing_on:
         tracing.shutdown()
-    print(json.dumps({"rate": rate}))
+    print(json.dumps({"rate": rate, "cpu_us": cpu_us}))
 
 
 def args_folder(folder: str) -> str:
@@ -143,7 +155,7 @@ def args_folder(folder: str) -> str:
     return folder
 
 
-def measure(case: str, mode: str, folder: str, main_tree: str) -> float:
+def measure(case: str, mode: str, folder: str, main_tree: str) -> tuple[float, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SCORING_"))}
     env["PYTHONPATH"] = main_tree if mode == "main" else ROOT
     if mode == "on":
@@ -154,7 +166,8 @@ def measure(case: str, mode: str, folder: str, main_tree: str) -> float:
                          capture_output=True, text=True, cwd=args_folder(folder), timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"{case}/{mode} failed:\n{out.stderr[-3000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(got["rate"]), float(got["cpu_us"])
 
 
 def main() -> None:
@@ -172,15 +185,19 @@ def main() -> None:
     modes = (["main"] if args.main_tree else []) + ["off", "on"]
     for case in args.cases.split(","):
         rates: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode in modes:  # interleaved: a slow moment of the machine hits every mode alike
-                rates[mode].append(measure(case, mode, args.folder, args.main_tree))
-        med = {m: statistics.median(v) for m, v in rates.items()}
-        unit = "requests/s" if case == "serve" else "records/s" if case == "stream" else "rows/s"
-        shown = "  ".join(f"{m} {med[m]:,.0f} [{min(rates[m]):,.0f}-{max(rates[m]):,.0f}]" for m in modes)
+                rate, cpu_us = measure(case, mode, args.folder, args.main_tree)
+                rates[mode].append(rate)
+                cpu[mode].append(cpu_us)
+        unit = {"serve": "request", "stream": "record", "batch": "row"}[case]
+        med = {m: statistics.median(v) for m, v in cpu.items()}
+        shown = "  ".join(f"{m} {med[m]:.2f} [{min(cpu[m]):.2f}-{max(cpu[m]):.2f}]" for m in modes)
+        walls = "  ".join(f"{m} {statistics.median(rates[m]):,.0f}/s" for m in modes)
         ratios = (f"off/main {med['off'] / med['main']:.3f}  " if "main" in med else "") + \
             f"on/off {med['on'] / med['off']:.3f}"
-        print(f"{case:<7} {unit:<11} {shown}  {ratios}", flush=True)
+        print(f"{case:<7} CPU us/{unit:<8} {shown}  {ratios}  (wall medians: {walls})", flush=True)
 
 
 if __name__ == "__main__":

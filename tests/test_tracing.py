@@ -163,3 +163,27 @@ def test_header_links_stop_at_the_limit_and_skip_invalid():
            [("traceparent", f"00-{0:032x}-{1:016x}-01".encode())]]  # an all-zero trace id is invalid
     links = tracing.header_links([*bad, *good], limit=4)
     assert [link.context.trace_id for link in links] == [1, 2, 3, 4]
+
+
+def test_batch_failed_file_is_an_error_span_and_the_run_says_so(models, spans, tmp_path):
+    from tests.helpers import write_inputs
+    from workers.runtime.batch import batch_command
+
+    write_inputs(str(tmp_path / "in"), files=1, rows=120, row_group=50)
+    (tmp_path / "in" / "broken.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    settings = load_settings({"model": {"path": models["binary"]}, "batch": {
+        "input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "batch_rows": 50}})
+    assert batch_command(settings) == 1
+    finished = spans.get_finished_spans()
+    run = next(s for s in finished if s.name == "batch run")
+    files = {s.attributes["scoring.input"].rsplit("/", 1)[-1]: s for s in finished if s.name == "batch file"}
+    assert set(files) == {"broken.parquet", "part-000.parquet"}
+    broken, good = files["broken.parquet"], files["part-000.parquet"]
+    assert broken.status.status_code.name == "ERROR" and broken.events[0].name == "exception"
+    assert broken.events[0].attributes["exception.type"].endswith("InputError")
+    assert good.status.status_code.name == "UNSET" and good.attributes["scoring.rows"] == 120
+    assert all(s.parent.span_id == run.context.span_id for s in files.values())
+    groups = [s for s in finished if s.name == "row group batch" and s.parent.span_id == good.context.span_id]
+    assert [g.attributes["scoring.first_row"] for g in groups] == [0, 50, 100]
+    assert run.status.status_code.name == "ERROR" and "broken.parquet" in run.status.description
+    assert run.attributes["scoring.files_failed"] == 1 and run.attributes["scoring.rows_scored"] == 120
