@@ -10,7 +10,8 @@ Three in-process cases, each run in a fresh process per measurement (tracing is 
 Modes: ``main`` (the code of --main-tree, before tracing existed: PYTHONPATH points there), ``off`` (this tree,
 no OTEL_* set), ``on`` (OTEL_TRACES_EXPORTER=otlp, spans batched by the SDK and exported over OTLP/HTTP to a
 closed port on 127.0.0.1: the export fails fast and is dropped, so only the worker's own cost is measured).
-Prints the medians and the ratios off/main and on/off.
+Prints the median CPU microseconds per unit (the process's CPU time, every thread) with their range, the
+ratios off/main and on/off of those medians, and the wall-clock rates.
 """
 
 from __future__ import annotations
