@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -97,7 +98,7 @@ def batch(settings: Settings) -> None:
     """
     from workers.runtime.batch import batch_command
 
-    sys.exit(batch_command(settings))
+    sys.exit(_traced("batch", batch_command, settings))
 
 
 @cli.command()
@@ -112,7 +113,7 @@ def stream(settings: Settings) -> None:
     """
     from workers.runtime.stream.worker import run_stream
 
-    sys.exit(run_stream(settings))
+    sys.exit(_traced("stream", run_stream, settings))
 
 
 @cli.command()
@@ -144,7 +145,7 @@ def serve(settings: Settings) -> None:
         if sv.grpc_port == sv.port and sv.port != 0:
             raise ConfigError("SCORING_SERVE__GRPC_PORT", f"{sv.grpc_port} is the HTTP port too; choose another")
         port_free(sv.host, sv.grpc_port, "SCORING_SERVE__GRPC_PORT")
-    sys.exit(run_serve(settings))
+    sys.exit(_traced("serve", run_serve, settings))
 
 
 # ---- tools -----------------------------------------------------------------------------------------------
@@ -308,6 +309,18 @@ def settings_reference(settings: Settings, as_env: bool) -> None:
     from workers.tools.reference import print_settings
 
     print_settings(settings, as_env)
+
+
+def _traced(mode: str, run: Callable[[Settings], int], settings: Settings) -> int:
+    """Run a mode with traces when the ``OTEL_*`` variables ask for them (workers/tracing.py); what is still
+    buffered is exported before the process exits."""
+    from workers import tracing
+
+    tracing.setup(mode)  # ConfigError (exit 2) for a refused OTEL_* value or missing packages
+    try:
+        return run(settings)
+    finally:
+        tracing.shutdown()
 
 
 def _friendly(exc: BaseException) -> str:

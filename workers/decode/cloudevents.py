@@ -91,6 +91,15 @@ class Event:
         key = self.attributes.get("key")
         return key.encode() if isinstance(key, str) else None
 
+    @property
+    def traceparent(self) -> tuple[Any, Any]:
+        """(traceparent, tracestate) of the distributed-tracing extension, else of the Kafka record's headers as a
+        KafkaSource forwards them (``kafkaheadertraceparent``); (None, None) without either."""
+        a = self.attributes
+        if a.get("traceparent"):
+            return a["traceparent"], a.get("tracestate")
+        return a.get("kafkaheadertraceparent"), a.get("kafkaheadertracestate")
+
     def kafka_position(self) -> tuple[str | None, int | None, int | None]:
         """(topic, partition, offset) when the event came from a KafkaSource, else (source, None, None)."""
         source = str(self.attributes.get("source", ""))

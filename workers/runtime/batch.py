@@ -31,6 +31,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from workers import tracing
 from workers.errors import ConfigError, InputError, RowsRejected, ScoringError, SinkError
 from workers.runtime.progress import Progress
 from workers.scoring.build import build_router
@@ -258,13 +259,18 @@ def score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, prog
 
     Raises InputError for anything wrong with the file's data, so the run goes on with the other units;
     SinkError (the store failed) propagates."""
-    try:
-        return _score_file(router, fs, unit, sink, batch_rows, progress)
-    except (ScoringError, OSError):  # ours (InputError, SinkError...) or I/O: as they are
-        raise
-    except _DATA_ERRORS as exc:
-        log.debug("input data error", exc_info=True, extra={"input": unit.rel})
-        raise InputError(f"cannot score {unit.rel}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    with tracing.span("batch file", input=unit.name, sink=sink.name, model_version=router.primary.model.version,
+                      bytes=unit.size) as span:
+        try:
+            result = _score_file(router, fs, unit, sink, batch_rows, progress)
+        except (ScoringError, OSError):  # ours (InputError, SinkError...) or I/O: as they are
+            raise
+        except _DATA_ERRORS as exc:
+            log.debug("input data error", exc_info=True, extra={"input": unit.rel})
+            raise InputError(f"cannot score {unit.rel}: {type(exc).__name__}: {str(exc)[:300]}") from None
+        if span is not None:
+            span.set_attributes({"scoring.rows": result.scored, "scoring.rejected": result.rejected})
+        return result
 
 
 def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
@@ -295,15 +301,19 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
         for rb in chain(iter_batches(pf, columns, batch_rows, unit.row_groups), [empty]):
             if rb is empty and offset > unit.first_row:
                 break
-            scored = router.score_table(rb)
-            if scored.num_errors:
-                scored = scored.with_error_sources([f"{f.source}#{offset + int(i)}" for i in scored.error_rows])
-            try:
-                writer.write(scored)
-            except RowsRejected as exc:
-                # The store cannot hold some rows as they are: retrying cannot help, so this file fails
-                # alone (aborted below, never recorded as done) and the run goes on with the others.
-                raise InputError(_rejected_reason(unit.rel, scored, exc)) from None
+            with tracing.span("row group batch", first_row=offset) as span:
+                scored = router.score_table(rb)
+                if scored.num_errors:
+                    scored = scored.with_error_sources([f"{f.source}#{offset + int(i)}" for i in scored.error_rows])
+                if span is not None:
+                    span.set_attributes({"scoring.rows": rb.num_rows - scored.num_errors,
+                                         "scoring.rejected": scored.num_errors})
+                try:
+                    writer.write(scored)
+                except RowsRejected as exc:
+                    # The store cannot hold some rows as they are: retrying cannot help, so this file fails
+                    # alone (aborted below, never recorded as done) and the run goes on with the others.
+                    raise InputError(_rejected_reason(unit.rel, scored, exc)) from None
             n_scored += rb.num_rows - scored.num_errors
             n_rejected += scored.num_errors
             offset += rb.num_rows
@@ -378,12 +388,19 @@ def batch_command(settings: Settings) -> int:
     for path, flag in required:
         if not getattr(settings.batch, path[1]):
             raise ConfigError(env_name(path), f"required (set {flag} or {env_name(path)})")
-    if settings.batch.queue_topic:
-        from workers.runtime.batch_queue import run_batch_queue
+    with tracing.span("batch run", output=redact(settings.batch.output or ""),
+                      shard=f"{shard_index(settings)}/{settings.batch.shard_count}") as span:
+        if settings.batch.queue_topic:
+            from workers.runtime.batch_queue import run_batch_queue
 
-        report = run_batch_queue(settings)
-    else:
-        report = run_batch(settings)
+            report = run_batch_queue(settings)
+        else:
+            report = run_batch(settings)
+        if span is not None:  # the run's counts; files that failed make it an error span, naming the first
+            span.set_attributes({f"scoring.{k}": v for k, v in report.summary().items() if isinstance(v, int)})
+            if report.failed:
+                tracing.set_error(span, f"{len(report.failed)} input(s) failed, first {report.failed[0][0]}: "
+                                        f"{report.failed[0][1]}")
     summary = report.summary()
     summary["output"] = redact(summary.get("output") or "")  # the logs redact it; so must the summary
     if report.failed:

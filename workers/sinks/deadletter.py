@@ -7,8 +7,9 @@ value over ``MAX_VALUE_BYTES`` is cut to that size with ``error.value.truncated:
 dead letter the broker refuses would otherwise block the partition forever). The whole dead letter is kept
 under ``MAX_DEAD_LETTER_BYTES`` (below the producer's 1,000,000-byte ``message.max.bytes``: a larger one is
 refused on every retry): the value is cut further when key and headers are large, and only when key and
-headers alone do not fit, the record's own headers are left out (``error.headers.dropped: <count>``) and
-then the key is cut to ``MAX_KEY_BYTES`` (``error.key.truncated: <original size>``).
+headers alone do not fit, the record's own headers are left out (``error.headers.dropped: <count>``; its W3C
+``traceparent`` and ``tracestate`` are kept, so the dead letter stays in the producer's trace) and then the key is
+cut to ``MAX_KEY_BYTES`` (``error.key.truncated: <original size>``).
 Flushed before the input offsets are committed, so a bad record is never lost; a crash between the
 flush and the commit dead-letters it again (consumers can dedupe on source topic/partition/offset).
 """
@@ -24,6 +25,7 @@ from workers.sources.base import Record
 MAX_VALUE_BYTES = 512 * 1024
 MAX_DEAD_LETTER_BYTES = 900_000  # key + value + headers, with room for the record's framing
 MAX_KEY_BYTES = 64 * 1024
+TRACE_HEADERS = ("traceparent", "tracestate")  # W3C Trace Context: kept even when the other headers must go
 
 
 def headers_for(record: Record, reason: str, model_version: str) -> list[tuple[str, bytes]]:
@@ -58,7 +60,8 @@ class DeadLetters:
         if _size(key, headers) + 64 > MAX_DEAD_LETTER_BYTES:  # pathological key or headers: fit them first
             own = len(record.headers or [])
             if own:
-                headers = [*headers[own:], ("error.headers.dropped", str(own).encode())]
+                kept = [(k, v) for k, v in headers[:own] if k in TRACE_HEADERS and len(v or b"") <= 512]
+                headers = [*kept, *headers[own:], ("error.headers.dropped", str(own - len(kept)).encode())]
             if key is not None and _size(key, headers) + 64 > MAX_DEAD_LETTER_BYTES:
                 headers.append(("error.key.truncated", str(len(key)).encode()))
                 key = key[:MAX_KEY_BYTES]

@@ -67,6 +67,7 @@ class Batch:
     def __init__(self, messages: list[Any]):
         self.messages = messages
         self._stamps: list[int] | None = None
+        self.trace: Any = None  # the batch's span while tracing is on (workers/runtime/stream/trace.py)
 
     def __len__(self) -> int:
         return len(self.messages)

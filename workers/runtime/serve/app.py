@@ -24,8 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from workers import tracing
 from workers.errors import BadRequest, RequestError, TooLarge
 from workers.observability import LATENCY_BUCKETS
+from workers.runtime.serve import trace
 from workers.runtime.serve.dataplane import DataPlane, Reply
 from workers.scoring.model import Model
 from workers.settings import Settings
@@ -69,16 +71,28 @@ class App:
                 await self.grpc.stop()
             await self.plane.stop()
 
-    def route(self, name: str, fn: Endpoint) -> Endpoint:
+    def route(self, name: str, fn: Endpoint, traced: str | None = None) -> Endpoint:
+        """``fn`` with its errors answered and counted; ``traced`` (the route's template): one server span per
+        request while tracing is on (serve/trace.py)."""
+        async def answer(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except RequestError as exc:
+                trace.failed(exc, exc.status >= 500)
+                return self.error(exc.status, exc.message)
+            except Exception as exc:
+                log.exception("unexpected error", extra={"route": name})
+                trace.failed(exc, True)
+                return self.error(500, "internal error")
+
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
-            try:
-                response = await fn(request)
-            except RequestError as exc:
-                response = self.error(exc.status, exc.message)
-            except Exception:
-                log.exception("unexpected error", extra={"route": name})
-                response = self.error(500, "internal error")
+            if traced is None or tracing.tracer() is None:
+                response = await answer(request)
+            else:
+                with trace.http_span(request.method, traced, request.url.path, request.headers) as span:
+                    response = await answer(request)
+                    trace.status(span, **{"http.response.status_code": response.status_code})
             self.requests.labels(name, str(response.status_code)).inc()
             self.latency.labels(name).observe(time.perf_counter() - started)
             return response
@@ -171,9 +185,10 @@ class App:
             Route("/v2/models/{name}/versions/{version}", r("model_metadata", self.model_metadata), methods=["GET"]),
             Route("/v2/models/{name}/ready", r("model_ready", self.model_ready), methods=["GET"]),
             Route("/v2/models/{name}/versions/{version}/ready", r("model_ready", self.model_ready), methods=["GET"]),
-            Route("/v2/models/{name}/infer", r("infer", self.infer), methods=["POST"]),
-            Route("/v2/models/{name}/versions/{version}/infer", r("infer", self.infer), methods=["POST"]),
-            Route("/", r("cloudevents", self.cloudevent), methods=["POST"]),
+            Route("/v2/models/{name}/infer", r("infer", self.infer, "/v2/models/{name}/infer"), methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer",
+                  r("infer", self.infer, "/v2/models/{name}/versions/{version}/infer"), methods=["POST"]),
+            Route("/", r("cloudevents", self.cloudevent, "/"), methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),

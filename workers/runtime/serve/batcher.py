@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from prometheus_client import Histogram
 
+from workers import tracing
+from workers.runtime.serve import trace
 from workers.scoring.model import Model
 
-Item = tuple[np.ndarray, asyncio.Future, Model]
+# (matrix, its predictions' future, the model, the requesting span's context when tracing is on)
+Item = tuple[np.ndarray, asyncio.Future, Model, Any]
 
 
 class Arrival:
@@ -69,7 +73,7 @@ class Batcher:
         if matrix.shape[0] == 0:
             future.set_result(np.empty((0, model.num_class) if model.multiclass else 0))
         else:
-            self.queue.put_nowait((matrix, future, model))
+            self.queue.put_nowait((matrix, future, model, trace.requester()))
         return future
 
     async def predict(self, matrix: np.ndarray, model: Model) -> np.ndarray:
@@ -116,18 +120,22 @@ class Batcher:
                     break
                 items.append(item)
                 rows += item[0].shape[0]
-            matrix = items[0][0] if len(items) == 1 else np.concatenate([m for m, _, _ in items])
+            matrix = items[0][0] if len(items) == 1 else np.concatenate([m for m, _, _, _ in items])
             self.rows_hist.observe(rows)
             self.requests_hist.observe(len(items))
             try:
-                pred = await loop.run_in_executor(self.executor, model.predict, matrix)
+                if tracing.tracer() is None:
+                    pred = await loop.run_in_executor(self.executor, model.predict, matrix)
+                else:
+                    with trace.predict_span([it[3] for it in items], rows, model.version):
+                        pred = await loop.run_in_executor(self.executor, model.predict, matrix)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                for _, fut, _ in items:
+                for _, fut, _, _ in items:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
             start = 0
-            for m, fut, _ in items:
+            for m, fut, _, _ in items:
                 if not fut.done():
                     fut.set_result(pred[start:start + m.shape[0]])
                 start += m.shape[0]

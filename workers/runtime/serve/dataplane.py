@@ -35,6 +35,7 @@ from workers.decode import oip
 from workers.decode.records import carry_columns
 from workers.errors import BadRequest, NotFound, Unavailable
 from workers.observability import SIZE_BUCKETS, Metrics
+from workers.runtime.serve import trace
 from workers.runtime.serve.batcher import Arrival, Batcher
 from workers.runtime.serve.store import EventStore, StoreUnavailable
 from workers.runtime.watch import RoutingWatcher
@@ -179,6 +180,7 @@ class DataPlane:
             model = chosen.model
         if model is router.primary.model:
             router.observe(req.matrix)
+        trace.annotate(model_version=model.version, rows=int(req.matrix.shape[0]))
         future = (arrival or self.batcher.arrival()).submit(req.matrix, model)
         return Inference(req, model, await future)
 
@@ -195,6 +197,7 @@ class DataPlane:
     async def cloudevents(self, headers: dict[str, str], body: bytes) -> Reply:
         """CloudEvents in (``headers`` lower-cased), one reply per event; see the module docstring."""
         events, is_batch = ce.parse(headers, body)
+        trace.link_events([e.traceparent for e in events])
         reply_type = self.settings.serve.reply_type
         live = [i for i, e in enumerate(events) if e.error is None]
         replies: list[tuple[dict, dict] | None] = [None] * len(events)
@@ -211,6 +214,8 @@ class DataPlane:
                 replies[i] = (attrs, {"error": reason})
         answered = [r for r in replies if r is not None]
         assert len(answered) == len(events), "every event is answered"
+        trace.annotate(events=len(events), rejected=len(reasons), model_version=self.model.version,
+                       **({"sink": self.store.sink.name} if self.store is not None else {}))
         if is_batch:
             return Reply(ce.dumps([ce.structured(a, d) for a, d in answered]), ce.BATCH)
         if 0 in reasons:

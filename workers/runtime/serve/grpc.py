@@ -22,11 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Histogram
 
+from workers import tracing
 from workers.decode import oip_grpc
 from workers.decode.oip_proto import open_inference_grpc_pb2 as pb
 from workers.decode.oip_proto import open_inference_grpc_pb2_grpc as pb_grpc
 from workers.errors import RequestError, Unavailable
 from workers.observability import LATENCY_BUCKETS
+from workers.runtime.serve import trace
 from workers.runtime.serve.dataplane import DataPlane
 
 log = logging.getLogger("workers.serve")
@@ -47,19 +49,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, requests: Counter, latency: Histogram):
         self.plane, self.requests, self.latency = plane, requests, latency
 
-    async def _call(self, name: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(self, name: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[Any]],
+                    traced: str | None = None) -> Any:
+        """``fn``'s answer, its error as a gRPC status; ``traced`` (the RPC's name): a server span per call while
+        tracing is on, continuing a ``traceparent`` in the call's metadata (serve/trace.py)."""
+        if traced is None or tracing.tracer() is None:
+            return await self._answer(name, context, fn)
+        with trace.grpc_span(traced, context.invocation_metadata()) as span:
+            return await self._answer(name, context, fn, span)
+
+    async def _answer(self, name: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[Any]],
+                      span: Any = None) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
             return await fn()
         except RequestError as exc:
             code = status_code(exc.status)
+            trace.failed(exc, exc.status >= 500)
             await context.abort(code, exc.message)
-        except Exception:
+        except Exception as exc:
             log.exception("unexpected error", extra={"route": f"grpc.{name}"})
             code = grpc.StatusCode.INTERNAL
+            trace.failed(exc, True)
             await context.abort(code, "internal error")
         finally:
+            if span is not None:
+                trace.status(span, **{"rpc.grpc.status_code": code.value[0]})
             self.requests.labels(f"grpc.{name}", code.name).inc()
             self.latency.labels(f"grpc.{name}").observe(time.perf_counter() - started)
 
@@ -95,7 +111,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             done = await self.plane.infer(request.model_name, request.model_version or None,
                                           lambda model: oip_grpc.parse(request, model))
             return oip_grpc.response(done.predictions, done.model, self.plane.name, done.request)
-        return await self._call("infer", context, go)
+        return await self._call("infer", context, go, "ModelInfer")
 
 
 class GrpcFront:

@@ -46,6 +46,7 @@ from workers.decode.wire import from_settings as wire_from_settings
 from workers.errors import SinkError
 from workers.observability import Metrics, observe_many
 from workers.runtime.lane import Lane
+from workers.runtime.stream import trace
 from workers.runtime.stream.health import LagWatch, StreamHealth
 from workers.runtime.stream.score import ScoreOutcome, ScoreStage
 from workers.runtime.stream.sizing import BatchSizer
@@ -150,6 +151,7 @@ class Pipeline(StoreSteps):
             self.router = router
             self.sizer.calibrate(router)
         # Step 1: poll.
+        polled = trace.now_ns()
         records = self.source.poll_batch(self.sizer.limit, self.settings.stream.max_wait_ms)
         self.dropped_since_poll = set()
         self.lag.handed(records)
@@ -159,9 +161,11 @@ class Pipeline(StoreSteps):
         if not records and self.health.registry_error and self.wire is not None:
             self._registry_recheck()
         if records:
+            trace.begin(records, polled, self.settings.stream.group, router.primary.model.version, self.sink.name)
             # Step 2a: decode on this thread (the score lane predicts the batch before).
             try:
-                routed, decoded = self.scorer.decode(records, router)
+                with trace.step(records, "decode"):
+                    routed, decoded = self.scorer.decode(records, router)
             except Exception as exc:  # noqa: BLE001 - some record breaks the decoder: the score lane isolates it
                 log.warning("decoding a batch failed; isolating the records that fail",
                             extra={"reason": f"{type(exc).__name__}: {exc}"[:300], "records": len(records)})
@@ -173,23 +177,36 @@ class Pipeline(StoreSteps):
             if decoded.features.reasons and self.settings.stream.on_bad_record == "fail":
                 i = min(decoded.features.reasons)
                 self.stop_on_bad(records[i], decoded.features.reasons[i])
+                self.end_trace(records, False, reason="bad record; stopping (on_bad_record=fail)")
                 return len(records)
             self.submit(records, routed, decoded, router)
+        elif records:
+            self.end_trace(records, False, reason="stopping: not scored, redelivered")
         self.lag.update(records.partition_set())
         return len(records)
 
     def submit(self, records: Batch, routed: Routed | None, decoded: Decoded | None, router: Router) -> None:
         self.drain(keep=1)
         if self.stop.requested:
+            self.end_trace(records, False, reason="stopping: not scored, redelivered")
             return
         before = self.pending[-1] if self.pending else None
         # Step 2b: score on the score lane, then steps 3-4 on the store lane, after the batch before.
-        scoring = self.score_lane.submit(self.scorer.run, records, routed, decoded, router)
+        scoring = self.score_lane.submit(self.score, records, routed, decoded, router)
         flight = InFlight(records, time.monotonic())
         # A batch dropped after this one was polled (in this step's drain) fences its partitions for it too.
         flight.exclude |= self.dropped_since_poll
         flight.future = self.store_lane.submit(self.first_store, flight, scoring, before)
         self.pending.append(flight)
+
+    def score(self, records: Batch, routed: Routed | None, decoded: Decoded | None, router: Router) -> ScoreOutcome:
+        """Score lane: step 2b, in its span when tracing is on."""
+        with trace.step(records, "score", **{"scoring.model_version": router.primary.model.version}) as span:
+            outcome = self.scorer.run(records, routed, decoded, router)
+            if span is not None:
+                span.set_attributes({"scoring.rows": sum(t.num_rows for t in outcome.state.parts),
+                                     "scoring.rejected": len(outcome.state.letters)})
+            return outcome
 
     def first_store(self, flight: InFlight, scoring: Future, before: InFlight | None) -> StoreOutcome:
         """Store lane: one attempt at steps 3-4 once the batch before is stored for good. Never touches the
@@ -234,6 +251,7 @@ class Pipeline(StoreSteps):
                 flight.settled.set()  # lets the store lane go on with the next batch
             offsets = {tp: off for tp, off in records.next_offsets().items() if tp not in flight.exclude}
             if not stored:
+                self.end_trace(records, False, outcome)
                 # Dropped uncommitted (stopping, or every partition of it revoked): redelivered later. A later
                 # batch must not commit past it on a partition they share.
                 for later in self.pending:
@@ -241,9 +259,13 @@ class Pipeline(StoreSteps):
                 self.dropped_since_poll |= set(offsets)  # and the batch polled in this step, not yet pending
                 continue
             # Step 5: commit, only now that the batch is stored.
-            self.source.commit(offsets)
+            with trace.step(records, "commit", **{"messaging.kafka.partitions": len(offsets)}) as span:
+                committed = self.source.commit(offsets)
+                if span is not None:
+                    span.set_attribute("scoring.commit_accepted", bool(committed))
             self.lag.committed(offsets)
             assert isinstance(outcome, StoreOutcome)  # stored implies the store attempt returned
+            self.end_trace(records, True, outcome)
             self.account(records, outcome.scoring.state, flight.stored_at)
             self.metrics.batch_seconds.observe(time.monotonic() - flight.started)
             self.sizer.adapt(len(records), outcome.scoring.seconds)
@@ -384,6 +406,19 @@ class Pipeline(StoreSteps):
         observe_many(self.metrics.end_to_end, np.maximum(stored_at - stamps[stamps >= 0] / 1000, 0))
         self.metrics.batch_size.observe(len(records))
 
+    @staticmethod
+    def end_trace(records: Batch, committed: bool, outcome: StoreOutcome | None = None, reason: str = "") -> None:
+        """End the batch's span (tracing on): committed, or dropped uncommitted with the reason."""
+        span: trace.BatchSpan | None = records.trace
+        if span is None:
+            return
+        records.trace = None
+        state = outcome.scoring.state if isinstance(outcome, StoreOutcome) else None
+        if state is not None and state.failed is not None:
+            reason = reason or f"bad record; stopping (on_bad_record=fail): {state.failed[1]}"
+        span.end(committed, sum(t.num_rows for t in state.written) if state else 0,
+                 len(state.dead) if state else 0, reason)
+
     def stop_on_bad(self, first: Record, reason: str) -> None:
         log.error("bad record; stopping (on_bad_record=fail), nothing of this batch committed",
                   extra={"topic": first.topic, "partition": first.partition, "offset": first.offset,
@@ -402,6 +437,7 @@ class Pipeline(StoreSteps):
         """Release the batches left in flight and end the lanes within what is left of the shutdown bound."""
         for flight in self.pending:  # an exception left batches behind: release their store attempts
             flight.settled.set()
+            self.end_trace(flight.records, False, reason="left in flight at shutdown: redelivered")
         # After an abandoned sink call, waiting for the lanes (or, later, closing the sink under the call still
         # running there) would hang or free a connection in use: the process exit ends them. A lane still busy
         # when the bound passes (an exception stopped the loop during a hung write) counts as abandoned too.

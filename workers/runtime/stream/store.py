@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from workers.errors import InputError, RowsRejected, ScoringError
 from workers.observability import Health, Metrics
+from workers.runtime.stream import trace
 from workers.scoring.scorer import Scored
 from workers.settings import Settings
 from workers.sinks import Sink
@@ -70,11 +71,12 @@ class StoreSteps:
     def attempt(self, records: Batch, state: StoreState) -> None:
         """One try at dead letters then results; raises SinkError (state keeps what is done: a retry after a
         sink failure sends no dead letter twice and rewrites only the parts not stored yet)."""
-        self.flush_letters(state)
+        self.flush_letters(state, records)
         while state.parts:
             part = state.parts[0]
             try:
-                self.sink.write_batch(Scored(part, state.no_errors))
+                with trace.step(records, "store", **{"scoring.sink": self.sink.name, "scoring.rows": part.num_rows}):
+                    self.sink.write_batch(Scored(part, state.no_errors))
             except REFUSED as exc:
                 rejected = exc if isinstance(exc, RowsRejected) else self.split(state, exc)
                 if rejected is None:
@@ -83,7 +85,7 @@ class StoreSteps:
                 if self.settings.stream.on_bad_record == "fail" and state.letters:
                     state.failed = (state.letters[0][0], state.letters[0][1])
                     raise BadRecordStop(state.failed[1]) from None
-                self.flush_letters(state)
+                self.flush_letters(state, records)
                 continue
             state.written.append(state.parts.pop(0))
         if not self.health.sink_ok:
@@ -102,13 +104,14 @@ class StoreSteps:
             return None
         return RowsRejected({0: f"cannot be stored: {exc}"[:500]})
 
-    def flush_letters(self, state: StoreState) -> None:
+    def flush_letters(self, state: StoreState, records: Batch) -> None:
         if not state.letters:
             return
         assert self.dead is not None
-        for record, reason, version in state.letters:
-            self.dead.send(record, reason, version)
-        self.dead.flush()  # SinkError: the letters stay pending and are sent again with the retry
+        with trace.step(records, "dead letters", **{"scoring.rejected": len(state.letters)}):
+            for record, reason, version in state.letters:
+                self.dead.send(record, reason, version)
+            self.dead.flush()  # SinkError: the letters stay pending and are sent again with the retry
         state.dead += [(record.topic, version) for record, _, version in state.letters]
         state.letters = []
 
