@@ -190,7 +190,7 @@ def _transient(exc: BaseException) -> bool:
 
     text = str(exc).lower()
     return isinstance(exc, CommitFailedError) or any(w in text for w in (
-        "conflict", "concurrent", "already exists", "version", "transaction"))
+        "conflict", "concurrent", "already exists"))
 
 
 # -- the sink -----------------------------------------------------------------------------------------------
@@ -232,6 +232,11 @@ class DeltaSink(Sink):
                         return
                     DeltaTable.create(path, data.schema, mode="ignore", storage_options=self.options or None)
                     continue
+                has_unit = UNIT_COLUMN in table.schema().to_arrow().names
+                if not data.num_rows:  # an emptied unit: only its earlier rows go
+                    if unit is not None and has_unit:
+                        table.delete(f"{_q(UNIT_COLUMN)} = {_lit(unit)}", commit_properties=props)
+                    return
                 on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
                 merger = table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True,
                                      commit_properties=props)
@@ -241,7 +246,7 @@ class DeltaSink(Sink):
                     newer = (f"NOT coalesce(t.{topic} = s.{topic} AND t.{part} = s.{part} "
                              f"AND t.{off} > s.{off}, false)")
                 merger = merger.when_matched_update_all(predicate=newer).when_not_matched_insert_all()
-                if unit is not None and UNIT_COLUMN in table.schema().to_arrow().names:
+                if unit is not None and has_unit:
                     merger = merger.when_not_matched_by_source_delete(f"t.{_q(UNIT_COLUMN)} = {_lit(unit)}")
                 merger.execute()
                 return
