@@ -130,13 +130,16 @@ def test_a_changed_input_leaves_nothing_stale(models, tmp_path):
 def _four_shards(models, inputs: str, output: str, env: dict) -> list[dict]:
     """Four shard processes at once (``JOB_COMPLETION_INDEX`` 0..3), every file cut into row-group units."""
     procs = [subprocess.Popen([sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input",
-                               inputs, "--output", output, "--shard-count", "4", "--unit-bytes", "20000"],
+                               inputs, "--output", output, "--shard-count", "4", "--unit-bytes", "20000",
+                               "--log-level", "INFO"],
                               env={**os.environ, **env, "JOB_COMPLETION_INDEX": str(k)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(4)]
     results = [p.communicate(timeout=400) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [r[1][-2000:] for r in results]
     summaries = [json.loads(r[0]) for r in results]
     assert all(s["files_scored"] > 0 for s in summaries)  # every shard had work and committed it
+    for s, (_, err) in zip(summaries, results, strict=True):
+        s["conflicts"] = err.count("lost to another writer")
     return summaries
 
 
@@ -145,6 +148,7 @@ def test_four_shards_at_once_into_one_new_local_table(models, tmp_path):
     write_inputs(inputs, files=6, rows=3000, row_group=500)
     table = str(tmp_path / "t")
     summaries = _four_shards(models, inputs, f"delta+file://{table}", {})
+    assert sum(s["conflicts"] for s in summaries) > 0  # the shards' commits did race, and were retried
     ids = read(table).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 18000
     assert read(table + "_inputs").num_rows == sum(s["files_scored"] for s in summaries)

@@ -49,9 +49,9 @@ def _redis(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
 def _delta(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     try:
         from workers.sinks.delta import DeltaSink
-    except ImportError as exc:  # deltalake is the `lakehouse` extra
-        raise ConfigError(setting, f"delta+ outputs need the deltalake package (pip install "
-                                   f"'scoring-workers[lakehouse]'): {exc}") from None
+    except ImportError as exc:  # a runtime dependency, but an install without it should say so in one line
+        raise ConfigError(setting, f"delta+ outputs need the deltalake package (pip install deltalake): {exc}") \
+            from None
     return DeltaSink(uri, s3, setting)
 
 

@@ -33,7 +33,7 @@ import random
 import time
 from urllib.parse import urlparse
 
-import deltalake  # noqa: F401 - the `lakehouse` extra: missing, the sink factory says which package
+import deltalake  # noqa: F401 - imported first: when it is missing, the sink factory says so in one line
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -256,6 +256,8 @@ class DeltaSink(Sink):
                 if attempt == ATTEMPTS:
                     raise SinkError(f"writing to {self.name}: still conflicting with other writers after "
                                     f"{ATTEMPTS} attempts: {str(exc)[:200]}") from None
+                log.info("commit to %s lost to another writer (attempt %d of %d): retrying", self.name, attempt,
+                         ATTEMPTS)
                 time.sleep(pause * (0.5 + random.random()))
                 pause = min(pause * 2, BACKOFF[1])
 
