@@ -335,3 +335,32 @@ def test_a_bad_delta_uri_stops_batch_at_start_up_with_one_line(models, tmp_path)
     assert proc.stderr.strip().splitlines() == [
         "error: SCORING_BATCH__OUTPUT (--output): 'delta+s3://bucket' is not a Delta table location: use "
         "delta+file:///abs/path or delta+s3://bucket/path"]
+
+
+# -- tools --------------------------------------------------------------------------------------------------
+def test_compare_and_report_read_a_delta_table_as_they_read_sqlite(models, tmp_path):
+    from tests.test_report import run
+    from tests.test_rollout import ab_with_shadow
+
+    inputs, routing = ab_with_shadow(models, tmp_path, files=2, rows=1000,
+                                     names=("champion", "challenger", "shadow-x"), weights=(70, 30))
+    delta = f"delta+file://{tmp_path / 'lake' / 'scores'}"
+    sqlite = f"sqlite:///{tmp_path / 'r.db'}?table=scores"
+    for results in (delta, sqlite):
+        run("batch", "--routing", routing, "--input", str(inputs), "--output", results)
+    mine, theirs = (json.loads(run("compare", "--results", r, "--json")) for r in (delta, sqlite))
+    assert mine["rows"] == 4000 and {v["version"] for v in mine["versions"]} == {"champion", "challenger", "shadow-x"}
+    for report in (mine, theirs):
+        report.pop("results", None)
+    assert mine == theirs
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).isoformat()
+    assert json.loads(run("compare", "--results", delta, "--json", "--since", later))["rows"] == 0
+    assert json.loads(run("compare", "--results", delta, "--json", "--since", "1h"))["rows"] == 4000
+    page = tmp_path / "report.html"
+    assert "4,000 rows, 3 version(s)" in run("report", "--routing", routing, "--results", delta, "--output",
+                                             str(page))
+    assert "shadow-x" in page.read_text()
+    missing = subprocess.run([sys.executable, "-m", "workers", "compare", "--results",
+                              f"delta+file://{tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"error: --results: no Delta table at delta+file://{tmp_path}/nothing"]

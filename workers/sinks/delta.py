@@ -370,3 +370,21 @@ class DeltaLedger(Ledger):
         self.sink.merge(self.path, entry, ("unit",), None)
         if self._seen is not None:
             self._seen[unit] = fingerprint
+
+
+def read_delta(uri: str, s3: S3Settings, setting: str, columns: list[str]) -> pa.Table:
+    """The columns of ``columns`` a Delta results table has (``compare`` and ``report`` read it); ConfigError
+    naming ``setting`` when there is no table there. Reads only: never creates or changes the table."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    location = delta_location(uri, setting)
+    shown = redact(uri)
+    try:
+        table = DeltaTable(location, storage_options=storage_options(location, s3) or None)
+        present = table.schema().to_arrow().names
+        return table.to_pyarrow_table(columns=[c for c in columns if c in present])
+    except TableNotFoundError:
+        raise ConfigError(setting, f"no Delta table at {shown}") from None
+    except Exception as exc:  # noqa: BLE001 - delta-rs' object-store errors are plain exceptions
+        raise SinkError(f"cannot read {shown}: {str(exc)[:300]}") from None
