@@ -167,7 +167,8 @@ def delta_column(name: str, col: pa.ChunkedArray) -> tuple[pa.ChunkedArray | pa.
 
 def delta_table(data: pa.Table) -> tuple[pa.Table, dict[int, str]]:
     """The table with every column as Delta holds it, and the rows that cannot be written (with a reason)."""
-    cols, bad = [], {}
+    cols: list = []
+    bad: dict[int, str] = {}
     for name in data.column_names:
         col, refused = delta_column(name, data.column(name))
         cols.append(col)
@@ -258,7 +259,7 @@ class DeltaSink(Sink):
                                     f"{ATTEMPTS} attempts: {str(exc)[:200]}") from None
                 log.info("commit to %s lost to another writer (attempt %d of %d): retrying", self.name, attempt,
                          ATTEMPTS)
-                time.sleep(pause * (0.5 + random.random()))
+                time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
                 pause = min(pause * 2, BACKOFF[1])
 
     def _delete_resolved(self, resolved: list[tuple[str, str]]) -> None:
