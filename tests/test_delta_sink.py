@@ -362,3 +362,70 @@ def test_compare_and_report_read_a_delta_table_as_they_read_sqlite(models, tmp_p
                               f"delta+file://{tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [f"error: --results: no Delta table at delta+file://{tmp_path}/nothing"]
+
+
+# -- the type matrix (tests/test_type_matrix.py's cases) --------------------------------------------------
+def _delta_mapping(case: str):
+    """What Delta reads back for a value the sink was handed (the module docstring of workers/sinks/delta.py);
+    None: as written; "rejected": the write is refused with the reason."""
+    mapping = {
+        "uint64": lambda v: None if v is None else decimal.Decimal(v),
+        "uuid": lambda v: None if v is None else str(v),
+        "time32": lambda v: None if v is None else v.isoformat(),
+        "time64": lambda v: None if v is None else v.strftime("%H:%M:%S.%f"),
+        "duration": lambda v: None if v is None else int(v / dt.timedelta(milliseconds=1)),
+        "month_day_nano": lambda v: None if v is None else json.dumps(
+            {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}, separators=(",", ":")),
+        "decimal256": "rejected",  # 45 digits: Delta holds at most 38
+    }
+    return mapping.get(case)
+
+
+def _matrix_cases():
+    from tests.test_type_matrix import CASES
+
+    return sorted(CASES)
+
+
+@pytest.mark.parametrize("case", _matrix_cases())
+def test_passthrough_of_every_type_reads_back_or_is_refused_with_the_reason(case, tmp_path):
+    from tests.test_type_matrix import CASES, results, same, with_order, written
+
+    t, values, _, _, _ = CASES[case]
+    table = str(tmp_path / "t")
+    sink = DeltaSink(f"delta+file://{table}", S3Settings(), "SCORING_STREAM__SINK")
+    batch = Scored(with_order(results(pa.array(["a", "b", "c"]), p=pa.array(values, t))), no_errors())
+    mapping = _delta_mapping(case)
+    if mapping == "rejected":
+        with pytest.raises(RowsRejected) as err:
+            sink.write_batch(batch)
+        assert set(err.value.rows) == {0, 1, 2} and "at most 38 digits" in err.value.rows[0]
+        assert not os.path.exists(table)  # nothing of the write stored
+        return
+    sink.write_batch(batch)
+    got = read(table).sort_by("offset").column("p").to_pylist()
+    want = [v if mapping is None else mapping(v) for v in written(values, t)]
+    assert all(same(g, w) for g, w in zip(got, want, strict=True)), (got, want)
+
+
+@pytest.mark.parametrize("case", _matrix_cases())
+def test_id_of_every_type_is_a_key_or_rejected(case, tmp_path):
+    from tests.test_type_matrix import CASES, results, same, with_order, written
+
+    t, _, id_values, _, _ = CASES[case]
+    table = str(tmp_path / "t")
+    sink = DeltaSink(f"delta+file://{table}", S3Settings(), "SCORING_STREAM__SINK")
+    mapping = _delta_mapping(case)
+    if id_values is None or None in id_values or mapping == "rejected":
+        ids = pa.array(id_values or [None] * 3, t)
+        with pytest.raises(RowsRejected) as info:
+            sink.write_batch(Scored(with_order(results(ids)), no_errors()))
+        nulls = {i for i, v in enumerate(ids.to_pylist()) if v is None}
+        assert set(info.value.rows) == (nulls or {0, 1, 2})
+        return
+    batch = Scored(with_order(results(pa.array(id_values, t))), no_errors())
+    sink.write_batch(batch)
+    sink.write_batch(batch)  # redelivered: the MERGE matches every key, nothing doubles
+    got = read(table).sort_by("offset").column("id").to_pylist()
+    want = [v if mapping is None else mapping(v) for v in written(id_values, t)]
+    assert len(got) == 3 and all(same(g, w) for g, w in zip(got, want, strict=True)), (got, want)
