@@ -25,7 +25,7 @@ from deltalake import DeltaTable
 
 from tests.helpers import frame, write_inputs
 from tests.test_stream import FEATURES, records
-from workers.errors import ConfigError, RowsRejected
+from workers.errors import ConfigError, InputError, RowsRejected
 from workers.runtime.batch import run_batch
 from workers.scoring.scorer import Scored
 from workers.settings import S3Settings, load_settings
@@ -429,3 +429,33 @@ def test_id_of_every_type_is_a_key_or_rejected(case, tmp_path):
     got = read(table).sort_by("offset").column("id").to_pylist()
     want = [v if mapping is None else mapping(v) for v in written(id_values, t)]
     assert len(got) == 3 and all(same(g, w) for g, w in zip(got, want, strict=True)), (got, want)
+
+
+def test_a_column_whose_type_changes_is_cast_when_every_value_survives_and_refused_when_not(models, tmp_path):
+    table = str(tmp_path / "s")
+    sink = DeltaSink(f"delta+file://{table}", S3Settings(), "SCORING_STREAM__SINK")
+
+    def with_p(rid: str, p: pa.Array) -> Scored:
+        return Scored(stream_rows((rid, 1.0, 0, 0)).results.append_column("p", p), no_errors())
+
+    sink.write_batch(with_p("a", pa.array([1], pa.int64())))
+    sink.write_batch(with_p("b", pa.array([2], pa.int32())))  # narrower: cast, nothing lost
+    sink.write_batch(with_p("c", pa.array([3.0])))  # a whole number: cast
+    for bad in (pa.array([2.5]), pa.array(["x"])):  # would be truncated or cannot be held: refused, not retried
+        with pytest.raises(InputError, match="column 'p' is int64 in delta"):
+            sink.write_batch(with_p("d", bad))
+    assert sorted((r["id"], r["p"]) for r in read(table).to_pylist()) == [("a", 1), ("b", 2), ("c", 3)]
+    # Batch: the file whose column the table cannot hold fails alone, the others are stored.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, values in (("a", [1, 2]), ("b", [0.5, 1.5])):
+        df = frame(5, seed=ord(name))
+        df["p"] = values * 2 + values[:1]
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), folder / f"{name}.parquet")
+    out = str(tmp_path / "t")
+    settings = load_settings({"model": {"path": models["binary"]}, "scoring": {"passthrough": ["p"]},
+                              "batch": {"input": str(folder), "output": f"delta+file://{out}"}})
+    report = run_batch(settings)
+    assert report.files_scored == 1 and [r.endswith("b.parquet") for r, _ in report.failed] == [True]
+    assert "column 'p' is int64" in report.failed[0][1]
+    assert read(out).num_rows == 5

@@ -177,6 +177,23 @@ def delta_table(data: pa.Table) -> tuple[pa.Table, dict[int, str]]:
     return pa.table(cols, names=data.column_names), bad
 
 
+def conform(data: pa.Table, target: pa.Schema, where: str) -> pa.Table:
+    """``data`` with each column the table already has cast to the table's type, when every value survives the
+    cast (int32 into int64, 1.0 into an integer); InputError naming the column otherwise (2.5 or 'x' into an
+    integer column): delta-rs would truncate or fail mid-commit, and a write must never lose a value."""
+    have = {f.name: f.type for f in target}
+    for i, name in enumerate(data.column_names):
+        want = have.get(name)
+        if want is None or data.schema.field(i).type == want:
+            continue
+        try:
+            data = data.set_column(i, name, data.column(i).cast(want, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            raise InputError(f"column {name!r} is {want} in {where}; these {data.schema.field(i).type} values "
+                             "cannot all be held by it (rename the column or write to a new table)") from None
+    return data
+
+
 def _q(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
@@ -233,7 +250,9 @@ class DeltaSink(Sink):
                         return
                     DeltaTable.create(path, data.schema, mode="ignore", storage_options=self.options or None)
                     continue
-                has_unit = UNIT_COLUMN in table.schema().to_arrow().names
+                target = pa.schema(table.schema().to_arrow())
+                has_unit = UNIT_COLUMN in target.names
+                data = conform(data, target, self.name if path == self.location else path)
                 if not data.num_rows:  # an emptied unit: only its earlier rows go
                     if unit is not None and has_unit:
                         table.delete(f"{_q(UNIT_COLUMN)} = {_lit(unit)}", commit_properties=props)
@@ -251,6 +270,8 @@ class DeltaSink(Sink):
                     merger = merger.when_not_matched_by_source_delete(f"t.{_q(UNIT_COLUMN)} = {_lit(unit)}")
                 merger.execute()
                 return
+            except InputError:
+                raise
             except Exception as exc:  # noqa: BLE001 - delta-rs raises plain exceptions for conflicts too
                 if not _transient(exc):
                     raise SinkError(f"writing to {self.name}: {type(exc).__name__}: {str(exc)[:300]}") from None
@@ -322,14 +343,25 @@ class DeltaUnit(UnitWriter):
         self.parts: list[Scored] = []
 
     def write(self, scored: Scored) -> None:
-        keyed_rows(scored, self.unit, self.sink.setting)  # refuse rows without a key now, as they come
+        """Checks the rows now, as they come (rows without a key, values Delta cannot hold: RowsRejected with
+        their indices; a type it cannot hold at all: InputError), and keeps them for ``commit``."""
         try:
-            delta_table(scored.results)
-        except InputError as exc:  # a type Delta cannot hold: this input fails alone
+            keyed_rows(scored, self.unit, self.sink.setting)
+            _, bad = delta_table(scored.results)
+        except (InputError, ConfigError) as exc:  # this input fails alone
             raise InputError(f"{self.sink.name}: {exc}") from None
+        if bad:
+            raise RowsRejected(bad)
         self.parts.append(scored)
 
     def commit(self) -> None:
+        try:
+            self._commit()
+        except RowsRejected as exc:  # found only now, across the unit's batches: this input fails alone
+            raise InputError(f"{self.sink.name} cannot store row(s) of {self.unit}: "
+                             f"{next(iter(exc.rows.values()))}") from None
+
+    def _commit(self) -> None:
         if self.parts:
             results = pa.concat_tables([p.results for p in self.parts], promote_options="permissive")
             errs = [p.errors for p in self.parts if p.errors.num_rows]
