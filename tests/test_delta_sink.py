@@ -459,3 +459,14 @@ def test_a_column_whose_type_changes_is_cast_when_every_value_survives_and_refus
     assert report.files_scored == 1 and [r.endswith("b.parquet") for r, _ in report.failed] == [True]
     assert "column 'p' is int64" in report.failed[0][1]
     assert read(out).num_rows == 5
+
+
+def test_a_delta_table_inside_the_input_folder_is_never_read_as_input(models, tmp_path):
+    inputs = tmp_path / "in"
+    write_inputs(str(inputs), files=2, rows=50)
+    settings = batch_settings(models["binary"], str(inputs), f"delta+file://{inputs / 'scores'}")
+    assert run_batch(settings).files_scored == 2
+    again = run_batch(settings)  # the table's own Parquet files are not inputs
+    assert (again.files_found, again.files_skipped, again.files_scored) == (2, 2, 0)
+    with pytest.raises(ConfigError, match="is the input folder"):
+        run_batch(batch_settings(models["binary"], str(inputs / "scores"), f"delta+file://{inputs / 'scores'}"))
