@@ -25,7 +25,7 @@ from deltalake import DeltaTable
 
 from tests.helpers import frame, write_inputs
 from tests.test_stream import FEATURES, records
-from workers.errors import ConfigError, InputError, RowsRejected
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.runtime.batch import run_batch
 from workers.scoring.scorer import Scored
 from workers.settings import S3Settings, load_settings
@@ -470,3 +470,15 @@ def test_a_delta_table_inside_the_input_folder_is_never_read_as_input(models, tm
     assert (again.files_found, again.files_skipped, again.files_scored) == (2, 2, 0)
     with pytest.raises(ConfigError, match="is the input folder"):
         run_batch(batch_settings(models["binary"], str(inputs / "scores"), f"delta+file://{inputs / 'scores'}"))
+
+
+def test_check_looks_without_creating_anything(tmp_path, s3_endpoint, s3_bucket):
+    s3 = S3Settings(endpoint_url=s3_endpoint, access_key_id="test", secret_access_key="test")
+    DeltaSink(f"delta+file://{tmp_path / 'new' / 't'}", s3, "SCORING_BATCH__OUTPUT").check()
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SinkError, match="is not a writable folder"):
+        DeltaSink(f"delta+file://{tmp_path / 'file' / 't'}", s3, "SCORING_BATCH__OUTPUT").check()
+    DeltaSink(f"delta+s3://{s3_bucket[0]}/lake/t", s3, "SCORING_BATCH__OUTPUT").check()
+    with pytest.raises(SinkError, match="cannot use delta\\+s3://no-such-bucket-"):
+        DeltaSink(f"delta+s3://no-such-bucket-{uuid.uuid4().hex[:8]}/t", s3, "SCORING_BATCH__OUTPUT").check()

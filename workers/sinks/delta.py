@@ -102,6 +102,7 @@ class DeltaSink(Sink):
         self.setting = setting
         self.location = delta_location(uri, setting)
         self.options = storage_options(self.location, s3)
+        self.s3 = s3
         self.name = redact(("delta+" + self.location) if self.location.startswith("s3://")
                            else f"delta+file://{self.location}")
         self._ledger = DeltaLedger(self)
@@ -211,11 +212,28 @@ class DeltaSink(Sink):
         return self._ledger
 
     def check(self) -> None:
-        """Can the table be opened (a missing one is fine: created on first write)?"""
+        """Can the table be used? An existing one is opened; a missing one (created on the first write) needs a
+        writable nearest existing folder (local) or a bucket that exists and can be listed (S3). Looks only."""
+        import os
+
+        import pyarrow.fs as pafs
+
         try:
-            self._open(self.location)
-        except Exception as exc:  # noqa: BLE001
+            if self._open(self.location) is not None:
+                return
+            if self.location.startswith("s3://"):
+                from workers.storage import s3_filesystem
+
+                bucket = self.location[len("s3://"):].split("/", 1)[0]
+                s3_filesystem(self.s3).get_file_info(pafs.FileSelector(bucket, allow_not_found=False))
+                return
+        except Exception as exc:  # noqa: BLE001 - delta-rs' and Arrow's object-store errors alike
             raise SinkError(f"cannot use {self.name}: {str(exc)[:300]}") from None
+        folder = os.path.dirname(self.location)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise SinkError(f"cannot create {self.name}: {folder} is not a writable folder")
 
 
 class DeltaUnit(UnitWriter):
