@@ -222,7 +222,8 @@ def batch_mode(paths: dict, repeats: int) -> dict:
     # The same inputs into the online and application stores (#18), LightGBM, paired with raw predict.
     for store, uri in (("Redis", "redis://127.0.0.1:6379/15?prefix=bench:"),
                        ("MariaDB", f"mysql://root@127.0.0.1:3306/test?table=bench_{uuid.uuid4().hex[:8]}"),
-                       ("PostgreSQL", f"{PG}?table=bench_{uuid.uuid4().hex[:8]}")):
+                       ("PostgreSQL", f"{PG}?table=bench_{uuid.uuid4().hex[:8]}"),
+                       ("Delta Lake", f"delta+file://{BENCH}/out/delta_{uuid.uuid4().hex[:8]}")):
         values = []
         for i in range(repeats):
             raw = raw_now(paths[500], 10_000)
@@ -240,9 +241,14 @@ def batch_mode(paths: dict, repeats: int) -> dict:
 
 
 def drop_store(store: str, uri: str) -> None:
-    """What a store case wrote: the Redis keys under its prefix, the MariaDB/PostgreSQL tables."""
+    """What a store case wrote: the Redis keys under its prefix, the MariaDB/PostgreSQL/Delta tables."""
     table = uri.rsplit("table=", 1)[-1]
-    if store == "Redis":
+    if store == "Delta Lake":
+        import shutil
+
+        for suffix in ("", "_errors", "_inputs"):
+            shutil.rmtree(uri.removeprefix("delta+file://") + suffix, ignore_errors=True)
+    elif store == "Redis":
         import redis
 
         client = redis.Redis.from_url(uri.split("?", 1)[0])

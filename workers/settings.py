@@ -216,7 +216,8 @@ class BatchSettings(_Group):
     output: str | None = None
     """Where results go: a directory or `s3://` prefix (Parquet dataset, one file per input file) or
     `postgresql://user@host:port/db?table=NAME`, `mysql://user@host:3306/db?table=NAME` (MariaDB),
-    `sqlite:///path.db?table=NAME`, or `redis://host:port/db?prefix=scores:` (one hash per id)."""
+    `sqlite:///path.db?table=NAME`, `redis://host:port/db?prefix=scores:` (one hash per id), or a Delta Lake table
+    `delta+file:///abs/path` or `delta+s3://bucket/path`."""
     batch_rows: int = Field(65536, ge=1, le=10_000_000)
     """Rows per scoring batch read from a Parquet file; peak memory is about one batch plus one row group."""
     shard_index: int | None = Field(None, ge=0)
@@ -305,8 +306,9 @@ class StreamSettings(_Group):
     """Consumer group id; every pod of one deployment uses the same group."""
     sink: str = "sqlite:///scores.db?table=scores"
     """Where results go: `postgresql://...?table=T`, `mysql://...?table=T` (MariaDB), `sqlite:///path.db?table=T`,
-    `redis://host:port/db?prefix=P`, `kafka://topic`, a directory or `s3://` prefix (Parquet, one file per
-    partition per committed batch)."""
+    `redis://host:port/db?prefix=P`, `kafka://topic`, `delta+file:///path` or `delta+s3://bucket/path` (Delta
+    Lake, one MERGE per batch), a directory or `s3://` prefix (Parquet, one file per partition per committed
+    batch)."""
     dead_letter_topic: TopicName | None = None
     """Topic for bad records (original key and value, headers with the reason); default `<topic>.dlq`."""
     on_bad_record: Literal["dead-letter", "fail"] = "dead-letter"

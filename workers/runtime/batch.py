@@ -164,8 +164,8 @@ class OutputPlace:
 
 
 def output_places(settings: Settings) -> list[OutputPlace]:
-    """The Parquet dataset roots and SQLite database files of the result and shadow sinks (server stores and
-    topics cannot meet an input file)."""
+    """The Parquet dataset roots, SQLite database files and Delta table folders (results, errors, ledger; their
+    data files are Parquet) of the result and shadow sinks (server stores and topics cannot meet an input file)."""
     places = []
     for setting, uri in ((OUTPUT_SETTING, settings.batch.output),
                          ("SCORING_ROUTING__SHADOW_SINK", settings.routing.shadow_sink)):
@@ -180,6 +180,11 @@ def output_places(settings: Settings) -> list[OutputPlace]:
             if path and path != ":memory:":
                 db = canonical(path)
                 places += [OutputPlace(setting, uri, db + end, False) for end in ("", "-wal", "-shm", "-journal")]
+        elif scheme in ("delta+file", "delta+s3"):
+            from workers.sinks.delta import delta_location
+
+            table = delta_location(uri, setting)
+            places += [OutputPlace(setting, uri, canonical(table + end), False) for end in ("", "_errors", "_inputs")]
     return places
 
 
@@ -221,7 +226,7 @@ def check_layout(spec: str, listing: Listing, places: list[OutputPlace]) -> None
     """
     for place in places:
         shown = redact(place.uri)
-        if place.dataset and inside(listing.root, place.root):
+        if (place.dataset or place.uri.startswith("delta+")) and inside(listing.root, place.root):
             raise ConfigError(place.setting, f"{shown} is the input folder {listing.root} or contains it: results "
                                              f"would be written among the inputs; choose an output outside it")
         mine = [f for f in listing.excluded if inside(f.source, place.root)]

@@ -46,6 +46,15 @@ def _redis(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     return RedisSink(uri, setting)
 
 
+def _delta(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
+    try:
+        from workers.sinks.delta import DeltaSink
+    except ImportError as exc:  # a runtime dependency, but an install without it should say so in one line
+        raise ConfigError(setting, f"delta+ outputs need the deltalake package (pip install deltalake): {exc}") \
+            from None
+    return DeltaSink(uri, s3, setting)
+
+
 SINKS = {
     "": _parquet,
     "file": _parquet,
@@ -58,6 +67,8 @@ SINKS = {
     "kafka": _kafka,
     "redis": _redis,
     "rediss": _redis,
+    "delta+file": _delta,
+    "delta+s3": _delta,
 }
 
 

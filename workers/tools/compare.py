@@ -59,9 +59,13 @@ def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None) -> 
         df = _read_redis(uri, since)
     elif scheme in ("", "file", "s3"):
         df = _read_parquet(uri, s3, since)
+    elif scheme in ("delta+file", "delta+s3"):
+        from workers.sinks.delta import read_delta
+
+        df = _filter_since(read_delta(uri, s3, SETTING, list(COLUMNS)).to_pandas(), since)
     else:
-        raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, MariaDB, SQLite, Redis "
-                                   "or Parquet)")
+        raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, MariaDB, SQLite, Redis, "
+                                   "Delta Lake or Parquet)")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ConfigError(SETTING, f"{_shown(uri)} holds no scoring results (no column {', '.join(missing)})")

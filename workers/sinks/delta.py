@@ -1,0 +1,324 @@
+"""Delta Lake sink (delta-rs): ``delta+file:///path/to/table`` or ``delta+s3://bucket/path/to/table``.
+
+Three Delta tables, as the other table sinks keep three tables: results at the path, rejected rows at
+``<path>_errors``, the batch ledger at ``<path>_inputs``. Rows are merged on ``(id, model_version)``: when matched
+update, else insert, so a rewritten unit or a redelivered stream batch stores each key once.
+
+- A batch unit (one input file or a row-group range) is buffered and written by ``commit`` as *one* MERGE into
+  the results, which also deletes the unit's earlier rows the new ones do not replace (``when not matched by
+  source and input_file = unit``): one Delta commit, so a crash leaves the old rows or the new ones, never a
+  mix. Each commit names its unit in the commit metadata (``scoring.unit``, read back with ``history()``).
+  The unit's results are held in memory until then (results only: ids, scores and passthrough columns).
+- The ledger is a MERGE into ``<path>_inputs`` after the results commit (the ``Ledger`` order): a crash between
+  the two leaves results without an entry, the rerun merges the same keys again: nothing lost, nothing doubled.
+- Shards writing one table at once: Delta's optimistic commits conflict (``CommitFailedError`` and the like);
+  each write is retried from a fresh snapshot with jittered backoff, up to ``ATTEMPTS`` times, then
+  ``SinkError``. On S3 the commit uses conditional put (``If-None-Match``) so two writers never both win one
+  version: S3 needs no lock table.
+- Stream: one micro-batch is one MERGE (redelivery merges the same keys); a row older than the stored one of its
+  topic-partition does not overwrite it (the zombie guard of the other table sinks).
+
+Value mapping (Delta has signed integers, float, double, decimal(<=38), string, binary, boolean, date,
+timestamp in microseconds, arrays, maps, structs): uint8/16/32 -> the next wider signed integer; uint64 ->
+decimal(20, 0); timestamps -> microseconds (a zone -> UTC); date64 -> date; time -> ISO text; duration -> its
+count (int64, in the column's unit); uuid -> text; JSON text (``arrow.json``) -> the text; intervals, unions
+and nested values holding any of these -> JSON text (``tables.json_texts``). A decimal of more than 38 digits
+cannot be held: that input fails alone (batch) or its records are dead-lettered with the reason (stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from urllib.parse import urlparse
+
+import deltalake  # noqa: F401 - imported first: when it is missing, the sink factory says so in one line
+import pyarrow as pa
+
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
+from workers.scoring.scorer import Scored
+from workers.settings import S3Settings
+from workers.sinks.base import Ledger, Sink, UnitWriter, redact
+from workers.sinks.deltatypes import conform, delta_table
+from workers.sinks.tables import ERROR_KEY, POSITION, RESULT_KEY, UNIT_COLUMN, keyed_rows
+
+log = logging.getLogger("workers.sinks.delta")
+ATTEMPTS = 40  # commits tried per write before SinkError (conflicts with other shards' commits)
+BACKOFF = (0.05, 2.0)  # first and largest pause between attempts, seconds (jittered)
+
+
+def delta_location(uri: str, setting: str) -> str:
+    """The table URI delta-rs opens (``/abs/path`` or ``s3://bucket/path``) of a ``delta+file`` or ``delta+s3``
+    URI; ConfigError naming ``setting`` otherwise."""
+    scheme, _, rest = uri.partition("://")
+    kind = scheme.lower().removeprefix("delta+")
+    p = urlparse("x://" + rest)
+    if kind == "file" and p.netloc in ("", "localhost") and p.path not in ("", "/"):
+        return p.path.rstrip("/")
+    if kind == "s3" and p.netloc and p.path.strip("/"):
+        return f"s3://{p.netloc}/{p.path.strip('/')}"
+    raise ConfigError(setting, f"{redact(uri)!r} is not a Delta table location: use delta+file:///abs/path or "
+                               "delta+s3://bucket/path")
+
+
+def storage_options(location: str, s3: S3Settings) -> dict[str, str]:
+    """delta-rs' object-store options of the S3 settings (the Parquet sink's), empty for a local table."""
+    if not location.startswith("s3://"):
+        return {}
+    opts = {"AWS_REGION": s3.region, "conditional_put": "etag"}
+    if s3.endpoint_url:
+        opts["AWS_ENDPOINT_URL"] = s3.endpoint_url
+        if s3.endpoint_url.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    if s3.access_key_id:
+        opts["AWS_ACCESS_KEY_ID"] = s3.access_key_id
+        opts["AWS_SECRET_ACCESS_KEY"] = s3.secret_access_key.get_secret_value() if s3.secret_access_key else ""
+    return opts
+
+
+def _q(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _transient(exc: BaseException) -> bool:
+    """A commit that lost a race with another writer (retry from a fresh snapshot), not a wrong table."""
+    from deltalake.exceptions import CommitFailedError
+
+    text = str(exc).lower()
+    return isinstance(exc, CommitFailedError) or any(w in text for w in (
+        "conflict", "concurrent", "already exists"))
+
+
+# -- the sink -----------------------------------------------------------------------------------------------
+class DeltaSink(Sink):
+    """See the module docstring."""
+
+    def __init__(self, uri: str, s3: S3Settings, setting: str):
+        self.setting = setting
+        self.location = delta_location(uri, setting)
+        self.options = storage_options(self.location, s3)
+        self.s3 = s3
+        self.name = redact(("delta+" + self.location) if self.location.startswith("s3://")
+                           else f"delta+file://{self.location}")
+        self._ledger = DeltaLedger(self)
+
+    # -- one MERGE, retried on conflicts ---------------------------------------------------------------
+    def _open(self, path: str):  # -> DeltaTable | None
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            return DeltaTable(path, storage_options=self.options or None)
+        except TableNotFoundError:
+            return None
+
+    def merge(self, path: str, data: pa.Table, key: tuple[str, ...], unit: str | None = None,
+              guard: bool = False) -> None:
+        """Merge ``data`` (one row per key) into the Delta table at ``path`` in one commit: matched keys
+        updated (with ``guard``: unless the stored row is newer in its topic-partition), others inserted; with
+        ``unit``, the unit's stored rows not in ``data`` deleted. Creates the table on first use."""
+        from deltalake import CommitProperties, DeltaTable
+
+        props = CommitProperties(custom_metadata={"scoring.unit": unit or "stream"})
+        pause = BACKOFF[0]
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                table = self._open(path)
+                if table is None:
+                    if not data.num_rows:  # nothing to insert, and no earlier rows to delete
+                        return
+                    DeltaTable.create(path, data.schema, mode="ignore", storage_options=self.options or None)
+                    continue
+                target = pa.schema(table.schema().to_arrow())
+                has_unit = UNIT_COLUMN in target.names
+                data = conform(data, target, self.name if path == self.location else path)
+                if not data.num_rows:  # an emptied unit: only its earlier rows go
+                    if unit is not None and has_unit:
+                        table.delete(f"{_q(UNIT_COLUMN)} = {_lit(unit)}", commit_properties=props)
+                    return
+                on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
+                merger = table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True,
+                                     commit_properties=props)
+                newer = None
+                if guard and all(c in data.column_names for c in POSITION):
+                    topic, part, off = map(_q, POSITION)
+                    newer = (f"NOT coalesce(t.{topic} = s.{topic} AND t.{part} = s.{part} "
+                             f"AND t.{off} > s.{off}, false)")
+                merger = merger.when_matched_update_all(predicate=newer).when_not_matched_insert_all()
+                if unit is not None and has_unit:
+                    merger = merger.when_not_matched_by_source_delete(f"t.{_q(UNIT_COLUMN)} = {_lit(unit)}")
+                merger.execute()
+                return
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - delta-rs raises plain exceptions for conflicts too
+                if not _transient(exc):
+                    raise SinkError(f"writing to {self.name}: {type(exc).__name__}: {str(exc)[:300]}") from None
+                if attempt == ATTEMPTS:
+                    raise SinkError(f"writing to {self.name}: still conflicting with other writers after "
+                                    f"{ATTEMPTS} attempts: {str(exc)[:200]}") from None
+                log.info("commit to %s lost to another writer (attempt %d of %d): retrying", self.name, attempt,
+                         ATTEMPTS)
+                time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
+                pause = min(pause * 2, BACKOFF[1])
+
+    def _delete_resolved(self, resolved: list[tuple[str, str]]) -> None:
+        """Error rows of records these results settle (``Scored.resolved``)."""
+        table = self._open(self.location + "_errors")
+        if table is None or not resolved:
+            return
+        pred = " OR ".join(f"(source = {_lit(s)} AND model_version = {_lit(v)})" for s, v in resolved)
+        try:
+            table.delete(pred)
+        except Exception as exc:  # noqa: BLE001
+            raise SinkError(f"writing to {self.name}_errors: {str(exc)[:300]}") from None
+
+    def _store(self, scored: Scored, unit: str | None) -> int:
+        """Write one write's results and errors (two commits: errors first, then results); returns the
+        duplicates collapsed. RowsRejected (nothing stored) for rows Delta cannot hold."""
+        results, keep, errors = keyed_rows(scored, unit, self.setting)
+        try:
+            data, bad = delta_table(results)
+            err, err_bad = delta_table(errors) if errors.num_rows else (errors, {})
+        except InputError as exc:
+            if unit is not None:
+                raise InputError(f"{self.name}: {exc}") from None
+            raise RowsRejected({i: str(exc) for i in range(scored.results.num_rows)}) from None
+        if bad:
+            raise RowsRejected({(keep[i] if keep is not None else i): r for i, r in bad.items()})
+        if err_bad:
+            raise InputError(f"the errors table of {self.name} cannot store rejected row(s): "
+                             f"{next(iter(err_bad.values()))}")
+        if scored.resolved:
+            self._delete_resolved(scored.resolved)
+        if err.num_rows or unit is not None:
+            self.merge(self.location + "_errors", err, ERROR_KEY, unit)
+        if data.num_rows or unit is not None:
+            self.merge(self.location, data, RESULT_KEY, unit, guard=unit is None)
+        return scored.results.num_rows - results.num_rows
+
+    def write_batch(self, scored: Scored) -> None:
+        self.duplicates_collapsed += self._store(scored, None)
+
+    def begin(self, unit: str) -> UnitWriter:
+        return DeltaUnit(self, unit)
+
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    def check(self) -> None:
+        """Can the table be used? An existing one is opened; a missing one (created on the first write) needs a
+        writable nearest existing folder (local) or a bucket that exists and can be listed (S3). Looks only."""
+        import os
+
+        import pyarrow.fs as pafs
+
+        try:
+            if self._open(self.location) is not None:
+                return
+            if self.location.startswith("s3://"):
+                from workers.storage import s3_filesystem
+
+                bucket = self.location[len("s3://"):].split("/", 1)[0]
+                s3_filesystem(self.s3).get_file_info(pafs.FileSelector(bucket, allow_not_found=False))
+                return
+        except Exception as exc:  # noqa: BLE001 - delta-rs' and Arrow's object-store errors alike
+            raise SinkError(f"cannot use {self.name}: {str(exc)[:300]}") from None
+        folder = os.path.dirname(self.location)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise SinkError(f"cannot create {self.name}: {folder} is not a writable folder")
+
+
+class DeltaUnit(UnitWriter):
+    """One batch unit: writes buffered, one MERGE per table at ``commit`` (see the module docstring)."""
+
+    def __init__(self, sink: DeltaSink, unit: str):
+        self.sink, self.unit = sink, unit
+        self.parts: list[Scored] = []
+
+    def write(self, scored: Scored) -> None:
+        """Checks the rows now, as they come (rows without a key, values Delta cannot hold: RowsRejected with
+        their indices; a type it cannot hold at all: InputError), and keeps them for ``commit``."""
+        try:
+            keyed_rows(scored, self.unit, self.sink.setting)
+            _, bad = delta_table(scored.results)
+        except (InputError, ConfigError) as exc:  # this input fails alone
+            raise InputError(f"{self.sink.name}: {exc}") from None
+        if bad:
+            raise RowsRejected(bad)
+        self.parts.append(scored)
+
+    def commit(self) -> None:
+        try:
+            self._commit()
+        except RowsRejected as exc:  # found only now, across the unit's batches: this input fails alone
+            raise InputError(f"{self.sink.name} cannot store row(s) of {self.unit}: "
+                             f"{next(iter(exc.rows.values()))}") from None
+
+    def _commit(self) -> None:
+        if self.parts:
+            results = pa.concat_tables([p.results for p in self.parts], promote_options="permissive")
+            errs = [p.errors for p in self.parts if p.errors.num_rows]
+            errors = pa.concat_tables(errs, promote_options="permissive") if errs else pa.table({})
+            scored = Scored(results, errors)
+        else:  # an emptied input: its old rows still go
+            scored = Scored(pa.table({}), pa.table({}))
+        self.sink.duplicates_collapsed += self.sink._store(scored, self.unit)
+        self.parts = []
+
+    def abort(self) -> None:
+        self.parts = []
+
+
+class DeltaLedger(Ledger):
+    """The batch ledger of a ``DeltaSink``: Delta table ``<path>_inputs``, merged on ``unit``. Read once per
+    run (a unit belongs to one shard, so other shards' entries written meanwhile are never asked for)."""
+
+    def __init__(self, sink: DeltaSink):
+        self.sink = sink
+        self.path = sink.location + "_inputs"
+        self._seen: dict[str, str] | None = None
+
+    def done(self, unit: str) -> str | None:
+        if self._seen is None:
+            try:
+                table = self.sink._open(self.path)
+                rows = table.to_pyarrow_table(columns=["unit", "fingerprint"]).to_pylist() if table else []
+            except Exception as exc:  # noqa: BLE001
+                raise SinkError(f"reading the ledger of {self.sink.name}: {str(exc)[:300]}") from None
+            self._seen = {r["unit"]: r["fingerprint"] for r in rows}
+        return self._seen.get(unit)
+
+    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
+        entry = pa.table({"unit": [unit], "fingerprint": [fingerprint], "rows": pa.array([rows], pa.int64()),
+                          "rejected": pa.array([rejected], pa.int64()),
+                          "finished_at": pa.array([time.time_ns() // 1000], pa.int64()).cast(
+                              pa.timestamp("us", tz="UTC"))})
+        self.sink.merge(self.path, entry, ("unit",), None)
+        if self._seen is not None:
+            self._seen[unit] = fingerprint
+
+
+def read_delta(uri: str, s3: S3Settings, setting: str, columns: list[str]) -> pa.Table:
+    """The columns of ``columns`` a Delta results table has (``compare`` and ``report`` read it); ConfigError
+    naming ``setting`` when there is no table there. Reads only: never creates or changes the table."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    location = delta_location(uri, setting)
+    shown = redact(uri)
+    try:
+        table = DeltaTable(location, storage_options=storage_options(location, s3) or None)
+        present = table.schema().to_arrow().names
+        return table.to_pyarrow_table(columns=[c for c in columns if c in present])
+    except TableNotFoundError:
+        raise ConfigError(setting, f"no Delta table at {shown}") from None
+    except Exception as exc:  # noqa: BLE001 - delta-rs' object-store errors are plain exceptions
+        raise SinkError(f"cannot read {shown}: {str(exc)[:300]}") from None
