@@ -76,6 +76,14 @@ def ours(model: str) -> Server:
                            "--grpc-port", str(grpc), "--model-name", "m", "--host", "127.0.0.1"], http, grpc)
 
 
+def baseline(model: str) -> Server:
+    """Ours before #19's fixes (asyncio + h11, no gc.freeze): ``ours_baseline.py``."""
+    server = ours(model)
+    server.name = "ours before #19"
+    server.argv = [sys.executable, f"{HERE}/ours_baseline.py", *server.argv[4:]]
+    return server
+
+
 def mlserver(bench: str, model: str, best: bool) -> Server:
     bench, model = os.path.abspath(bench), os.path.abspath(model)
     python = venv(bench, "mlserver")
@@ -103,7 +111,7 @@ def kserve(bench: str, model: str) -> Server:
 
 def start(server: Server, timeout: float = 120) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if server.name == "ours":
+    if server.name.startswith("ours"):
         env["PYTHONPATH"] = ROOT
     else:
         env.pop("PYTHONPATH", None)  # the peers import only their own venv
@@ -218,7 +226,8 @@ def run(bench: str, model: str, seconds: float = 5.0, warmup: float = 1.0,
     row count's REST points)."""
     bench, model = os.path.abspath(bench), os.path.abspath(model)
     makers = {"ours": lambda: ours(model), "mlserver-best": lambda: mlserver(bench, model, True),
-              "mlserver-default": lambda: mlserver(bench, model, False), "kserve": lambda: kserve(bench, model)}
+              "mlserver-default": lambda: mlserver(bench, model, False), "kserve": lambda: kserve(bench, model),
+              "baseline": lambda: baseline(model)}
     booster = lgb.Booster(model_file=model)
     bodies = {}
     tmp = tempfile.mkdtemp(prefix="serve-bodies-", dir=bench)
@@ -229,7 +238,7 @@ def run(bench: str, model: str, seconds: float = 5.0, warmup: float = 1.0,
             with open(path, "wb") as f:
                 f.write(build(x))
             bodies[(proto, rows)] = (path, x, booster.predict(x, num_threads=1))
-    servers = [makers[key]() for key in names or list(makers)]
+    servers = [makers[key]() for key in names or ["ours", "mlserver-best", "mlserver-default", "kserve"]]
     try:
         for server in servers:  # all started first: an idle server takes no CPU, and points interleave
             start(server)
@@ -261,7 +270,7 @@ START, END = "<!-- serve-peers:start -->", "<!-- serve-peers:end -->"
 
 def targets(servers: list[Server], raw: dict[int, float]) -> list[tuple[str, float, float]]:
     """(target, measured ratio, wanted) for issue #19's targets, each the worst point's ratio."""
-    us, peers = servers[0], servers[1:]
+    us, peers = servers[0], [s for s in servers[1:] if not s.name.startswith("ours")]
     assert us.name == "ours" and peers, "targets need our server first and at least one peer"
     pts = list(us.points)
     best = {k: max(p.points[k]["rps"] for p in peers) for k in pts}
@@ -284,7 +293,8 @@ def targets(servers: list[Server], raw: dict[int, float]) -> list[tuple[str, flo
 
 def report(servers: list[Server], raw: dict[int, float], seconds: float, load_note: str) -> str:
     """The BENCHMARKS.md section (between START and END) for one run of ``run``."""
-    us, peers = servers[0], servers[1:]
+    us, others = servers[0], servers[1:]
+    peers = [s for s in others if not s.name.startswith("ours")]
     lines = [START, "## Serve beside its peers", "",
              f"Each server pinned to core 0, the load generator to core 1 (wrk for REST, `benchmarks/grpc_load.py` for "
              f"gRPC), {seconds:g} s per point after 1 s of warm-up, the servers interleaved point by point. "
@@ -293,18 +303,19 @@ def report(servers: list[Server], raw: dict[int, float], seconds: float, load_no
              "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, got, wanted in targets(servers, raw):
         lines.append(f"| {name} | {got:.2f}x | >= {wanted:.2f}x | {'yes' if got >= wanted else '**no**'} |")
-    head = " | ".join(f"{p.name} req/s (p50 / p99 ms)" for p in peers)
+    head = " | ".join(f"{p.name} req/s (p50 / p99 ms)" for p in others)
     lines += ["", f"| protocol | rows | conns | ours req/s (p50 / p99 ms) | {head} | ours / best peer | "
-              "ours rows/s / raw |", "|---|---|---|---|" + "---|" * len(peers) + "---|---|"]
+              "ours rows/s / raw |", "|---|---|---|---|" + "---|" * len(others) + "---|---|"]
     for k, p in us.points.items():
         best = max(s.points[k]["rps"] for s in peers)
         cells = " | ".join(f"{s.points[k]['rps']:,.0f} ({s.points[k]['p50_ms']:.1f} / {s.points[k]['p99_ms']:.1f})"
-                           for s in peers)
+                           for s in others)
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {p['rps']:,.0f} ({p['p50_ms']:.1f} / {p['p99_ms']:.1f}) | "
                      f"{cells} | {p['rps'] / best:.2f}x | {p['rps'] * k[1] / raw[k[1]]:.2f}x |")
     lines += ["", "MLServer (best here): " + ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in MLSERVER_BEST.items())
               + "; MLServer (default): only the ports set. KServe: `kserve.ModelServer` defaults with "
-              "`benchmarks/kserve_peer.py`. All with `OMP_NUM_THREADS=1`.", END]
+              "`benchmarks/kserve_peer.py`. All with `OMP_NUM_THREADS=1`. *ours before #19* (with `--serve-baseline`): "
+              "our server on asyncio + h11 without gc.freeze (`benchmarks/ours_baseline.py`).", END]
     return "\n".join(lines) + "\n"
 
 
