@@ -9,7 +9,6 @@ Uses the PostgreSQL server at TEST_POSTGRES_DSN (default postgresql://postgres@1
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime as dt
 import os
 import platform
@@ -31,6 +30,8 @@ import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import serve_peers  # noqa: E402  (benchmarks/, beside this file)
 
 from tests.conftest import free_port, wait_port  # noqa: E402
 from tests.kafka_util import KafkaHelper  # noqa: E402
@@ -333,70 +334,16 @@ def quix_peer(paths: dict, repeats: int, broker: Broker, n: int) -> float | None
     return record("peer: Quix Streams, one record per message, 500 trees", "records/s", values)
 
 
-def serve_mode(paths: dict, repeats: int) -> dict:
-    """OIP infer over REST (httpx) and gRPC (tritonclient.grpc, raw tensors) against one server process, at 1 and
-    100 rows per request; the same clients, threads and duration for both protocols."""
-    import httpx
-    import tritonclient.grpc as tgrpc
-
-    port, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "serve", "--model", paths[500], "--port", str(port),
-                             "--grpc-port", str(grpc_port), "--model-name", "m"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    assert wait_port(port, 30) and wait_port(grpc_port, 30)
-    out = {}
-    try:
-        for rows, clients in ((1, 16), (100, 8)):
-            x = frame(rows, 5)
-            body = orjson.dumps({"inputs": [{"name": "x", "shape": [rows, N_FEATURES], "datatype": "FP64",
-                                             "data": x.ravel().tolist()}]})
-            # Both protocols answer what Booster.predict does, checked before timing.
-            expected = lgb.Booster(model_file=paths[500]).predict(x)
-            got = orjson.loads(httpx.post(f"http://127.0.0.1:{port}/v2/models/m/infer", content=body).content)
-            assert np.allclose(got["outputs"][0]["data"], expected, rtol=0, atol=1e-9)
-            tensor = tgrpc.InferInput("x", [rows, N_FEATURES], "FP64")
-            tensor.set_data_from_numpy(np.ascontiguousarray(x))
-            check = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-            assert np.allclose(check.infer("m", [tensor]).as_numpy("score"), expected, rtol=0, atol=1e-9)
-
-            def rest_client(stop: float, latencies: list[float]) -> None:
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-                    while time.monotonic() < stop:
-                        t = time.perf_counter()
-                        r = c.post("/v2/models/m/infer", content=body)
-                        latencies.append(time.perf_counter() - t)
-                        assert r.status_code == 200
-
-            def grpc_client(stop: float, latencies: list[float]) -> None:
-                c = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-                while time.monotonic() < stop:
-                    t = time.perf_counter()
-                    c.infer("m", [tensor])
-                    latencies.append(time.perf_counter() - t)
-                c.close()
-
-            for proto, client in (("REST", rest_client), ("gRPC", grpc_client)):
-                rps, lat50, lat99 = [], [], []
-                for _ in range(repeats):
-                    latencies: list[float] = []
-                    stop = time.monotonic() + 6
-                    started = time.monotonic()
-                    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-                        list(pool.map(lambda _: client(stop, latencies), range(clients)))
-                    elapsed = time.monotonic() - started
-                    rps.append(len(latencies) / elapsed)
-                    lat50.append(float(np.percentile(latencies, 50)) * 1000)
-                    lat99.append(float(np.percentile(latencies, 99)) * 1000)
-                name = (f"serve OIP infer, {rows} rows/request, {clients} clients" if proto == "REST"
-                        else f"serve OIP infer over gRPC, {rows} rows/request, {clients} clients")
-                out[(proto, rows)] = record(name, "requests/s", rps, rows_per_s=statistics.median(rps) * rows,
-                                            p50_ms=statistics.median(lat50), p99_ms=statistics.median(lat99))
-                print(f"{'':<58} rows/s {statistics.median(rps) * rows:,.0f}  p50 {statistics.median(lat50):.1f} ms"
-                      f"  p99 {statistics.median(lat99):.1f} ms")
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    return out
+def serve_mode(paths: dict, seconds: float, baseline: bool) -> str:
+    """Serve beside MLServer and KServe (benchmarks/serve_peers.py); returns the BENCHMARKS.md section."""
+    names = ["ours", "mlserver-best", "mlserver-default", "kserve"] + (["baseline"] if baseline else [])
+    started = os.getloadavg()[0]
+    servers, raw = serve_peers.run(BENCH, paths[500], seconds=seconds, names=names)
+    note = (f"Load average {started:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
+            f"{os.cpu_count()} cores (other work shares them).")
+    for name, got, wanted in serve_peers.targets(servers, raw):
+        print(f"target {name}: {got:.2f}x (wanted >= {wanted:.2f}x) {'MET' if got >= wanted else 'NOT MET'}")
+    return serve_peers.report(servers, raw, seconds, note)
 
 
 def quantile(buckets: list[tuple[float, float]], q: float) -> float:
@@ -522,13 +469,17 @@ NOTES = """
   store, commit), read from the worker's own `/metrics`; group join time is excluded. `--max-records 2000`.
 - *peer* is a Quix Streams 3 application doing what users of such tools write: one record per message through
   `Booster.predict`, results to a topic; its rate is from its first record scored to its last.
-- *serve* clients are Python threads on the same 2 cores as the server, so they compete with it for CPU.
+- *serve*: see "Serve beside its peers" below (servers and load generator each on their own core).
 """
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["serve"], help="run this part alone (its BENCHMARKS.md section only)")
+    parser.add_argument("--serve-seconds", type=float, default=5.0, help="measured seconds per serve point")
+    parser.add_argument("--serve-baseline", action="store_true",
+                        help="also measure our server as before #19 (asyncio + h11, no gc.freeze)")
     args = parser.parse_args()
     os.makedirs(BENCH, exist_ok=True)
     started = time.monotonic()
@@ -536,6 +487,11 @@ def main() -> None:
 
     logging.disable(logging.WARNING)
     paths = setup_models()
+    if args.only == "serve":
+        serve_peers.replace_section(os.path.join(ROOT, "BENCHMARKS.md"),
+                                    serve_mode(paths, args.serve_seconds, args.serve_baseline))
+        print("wrote the serve section of BENCHMARKS.md")
+        return
     raw_predict(paths, args.repeats)
     batch_mode(paths, args.repeats)
     drift = drift_overhead(paths, args.repeats)
@@ -547,7 +503,7 @@ def main() -> None:
         stream_mode(paths, args.repeats, broker, "kafka", "lleaves", n * 2)
         quix = quix_peer(paths, args.repeats, broker, 20_000)
         latency(paths, broker, rate=pg / 2)
-    serve_mode(paths, args.repeats)
+    serve = serve_mode(paths, args.serve_seconds, args.serve_baseline)
     small, big = batch_rss(paths, args.repeats)
     med = {k: statistics.median(v) for k, v in RATIOS.items()}
     targets = [
@@ -567,6 +523,7 @@ def main() -> None:
     for name, got, wanted in targets:
         print(f"target {name}: {got:.2f}x (wanted >= {wanted:.2f}x) {'MET' if got >= wanted else 'NOT MET'}")
     write_report(machine(), [(n_, g, w, g >= w) for n_, g, w in targets], args.repeats, time.monotonic() - started)
+    serve_peers.replace_section(os.path.join(ROOT, "BENCHMARKS.md"), serve)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from workers.errors import ScoringError
 from workers.observability import Metrics
@@ -58,6 +59,9 @@ class RoutingWatcher:
         self.forced = False
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
+        #: called with the new router right after a swap, on the thread that called current() (serve mode
+        #: freezes the heap there: runtime/serve/heap.py)
+        self.on_switch: Callable[[Router], None] | None = None
 
     @property
     def path(self) -> str | None:
@@ -141,4 +145,6 @@ class RoutingWatcher:
                 self.router = new
                 log.info("routing switched", extra={"from": old.generation, "to": new.generation,
                                                     "versions": new.describe()})
+                if self.on_switch is not None:
+                    self.on_switch(new)
         return self.router

@@ -37,6 +37,7 @@ from workers.errors import BadRequest, NotFound, Unavailable
 from workers.observability import SIZE_BUCKETS, Metrics
 from workers.runtime.serve import trace
 from workers.runtime.serve.batcher import Arrival, Batcher
+from workers.runtime.serve.heap import warm_and_freeze
 from workers.runtime.serve.store import EventStore, StoreUnavailable
 from workers.runtime.watch import RoutingWatcher
 from workers.scoring import sticky
@@ -116,6 +117,8 @@ class DataPlane:
         if self.store is not None:
             self.store.stopping = self.stopping
         self.batcher.task = asyncio.create_task(self.batcher.run())
+        warm_and_freeze(self.routing.router)  # everything long-lived exists now (heap.py)
+        self.routing.on_switch = warm_and_freeze
         self.routing.start()
         self.ready = True
         log.info("serve start", extra={"model": self.name, "model_version": self.model.version,
