@@ -11,6 +11,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# The MLflow server and client the registry tests start (tests/mlflow_util.py), in their own venv: mlflow 3.x
+# would downgrade pyarrow in .venv. The worker itself never imports mlflow.
+.venv-mlflow/bin/.installed: tests/mlflow-requirements.txt
+	$(PYTHON) -m venv .venv-mlflow
+	.venv-mlflow/bin/pip install --quiet --upgrade pip
+	.venv-mlflow/bin/pip install --quiet -r tests/mlflow-requirements.txt
+	touch $@
+
 demo: $(BIN)/.installed
 	$(BIN)/scoring-worker demo --dir scoring-demo
 
@@ -18,7 +26,7 @@ demo: $(BIN)/.installed
 # per core, each taking whole files (so a module's fixtures, servers and brokers stay in one process); the
 # broker and database tests spend most of their time waiting. `make test PYTEST_XDIST=` runs them in one.
 PYTEST_XDIST ?= -n 2 --dist loadfile
-test: $(BIN)/.installed lock-check
+test: $(BIN)/.installed .venv-mlflow/bin/.installed lock-check
 	$(BIN)/ruff check workers tests benchmarks
 	$(BIN)/mypy workers
 	$(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc

@@ -264,3 +264,20 @@ def kafka(kafka_bootstrap):
     helper = KafkaHelper(kafka_bootstrap)
     yield helper
     helper.close()
+
+
+# -- MLflow -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, local artifact root served through its proxy), once a session."""
+    from tests.mlflow_util import MlflowServer, mlflow_python
+
+    python = mlflow_python()
+    if python is None:
+        need("MLflow", "no Python with mlflow: run `make .venv-mlflow/bin/.installed` or set SCORING_TEST_MLFLOW_PYTHON")
+    server = MlflowServer(python, tmp_path_factory.mktemp("mlflow"), free_port())
+    if not server.wait_ready():
+        server.stop()
+        need("MLflow", "`mlflow server` did not answer /health within 90 s")
+    yield server
+    server.stop()

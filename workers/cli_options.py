@@ -117,6 +117,8 @@ model_options = options(
     setting("--threads", "model.threads"),
     setting("--backend", "model.backend"),
     setting("--cache-dir", "model.cache_dir"),
+    setting("--mlflow-tracking-uri", "mlflow.tracking_uri"),
+    setting("--mlflow-poll-s", "mlflow.poll_s"),
 )
 routing_options = options(
     setting("--routing", "routing.path"),

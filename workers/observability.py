@@ -104,6 +104,11 @@ class Metrics:
         self.routing_reload_ok = Gauge("scoring_routing_reload_ok", "0 while the last routing reload failed",
                                        registry=r)
         self.routing_reload_ok.set(1)
+        self.mlflow_resolves = Counter("scoring_mlflow_resolves", "Resolutions of followed MLflow aliases by result "
+                                       "(ok/failed: registry unreachable or refused)", ["result"], registry=r)
+        self.mlflow_alias_version = Gauge("scoring_mlflow_alias_version", "Registry version a followed "
+                                          "models:/NAME@ALIAS names, as last resolved", ["model", "alias"],
+                                          registry=r)
         self.guardrail_tripped = Gauge("scoring_guardrail_tripped", "1 when a guardrail took the version out",
                                        ["model_version"], registry=r)
 

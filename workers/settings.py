@@ -98,8 +98,14 @@ def scrub(text: str, uri: str) -> str:
     return text
 
 
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
 def readable_uri(value: Any) -> Any:
-    """A path, ``file://`` or ``s3://`` URI: the places models and Parquet inputs are read from."""
+    """A path, ``file://`` or ``s3://`` URI: the places models and Parquet inputs are read from (models also from
+    the MLflow registry: ``models:/`` and ``runs:/``, checked in ``workers/scoring/registry.py``)."""
+    if isinstance(value, str) and value.startswith(REGISTRY_SCHEMES):
+        return value
     if isinstance(value, str) and "://" in value:
         scheme = value.split("://", 1)[0].lower()
         if scheme not in ("file", "s3"):
@@ -163,7 +169,9 @@ Text = Annotated[str, AfterValidator(_text)]
 
 class ModelSettings(_Group):
     path: ReadableUri = None
-    """LightGBM model file in the text format `Booster.save_model` writes: a path, `file://` or `s3://` URI."""
+    """LightGBM model file in the text format `Booster.save_model` writes: a path, `file://` or `s3://` URI, or
+    from the MLflow registry `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/PATH` (see
+    `SCORING_MLFLOW__*`)."""
     dir: str | None = None
     """Folder holding one model file, used when no model path is given: e.g. `/mnt/models`, where KServe's
     storage initializer puts an InferenceService's `storageUri`. The file is its only `*.txt`, `*.bst`, `*.lgb` or
@@ -171,7 +179,8 @@ class ModelSettings(_Group):
     sha256: str | None = None
     """Pinned SHA-256 (hex) of the model file; when set, a file with another hash is refused before parsing."""
     version: str | None = None
-    """Model version written with every result; default: the file stem plus the first 12 hex digits of its SHA-256."""
+    """Model version written with every result; default: the file stem plus the first 12 hex digits of its SHA-256
+    (`NAME/VERSION` for a `models:/` URI, `RUN_ID/PATH` for a `runs:/` one)."""
     threads: int = Field(1, ge=1, le=256)
     """Threads LightGBM uses per predict call. Keep 1 and scale with processes/pods."""
     backend: Literal["lightgbm", "lleaves"] = "lightgbm"
@@ -191,6 +200,37 @@ class S3Settings(_Group):
     """S3 secret access key (never logged)."""
     region: str = "us-east-1"
     """S3 region."""
+
+
+def _http_url(value: Any) -> Any:
+    if isinstance(value, str) and not value.lower().startswith(("http://", "https://")):
+        raise ValueError("must be the http:// or https:// URL of an MLflow server")
+    return value
+
+
+class MlflowSettings(_Group):
+    tracking_uri: Annotated[str | None, AfterValidator(_http_url)] = None
+    """MLflow tracking server (`http://host:5000`) that `models:/` and `runs:/` model URIs are resolved with
+    (registry REST API; artifacts through its proxy `mlflow-artifacts:/`, `s3://` or a local path)."""
+    token: SecretStr | None = None
+    """Bearer token sent to the MLflow server (never logged)."""
+    username: str | None = None
+    """User name for HTTP basic auth to the MLflow server (with `SCORING_MLFLOW__PASSWORD`)."""
+    password: SecretStr | None = None
+    """Password for HTTP basic auth to the MLflow server (never logged)."""
+    poll_s: float = Field(30.0, ge=0)
+    """How often a `models:/NAME@ALIAS` model is resolved again; when the alias moved, the new version is loaded,
+    verified and swapped in between batches like a hot reload (0: resolve at start-up only; SIGHUP still does)."""
+    timeout_s: float = Field(10.0, gt=0, le=600)
+    """Timeout of one HTTP request to the MLflow server (registry call or artifact download)."""
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> MlflowSettings:
+        if self.token and self.username:
+            raise ValueError("set either SCORING_MLFLOW__TOKEN or SCORING_MLFLOW__USERNAME/PASSWORD, not both")
+        if bool(self.username) != bool(self.password):
+            raise ValueError("basic auth needs both SCORING_MLFLOW__USERNAME and SCORING_MLFLOW__PASSWORD")
+        return self
 
 
 class ScoringSettings(_Group):
@@ -421,6 +461,7 @@ class Settings(BaseSettings):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)

@@ -35,7 +35,7 @@ def run_checks(settings: Settings) -> int:
                                                     f"{'' if v.shadow else f', weight {v.weight}'}), "
                                                     f"{len(v.model.feature_names)} features"))
         else:
-            model = load_model(settings.model, settings.s3)
+            model = load_model(settings.model, settings.s3, settings.mlflow)
             results.append(_line(True, "model", f"{redact(model.source)} version {model.version}, "
                                                 f"{len(model.feature_names)} features"))
     except ScoringError as exc:

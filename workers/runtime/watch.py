@@ -7,6 +7,12 @@ up between batches (``current()``), so the batch in hand finishes with the old r
 parse, load or verify leaves the old routing serving, with an error log line, ``scoring_routing_reloads_total
 {result="failed"}`` and ``scoring_routing_reload_ok`` 0; it is tried again when it changes again (or on SIGHUP).
 Model files on S3 are not polled (they are read at (re)load): change the routing file to roll them.
+
+A ``models:/NAME@ALIAS`` model (``--model`` or in the routing file) is followed: every ``SCORING_MLFLOW__POLL_S``
+the alias is resolved again, and when it names another version that version is loaded and swapped in exactly
+as above (promotion and rollback are "move the alias"). A registry that cannot be reached meanwhile changes
+nothing: the loaded version keeps serving, with an error log line and ``scoring_mlflow_resolves_total
+{result="failed"}``.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+import time
 
 from workers.errors import ScoringError
 from workers.observability import Metrics
 from workers.scoring.build import build_router
 from workers.scoring.guard import GuardBook
+from workers.scoring.registry import Registry, RegistryError, alias_of
 from workers.scoring.router import Router
 from workers.scoring.routing_spec import read_routing
 from workers.settings import Settings
@@ -44,6 +52,7 @@ class RoutingWatcher:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()  # never None: a private registry then
         self.guards = router.guards if router is not None else GuardBook()
+        self.aliases: dict[str, tuple[float, str | None]] = {}  # followed alias URI -> (resolved at, version)
         self.files: list[str] = []  # model files named by the last routing file read (loaded or not)
         #: the drift window outlives reloads (a reload that changes the primary's features starts a new one)
         self.drift = router.drift if router is not None else None
@@ -74,13 +83,46 @@ class RoutingWatcher:
             self.files = [v.model for v in read_routing(self.path)[0].versions]
         return build_router(self.settings, self.metrics, self.guards, drift=self.drift)
 
-    def fingerprint(self) -> tuple:
+    def fingerprint(self, forced: bool = False) -> tuple:
         files = ([self.path] if self.path else []) + self.files
-        return tuple(_stat(f) for f in files)
+        return tuple((f, self._alias_version(f, forced)) if alias_of(f) else _stat(f) for f in files)
+
+    def _alias_version(self, uri: str, forced: bool) -> str | None:
+        """The version an alias names: resolved again when ``SCORING_MLFLOW__POLL_S`` has passed (or ``forced``);
+        the last known one while the registry cannot be reached (so nothing is reloaded then)."""
+        at, known = self.aliases.get(uri, (0.0, None))
+        poll = self.settings.mlflow.poll_s
+        now = time.monotonic()
+        if uri in self.aliases and not forced and (poll <= 0 or now - at < poll):
+            return known
+        name, alias = alias_of(uri) or ("", "")
+        try:
+            version = Registry(self.settings.mlflow, self.settings.s3).resolve(uri).version
+        except RegistryError as exc:
+            self.aliases[uri] = (now, known)
+            self.metrics.mlflow_resolves.labels("failed").inc()
+            log.error("cannot resolve the MLflow alias; the loaded version keeps serving",
+                      extra={"model": uri, "reason": str(exc)[:500]})
+            return known
+        self.aliases[uri] = (now, version)
+        self.metrics.mlflow_resolves.labels("ok").inc()
+        if version is not None and version.isdigit():
+            self.metrics.mlflow_alias_version.labels(name, alias).set(int(version))
+        if known is not None and version != known:
+            log.info("MLflow alias moved; loading the version it names", extra={"model": uri, "from": known,
+                                                                               "to": version})
+        return version
+
+    def _poll_s(self) -> float:
+        """The loop's period: the routing's, or the alias poll when that is shorter (0 = not polled)."""
+        periods = [self.settings.routing.poll_s]
+        if any(alias_of(f) for f in self.files):
+            periods.append(self.settings.mlflow.poll_s)
+        return min((p for p in periods if p > 0), default=0.0)
 
     # -- background ------------------------------------------------------------------------------
     def start(self) -> None:
-        poll = self.settings.routing.poll_s
+        poll = self._poll_s()
         if self.thread is None:
             self.thread = threading.Thread(target=self._loop, args=(poll,), name="routing-watch", daemon=True)
             self.thread.start()
@@ -96,6 +138,7 @@ class RoutingWatcher:
 
     def _loop(self, poll: float) -> None:
         while not self.stopped.is_set():
+            poll = self._poll_s()  # a reloaded routing file may have added (or dropped) a followed alias
             self.wake.wait(poll if poll > 0 else None)
             self.wake.clear()
             if self.stopped.is_set():
@@ -107,7 +150,7 @@ class RoutingWatcher:
         """Load a changed routing; True when a new router is waiting to be picked up."""
         with self.lock:
             base = self.pending or self.router
-        now = self.fingerprint()
+        now = self.fingerprint(forced)
         if now == self.seen and not forced:
             return False
         self.seen = now

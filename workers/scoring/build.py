@@ -24,9 +24,9 @@ def build_router(settings: Settings, metrics: Metrics | None = None, guards: Gua
     if s.routing.path and model is None:
         spec, digest = read_routing(s.routing.path)
         router = Router.from_spec(spec, digest, s.model, s.s3, s.scoring, s.routing.threshold, s.routing.path,
-                                  metrics, guards)
+                                  metrics, guards, mlflow=s.mlflow)
     else:
-        router = Router.single(model or load_model(s.model, s.s3), s.scoring, metrics, guards)
+        router = Router.single(model or load_model(s.model, s.s3, s.mlflow), s.scoring, metrics, guards)
     router.drift = drift if drift is not None else DriftHook.from_settings(s, router.metrics, router.primary.model,
                                                                                drift_window)
     return router

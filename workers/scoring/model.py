@@ -18,7 +18,7 @@ import lightgbm as lgb
 import numpy as np
 
 from workers.errors import ModelError
-from workers.settings import ModelSettings, S3Settings
+from workers.settings import MlflowSettings, ModelSettings, S3Settings
 from workers.storage import read_bytes
 
 PATH_SETTING = "SCORING_MODEL__PATH"
@@ -269,9 +269,10 @@ def default_version(uri: str, sha256: str) -> str:
     return f"{stem}-{sha256[:12]}"
 
 
-def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
-    """Read, verify and parse the model named by ``settings.path`` (else the one file in ``settings.dir``);
-    raises ModelError naming the setting."""
+def load_model(settings: ModelSettings, s3: S3Settings | None = None,
+               mlflow: MlflowSettings | None = None) -> Model:
+    """Read, verify and parse the model named by ``settings.path`` (a file, or a ``models:/``/``runs:/`` URI
+    resolved with ``mlflow``; else the one file in ``settings.dir``); raises ModelError naming the setting."""
     uri = settings.path
     if not uri and settings.dir:
         from workers.scoring.model_dir import find_model_file
@@ -280,12 +281,18 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
     if not uri:
         raise ModelError(PATH_SETTING, "no model given (set --model or SCORING_MODEL__PATH, --model-dir or "
                                        "SCORING_MODEL__DIR, or a routing file with --routing or SCORING_ROUTING__PATH)")
-    try:
-        data = read_bytes(uri, s3 or S3Settings())
-    except FileNotFoundError:
-        raise ModelError(PATH_SETTING, f"{uri} does not exist") from None
-    except OSError as exc:
-        raise ModelError(PATH_SETTING, f"cannot read {uri}: {exc}") from None
+    label = None
+    if uri.startswith(("models:/", "runs:/")):
+        from workers.scoring.registry import fetch_model
+
+        data, label = fetch_model(uri, mlflow or MlflowSettings(), s3, settings.cache_dir)
+    else:
+        try:
+            data = read_bytes(uri, s3 or S3Settings())
+        except FileNotFoundError:
+            raise ModelError(PATH_SETTING, f"{uri} does not exist") from None
+        except OSError as exc:
+            raise ModelError(PATH_SETTING, f"cannot read {uri}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     if settings.sha256:
         pinned = settings.sha256.strip().lower()
@@ -312,7 +319,7 @@ def load_model(settings: ModelSettings, s3: S3Settings | None = None) -> Model:
                                      categorical)
     return Model(
         booster=booster,
-        version=settings.version or default_version(uri, digest),
+        version=settings.version or label or default_version(uri, digest),
         sha256=digest,
         source=uri,
         feature_names=names,

@@ -38,7 +38,7 @@ from workers.scoring.model import Model, load_model
 from workers.scoring.routing_spec import SETTING, Guardrail, RoutingSpec
 from workers.scoring.scorer import Scored, Scorer
 from workers.scoring.version_stats import compare_shadow, observe_version
-from workers.settings import ModelSettings, S3Settings, ScoringSettings
+from workers.settings import MlflowSettings, ModelSettings, S3Settings, ScoringSettings
 
 log = logging.getLogger("workers.rollout")
 
@@ -150,14 +150,16 @@ class Router:
     @classmethod
     def from_spec(cls, spec: RoutingSpec, digest: str, base: ModelSettings, s3: S3Settings,
                   scoring: ScoringSettings, threshold: float, origin: str, metrics: Metrics | None = None,
-                  guards: GuardBook | None = None, drift: DriftHook | None = None) -> Router:
-        """Load every version of a routing file; ConfigError naming the file and the version on failure."""
+                  guards: GuardBook | None = None, drift: DriftHook | None = None,
+                  mlflow: MlflowSettings | None = None) -> Router:
+        """Load every version of a routing file (``models:/`` ones resolved with ``mlflow``); ConfigError naming
+        the file and the version on failure."""
         versions = []
         for spec_v in spec.versions:
             settings = base.model_copy(update={"path": spec_v.model, "sha256": spec_v.sha256,
                                                "version": spec_v.name})
             try:
-                model = load_model(settings, s3)
+                model = load_model(settings, s3, mlflow)
             except ConfigError as exc:
                 raise ConfigError(SETTING, f"{origin}: version {spec_v.name!r}: "
                                            f"{exc.reason}") from None

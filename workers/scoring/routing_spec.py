@@ -4,7 +4,8 @@
 key: user_id              # routing key field; default: the id field (SCORING_SCORING__ID_COLUMN)
 versions:
   - name: v1              # written as model_version with every result
-    model: models/v1.txt  # path, file:// or s3:// URI (relative paths: relative to this file)
+    model: models/v1.txt  # path, file:// or s3:// URI (relative paths: relative to this file), or models:/NAME@ALIAS,
+                          # models:/NAME/VERSION, runs:/RUN_ID/PATH from the MLflow registry (SCORING_MLFLOW__*)
     sha256: 4f0c...       # optional pin; a file with another hash is refused
     weight: 95            # share of traffic; the weights of served versions sum to 100
   - name: v2
@@ -26,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.errors import ConfigError
-from workers.settings import readable_uri
+from workers.settings import REGISTRY_SCHEMES, readable_uri
 
 SETTING = "SCORING_ROUTING__PATH"
 
@@ -102,7 +103,7 @@ class RoutingSpec(BaseModel):
 
 
 def _resolve(model: str, base: Path) -> str:
-    if "://" in model or Path(model).is_absolute():
+    if "://" in model or model.startswith(REGISTRY_SCHEMES) or Path(model).is_absolute():
         return model
     return str(base / model)
 

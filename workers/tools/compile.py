@@ -25,7 +25,7 @@ def compile_models(settings: Settings) -> int:
                   for v in spec.versions]
     failed = 0
     for model_settings in wanted:
-        model = load_model(model_settings.model_copy(update={"backend": "lleaves"}), settings.s3)
+        model = load_model(model_settings.model_copy(update={"backend": "lleaves"}), settings.s3, settings.mlflow)
         if model.backend != "lleaves":
             click.echo(f"error: could not compile {model.source} with lleaves (see the warning above)", err=True)
             failed += 1

@@ -104,7 +104,7 @@ def run_schema(settings: Settings, producer: str | None) -> int:
     """Print the model's input schema, or (``producer``: a JSON Schema file) check it; the exit code."""
     from workers.scoring.model import load_model
 
-    model = load_model(settings.model, settings.s3)
+    model = load_model(settings.model, settings.s3, settings.mlflow)
     if producer:
         try:
             with open(producer, "rb") as fh:
