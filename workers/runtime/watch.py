@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 
 from workers.errors import ScoringError
 from workers.observability import Metrics
