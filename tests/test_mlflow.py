@@ -208,7 +208,7 @@ def test_stream_follows_the_alias_promotion_failures_and_rollback(mlflow_server,
     # Promotion: move the alias while records are being produced.
     produce("b", 600, chunks=6, between=lambda: mlflow_server.set_alias(name, "prod", "2"))
     wait_for(lambda: serving("2"), 60, what="version 2 in use")
-    assert metric(f'scoring_mlflow_alias_version{{model="{name}",alias="prod"}}') == 2
+    assert metric(f'scoring_mlflow_alias_version{{alias="prod",model="{name}"}}') == 2
     produce("c", 300)
     # A version that cannot be loaded (a pickle): refused, version 2 keeps serving.
     mlflow_server.client({"op": "sklearn", "name": name}, {"op": "alias", "name": name, "alias": "prod",
