@@ -94,3 +94,24 @@ def test_refused_schema_and_bad_settings_are_one_line(models, tmp_path):
             KafkaSink(uri, KafkaSettings(), "SCORING_STREAM__SINK", SchemaRegistrySettings(url=reg.url))
     with pytest.raises(ConfigError, match="SCORING_SCHEMA_REGISTRY__URL"):
         KafkaSink("kafka://o?format=protobuf", KafkaSettings(), "SCORING_STREAM__SINK", SchemaRegistrySettings())
+
+
+def test_worker_stops_with_one_line_when_the_registry_refuses(models, kafka, tmp_path):
+    """The registry answering 409 to the result schema stops the worker: exit 2, one line naming the sink
+    setting, no traceback, nothing committed."""
+    reg = TestRegistry()
+    reg.fail_status = 409
+    src, out = kafka.topic(partitions=1), kafka.topic(partitions=1, prefix="o")
+    kafka.produce_json(src, values(20, 4, "q"))
+    log = tmp_path / "w.log"
+    proc = kafka.worker("--model", models["binary"], "--topic", src, "--group", f"g-{src}", "--sink",
+                        f"kafka://{out}?format=avro", "--schema-registry-url", reg.url, log=str(log))
+    try:
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 2, text[-2000:]
+    assert "refused the result schema" in text and "Traceback" not in text, text[-2000:]
+    assert kafka.committed(f"g-{src}", src, 1) in ({}, {0: 0}, None)
