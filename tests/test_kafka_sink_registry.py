@@ -70,6 +70,39 @@ def test_stream_worker_writes_registry_format(models, kafka, tmp_path, fmt):
     assert sorted(got) == sorted(want)
     assert all(abs(got[i]["score"] - s) <= 1e-12 for i, s in want.items())
     assert {o["region"] for o in got.values()} == {"eu"} and all(o["model_version"] for o in got.values())
+    conforms_to_result_v1(fmt, reg.schemas[reg.subjects[f"{out}-value"][-1]]["schema"], tmp_path)
+
+
+def conforms_to_result_v1(fmt: str, text: str, tmp_path) -> None:
+    """The schema registered for a plain binary model (stream mode, plus the passthrough column ``region``) has
+    schemas/result.v1.avsc's / result.v1.proto's fields, with the same types (and Protobuf numbers)."""
+    import base64
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from google.protobuf import descriptor_pb2
+
+    root = Path(__file__).resolve().parent.parent / "schemas"
+    if fmt == "avro":
+        registered = {f["name"]: f["type"] for f in json.loads(text)["fields"]}
+        spec = {f["name"]: f["type"] for f in json.loads((root / "result.v1.avsc").read_text())["fields"]}
+        assert registered.pop("region") == ["null", "string"]
+        assert set(registered) == set(spec) - {"label", "scores"}
+        assert all(registered[n] == spec[n] for n in registered), (registered, spec)
+    elif fmt == "protobuf":
+        out = tmp_path / "v1.pb"
+        subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"--descriptor_set_out={out}",
+                        "result.v1.proto"], check=True)
+        spec_file = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+        spec = {f.name: (f.number, f.type, f.label) for f in spec_file.message_type[0].field}
+        reg_file = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text))
+        registered = {f.name: (f.number, f.type, f.label) for f in reg_file.message_type[0].field}
+        assert registered.pop("region")[0] == 100
+        assert spec_file.package == reg_file.package and spec_file.message_type[0].name == "Result"
+        assert set(registered) == set(spec) - {"label", "scores"}
+        assert all(registered[n] == spec[n] for n in registered), (registered, spec)
 
 
 def test_refused_schema_and_bad_settings_are_one_line(models, tmp_path):

@@ -93,11 +93,21 @@ _PROTO = {"long": F.TYPE_INT64, "double": F.TYPE_DOUBLE, "boolean": F.TYPE_BOOL,
           "bytes": F.TYPE_BYTES, "time": F.TYPE_STRING, "json": F.TYPE_STRING, "doubles": F.TYPE_DOUBLE}
 
 
+#: result.v1's fields keep the numbers of schemas/result.v1.proto, so a reader compiled from that file reads any
+#: worker's messages; other columns (passthrough, explanations) are numbered from 100 in column order.
+PROTO_NUMBERS = {"id": 1, "score": 2, "label": 3, "scores": 4, "model_version": 5, "served": 6, "scored_at": 7,
+                 "topic": 8, "partition": 9, "offset": 10, "timestamp": 11}
+
+
 def proto_file(cols: list[tuple[str, str]]) -> descriptor_pb2.FileDescriptorProto:
-    """The FileDescriptorProto of ``result.proto``: message Result, fields numbered in column order."""
+    """The FileDescriptorProto of ``result.proto``: message Result, result.v1 fields by their fixed numbers."""
     fdp = descriptor_pb2.FileDescriptorProto(name="scoring_workers/result.proto", package=NAMESPACE, syntax="proto3")
     msg = fdp.message_type.add(name=RECORD)
-    for number, (name, k) in enumerate(cols, 1):
+    extra = 100
+    for name, k in cols:
+        number = PROTO_NUMBERS.get(name, extra)
+        if name not in PROTO_NUMBERS:
+            extra += 1
         field = msg.field.add(name=name, number=number, type=_PROTO[k])
         if k == "doubles":
             field.label = F.LABEL_REPEATED
