@@ -272,11 +272,48 @@ def drop_store(store: str, uri: str) -> None:
                 conn.execute(f'DROP TABLE IF EXISTS "{table}{suffix}"')
 
 
-def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backend: str, n: int) -> float:
+def wire_records(n: int, fmt: str, url: str, topic: str) -> list[tuple[bytes, bytes]]:
+    """``records(n)`` written by confluent-kafka's own Avro or Protobuf serializer against the bench's registry."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    client = SchemaRegistryClient({"url": url})
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    if fmt == "avro":
+        from confluent_kafka.schema_registry.avro import AvroSerializer
+
+        schema = {"type": "record", "name": "Input", "namespace": "bench", "fields": [
+            {"name": "id", "type": "string"}, *({"name": f, "type": ["null", "double"], "default": None}
+                                                for f in NAMES)]}
+        ser = AvroSerializer(client, orjson.dumps(schema).decode())
+        return [(k, ser(orjson.loads(v), ctx)) for k, v in records(n)]
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto  # noqa: N806
+    fdp = descriptor_pb2.FileDescriptorProto(name="bench_input.proto", package="bench", syntax="proto3")
+    msg = fdp.message_type.add(name="Input")
+    msg.field.add(name="id", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    for j, f in enumerate(NAMES):
+        msg.field.add(name=f, number=2 + j, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
+    cls = message_factory.GetMessageClass(descriptor_pool.DescriptorPool().Add(fdp).message_types_by_name["Input"])
+    ser = ProtobufSerializer(cls, client, {"use.deprecated.format": False})
+    return [(k, ser(cls(**orjson.loads(v)), ctx)) for k, v in records(n)]
+
+
+def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backend: str, n: int,
+                fmt: str = "json") -> float:
+    """Kafka -> sink records/s; ``fmt`` avro or protobuf: input written by Confluent serializers against
+    tests/schema_registry.py started here, the worker reading it with ``--value-format``."""
     values = []
+    registry = None
+    if fmt != "json":
+        from tests.schema_registry import TestRegistry
+
+        registry = TestRegistry()
     for _ in range(repeats):
         topic = broker.kafka.topic(partitions=4, prefix="bench")
-        broker.kafka.produce(topic, records(n))
+        broker.kafka.produce(topic, records(n) if registry is None else wire_records(n, fmt, registry.url, topic))
         raw = raw_now(paths[500], 2000)
         table = f"bench_{uuid.uuid4().hex[:8]}"
         sink = f"{PG}?table={table}" if sink_kind == "postgres" else f"kafka://{broker.kafka.topic(4, 'out')}"
@@ -285,7 +322,8 @@ def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backe
             [sys.executable, "-m", "workers", "stream", "--model", paths[500], "--backend", backend,
              "--cache-dir", f"{BENCH}/cache", "--bootstrap-servers", broker.bootstrap, "--topic", topic,
              "--group", f"g-{table}", "--sink", sink, "--metrics-port", str(port), "--session-timeout-ms", "6000",
-             "--heartbeat-interval-ms", "2000", "--max-records", "2000"],
+             "--heartbeat-interval-ms", "2000", "--max-records", "2000",
+             *(("--value-format", fmt, "--schema-registry-url", registry.url) if registry else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # coarse polling: scraping /metrics costs the worker CPU
@@ -307,9 +345,12 @@ def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backe
                       for m in broker.kafka.consume_all(sink[len("kafka://"):], n, timeout=120)]
         assert len(stamps) == n and len(set(stamps)) > 2, (len(stamps), n)
         values.append(steady_rate(stamps))
-        RATIOS.setdefault(f"stream-{sink_kind}-{backend}", []).append(values[-1] / raw)
-    return record(f"stream Kafka->{'PostgreSQL' if sink_kind == 'postgres' else 'Kafka'} 500 trees, {backend}",
-                  "records/s", values)
+        RATIOS.setdefault(f"stream-{sink_kind}-{backend}" + ("" if fmt == "json" else f"-{fmt}"), []).append(
+            values[-1] / raw)
+    if registry is not None:
+        registry.stop()
+    return record(f"stream Kafka->{'PostgreSQL' if sink_kind == 'postgres' else 'Kafka'} 500 trees, {backend}"
+                  + ("" if fmt == "json" else f", {fmt} input"), "records/s", values)
 
 
 def quix_peer(paths: dict, repeats: int, broker: Broker, n: int) -> float | None:
@@ -498,6 +539,8 @@ def main() -> None:
     with Broker() as broker:
         n = 100_000
         pg = stream_mode(paths, args.repeats, broker, "postgres", "lightgbm", n)
+        stream_mode(paths, args.repeats, broker, "postgres", "lightgbm", n, "avro")
+        stream_mode(paths, args.repeats, broker, "postgres", "lightgbm", n, "protobuf")
         stream_mode(paths, args.repeats, broker, "kafka", "lightgbm", n)
         stream_mode(paths, args.repeats, broker, "postgres", "lleaves", n * 2)
         stream_mode(paths, args.repeats, broker, "kafka", "lleaves", n * 2)
@@ -509,6 +552,10 @@ def main() -> None:
     targets = [
         ("batch Parquet->Parquet / raw predict (10000 rows/call), paired", med["batch-lightgbm"], 0.95),
         ("stream Kafka->PostgreSQL / raw predict (2000 rows/call), paired", med["stream-postgres-lightgbm"], 0.85),
+        ("stream Kafka->PostgreSQL Avro input / JSON input, paired to raw predict",
+         med["stream-postgres-lightgbm-avro"] / med["stream-postgres-lightgbm"], 0.9),
+        ("stream Kafka->PostgreSQL Protobuf input / JSON input, paired to raw predict",
+         med["stream-postgres-lightgbm-protobuf"] / med["stream-postgres-lightgbm"], 0.9),
         ("compiled / LightGBM, batch mode", med.get("batch-lleaves", 0) / med["batch-lightgbm"], 4.0),
         ("compiled / LightGBM, stream mode (Kafka->PostgreSQL)",
          med["stream-postgres-lleaves"] / med["stream-postgres-lightgbm"], 2.0),

@@ -9,6 +9,7 @@ import sys
 
 import orjson
 import pyarrow as pa
+import pytest
 from jsonschema import Draft202012Validator
 
 from tests.helpers import FEATURES, frame
@@ -99,3 +100,30 @@ def test_a_producers_schema_is_checked_against_the_model(models, tmp_path):
     assert "warning: feature 'x7' is not in the producer's schema: missing (null) on every record" in lines
     assert any(line.startswith("warning: id field 'id' is not required") for line in lines)
     assert lines[-1].endswith("1 error(s), 3 warning(s) against " + ours["$id"].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("kind", ["binary", "categorical"])
+def test_schema_command_prints_avro_and_protobuf_contracts(models, tmp_path, kind):
+    """`schema --format avro|protobuf`: the Avro record parses (fastavro) and the .proto compiles (protoc from
+    grpcio-tools), both naming the id and every feature, categories as strings."""
+    import fastavro
+    import lightgbm as lgb
+    from google.protobuf import descriptor_pb2
+
+    names = lgb.Booster(model_file=models[kind]).feature_name()
+    run = lambda fmt: subprocess.run([sys.executable, "-m", "workers", "schema", "--model", models[kind],  # noqa: E731
+                                      "--format", fmt], capture_output=True, text=True, check=True).stdout
+    avro = json.loads(run("avro"))
+    fastavro.parse_schema(avro)
+    assert [f["name"] for f in avro["fields"]] == ["id", *names]
+    types = {f["name"]: f["type"] for f in avro["fields"]}
+    assert types["id"] == "string" and all(types[n][0] == "null" for n in names)
+    (tmp_path / "input.proto").write_text(run("protobuf"))
+    out = tmp_path / "input.pb"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path}", f"--descriptor_set_out={out}",
+                    "input.proto"], check=True)
+    msg = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0].message_type[0]
+    assert [f.name for f in msg.field] == ["id", *names]
+    assert [f.proto3_optional for f in msg.field] == [False] + [True] * len(names)
+    if kind == "categorical":
+        assert "string" in {t[1] for n, t in types.items() if n != "id"}

@@ -243,12 +243,15 @@ def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: in
 @click.option("--check", "producer", default=None,
               help="A producer's JSON Schema to check against the model instead: one line per mismatch, exit 1 "
                    "when records shaped like it would be rejected.")
+@click.option("--format", "fmt", type=click.Choice(["jsonschema", "avro", "protobuf"]), default="jsonschema",
+              show_default=True, help="The form of the printed contract: JSON Schema, an Avro record, a .proto.")
 @with_settings
-def schema_cmd(settings: Settings, producer: str | None) -> None:
-    """Print a JSON Schema for input records of the model (id, features and types, categories, nulls)."""
+def schema_cmd(settings: Settings, producer: str | None, fmt: str) -> None:
+    """Print the input contract of the model (id, features and types, categories, nulls) as JSON Schema, Avro or
+    Protobuf."""
     from workers.tools.schema import run_schema
 
-    sys.exit(run_schema(settings, producer))
+    sys.exit(run_schema(settings, producer, fmt))
 
 
 SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:00, UTC unless it has an offset) "

@@ -571,7 +571,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     sinks = (("SCORING_STREAM__SINK", st.sink), ("SCORING_ROUTING__SHADOW_SINK", settings.routing.shadow_sink))
     for name, uri in sinks:
         if uri and uri.lower().startswith("kafka://"):
-            outputs[name] = [uri[len("kafka://"):].strip("/")]  # as the Kafka sink reads it
+            outputs[name] = [uri[len("kafka://"):].partition("?")[0].strip("/")]  # as the Kafka sink reads it
     for name, written in outputs.items():
         loop = sorted(set(written) & set(st.topics))
         if loop:

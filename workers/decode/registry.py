@@ -40,6 +40,10 @@ class SchemaNotFound(Exception):
     """The registry does not know the schema id (404): the record's fault."""
 
 
+class SchemaRefused(Exception):
+    """The registry will not register a schema (409 incompatible with the subject's, 422 invalid)."""
+
+
 class RegistryUnavailable(ScoringError):
     """The registry cannot answer now (unreachable, timeout, 5xx, refused credentials): retried."""
 
@@ -175,3 +179,34 @@ class RegistryClient:
         query = "?format=serialized" if serialized else ""
         got = self._get(f"/subjects/{quote(subject, safe='')}/versions/{int(version)}{query}")
         return str(got.get("schema", "")), list(got.get("references") or [])
+
+    # -- writing -------------------------------------------------------------------------------------
+    def register(self, subject: str, schema: str, schema_type: str) -> int:
+        """Register ``schema`` under ``subject`` (POST /subjects/{s}/versions; the same schema gets the same id)
+        and return its id. ``SchemaRefused`` when the registry will not take it (409 incompatible, 422 invalid):
+        a setting's fault; RegistryUnavailable when it cannot answer."""
+        body = json.dumps({"schema": schema, **({} if schema_type == "AVRO" else {"schemaType": schema_type})})
+        request = urllib.request.Request(  # noqa: S310 - http(s) only
+            f"{self.base}/subjects/{quote(subject, safe='')}/versions", data=body.encode(), method="POST",
+            headers={**self.headers, "Content-Type": "application/vnd.schemaregistry.v1+json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self.ctx) as reply:  # noqa: S310
+                got = json.loads(reply.read(MAX_SCHEMA_BYTES))
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(300).decode("utf-8", "replace").strip()
+            if exc.code in (409, 422):
+                raise SchemaRefused(f"schema registry {self.shown} refused the result schema for subject "
+                                    f"{subject!r} ({exc.code}{': ' + detail if detail else ''})") from None
+            raise RegistryUnavailable(f"schema registry {self.shown} answered {exc.code} registering {subject!r}"
+                                      + (f": {detail}" if detail else "")) from None
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise RegistryUnavailable(f"schema registry {self.shown} unreachable: "
+                                      f"{getattr(exc, 'reason', exc)}") from None
+        except ValueError:
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer registering {subject!r} is not JSON") \
+                from None
+        try:
+            return int(got["id"])
+        except (KeyError, TypeError, ValueError):
+            raise RegistryUnavailable(f"schema registry {self.shown}: no id in its answer registering "
+                                      f"{subject!r}") from None

@@ -88,7 +88,8 @@ def check_sink(uri: str, settings: Settings, setting: str, ledger: bool = False)
         path = uri.removeprefix("file://")
         if not os.path.exists(path):
             return _creatable(path, redact(uri), "folder")
-    sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka)
+    sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka,
+                     registry=settings.schema_registry)
     try:
         if ledger:  # folders and SQLite databases (checked above without opening) always keep one
             from workers.runtime.batch import batch_ledger

@@ -33,11 +33,12 @@ def _mysql(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     return MysqlSink(uri, setting)
 
 
-def _kafka(uri: str, s3: S3Settings, setting: str, kafka: object = None, **_: object) -> Sink:
+def _kafka(uri: str, s3: S3Settings, setting: str, kafka: object = None, registry: object = None,
+           **_: object) -> Sink:
     from workers.settings import KafkaSettings
     from workers.sinks.kafka import KafkaSink
 
-    return KafkaSink(uri, kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(), setting)
+    return KafkaSink(uri, kafka if isinstance(kafka, KafkaSettings) else KafkaSettings(), setting, registry)
 
 
 def _redis(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
@@ -107,13 +108,14 @@ def _open(uri: str, s3: S3Settings, setting: str, **extra: object) -> Sink:
 
 def open_result_sink(settings, uri: str, setting: str) -> Sink:
     """The sink of a mode's results; with ``routing.shadow_sink`` set, shadow rows go there instead."""
-    sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka)
+    sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka,
+                     registry=settings.schema_registry)
     if not settings.routing.shadow_sink:
         return sink
     from workers.sinks.shadow import SplitSink
 
     shadow = open_sink(settings.routing.shadow_sink, settings.s3, setting="SCORING_ROUTING__SHADOW_SINK",
-                       kafka=settings.kafka)
+                       kafka=settings.kafka, registry=settings.schema_registry)
     return SplitSink(sink, shadow)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from urllib.parse import parse_qsl
 
 import orjson
 import pyarrow as pa
@@ -21,10 +23,12 @@ import pyarrow.compute as pc
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka import Producer as _RdProducer
 
+from workers.decode.registry import RegistryClient, RegistryUnavailable, SchemaRefused
 from workers.errors import ConfigError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
-from workers.settings import KafkaSettings
+from workers.settings import KafkaSettings, SchemaRegistrySettings
 from workers.sinks.base import DirectUnit, Sink, UnitWriter, redact
+from workers.sinks.regformat import FORMATS, REGISTRY_TYPE, STRATEGIES, columns, encoder, header, schema_text, subject
 from workers.sinks.rowjson import json_value_default, plain_columns
 from workers.sinks.tables import is_json, plain
 
@@ -124,9 +128,31 @@ def result_messages(scored: Scored) -> list[tuple[bytes | None, bytes]]:
 
 
 class KafkaSink(Sink):
-    def __init__(self, uri: str, kafka: KafkaSettings, setting: str):
-        self.topic = uri[len("kafka://"):].strip("/")
+    """``kafka://topic`` (JSON rows), or ``?format=avro|protobuf|jsonschema`` in the Confluent wire format with the
+    result schema registered (``&subject=topic_name|record_name|topic_record_name``) on the first batch whose
+    columns it has not seen (``workers.sinks.regformat``)."""
+
+    def __init__(self, uri: str, kafka: KafkaSettings, setting: str, registry: object = None):
+        rest, _, query = uri[len("kafka://"):].partition("?")
+        self.topic = rest.strip("/")
         self.name = redact(uri)
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        self.format = params.pop("format", "json").lower()
+        self.strategy = params.pop("subject", "topic_name").lower()
+        if params:
+            raise ConfigError(setting, f"{self.name}: unknown parameter(s) {', '.join(sorted(params))}; "
+                                       "use format= and subject=")
+        if self.format not in FORMATS:
+            raise ConfigError(setting, f"{self.name}: format={self.format!r}; use one of {', '.join(FORMATS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(setting, f"{self.name}: subject={self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        self.registry: RegistryClient | None = None
+        if self.format != "json":
+            if not isinstance(registry, SchemaRegistrySettings) or not registry.url:
+                raise ConfigError("SCORING_SCHEMA_REGISTRY__URL", f"{self.name} writes format={self.format}: "
+                                  "set the schema registry URL")
+            self.registry = RegistryClient(registry)
+        self.registered: dict[pa.Schema, tuple[bytes, Callable[[pa.Table], list[bytes]]]] = {}
         if not self.topic:
             raise ConfigError(setting, f"{self.name}: name the output topic, e.g. kafka://scores")
         if not _TOPIC.fullmatch(self.topic) or self.topic in (".", ".."):
@@ -146,7 +172,8 @@ class KafkaSink(Sink):
 
     def write_batch(self, scored: Scored) -> None:
         """Send one message per result; rows too large for a message are rejected before any is sent."""
-        messages = result_messages(plain_columns(scored))
+        messages = (result_messages(plain_columns(scored)) if self.registry is None
+                    else self._wire_messages(scored.results))
         limit = self.max_message - 512  # room for the record's framing and headers
         big = {i: f"the result is {len(k or b'') + len(v)} bytes, more than a Kafka message holds ({limit})"
                for i, (k, v) in enumerate(messages) if len(k or b"") + len(v) > limit}
@@ -160,6 +187,25 @@ class KafkaSink(Sink):
             raise SinkError(f"producing to {self.name}: {exc}") from None
 
     store = write_batch
+
+    def _wire_messages(self, table: pa.Table) -> list[tuple[bytes | None, bytes]]:
+        """(key, value) per result in the registry format; the schema of new columns registered first.
+        ConfigError when the registry refuses the schema (incompatible), SinkError when it cannot answer."""
+        known = self.registered.get(table.schema)
+        if known is None:
+            assert self.registry is not None
+            cols = columns(table.schema)
+            name = subject(self.topic, self.strategy)
+            try:
+                sid = self.registry.register(name, schema_text(self.format, cols), REGISTRY_TYPE[self.format])
+            except SchemaRefused as exc:
+                raise ConfigError("SCORING_STREAM__SINK", str(exc)) from None
+            except RegistryUnavailable as exc:
+                raise SinkError(f"{self.name}: {exc}") from None
+            known = self.registered[table.schema] = (header(self.format, sid), encoder(self.format, cols))
+        head, encode = known
+        keys = [_key(i) for i in table.column("id").to_pylist()]
+        return [(k, head + v) for k, v in zip(keys, encode(table), strict=True)]
 
     def begin(self, unit: str) -> UnitWriter:
         return DirectUnit(self.store)

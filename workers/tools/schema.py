@@ -5,6 +5,7 @@ it would be rejected; warnings alone exit 0).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import click
@@ -100,7 +101,7 @@ def check_producer(schema: dict, model: Model, id_field: str = "id") -> tuple[li
     return errors, warnings
 
 
-def run_schema(settings: Settings, producer: str | None) -> int:
+def run_schema(settings: Settings, producer: str | None, fmt: str = "jsonschema") -> int:
     """Print the model's input schema, or (``producer``: a JSON Schema file) check it; the exit code."""
     from workers.scoring.model import load_model
 
@@ -119,6 +120,13 @@ def run_schema(settings: Settings, producer: str | None) -> int:
             click.echo(f"warning: {line}")
         click.echo(f"{producer}: {len(errors)} error(s), {len(warnings)} warning(s) against {model.version}")
         return 1 if errors else 0
+    if fmt == "avro":
+        click.echo(orjson.dumps(avro_input_schema(model, settings.scoring.id_column, settings.scoring.passthrough),
+                                option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if fmt == "protobuf":
+        click.echo(proto_input_schema(model, settings.scoring.id_column, settings.scoring.passthrough))
+        return 0
     schema = input_schema(model, settings.scoring.id_column, settings.scoring.passthrough)
     click.echo(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())
     return 0
@@ -137,3 +145,41 @@ def _object_schema(schema: Any, origin: str) -> None:
         problem = "'required' is not a list"
     if problem:
         raise ConfigError("--check", f"{origin} is not a JSON Schema of records: {problem}")
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _fields(model: Model, id_field: str, passthrough: list[str] | None) -> list[tuple[str, str]]:
+    """(name, kind: string|double|long) of the input fields, for the Avro and Protobuf forms; ConfigError naming
+    --format when a name cannot be an Avro or Protobuf field name."""
+    out = [(id_field, "string")]
+    for j, name in enumerate(model.feature_names):
+        cats = model.categorical.get(j) if j in model.categorical else None
+        out.append((name, "double" if j not in model.categorical else ("string" if cats else "long")))
+    out += [(n, "string") for n in passthrough or [] if n not in {f for f, _ in out}]
+    bad = [n for n, _ in out if not _NAME.fullmatch(n)]
+    if bad:
+        raise ConfigError("--format", f"{bad[0]!r} cannot be an Avro or Protobuf field name (letters, digits, '_'); "
+                                      "use --format jsonschema")
+    return out
+
+
+def avro_input_schema(model: Model, id_field: str = "id", passthrough: list[str] | None = None) -> dict:
+    """The input contract as an Avro record: id required, every other field optional (null is missing);
+    categories as strings (the symbols of an Avro enum must be names, categories need not be)."""
+    fields: list[dict[str, Any]] = [{"name": id_field, "type": "string"}]
+    fields += [{"name": n, "type": ["null", k], "default": None}
+               for n, k in _fields(model, id_field, passthrough)[1:]]
+    return {"type": "record", "name": "Input", "namespace": "scoring_workers", "doc": f"model {model.version}",
+            "fields": fields}
+
+
+def proto_input_schema(model: Model, id_field: str = "id", passthrough: list[str] | None = None) -> str:
+    """The input contract as a .proto file (proto3, message Input; ``optional`` keeps null as missing)."""
+    lines = [f"// Input record for model {model.version}", 'syntax = "proto3";', "", "package scoring_workers;", "",
+             "message Input {"]
+    types = {"string": "string", "double": "double", "long": "int64"}
+    for number, (name, k) in enumerate(_fields(model, id_field, passthrough), 1):
+        lines.append(f"  {'' if number == 1 else 'optional '}{types[k]} {name} = {number};")
+    return "\n".join([*lines, "}"])

@@ -1,0 +1,207 @@
+"""Result rows in the Schema Registry formats (``kafka://topic?format=avro|protobuf|jsonschema``).
+
+The result schema is derived from the result table's columns, which the model and the settings decide (score;
+label and scores for a multiclass model; model_version, scored_at, served; stream topic/partition/offset/
+timestamp; passthrough columns), so one worker registers one schema and a new model version with the same
+columns registers nothing new. Column types map as the JSON sink writes them: integers, floats, booleans and
+text as themselves, timestamps as RFC 3339 text (the JSON sink's form, and Protobuf then needs no imported
+well-known type), lists of floats as arrays, anything else (decimals, JSON text, nested values) as its JSON text.
+
+Every field but ``id`` is optional (a passthrough value may be null): Avro ``["null", T]`` with default null,
+Protobuf proto3 ``optional`` (presence kept, so a null stays a null), JSON Schema ``[T, "null"]``.
+
+Wire format: magic byte 0, the schema id (4 bytes, big-endian), for Protobuf the message index ``[0]`` (the
+single byte 0: Result is the file's first message), then the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+import fastavro
+import orjson
+import pyarrow as pa
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from workers.sinks.rowjson import json_rows, json_value_default
+from workers.sinks.tables import is_json, plain
+
+FORMATS = ("json", "avro", "protobuf", "jsonschema")
+STRATEGIES = ("topic_name", "record_name", "topic_record_name")
+#: the record's full name (Avro namespace.name, Protobuf package.message): record_name subjects use it
+NAMESPACE, RECORD = "scoring_workers", "Result"
+REGISTRY_TYPE = {"avro": "AVRO", "protobuf": "PROTOBUF", "jsonschema": "JSON"}
+F = descriptor_pb2.FieldDescriptorProto
+
+
+def kind(t: pa.DataType) -> str:
+    """One of long, double, boolean, string, bytes, doubles (list of floats), text (RFC 3339), json (JSON text)."""
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_integer(t):
+        return "long"
+    if pa.types.is_floating(t):
+        return "double"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return "bytes"
+    if pa.types.is_timestamp(t):
+        return "time"
+    if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+            and pa.types.is_floating(t.value_type):
+        return "doubles"
+    return "json"
+
+
+def columns(schema: pa.Schema) -> list[tuple[str, str]]:
+    """(name, kind) of each result column; extension types (uuid, arrow.json) by their storage, JSON as text."""
+    out = []
+    for f in schema:
+        t = f.type
+        if isinstance(t, pa.BaseExtensionType):
+            out.append((f.name, "json" if is_json(t) else kind(t.storage_type)))
+        else:
+            out.append((f.name, kind(t)))
+    return out
+
+
+def subject(topic: str, strategy: str) -> str:
+    full = f"{NAMESPACE}.{RECORD}"
+    return {"topic_name": f"{topic}-value", "record_name": full, "topic_record_name": f"{topic}-{full}"}[strategy]
+
+
+# -- schemas -------------------------------------------------------------------------------------------------
+_AVRO = {"long": "long", "double": "double", "boolean": "boolean", "string": "string", "bytes": "bytes",
+         "time": "string", "json": "string", "doubles": {"type": "array", "items": "double"}}
+
+
+def avro_schema(cols: list[tuple[str, str]]) -> dict[str, Any]:
+    fields: list[dict[str, Any]] = []
+    for name, k in cols:
+        t = _AVRO[k]
+        fields.append({"name": name, "type": t} if name == "id" else
+                      {"name": name, "type": ["null", t], "default": None})
+    return {"type": "record", "name": RECORD, "namespace": NAMESPACE, "fields": fields}
+
+
+_PROTO = {"long": F.TYPE_INT64, "double": F.TYPE_DOUBLE, "boolean": F.TYPE_BOOL, "string": F.TYPE_STRING,
+          "bytes": F.TYPE_BYTES, "time": F.TYPE_STRING, "json": F.TYPE_STRING, "doubles": F.TYPE_DOUBLE}
+
+
+#: result.v1's fields keep the numbers of schemas/result.v1.proto, so a reader compiled from that file reads any
+#: worker's messages; other columns (passthrough, explanations) are numbered from 100 in column order.
+PROTO_NUMBERS = {"id": 1, "score": 2, "label": 3, "scores": 4, "model_version": 5, "served": 6, "scored_at": 7,
+                 "topic": 8, "partition": 9, "offset": 10, "timestamp": 11}
+
+
+def proto_file(cols: list[tuple[str, str]]) -> descriptor_pb2.FileDescriptorProto:
+    """The FileDescriptorProto of ``result.proto``: message Result, result.v1 fields by their fixed numbers."""
+    fdp = descriptor_pb2.FileDescriptorProto(name="scoring_workers/result.proto", package=NAMESPACE, syntax="proto3")
+    msg = fdp.message_type.add(name=RECORD)
+    extra = 100
+    for name, k in cols:
+        number = PROTO_NUMBERS.get(name, extra)
+        if name not in PROTO_NUMBERS:
+            extra += 1
+        field = msg.field.add(name=name, number=number, type=_PROTO[k])
+        if k == "doubles":
+            field.label = F.LABEL_REPEATED
+        else:
+            field.label = F.LABEL_OPTIONAL
+            if name != "id":  # proto3 optional: a synthetic oneof per field keeps presence (null stays null)
+                field.proto3_optional = True
+                field.oneof_index = len(msg.oneof_decl)
+                msg.oneof_decl.add(name=f"_{name}")
+    return fdp
+
+
+_JSON = {"long": "integer", "double": "number", "boolean": "boolean", "string": "string", "bytes": "string",
+         "time": "string", "doubles": "array"}
+
+
+def json_schema(cols: list[tuple[str, str]]) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    for name, k in cols:
+        if k == "json":
+            props[name] = {}
+            continue
+        prop: dict[str, Any] = {"type": _JSON[k] if name == "id" else [_JSON[k], "null"]}
+        if k == "doubles":
+            prop["items"] = {"type": "number"}
+        if k == "time":
+            prop["format"] = "date-time"
+        props[name] = prop
+    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": f"{NAMESPACE}.{RECORD}",
+            "type": "object", "properties": props, "required": ["id"], "additionalProperties": True}
+
+
+def schema_text(fmt: str, cols: list[tuple[str, str]]) -> str:
+    """The schema as the registry stores it (Protobuf: a base64 FileDescriptorProto, as confluent-kafka's
+    serializer registers it)."""
+    if fmt == "avro":
+        return json.dumps(avro_schema(cols))
+    if fmt == "protobuf":
+        return base64.b64encode(proto_file(cols).SerializeToString()).decode()
+    return json.dumps(json_schema(cols))
+
+
+# -- payloads ------------------------------------------------------------------------------------------------
+def _values(col: pa.ChunkedArray, k: str) -> list:
+    """The column's values as the payload needs them: timestamps RFC 3339 text, JSON-ish values as JSON text."""
+    if is_json(col.type):
+        return plain(col).to_pylist()
+    values = plain(col).to_pylist()
+    if k == "time":
+        fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if col.type.tz else "%Y-%m-%dT%H:%M:%S.%f"
+        return [None if v is None else v.strftime(fmt) for v in values]
+    if k == "json":
+        return [None if v is None else orjson.dumps(v, default=json_value_default).decode() for v in values]
+    if k == "bytes":
+        return [None if v is None else bytes(v) for v in values]
+    if k == "double":
+        return [None if v is None else float(v) for v in values]
+    if k == "string" and pa.types.is_fixed_size_binary(getattr(col.type, "storage_type", col.type)):
+        return [None if v is None else str(v) for v in values]
+    return values
+
+
+def encoder(fmt: str, cols: list[tuple[str, str]]) -> Callable[[pa.Table], list[bytes]]:
+    """A function from a result table (with exactly ``cols``) to the payloads (no wire-format header)."""
+    names = [n for n, _ in cols]
+    if fmt == "jsonschema":
+        fragments = tuple(n for n, k in cols if k == "json")
+        return lambda table: json_rows(table, fragments)
+    if fmt == "avro":
+        parsed = fastavro.parse_schema(avro_schema(cols))
+
+        def avro(table: pa.Table) -> list[bytes]:
+            out = []
+            data = [_values(table.column(n), k) for n, k in cols]
+            for row in zip(*data, strict=True):
+                buf = io.BytesIO()
+                fastavro.schemaless_writer(buf, parsed, dict(zip(names, row, strict=True)))
+                out.append(buf.getvalue())
+            return out
+
+        return avro
+    pool = descriptor_pool.DescriptorPool()
+    message = message_factory.GetMessageClass(pool.Add(proto_file(cols)).message_types_by_name[RECORD])
+
+    def proto(table: pa.Table) -> list[bytes]:
+        out = []
+        data = [_values(table.column(n), k) for n, k in cols]
+        for row in zip(*data, strict=True):
+            out.append(message(**{n: v for n, v in zip(names, row, strict=True) if v is not None})
+                       .SerializeToString())
+        return out
+
+    return proto
+
+
+def header(fmt: str, schema_id: int) -> bytes:
+    return b"\x00" + schema_id.to_bytes(4, "big") + (b"\x00" if fmt == "protobuf" else b"")
