@@ -205,13 +205,10 @@ def header_links(headers_of: Iterable[list[tuple[str, bytes]] | None], limit: in
             break
         if not headers:
             continue
-        parent = state = None
-        for name, value in headers:
-            if name == "traceparent":
-                parent = value
-            elif name == "tracestate":
-                state = value
-        sc = span_context(parent, state) if parent is not None else None
+        # Kafka allows a header twice (a producer and an interceptor each adding one): the first valid one counts.
+        parents = [value for name, value in headers if name == "traceparent"]
+        state = next((value for name, value in headers if name == "tracestate"), None)
+        sc = next((c for c in (span_context(p, state) for p in parents) if c is not None), None)
         if sc is not None:
             links.append(Link(sc))
     return links
