@@ -159,6 +159,8 @@ def cases(w: dict) -> list[Case]:
              "SCORING_MODEL__DIR (--model-dir): "),
         Case("serve-model-dir-missing", ["serve", "--model-dir", str(root / "nope"), "--port", "0"],
              "SCORING_MODEL__DIR (--model-dir): "),
+        Case("serve-model-and-model-dir", ["serve", "--model", m, "--model-dir", str(root / "two-models"),
+                                           "--port", "0"], "not both"),
         Case("serve-port-in-use", ["serve", "--model", m, "--port", port], "SCORING_SERVE__PORT"),
         Case("serve-bad-port", ["serve", "--model", m, "--port", "http"], "'--port'"),
         Case("serve-grpc-port-in-use", ["serve", "--model", m, "--port", "0", "--grpc-port", port],

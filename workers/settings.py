@@ -173,7 +173,7 @@ class ModelSettings(_Group):
     from the MLflow registry `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/PATH` (see
     `SCORING_MLFLOW__*`)."""
     dir: str | None = None
-    """Folder holding one model file, used when no model path is given: e.g. `/mnt/models`, where KServe's
+    """Folder holding one model file, instead of a model path (not both): e.g. `/mnt/models`, where KServe's
     storage initializer puts an InferenceService's `storageUri`. The file is its only `*.txt`, `*.bst`, `*.lgb` or
     `*.model` file (sub-folders searched), else its only file; several candidates stop start-up."""
     sha256: str | None = None
@@ -189,6 +189,14 @@ class ModelSettings(_Group):
     cache_dir: str = "/tmp/scoring-cache"  # noqa: S108 - a cache, and /tmp is the writable mount in the image
     """Where compiled models (and the record of model files that passed the load check) are cached by SHA-256
     (share it between pods, or precompile with `compile`)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        # Both given is ambiguous (an image's env naming one model, a KServe runtime's --model-dir another):
+        # refuse rather than pick one silently.
+        if self.path and self.dir:
+            raise ValueError("set either SCORING_MODEL__PATH (--model) or SCORING_MODEL__DIR (--model-dir), not both")
+        return self
 
 
 class S3Settings(_Group):
