@@ -254,3 +254,28 @@ def test_an_idle_batcher_predicts_at_once_and_waits_only_for_a_request_on_its_wa
     np.testing.assert_allclose(first, binary.predict(a))
     np.testing.assert_allclose(second, binary.predict(b))
     assert counting.calls == [2, 5, 2], counting.calls
+
+
+def test_a_batch_waiting_for_a_request_that_never_comes_goes_at_its_deadline(binary):
+    counting = Counting(binary)
+    a = np.ones((2, 8))
+
+    async def go():
+        bt = batcher(100, 0.2)
+        bt.task = asyncio.create_task(bt.run())
+        loop = asyncio.get_running_loop()
+        try:
+            with bt.arrival():  # on its way for longer than the batch may wait
+                started = loop.time()
+                pred = await asyncio.wait_for(bt.predict(a, counting), 5.0)
+                waited = loop.time() - started
+                late = await bt.predict(a, counting)  # the batcher is not stuck after a deadline
+            return pred, waited, late
+        finally:
+            bt.task.cancel()
+
+    pred, waited, late = asyncio.run(go())
+    assert 0.19 <= waited < 4.0, waited  # held for company until the deadline, then predicted
+    np.testing.assert_allclose(pred, binary.predict(a))
+    np.testing.assert_allclose(late, binary.predict(a))
+    assert counting.calls == [2, 2], counting.calls
