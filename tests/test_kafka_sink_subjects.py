@@ -104,3 +104,59 @@ def test_subject_strategies_and_multiclass_results_read_back_with_confluent(mode
         fields = {f["name"]: f["type"] for f in json.loads(text)["fields"]}
         assert fields["label"] == ["null", "long"]
         assert fields["scores"] == ["null", {"type": "array", "items": "double"}]
+
+
+@pytest.mark.parametrize("fmt", ["avro", "protobuf", "jsonschema"])
+def test_multiclass_shadow_rows_and_binary_served_rows_through_registry_formats(models, kafka, tmp_path, fmt):
+    """A binary model served with a multiclass shadow, the shadow rows in a sink of their own
+    (SCORING_ROUTING__SHADOW_SINK), both kafka:// in a registry format: served rows carry score and no label or
+    class scores (null; an empty list in Protobuf, whose repeated fields have no null), shadow rows carry
+    served=false, the shadow's label and its class scores; read back with confluent-kafka's deserializers."""
+    import signal
+
+    import lightgbm as lgb
+    import numpy as np
+
+    from tests.helpers import FEATURES
+    from tests.test_rollout import write_routing
+    from tests.test_stream_registry import values
+
+    reg = TestRegistry()
+    client = SchemaRegistryClient({"url": reg.url})
+    src, out, shadow = kafka.topic(partitions=1), kafka.topic(partitions=1, prefix="o"), kafka.topic(1, "s")
+    recs = values(50, 9, "m")
+    kafka.produce_json(src, recs)
+    routing = write_routing(tmp_path / "routing.yaml", [{"name": "v", "model": models["binary"]},
+                                                        {"name": "mc", "model": models["multiclass"], "shadow": True}])
+    log = tmp_path / "w.log"
+    proc = kafka.worker("--routing", routing, "--topic", src, "--group", f"g-{src}", "--sink",
+                        f"kafka://{out}?format={fmt}", "--schema-registry-url", reg.url,
+                        env={"SCORING_ROUTING__SHADOW_SINK": f"kafka://{shadow}?format={fmt}&subject=topic_name"},
+                        log=str(log))
+    try:
+        served_msgs = kafka.consume_all(out, len(recs), timeout=60)
+        shadow_msgs = kafka.consume_all(shadow, len(recs), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    matrix = np.array([[r[f] for f in FEATURES] for r in recs])
+    want_served = dict(zip([r["id"] for r in recs], lgb.Booster(model_file=models["binary"]).predict(matrix),
+                           strict=True))
+    want_shadow = dict(zip([r["id"] for r in recs], lgb.Booster(model_file=models["multiclass"]).predict(matrix),
+                           strict=True))
+    for topic, msgs in ((out, served_msgs), (shadow, shadow_msgs)):
+        sid = int.from_bytes(msgs[0].value()[1:5], "big")
+        des = reader(fmt, client, reg.schemas[sid]["schema"])
+        ctx = SerializationContext(topic, MessageField.VALUE)
+        got = {o["id"]: o for o in (des(m.value(), ctx) for m in msgs)}
+        assert len(got) == len(msgs) == len(recs), topic
+        for i, o in got.items():
+            if topic == out:
+                assert o["served"] is True and o["model_version"] == "v"
+                assert abs(o["score"] - want_served[i]) <= 1e-12
+                assert o.get("label") is None and o.get("scores") in ((None, []) if fmt == "protobuf" else (None,))
+            else:
+                assert o["served"] is False and o["model_version"] == "mc"
+                assert o["scores"] == pytest.approx(list(want_shadow[i]), abs=1e-12)
+                assert int(o["label"]) == int(np.argmax(want_shadow[i]))
+                assert abs(o["score"] - max(want_shadow[i])) <= 1e-12
