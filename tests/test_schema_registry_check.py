@@ -12,9 +12,11 @@ import sys
 from tests.schema_registry import TestRegistry
 
 
-def run(model: str, *args: str) -> subprocess.CompletedProcess:
+def run(model: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
     return subprocess.run([sys.executable, "-m", "workers", "schema", "--model", model, *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
 def proto_text_to_serialized(text: str, tmp_path) -> str:
@@ -96,3 +98,18 @@ def test_unknown_subject_and_unreachable_registry_are_one_line(models):
         assert proc.returncode == code, (args, proc.returncode, proc.stdout, proc.stderr)
         err = proc.stderr.strip()
         assert "\n" not in err and text in err and "Traceback" not in err, (args, err)
+
+
+def test_registry_credentials_come_from_the_registry_settings(models):
+    """Basic auth: the username option and the password from SCORING_SCHEMA_REGISTRY__PASSWORD (never printed);
+    a refused password is one line naming that setting (exit 2)."""
+    model = models["categorical"]
+    reg = TestRegistry(users={"reader": "s3cret-pw"})
+    reg.register("auth-json", run(model).stdout, "JSON")
+    args = ("--check", "registry:auth-json", "--schema-registry-url", reg.url, "--schema-registry-username", "reader")
+    proc = run(model, *args, env={"SCORING_SCHEMA_REGISTRY__PASSWORD": "s3cret-pw"})
+    assert proc.returncode == 0 and "0 error(s), 0 warning(s)" in proc.stdout, proc.stdout + proc.stderr
+    proc = run(model, *args, env={"SCORING_SCHEMA_REGISTRY__PASSWORD": "wrong-pw"})
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "SCORING_SCHEMA_REGISTRY__PASSWORD" in err and "\n" not in err, err
+    assert "wrong-pw" not in proc.stdout + err and "Traceback" not in err
