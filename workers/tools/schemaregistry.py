@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 
@@ -44,18 +43,17 @@ def fetch(settings: SchemaRegistrySettings, spec: str) -> tuple[dict[str, Any], 
     subject, version = parse_spec(spec)
     client = RegistryClient(settings)
     client.check()  # credentials refused / certificate not verified: ConfigError naming the setting
-    path = f"/subjects/{quote(subject, safe='')}/versions/{version}"
     try:
-        got = client._get(path)
+        got = client.subject_version(subject, version)
         kind = str(got.get("schemaType") or "AVRO").upper()
         if kind == "PROTOBUF":  # the FileDescriptorProto (the .proto text would need a parser)
-            got = client._get(f"/subjects/{quote(subject, safe='')}/versions/{int(got['version'])}"
-                              "?format=serialized")
+            got = client.subject_version(subject, str(int(got["version"])), serialized=True)
     except SchemaNotFound:
         what = "no subject" if version == "latest" else "no version " + version + " of subject"
         raise ConfigError("--check", f"schema registry {client.shown} has {what} {subject!r}") from None
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise ConfigError("--check", f"schema registry {client.shown}: unexpected answer for {path}") from None
+        raise ConfigError("--check", f"schema registry {client.shown}: unexpected answer for subject "
+                                     f"{subject!r}") from None
     schema = Schema(int(got.get("id") or 0), kind, str(got.get("schema", "")), list(got.get("references") or []))
     origin = f"{subject} version {got.get('version', version)} ({kind}, id {schema.id})"
     try:
