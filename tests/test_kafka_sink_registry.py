@@ -148,3 +148,47 @@ def test_worker_stops_with_one_line_when_the_registry_refuses(models, kafka, tmp
     assert code == 2, text[-2000:]
     assert "refused the result schema" in text and "Traceback" not in text, text[-2000:]
     assert kafka.committed(f"g-{src}", src, 1) in ({}, {0: 0}, None)
+
+
+def test_registry_outage_while_the_sink_writes_waits_like_a_sink_outage(models, kafka, tmp_path):
+    """The sink must register the result schema before it writes: with the registry answering 503, then gone,
+    the batch waits (readiness 503 naming the registry, nothing written, nothing committed, the worker alive);
+    once the registry is back every result is written once and committed."""
+    from tests.conftest import free_port
+    from tests.kafka_util import wait_for
+    from tests.test_stream_registry import readyz
+
+    reg = TestRegistry()
+    reg.fail_status = 503
+    src, out = kafka.topic(partitions=1), kafka.topic(partitions=1, prefix="o")
+    recs = values(60, 5, "w")
+    kafka.produce_json(src, recs)
+    port, group, log = free_port(), f"g-{src}", tmp_path / "w.log"
+    proc = kafka.worker("--model", models["binary"], "--topic", src, "--group", group, "--sink",
+                        f"kafka://{out}?format=avro", "--schema-registry-url", reg.url, "--metrics-port", str(port),
+                        env={"SCORING_STREAM__RETRY_BACKOFF_MAX_S": "0.5"}, log=str(log))
+    try:
+        wait_for(lambda: "answered 503" in readyz(port)[1], 60, what="readiness names the registry's 503")
+        assert readyz(port)[0] == 503
+        wait_for(lambda: any(p.startswith("/subjects/") for p in reg.requests), 30, what="registration tried")
+        reg.fail_status = None
+        reg.stop()
+        wait_for(lambda: "unreachable" in readyz(port)[1] and "schema registry" in readyz(port)[1], 30,
+                 what="readiness names the unreachable registry")
+        assert proc.poll() is None
+        assert kafka.committed(group, src, 1) in ({}, {0: 0})
+        assert kafka.consume_all(out, 0, timeout=1) == []
+        reg.start()
+        wait_for(lambda: kafka.committed(group, src, 1) == {0: len(recs)}, 60, what="all committed")
+        wait_for(lambda: readyz(port)[0] == 200, 30, what="ready again")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    msgs = kafka.consume_all(out, len(recs), timeout=30)
+    des = AvroDeserializer(SchemaRegistryClient({"url": reg.url}))
+    ctx = SerializationContext(out, MessageField.VALUE)
+    got = [des(m.value(), ctx) for m in msgs]
+    want = predict(models["binary"], recs)
+    assert sorted(o["id"] for o in got) == sorted(want)  # each once: none lost, none doubled
+    assert all(abs(o["score"] - want[o["id"]]) <= 1e-12 for o in got)
+    assert "Traceback" not in log.read_text()

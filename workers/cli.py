@@ -240,9 +240,13 @@ def profile_cmd(settings: Settings, data: str, out: str, bins: int, max_rows: in
 @setting("--id-column", "scoring.id_column")
 @setting("--passthrough", "scoring.passthrough")
 @s3_options
+@setting("--schema-registry-url", "schema_registry.url")
+@setting("--schema-registry-username", "schema_registry.username")
+@setting("--schema-registry-ca-file", "schema_registry.ca_file")
 @click.option("--check", "producer", default=None,
-              help="A producer's JSON Schema to check against the model instead: one line per mismatch, exit 1 "
-                   "when records shaped like it would be rejected.")
+              help="A producer's JSON Schema file to check against the model instead, or registry:SUBJECT[/VERSION] "
+                   "(that subject's latest or given version from the Schema Registry: Avro, Protobuf or JSON Schema): "
+                   "one line per mismatch, exit 1 when records shaped like it would be rejected.")
 @click.option("--format", "fmt", type=click.Choice(["jsonschema", "avro", "protobuf"]), default="jsonschema",
               show_default=True, help="The form of the printed contract: JSON Schema, an Avro record, a .proto.")
 @with_settings

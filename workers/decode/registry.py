@@ -180,6 +180,15 @@ class RegistryClient:
         got = self._get(f"/subjects/{quote(subject, safe='')}/versions/{int(version)}{query}")
         return str(got.get("schema", "")), list(got.get("references") or [])
 
+    def subject_version(self, subject: str, version: str = "latest", serialized: bool = False) -> dict[str, Any]:
+        """``GET /subjects/{subject}/versions/{version}`` (a number or ``latest``) as the registry answers it;
+        SchemaNotFound for an unknown subject or version, RegistryUnavailable when it cannot answer."""
+        query = "?format=serialized" if serialized else ""
+        got = self._get(f"/subjects/{quote(subject, safe='')}/versions/{version}{query}")
+        if not isinstance(got, dict):
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer for subject {subject!r} is not an object")
+        return got
+
     # -- writing -------------------------------------------------------------------------------------
     def register(self, subject: str, schema: str, schema_type: str) -> int:
         """Register ``schema`` under ``subject`` (POST /subjects/{s}/versions; the same schema gets the same id)

@@ -211,10 +211,17 @@ class KafkaSink(Sink):
         return DirectUnit(self.store)
 
     def check(self) -> None:
+        """The broker answers; in a registry format, the registry too. Credentials it refuses or a certificate the
+        CA file does not verify are ConfigError (start-up stops); a registry not answering yet is a SinkError
+        (readiness false, the first batch waits like a sink outage)."""
         try:
             self.producer.check()
         except SinkError as exc:
             raise SinkError(f"cannot reach {self.name}: {exc}") from None
+        if self.registry is not None:
+            down = self.registry.check()
+            if down:
+                raise SinkError(f"{self.name}: {down}")
 
     def close(self) -> None:
         if self._producer is not None:

@@ -102,23 +102,30 @@ def check_producer(schema: dict, model: Model, id_field: str = "id") -> tuple[li
 
 
 def run_schema(settings: Settings, producer: str | None, fmt: str = "jsonschema") -> int:
-    """Print the model's input schema, or (``producer``: a JSON Schema file) check it; the exit code."""
+    """Print the model's input schema, or check ``producer`` (a JSON Schema file, or ``registry:SUBJECT[/VERSION]``:
+    a subject's schema from the Schema Registry, any of its formats); the exit code."""
     from workers.scoring.model import load_model
 
     model = load_model(settings.model, settings.s3, settings.mlflow)
     if producer:
-        try:
-            with open(producer, "rb") as fh:
-                theirs = orjson.loads(fh.read())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise ConfigError("--check", f"cannot read {producer} as JSON: {exc}") from None
-        _object_schema(theirs, producer)
+        origin = producer
+        if producer.startswith("registry:"):
+            from workers.tools.schemaregistry import fetch
+
+            theirs, origin = fetch(settings.schema_registry, producer)
+        else:
+            try:
+                with open(producer, "rb") as fh:
+                    theirs = orjson.loads(fh.read())
+            except (OSError, orjson.JSONDecodeError) as exc:
+                raise ConfigError("--check", f"cannot read {producer} as JSON: {exc}") from None
+        _object_schema(theirs, origin)
         errors, warnings = check_producer(theirs, model, settings.scoring.id_column)
         for line in errors:
             click.echo(f"error: {line}")
         for line in warnings:
             click.echo(f"warning: {line}")
-        click.echo(f"{producer}: {len(errors)} error(s), {len(warnings)} warning(s) against {model.version}")
+        click.echo(f"{origin}: {len(errors)} error(s), {len(warnings)} warning(s) against {model.version}")
         return 1 if errors else 0
     if fmt == "avro":
         click.echo(orjson.dumps(avro_input_schema(model, settings.scoring.id_column, settings.scoring.passthrough),

@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -304,74 +305,71 @@ class Pipeline(StoreSteps):
             if held:
                 self.source.resume()
 
-    def retry_store(self, records: Batch, state: StoreState) -> bool:
-        """Main thread: retry steps 3-4 with backoff, staying in the group; False when the batch was dropped.
-
-        Each attempt runs on the retry lane and is awaited with ``await_call`` (bounded by the shutdown)."""
+    def paused_retry(self, records: Batch, what: str, attempt: Callable[[float], bool | None]) -> bool:
+        """Main thread: the one "paused wait and retry" loop of a batch that cannot go on yet (the sink fails, the
+        registry does not answer). Between attempts, with a backoff doubling up to ``retry_backoff_max_s``:
+        partitions paused, the member kept in the group (``Source.keep_alive``), health ticking, lag current;
+        readiness names the cause (set by the caller's ``attempt`` when it fails). ``attempt(next_backoff)``
+        returns True (done), False (give the batch up) or None (failed: wait and try again). False when the
+        shutdown bound passed or every partition of the batch was revoked meanwhile: dropped uncommitted."""
         backoff = min(0.2, self.settings.stream.retry_backoff_max_s)  # the first wait, never over the max
         batch_tps = records.partition_set()
-        while True:
-            until = time.monotonic() + backoff
-            while time.monotonic() < until:
-                if self.stop.passed():
-                    log.warning("shutdown bound reached with the batch unstored; dropped uncommitted")
+        try:
+            while True:
+                until = time.monotonic() + backoff
+                while time.monotonic() < until:
+                    if self.stop.passed():
+                        log.warning(f"shutdown bound reached with {what}; dropped uncommitted")
+                        return False
+                    self.health.tick()
+                    self.source.keep_alive(int(min(500, max(until - time.monotonic(), 0.01) * 1000)))
+                    # Lag keeps growing while we wait: keep it (and stall detection) current.
+                    self.lag.update(set())
+                if not batch_tps & self.source.assignment():
+                    log.info(f"every partition of the batch waiting ({what}) was revoked; dropped for the new owner")
                     return False
-                self.health.tick()
-                self.source.keep_alive(int(min(500, max(until - time.monotonic(), 0.01) * 1000)))
-                # Lag keeps growing while we wait: keep it (and stall detection) current.
-                self.lag.update(set())
-            if not batch_tps & self.source.assignment():
-                log.info("every partition of the unstored batch was revoked; dropped for the new owner")
-                self.source.resume()
-                return False
-            backoff = min(backoff * 2, self.settings.stream.retry_backoff_max_s)
+                backoff = min(backoff * 2, self.settings.stream.retry_backoff_max_s)
+                done = attempt(backoff)
+                if done is not None:
+                    return done
+        finally:
+            self.source.resume()
+
+    def retry_store(self, records: Batch, state: StoreState) -> bool:
+        """Main thread: retry steps 3-4 (``paused_retry``); False when the batch was dropped. Each attempt runs on
+        the retry lane and is awaited with ``await_call`` (bounded by the shutdown)."""
+
+        def attempt(backoff: float) -> bool | None:
             try:
-                if self.await_call(self.retry_lane.submit(self.attempt, records, state)) is ABANDONED:
-                    return False
-                self.source.resume()
-                return True
+                return self.await_call(self.retry_lane.submit(self.attempt, records, state)) is not ABANDONED
             except SinkError as exc:
                 self.sink_failed(exc, backoff)
+                return None
             except BadRecordStop:
-                self.source.resume()
                 return False
+
+        return self.paused_retry(records, "the batch unstored", attempt)
 
     def fetch_schemas(self, records: Batch) -> bool:
         """Main thread, before decoding: the schemas the batch names. While the registry does not answer, the
-        batch waits like a sink outage: partitions paused, the member kept in the group, readiness naming the
-        registry, the batches before it committed, nothing after it polled. False when the batch was dropped
-        (the shutdown bound passed, or every partition of it was revoked)."""
+        batch waits like a sink outage (``paused_retry``), the batches before it committed, nothing after it
+        polled. False when the batch was dropped (the shutdown bound passed, or every partition of it was
+        revoked)."""
         assert self.wire is not None
-        try:
-            self.wire.prepare(records.values())
-            return self._registry_back()
-        except RegistryUnavailable as exc:
-            self._registry_failed(exc, 0.2)
-        self.drain()  # what was polled before this batch stores and commits meanwhile
-        backoff = min(0.2, self.settings.stream.retry_backoff_max_s)
-        batch_tps = records.partition_set()
-        while True:
-            until = time.monotonic() + backoff
-            while time.monotonic() < until:
-                if self.stop.passed():
-                    log.warning("shutdown bound reached with the batch's schemas not fetched; dropped uncommitted")
-                    self.source.resume()
-                    return False
-                self.health.tick()
-                self.source.keep_alive(int(min(500, max(until - time.monotonic(), 0.01) * 1000)))
-                self.lag.update(set())
-            if not batch_tps & self.source.assignment():
-                log.info("every partition of the undecoded batch was revoked; dropped for the new owner")
-                self.source.resume()
-                return False
-            backoff = min(backoff * 2, self.settings.stream.retry_backoff_max_s)
+        wire = self.wire
+
+        def attempt(backoff: float) -> bool | None:
             try:
-                self.wire.prepare(records.values())
+                wire.prepare(records.values())
             except RegistryUnavailable as exc:
                 self._registry_failed(exc, backoff)
-                continue
-            self.source.resume()
+                return None
             return self._registry_back()
+
+        if attempt(0.2):
+            return True
+        self.drain()  # what was polled before this batch stores and commits meanwhile
+        return self.paused_retry(records, "the batch's schemas not fetched", attempt)
 
     def _registry_failed(self, exc: Exception, backoff: float) -> None:
         self.metrics.registry_errors.inc()
