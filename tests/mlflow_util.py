@@ -8,12 +8,16 @@ to the server's REST API, which is the point.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +33,9 @@ for op in json.loads(sys.argv[1]):
     kind = op["op"]
     if kind == "booster":  # log a Booster (text model.lgb) and register it as a new version of op["name"]
         with mlflow.start_run() as run:
+            # explicit requirements: inferring them loads the model in a subprocess (seconds per model)
             info = mlflow.lightgbm.log_model(lgb.Booster(model_file=op["file"]), name="model",
-                                             registered_model_name=op["name"])
+                                             registered_model_name=op["name"], pip_requirements=["lightgbm"])
         out.append({"run_id": run.info.run_id, "version": str(info.registered_model_version)})
     elif kind == "sklearn":  # an LGBMClassifier logged as is: pickled (or skops) by the flavor
         from lightgbm import LGBMClassifier
@@ -38,7 +43,8 @@ for op in json.loads(sys.argv[1]):
         clf = LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y)
         with mlflow.start_run():
             info = mlflow.lightgbm.log_model(clf, name="model", registered_model_name=op["name"],
-                                             serialization_format=op.get("format", "pickle"))
+                                             serialization_format=op.get("format", "pickle"),
+                                             pip_requirements=["lightgbm", "scikit-learn"])
         out.append({"version": str(info.registered_model_version)})
     elif kind == "alias":
         client.set_registered_model_alias(op["name"], op["alias"], op["version"])
@@ -94,13 +100,115 @@ class MlflowServer:
         return self.client({"op": "booster", "name": name, "file": file})[0]["version"]
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.client({"op": "alias", "name": name, "alias": alias, "version": version})
+        """Move an alias with the registry's REST call (what MlflowClient.set_registered_model_alias sends), so a
+        test does not pay a client process (importing mlflow takes seconds)."""
+        body = json.dumps({"name": name, "alias": alias, "version": version}).encode()
+        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/registered-models/alias", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert reply.status == 200, reply.status
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
-                self.proc.wait(20)
+                self.proc.wait(3)  # nothing to keep: the folder is thrown away
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
+
+
+class RegistryProxy:
+    """An HTTP proxy in front of the MLflow server for one worker, that the test steers: ``script(suffix,
+    actions)`` makes the next requests whose path ends with ``suffix`` answer 503 ("fail") or wait until
+    ``release()`` ("hold") before going through; ``cut()`` drops every request unanswered until ``restore()``.
+    ``seen`` counts the requests per suffix scripted. Real traffic otherwise: every byte comes from the server."""
+
+    def __init__(self, port: int):
+        self.target = ("127.0.0.1", port)
+        self.rules: dict[str, deque[str]] = {}
+        self.seen: dict[str, int] = {}
+        self.held = 0  # requests waiting for release() now
+        self.released = threading.Event()
+        self.up = True
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                proxy._handle(self)
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def script(self, suffix: str, *actions: str) -> None:
+        with self.lock:
+            self.rules.setdefault(suffix, deque()).extend(actions)
+            self.seen.setdefault(suffix, 0)
+            if "hold" in actions:
+                self.released.clear()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def cut(self) -> None:
+        self.up = False
+
+    def restore(self) -> None:
+        self.up = True
+
+    def _action(self, path: str) -> str:
+        with self.lock:
+            for suffix, actions in self.rules.items():
+                if path.split("?", 1)[0].endswith(suffix):
+                    self.seen[suffix] += 1
+                    return actions.popleft() if actions else "pass"
+        return "pass"
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        if not self.up:
+            h.close_connection = True  # no answer at all: the client sees the connection dropped
+            return
+        action = self._action(h.path)
+        if action == "fail":
+            body = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected by the test proxy"}'
+            h.send_response(503)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return
+        if action == "hold":
+            with self.lock:
+                self.held += 1
+            self.released.wait(120)
+            with self.lock:
+                self.held -= 1
+        length = int(h.headers.get("Content-Length") or 0)
+        data = h.rfile.read(length) if length else None
+        conn = http.client.HTTPConnection(*self.target, timeout=60)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("host", "connection")}
+        conn.request(h.command, h.path, body=data, headers=headers)
+        reply = conn.getresponse()
+        payload = reply.read()
+        h.send_response(reply.status)
+        for key, value in reply.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                h.send_header(key, value)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+        conn.close()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
