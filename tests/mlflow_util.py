@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,34 +21,42 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs in the mlflow venv: each op logs, registers or moves something; prints one JSON list of results.
+# Runs in the mlflow venv, started with the server (importing mlflow takes seconds: it overlaps the server's
+# start-up and is paid once a session): reads one JSON list of ops a line; each op logs, registers or moves
+# something; answers one line, RESULT and the JSON list of results (or ERROR and the traceback's last line).
 _CLIENT = r"""
-import json, sys, warnings
+import json, sys, traceback, warnings
 warnings.filterwarnings("ignore")
 import lightgbm as lgb, mlflow, numpy as np
 client = mlflow.MlflowClient()
-out = []
-for op in json.loads(sys.argv[1]):
-    kind = op["op"]
-    if kind == "booster":  # log a Booster (text model.lgb) and register it as a new version of op["name"]
-        with mlflow.start_run() as run:
-            # explicit requirements: inferring them loads the model in a subprocess (seconds per model)
-            info = mlflow.lightgbm.log_model(lgb.Booster(model_file=op["file"]), name="model",
-                                             registered_model_name=op["name"], pip_requirements=["lightgbm"])
-        out.append({"run_id": run.info.run_id, "version": str(info.registered_model_version)})
-    elif kind == "sklearn":  # an LGBMClassifier logged as is: pickled (or skops) by the flavor
-        from lightgbm import LGBMClassifier
-        x = np.random.default_rng(0).normal(size=(200, 8)); y = (x[:, 0] > 0).astype(int)
-        clf = LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y)
-        with mlflow.start_run():
-            info = mlflow.lightgbm.log_model(clf, name="model", registered_model_name=op["name"],
-                                             serialization_format=op.get("format", "pickle"),
-                                             pip_requirements=["lightgbm", "scikit-learn"])
-        out.append({"version": str(info.registered_model_version)})
-    elif kind == "alias":
-        client.set_registered_model_alias(op["name"], op["alias"], op["version"])
-        out.append({})
-print("RESULT " + json.dumps(out))
+print("READY", flush=True)
+for line in sys.stdin:
+    try:
+        out = []
+        for op in json.loads(line):
+            kind = op["op"]
+            if kind == "booster":  # log a Booster (text model.lgb) and register it as a new version of op["name"]
+                with mlflow.start_run() as run:
+                    # explicit requirements: inferring them loads the model in a subprocess (seconds per model)
+                    info = mlflow.lightgbm.log_model(lgb.Booster(model_file=op["file"]), name="model",
+                                                     registered_model_name=op["name"], pip_requirements=["lightgbm"])
+                out.append({"run_id": run.info.run_id, "version": str(info.registered_model_version)})
+            elif kind == "sklearn":  # an LGBMClassifier logged as is: pickled (or skops) by the flavor
+                from lightgbm import LGBMClassifier
+                x = np.random.default_rng(0).normal(size=(200, 8)); y = (x[:, 0] > 0).astype(int)
+                clf = LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y)
+                with mlflow.start_run():
+                    info = mlflow.lightgbm.log_model(clf, name="model", registered_model_name=op["name"],
+                                                     serialization_format=op.get("format", "pickle"),
+                                                     pip_requirements=["lightgbm", "scikit-learn"])
+                out.append({"version": str(info.registered_model_version)})
+            elif kind == "alias":
+                client.set_registered_model_alias(op["name"], op["alias"], op["version"])
+                out.append({})
+        print("RESULT " + json.dumps(out), flush=True)
+    except Exception:
+        traceback.print_exc()
+        print("ERROR " + traceback.format_exc().strip().splitlines()[-1], flush=True)
 """
 
 
@@ -73,6 +80,11 @@ class MlflowServer:
              "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1",
              "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.client_log = folder / "client.log"
+        self.client_lock = threading.Lock()
+        self.client_proc = subprocess.Popen([python, "-c", _CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=open(self.client_log, "w"), text=True,
+                                            env={**os.environ, "MLFLOW_TRACKING_URI": self.url})
 
     def wait_ready(self, timeout: float = 90.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -87,14 +99,19 @@ class MlflowServer:
         return False
 
     def client(self, *ops: dict) -> list[dict]:
-        """Run ``ops`` with the real mlflow client (one process for all of them: importing mlflow takes seconds)."""
-        proc = subprocess.run([self.python, "-c", _CLIENT, json.dumps(list(ops))], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": self.url})
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise AssertionError(f"mlflow client failed (exit {proc.returncode})")
-        return json.loads(lines[-1].removeprefix("RESULT "))
+        """Run ``ops`` with the real mlflow client (the session's client process; calls are serialised)."""
+        with self.client_lock:
+            if self.client_proc.poll() is not None:
+                raise AssertionError(f"mlflow client exited ({self.client_proc.returncode}): see {self.client_log}")
+            assert self.client_proc.stdin is not None and self.client_proc.stdout is not None
+            self.client_proc.stdin.write(json.dumps(list(ops)) + "\n")
+            self.client_proc.stdin.flush()
+            for line in self.client_proc.stdout:
+                if line.startswith("RESULT "):
+                    return json.loads(line.removeprefix("RESULT "))
+                if line.startswith("ERROR "):
+                    raise AssertionError(f"mlflow client failed: {line[6:].strip()} (see {self.client_log})")
+            raise AssertionError(f"mlflow client exited: see {self.client_log}")
 
     def log_booster(self, name: str, file: str) -> str:
         return self.client({"op": "booster", "name": name, "file": file})[0]["version"]
@@ -109,6 +126,9 @@ class MlflowServer:
             assert reply.status == 200, reply.status
 
     def stop(self) -> None:
+        if self.client_proc.poll() is None:
+            self.client_proc.kill()
+            self.client_proc.wait()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
