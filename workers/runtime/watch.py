@@ -197,6 +197,8 @@ class RoutingWatcher:
             return False
         attempt = "retry" if retry and now == self.seen and not forced else "first"
         follows = any(alias_of(f) for f in self.files)
+        if now != self.seen:
+            self.failures = 0  # something else to load: its retries start from the first delay
         self.seen = now
         try:
             router = self.load()
