@@ -109,6 +109,16 @@ class Metrics:
         self.mlflow_alias_version = Gauge("scoring_mlflow_alias_version", "Registry version a followed "
                                           "models:/NAME@ALIAS names, as last resolved", ["model", "alias"],
                                           registry=r)
+        self.mlflow_loads = Counter("scoring_mlflow_loads", "Loads of a routing that follows an MLflow alias, by "
+                                    "result (ok/failed) and attempt (first: on a change; retry: a failed load "
+                                    "retried with backoff)", ["result", "attempt"], registry=r)
+        self.mlflow_switches = Counter("scoring_mlflow_switches", "Alias moves by outcome: ok (the version it "
+                                       "names took over), failed (did not load), timeout (not loaded within "
+                                       "switch_wait_s)", ["result"], registry=r)
+        self.mlflow_switch_waiting = Gauge("scoring_mlflow_switch_waiting", "1 while batches wait for the version "
+                                           "a moved alias names to load", registry=r)
+        self.mlflow_switch_wait = Counter("scoring_mlflow_switch_wait_seconds", "Time batches spent waiting for "
+                                          "a moved alias's version to load", registry=r)
         self.guardrail_tripped = Gauge("scoring_guardrail_tripped", "1 when a guardrail took the version out",
                                        ["model_version"], registry=r)
 

@@ -227,8 +227,15 @@ class MlflowSettings(_Group):
     password: SecretStr | None = None
     """Password for HTTP basic auth to the MLflow server (never logged)."""
     poll_s: float = Field(30.0, ge=0)
-    """How often a `models:/NAME@ALIAS` model is resolved again; when the alias moved, the new version is loaded,
-    verified and swapped in between batches like a hot reload (0: resolve at start-up only; SIGHUP still does)."""
+    """How often a `models:/NAME@ALIAS` model is resolved again (stream, serve); a batch is scored by the version
+    the alias named at the latest resolve before it began (0: resolve at start-up only; SIGHUP still does)."""
+    switch_wait_s: float = Field(30.0, ge=0, le=600)
+    """How long a batch (serve: a request) waits for the version a moved alias names to load and verify, instead
+    of starting on the old one; past it, or when the load fails, the old version scores it."""
+    retry_s: float = Field(5.0, gt=0, le=3600)
+    """First retry delay of a failed load of the version a followed alias names (doubles on each failure)."""
+    retry_max_s: float = Field(300.0, gt=0, le=86400)
+    """Longest delay between retries of a failed load of a followed alias's version."""
     timeout_s: float = Field(10.0, gt=0, le=600)
     """Timeout of one HTTP request to the MLflow server (registry call or artifact download)."""
 

@@ -171,8 +171,8 @@ class DataPlane:
         """OIP infer: ``parse`` reads the request for a model (its feature order and categories; REST and gRPC
         bring their own), called again only when the sticky choice has other features than the primary.
         ``arrival``: the batcher arrival the front end opened when the request came in (see ``batcher``)."""
+        router = await self.routing.current_async()  # first: a request during an alias switch waits for it
         chosen = self.version(name, version)
-        router = self.routing.current()
         model = chosen.model if chosen else router.primary.model
         req = parse(model)
         if chosen is None and req.id is not None and len(router.served) > 1:
@@ -228,7 +228,7 @@ class DataPlane:
 
     async def score_events(self, events: list[ce.Event]) -> tuple[list[tuple[dict, dict]], dict[int, str]]:
         """Score, store and answer well-formed events: (reply per event, reason per rejected event)."""
-        router = self.routing.current()
+        router = await self.routing.current_async()
         routed, decoded = router.decode([e.data for e in events], [e.key for e in events], key_as_id=True)
         jobs = router.plan(routed)
         preds = await asyncio.gather(*(self.batcher.predict(job.matrix(), job.version.model) for job in jobs),

@@ -1,8 +1,9 @@
 """Stream health: per-partition lag and stalls, the subscribed topics the broker lacks, the schema registry.
 
 ``/healthz`` (liveness) is the loop ticking; ``/readyz`` (readiness) is false while the sink is down, a
-partition is stalled (lag > 0 with no progress for ``stall_seconds``), a subscribed topic is missing or the
-schema registry a wire format needs does not answer.
+partition is stalled (lag > 0 with no progress for ``stall_seconds``), a subscribed topic is missing, the
+schema registry a wire format needs does not answer, or the next batch waits for the version a moved MLflow
+alias names to load (at most ``SCORING_MLFLOW__SWITCH_WAIT_S``).
 Lag is kept current also while the pipeline waits for its sink, so a stall shows while it lasts.
 
 Lag in seconds (``scoring_consumer_lag_seconds``): how old the oldest record of the partition not yet committed
@@ -19,6 +20,7 @@ Clocks: producer and worker clocks differ; an age below 0 is shown as 0.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.observability import Health, Metrics
@@ -35,6 +37,9 @@ class StreamHealth(Health):
     missing_topics: list[str] = field(default_factory=list)
     #: why the schema registry cannot be used now ("" when it answers): records wait, partitions paused
     registry_error: str = ""
+    #: what the next batch waits for ("" when nothing): the version a moved MLflow alias names, loading
+    #: (the routing watcher's ``waiting``; a callable, so readiness sees the switch from the moment it opens)
+    switching: Callable[[], str] = lambda: ""
 
     def readiness(self) -> tuple[bool, list[str]]:
         ok, problems = super().readiness()
@@ -44,7 +49,10 @@ class StreamHealth(Health):
         registry = self.registry_error
         if registry:
             problems = [*problems, f"schema registry unavailable: {registry}"]
-        return ok and not missing and not registry, problems
+        switching = self.switching()
+        if switching:
+            problems = [*problems, f"MLflow alias moved: {switching}"]
+        return ok and not missing and not registry and not switching, problems
 
 
 class LagWatch:

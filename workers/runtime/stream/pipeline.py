@@ -147,7 +147,8 @@ class Pipeline(StoreSteps):
         Returns how many records the poll took."""
         self.health.tick()
         self.lag.check_topics()
-        router = self.routing.current()  # a reloaded routing starts with this batch
+        # A reloaded routing starts with this batch; after an alias move it waits for the new version (bounded).
+        router = self.routing.current(self._waiting_for_switch)
         if router is not self.router:
             self.router = router
             self.sizer.calibrate(router)
@@ -155,6 +156,13 @@ class Pipeline(StoreSteps):
         polled = trace.now_ns()
         records = self.source.poll_batch(self.sizer.limit, self.settings.stream.max_wait_ms)
         self.dropped_since_poll = set()
+        if records and self.routing.changed:
+            # The batch begins when its poll returns: a switch opened (or a router loaded) while the poll
+            # waited applies to these records too (they may have been produced after the alias moved).
+            router = self.routing.current(self._waiting_for_switch)
+            if router is not self.router:
+                self.router = router
+                self.sizer.calibrate(router)
         self.lag.handed(records)
         routed, decoded = None, None
         if records and self.wire is not None and not self.fetch_schemas(records):
@@ -185,6 +193,11 @@ class Pipeline(StoreSteps):
             self.end_trace(records, False, reason="stopping: not scored, redelivered")
         self.lag.update(records.partition_set())
         return len(records)
+
+    def _waiting_for_switch(self) -> bool:
+        """While the next batch waits for a moved alias's version: alive (readiness says why); a stop ends it."""
+        self.health.tick()
+        return self.stop.requested
 
     def submit(self, records: Batch, routed: Routed | None, decoded: Decoded | None, router: Router) -> None:
         self.drain(keep=1)

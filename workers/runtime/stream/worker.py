@@ -61,6 +61,7 @@ class StreamWorker:
                                    liveness_timeout_s=max(60.0, s.max_poll_interval_ms / 1000))
         given = build_router(settings, self.metrics, model=model) if model is not None else None
         self.routing = RoutingWatcher(settings, self.metrics, given)
+        self.health.switching = lambda: self.routing.waiting
         self.health.model_loaded = True
         self.stop = Stop(s.shutdown_timeout_s)
         self.burst = burst
