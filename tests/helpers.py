@@ -31,7 +31,7 @@ def train(kind: str, rows: int = 3000, rounds: int = 30, seed: int = 1) -> lgb.B
     signal = df.x0 - df.x1 + 0.5 * df.x2 * df.x3
     if categorical:
         signal = signal + (df.color == "green") * 1.0 - (df["size"] == 10) * 0.7
-    params: dict = {"verbose": -1, "num_leaves": 15, "seed": seed}
+    params: dict = {"verbose": -1, "num_leaves": 15, "seed": seed, "num_threads": 1}
     if kind in ("binary", "categorical"):
         params["objective"] = "binary"
         y = (signal + rng.normal(size=rows) * 0.3 > 0).astype(int)
