@@ -132,6 +132,7 @@ class DeltaSink(Sink):
                 if table is None:
                     if not data.num_rows:  # nothing to insert, and no earlier rows to delete
                         return
+                    self._refuse_foreign(path)
                     DeltaTable.create(path, data.schema, mode="ignore", storage_options=self.options or None)
                     continue
                 target = pa.schema(table.schema().to_arrow())
@@ -154,7 +155,7 @@ class DeltaSink(Sink):
                     merger = merger.when_not_matched_by_source_delete(f"t.{_q(UNIT_COLUMN)} = {_lit(unit)}")
                 merger.execute()
                 return
-            except InputError:
+            except (InputError, SinkError):
                 raise
             except Exception as exc:  # noqa: BLE001 - delta-rs raises plain exceptions for conflicts too
                 if not _transient(exc):
@@ -166,6 +167,37 @@ class DeltaSink(Sink):
                          ATTEMPTS)
                 time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
                 pause = min(pause * 2, BACKOFF[1])
+
+    def _foreign(self, path: str) -> str | None:
+        """Why ``path`` (where no Delta table is) must not become one: it is a file, or a folder holding files
+        other than a Delta log (another dataset: a table created there would sit among files it does not
+        know, and a user who named the wrong folder would never be told). None when it is absent or empty (a
+        bare ``_delta_log`` is another shard's table being created)."""
+        import os
+
+        import pyarrow.fs as pafs
+
+        if path.startswith("s3://"):
+            from workers.storage import s3_filesystem
+
+            fs: pafs.FileSystem = s3_filesystem(self.s3)
+            inner = path[len("s3://"):]
+        else:
+            if os.path.exists(path) and not os.path.isdir(path):
+                return f"{path} is a file, not a Delta table folder"
+            fs, inner = pafs.LocalFileSystem(), path
+        entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+        others = sorted(e.base_name for e in entries if e.base_name != "_delta_log")
+        if others:
+            return (f"{path} exists and is not a Delta table (no _delta_log) but holds {len(others)} other "
+                    f"entr{'y' if len(others) == 1 else 'ies'} (e.g. {others[0]!r}); name a new or empty "
+                    "folder, or an existing Delta table")
+        return None
+
+    def _refuse_foreign(self, path: str) -> None:
+        reason = self._foreign(path)
+        if reason is not None:
+            raise SinkError(f"cannot use {self.name}: {reason}")
 
     def _delete_resolved(self, resolved: list[tuple[str, str]]) -> None:
         """Error rows of records these results settle (``Scored.resolved``)."""
@@ -219,6 +251,11 @@ class DeltaSink(Sink):
         import pyarrow.fs as pafs
 
         try:
+            for path in (self.location, self.location + "_errors", self.location + "_inputs"):
+                # A file, or a folder of other files, named as the table: a wrong setting, said before any work.
+                reason = self._foreign(path) if os.path.isfile(path) or self._open(path) is None else None
+                if reason is not None:
+                    raise ConfigError(self.setting, f"{self.name}: {reason}")
             if self._open(self.location) is not None:
                 return
             if self.location.startswith("s3://"):
@@ -227,6 +264,8 @@ class DeltaSink(Sink):
                 bucket = self.location[len("s3://"):].split("/", 1)[0]
                 s3_filesystem(self.s3).get_file_info(pafs.FileSelector(bucket, allow_not_found=False))
                 return
+        except (SinkError, ConfigError):
+            raise
         except Exception as exc:  # noqa: BLE001 - delta-rs' and Arrow's object-store errors alike
             raise SinkError(f"cannot use {self.name}: {str(exc)[:300]}") from None
         folder = os.path.dirname(self.location)

@@ -106,6 +106,25 @@ def delta_table(data: pa.Table) -> tuple[pa.Table, dict[int, str]]:
     return pa.table(cols, names=data.column_names), bad
 
 
+def _lossless(before: pa.ChunkedArray, after: pa.ChunkedArray) -> bool:
+    """Whether every value of ``after`` (``before`` cast) casts back to itself. Arrow's safe cast checks integer
+    overflow and float-to-integer truncation but not float64 -> float32 (0.1234567891 rounded, 1e300 -> inf),
+    float -> decimal (0.125 -> 0.12) or timestamp -> date (the time dropped): those are losses too."""
+    try:
+        back = after.cast(before.type, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+    if not pc.all(pc.equal(pc.is_null(before), pc.is_null(back))).as_py():
+        return False
+    try:
+        same = pc.equal(before, back)
+        if pa.types.is_floating(before.type):  # NaN stays NaN
+            same = pc.or_kleene(same, pc.and_(pc.is_nan(before), pc.is_nan(back)))
+    except pa.ArrowNotImplementedError:  # nested values: compared as Python values
+        return bool(before.to_pylist() == back.to_pylist())
+    return pc.all(pc.fill_null(same, True)).as_py() is not False
+
+
 def conform(data: pa.Table, target: pa.Schema, where: str) -> pa.Table:
     """``data`` with each column the table already has cast to the table's type, when every value survives the
     cast (int32 into int64, 1.0 into an integer); InputError naming the column otherwise (2.5 or 'x' into an
@@ -116,7 +135,10 @@ def conform(data: pa.Table, target: pa.Schema, where: str) -> pa.Table:
         if want is None or data.schema.field(i).type == want:
             continue
         try:
-            data = data.set_column(i, name, data.column(i).cast(want, safe=True))
+            cast = data.column(i).cast(want, safe=True)
+            if not _lossless(data.column(i), cast):
+                raise pa.ArrowInvalid("a value changes in the cast")
+            data = data.set_column(i, name, cast)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             raise InputError(f"column {name!r} is {want} in {where}; these {data.schema.field(i).type} values "
                              "cannot all be held by it (rename the column or write to a new table)") from None

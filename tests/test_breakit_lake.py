@@ -1,0 +1,129 @@
+"""Break-it tests of batch units, the Parquet sink and the Delta Lake sink, with the data real pipelines have:
+each reproduces a defect found by using them as a new user would (issues 18 and 19)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from tests.helpers import frame, write_inputs
+from workers.errors import ConfigError, InputError
+from workers.runtime.batch import run_batch
+from workers.settings import S3Settings, load_settings
+from workers.sinks.delta import DeltaSink
+from workers.sinks.deltatypes import conform
+
+
+def settings_for(model: str, inputs: str, output: str, passthrough: list[str] | None = None, **batch):
+    return load_settings({"model": {"path": model}, "scoring": {"passthrough": passthrough or []},
+                          "batch": {"input": inputs, "output": output, "allow_bad_rows": True, **batch}})
+
+
+# -- a path that is not a Delta table ----------------------------------------------------------------------
+def test_a_folder_of_other_files_named_as_the_delta_table_is_refused_before_anything_is_written(models, tmp_path):
+    """Found: ``--output delta+file:///data/x`` where /data/x held another dataset's Parquet files made it a Delta
+    table among them (exit 0, a _delta_log and our files beside the user's), and a plain file there failed with
+    delta-rs' 'Path does not exist'. Now start-up stops with one line naming the setting, and nothing is made."""
+    inputs = tmp_path / "in"
+    write_inputs(str(inputs), files=1, rows=20)
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    pq.write_table(pa.table({"a": [1, 2]}), foreign / "part-0.parquet")
+    with pytest.raises(ConfigError, match=r"SCORING_BATCH__OUTPUT.*is not a Delta table.*'part-0.parquet'"):
+        run_batch(settings_for(models["binary"], str(inputs), f"delta+file://{foreign}"))
+    assert sorted(p.name for p in foreign.iterdir()) == ["part-0.parquet"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile is a file, not a Delta table folder"):
+        run_batch(settings_for(models["binary"], str(inputs), f"delta+file://{tmp_path / 'afile'}"))
+    # The errors or ledger table's folder holding other files is refused the same way.
+    (tmp_path / "t_inputs").mkdir()
+    (tmp_path / "t_inputs" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="t_inputs exists and is not a Delta table"):
+        run_batch(settings_for(models["binary"], str(inputs), f"delta+file://{tmp_path / 't'}"))
+    assert not (tmp_path / "t").exists()
+    # An empty folder is a table yet to be made, and an existing table is used as it is.
+    (tmp_path / "empty").mkdir()
+    out = f"delta+file://{tmp_path / 'empty'}"
+    assert run_batch(settings_for(models["binary"], str(inputs), out)).rows == 20
+    pq.write_table(pa.Table.from_pandas(frame(20, seed=7), preserve_index=False), inputs / "more.parquet")
+    assert run_batch(settings_for(models["binary"], str(inputs), out)).rows == 20
+    assert DeltaTable(str(tmp_path / "empty")).to_pyarrow_table().num_rows == 40
+
+
+def test_a_bare_delta_log_is_another_shard_creating_the_table_not_a_foreign_folder(tmp_path):
+    (tmp_path / "t" / "_delta_log").mkdir(parents=True)
+    sink = DeltaSink(f"delta+file://{tmp_path / 't'}", S3Settings(), "SCORING_BATCH__OUTPUT")
+    assert sink._foreign(str(tmp_path / "t")) is None
+    sink.check()
+
+
+def test_an_s3_prefix_holding_other_objects_is_refused_as_the_delta_table(models, tmp_path, s3_endpoint, s3_bucket):
+    bucket, client = s3_bucket
+    client.put_object(Bucket=bucket, Key="lake/scores/part-0.parquet", Body=b"not ours")
+    inputs = tmp_path / "in"
+    write_inputs(str(inputs), files=1, rows=10)
+    s3 = {"endpoint_url": s3_endpoint, "access_key_id": "test", "secret_access_key": "test"}
+    settings = load_settings({"model": {"path": models["binary"]}, "s3": s3,
+                              "batch": {"input": str(inputs), "output": f"delta+s3://{bucket}/lake/scores"}})
+    with pytest.raises(ConfigError, match="is not a Delta table.*'part-0.parquet'"):
+        run_batch(settings)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys == ["lake/scores/part-0.parquet"]
+    settings = load_settings({"model": {"path": models["binary"]}, "s3": s3,
+                              "batch": {"input": str(inputs), "output": f"delta+s3://{bucket}/lake/new"}})
+    assert run_batch(settings).rows == 10
+
+
+# -- a later file's values the table's column type would change ---------------------------------------------
+def test_float64_values_into_a_float32_column_are_refused_not_rounded(models, tmp_path):
+    """Found: day 1 wrote a float32 passthrough (Spark FloatType, pandas downcast), so the table's column is
+    float; day 2's float64 values were stored rounded (0.123456789012 -> 0.12345679) and 1e300 as inf, exit 0.
+    Arrow's safe cast does not check float narrowing; now day 2 fails alone with the reason."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    d1 = frame(3, seed=1)
+    d1["amount"] = np.float32([0.5, 0.25, 2.0])
+    pq.write_table(pa.Table.from_pandas(d1, preserve_index=False), inputs / "day1.parquet")
+    d2 = frame(3, seed=2)
+    d2["amount"] = [0.123456789012, 1e300, 2.5]
+    pq.write_table(pa.Table.from_pandas(d2, preserve_index=False), inputs / "day2.parquet")
+    out = tmp_path / "t"
+    report = run_batch(settings_for(models["binary"], str(inputs), f"delta+file://{out}", ["amount"]))
+    assert report.files_scored == 1 and [r for r, _ in report.failed] == ["day2.parquet"], report.failed
+    assert "column 'amount' is float" in report.failed[0][1]
+    got = {r["id"]: r["amount"] for r in DeltaTable(str(out)).to_pyarrow_table().to_pylist()}
+    assert got == {"r1-0": 0.5, "r1-1": 0.25, "r1-2": 2.0}
+
+
+@pytest.mark.parametrize(("values", "want"), [
+    (pa.array([0.1234567891234], pa.float64()), pa.float32()),
+    (pa.array([1e300], pa.float64()), pa.float32()),
+    (pa.array([0.125], pa.float64()), pa.decimal128(10, 2)),
+    (pa.array([dt.datetime(2026, 12, 1, 12, 30)], pa.timestamp("us")), pa.date32()),
+    (pa.array([{"a": 1.123456789}], pa.struct([("a", pa.float64())])), pa.struct([("a", pa.float32())])),
+], ids=["float-rounded", "float-overflow", "decimal-rounded", "time-dropped", "nested-float"])
+def test_a_cast_that_changes_a_value_is_refused(values, want):
+    with pytest.raises(InputError, match="cannot all be held"):
+        conform(pa.table({"p": values}), pa.schema([("p", want)]), "t")
+
+
+@pytest.mark.parametrize(("values", "want"), [
+    (pa.array([0.5, float("nan"), None], pa.float64()), pa.float32()),
+    (pa.array([3, None], pa.int32()), pa.int64()),
+    (pa.array([3.0, None]), pa.int64()),
+    (pa.array([decimal.Decimal("0.25")], pa.decimal128(12, 4)), pa.decimal128(10, 2)),
+    (pa.array([dt.datetime(2026, 12, 1)], pa.timestamp("us")), pa.date32()),
+    (pa.array([[1, 2], None], pa.list_(pa.int32())), pa.list_(pa.int64())),
+], ids=["float-exact", "int-widened", "whole-float", "decimal-exact", "midnight", "list-widened"])
+def test_a_cast_that_keeps_every_value_is_done(values, want):
+    got = conform(pa.table({"p": values}), pa.schema([("p", want)]), "t")["p"]
+    assert got.type == want
+    assert pd.isna(pd.Series(got.to_pylist(), dtype=object)).tolist() == pd.isna(
+        pd.Series(values.to_pylist(), dtype=object)).tolist()
