@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,11 +18,14 @@ import pytest
 from deltalake import DeltaTable
 
 from tests.helpers import frame, write_inputs
-from workers.errors import ConfigError, InputError
+from workers.errors import ConfigError, InputError, RowsRejected
 from workers.runtime.batch import run_batch
+from workers.scoring.scorer import Scored
 from workers.settings import S3Settings, load_settings
 from workers.sinks.delta import DeltaSink
 from workers.sinks.deltatypes import conform
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def settings_for(model: str, inputs: str, output: str, passthrough: list[str] | None = None, **batch):
@@ -127,3 +134,63 @@ def test_a_cast_that_keeps_every_value_is_done(values, want):
     assert got.type == want
     assert pd.isna(pd.Series(got.to_pylist(), dtype=object)).tolist() == pd.isna(
         pd.Series(values.to_pylist(), dtype=object)).tolist()
+
+
+# -- the process ends as the run did -------------------------------------------------------------------------
+def test_reruns_that_read_the_delta_ledger_exit_0_every_time(models, tmp_path):
+    """Found: a rerun (every unit skipped) or ``compare`` on a Delta table printed its summary and then aborted
+    at exit, "terminate called without an active exception", exit 134, in about one run of five: delta-rs read
+    the ledger through a Python-backed pyarrow filesystem, whose I/O threads outlive the interpreter. A Job pod
+    would be counted failed and run again. Every rerun here must exit 0 (the old code failed this test in one
+    of two tries here: the abort is a race, so a pass proves less than a failure)."""
+    inputs = tmp_path / "in"
+    write_inputs(str(inputs), files=3, rows=200, row_group=50)
+    out = f"delta+file://{tmp_path / 't'}"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    base = [sys.executable, "-m", "workers"]
+    first = subprocess.run([*base, "batch", "--model", models["binary"], "--input", str(inputs), "--output", out,
+                            "--unit-bytes", "3000", "--progress", "log"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    codes = []
+    for k in range(15):
+        args = (["compare", "--results", out, "--json"] if k % 5 == 4 else
+                ["batch", "--model", models["binary"], "--input", str(inputs), "--output", out, "--unit-bytes",
+                 "3000", "--progress", "log"])
+        run = subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=120)
+        codes.append(run.returncode)
+        if args[0] == "batch" and run.returncode == 0:
+            assert json.loads(run.stdout)["files_scored"] == 0
+    assert codes == [0] * 15, codes
+
+
+# -- ids Delta would make equal -------------------------------------------------------------------------------
+def test_timestamp_ids_that_differ_below_a_microsecond_are_refused_not_stored_as_one_key_twice(models, tmp_path):
+    """Found: pandas writes timestamp[ns]; Delta holds microseconds, so ids 10:00:00.000000001 and ...002 were
+    both stored as 10:00:00.000000: one (id, model_version) key twice in the table, exit 0. Now such a file
+    fails alone naming the id (as other rows the store cannot hold); whole microseconds are stored exactly."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    df = frame(4, seed=9)
+    df["id"] = pd.to_datetime(["2026-12-01 10:00:00.000000001", "2026-12-01 10:00:00.000000002",
+                               "2026-12-01 10:00:00.000001", "2026-12-01 10:00:00.000002"]).tz_localize("Europe/Berlin")
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), inputs / "ns.parquet")
+    ok = frame(3, seed=8)
+    ok["id"] = pd.to_datetime(["2026-12-01 10:00:00.000001", "2026-12-01 10:00:00.000002",
+                               "2026-12-01 10:00:00.000003"]).tz_localize("Europe/Berlin")
+    pq.write_table(pa.Table.from_pandas(ok, preserve_index=False), inputs / "us.parquet")
+    out = tmp_path / "t"
+    report = run_batch(settings_for(models["binary"], str(inputs), f"delta+file://{out}"))
+    assert [r for r, _ in report.failed] == ["ns.parquet"], report.failed
+    assert "has nanoseconds" in report.failed[0][1]
+    ids = DeltaTable(str(out)).to_pyarrow_table().column("id").to_pylist()
+    assert sorted(ids) == [dt.datetime(2026, 12, 1, 9, 0, 0, us, tzinfo=dt.UTC) for us in (1, 2, 3)]
+    # Stream: the rows are refused with the reason (dead-lettered by the worker), the others stored.
+    sink = DeltaSink(f"delta+file://{tmp_path / 's'}", S3Settings(), "SCORING_STREAM__SINK")
+    ns = pa.array([1_000_000_000_000_000_001, 1_000_000_000_000_000_002, 1_000_000_000_000_001_000],
+                  pa.timestamp("ns", "UTC"))
+    results = pa.table({"id": ns, "model_version": ["v1"] * 3, "score": [0.1, 0.2, 0.3], "topic": ["in"] * 3,
+                        "partition": pa.array([0] * 3, pa.int32()), "offset": pa.array([1, 2, 3], pa.int64())})
+    with pytest.raises(RowsRejected) as caught:
+        sink.write_batch(Scored(results, pa.table({"id": pa.array([], pa.string())})))
+    assert sorted(caught.value.rows) == [0, 1] and "nanoseconds" in caught.value.rows[0]

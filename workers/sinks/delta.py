@@ -20,8 +20,9 @@ update, else insert, so a rewritten unit or a redelivered stream batch stores ea
 
 Value mapping (Delta has signed integers, float, double, decimal(<=38), string, binary, boolean, date,
 timestamp in microseconds, arrays, maps, structs): uint8/16/32 -> the next wider signed integer; uint64 ->
-decimal(20, 0); timestamps -> microseconds (a zone -> UTC); date64 -> date; time -> ISO text; duration -> its
-count (int64, in the column's unit); uuid -> text; JSON text (``arrow.json``) -> the text; intervals, unions
+decimal(20, 0); timestamps -> microseconds (a zone -> UTC; an id with nanoseconds is a row Delta cannot
+hold: two would become one key); date64 -> date; time -> ISO text; duration -> its count (int64, in the
+column's unit); uuid -> text; JSON text (``arrow.json``) -> the text; intervals, unions
 and nested values holding any of these -> JSON text (``tables.json_texts``). A decimal of more than 38 digits
 cannot be held: that input fails alone (batch) or its records are dead-lettered with the reason (stream).
 """
@@ -75,6 +76,20 @@ def storage_options(location: str, s3: S3Settings) -> dict[str, str]:
         opts["AWS_ACCESS_KEY_ID"] = s3.access_key_id
         opts["AWS_SECRET_ACCESS_KEY"] = s3.secret_access_key.get_secret_value() if s3.secret_access_key else ""
     return opts
+
+
+def arrow_filesystem(location: str, s3: S3Settings):  # -> pyarrow.fs.FileSystem
+    """A pyarrow filesystem rooted at the table, for ``DeltaTable.to_pyarrow_table(filesystem=...)``. Without
+    one, delta-rs reads through a ``PyFileSystem`` whose handler is Python: pyarrow's I/O threads then call
+    into Python, and the process aborted at exit ("terminate called without an active exception", exit 134)
+    after a run that read a table, in about one run of five (measured on reruns whose ledger was read)."""
+    import pyarrow.fs as pafs
+
+    if location.startswith("s3://"):
+        from workers.storage import s3_filesystem
+
+        return pafs.SubTreeFileSystem(location[len("s3://"):], s3_filesystem(s3))
+    return pafs.SubTreeFileSystem(location, pafs.LocalFileSystem())
 
 
 def _q(name: str) -> str:
@@ -215,7 +230,7 @@ class DeltaSink(Sink):
         duplicates collapsed. RowsRejected (nothing stored) for rows Delta cannot hold."""
         results, keep, errors = keyed_rows(scored, unit, self.setting)
         try:
-            data, bad = delta_table(results)
+            data, bad = delta_table(results, RESULT_KEY)
             err, err_bad = delta_table(errors) if errors.num_rows else (errors, {})
         except InputError as exc:
             if unit is not None:
@@ -287,7 +302,7 @@ class DeltaUnit(UnitWriter):
         their indices; a type it cannot hold at all: InputError), and keeps them for ``commit``."""
         try:
             keyed_rows(scored, self.unit, self.sink.setting)
-            _, bad = delta_table(scored.results)
+            _, bad = delta_table(scored.results, RESULT_KEY)
         except (InputError, ConfigError) as exc:  # this input fails alone
             raise InputError(f"{self.sink.name}: {exc}") from None
         if bad:
@@ -329,7 +344,8 @@ class DeltaLedger(Ledger):
         if self._seen is None:
             try:
                 table = self.sink._open(self.path)
-                rows = table.to_pyarrow_table(columns=["unit", "fingerprint"]).to_pylist() if table else []
+                rows = table.to_pyarrow_table(columns=["unit", "fingerprint"], filesystem=arrow_filesystem(
+                    self.path, self.sink.s3)).to_pylist() if table else []
             except Exception as exc:  # noqa: BLE001
                 raise SinkError(f"reading the ledger of {self.sink.name}: {str(exc)[:300]}") from None
             self._seen = {r["unit"]: r["fingerprint"] for r in rows}
@@ -356,7 +372,8 @@ def read_delta(uri: str, s3: S3Settings, setting: str, columns: list[str]) -> pa
     try:
         table = DeltaTable(location, storage_options=storage_options(location, s3) or None)
         present = table.schema().to_arrow().names
-        return table.to_pyarrow_table(columns=[c for c in columns if c in present])
+        return table.to_pyarrow_table(columns=[c for c in columns if c in present],
+                                      filesystem=arrow_filesystem(location, s3))
     except TableNotFoundError:
         raise ConfigError(setting, f"no Delta table at {shown}") from None
     except Exception as exc:  # noqa: BLE001 - delta-rs' object-store errors are plain exceptions

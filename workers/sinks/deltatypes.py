@@ -94,11 +94,29 @@ def delta_column(name: str, col: pa.ChunkedArray) -> tuple[pa.ChunkedArray | pa.
         return pa.array(texts, pa.string()), bad
 
 
-def delta_table(data: pa.Table) -> tuple[pa.Table, dict[int, str]]:
-    """The table with every column as Delta holds it, and the rows that cannot be written (with a reason)."""
+def _sub_microsecond(name: str, col: pa.ChunkedArray | pa.Array) -> dict[int, str]:
+    """Rows of a timestamp key column whose value has nanoseconds: Delta keeps microseconds, so two ids that
+    differ below one would become one key (stored twice, and matched by each other's updates)."""
+    t = col.type
+    if not pa.types.is_timestamp(t) or t.unit != "ns":
+        return {}
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    ns = pc.cast(arr, pa.int64())
+    off = pc.fill_null(pc.not_equal(pc.subtract(ns, pc.multiply(pc.divide(ns, 1000), 1000)), 0), False)
+    rows = pc.indices_nonzero(off).to_pylist()
+    return {i: f"{name} {col[i]} has nanoseconds; Delta timestamps hold microseconds, so distinct ids would "
+               "become one" for i in rows}
+
+
+def delta_table(data: pa.Table, keys: tuple[str, ...] = ()) -> tuple[pa.Table, dict[int, str]]:
+    """The table with every column as Delta holds it, and the rows that cannot be written (with a reason);
+    ``keys``: the columns that key the rows, which must stay distinct (``_sub_microsecond``)."""
     cols: list = []
     bad: dict[int, str] = {}
     for name in data.column_names:
+        if name in keys:
+            for i, reason in _sub_microsecond(name, plain(data.column(name))).items():
+                bad.setdefault(i, reason)
         col, refused = delta_column(name, data.column(name))
         cols.append(col)
         for i, reason in refused.items():
