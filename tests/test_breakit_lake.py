@@ -194,3 +194,22 @@ def test_timestamp_ids_that_differ_below_a_microsecond_are_refused_not_stored_as
     with pytest.raises(RowsRejected) as caught:
         sink.write_batch(Scored(results, pa.table({"id": pa.array([], pa.string())})))
     assert sorted(caught.value.rows) == [0, 1] and "nanoseconds" in caught.value.rows[0]
+
+
+# -- a results table removed to start over -------------------------------------------------------------------
+def test_a_removed_results_table_is_scored_again_although_its_ledger_table_was_left(models, tmp_path):
+    """Found: ``rm -r /lake/scores`` to start over leaves the sibling ledger ``/lake/scores_inputs``; the rerun
+    skipped every input (exit 0, "files_skipped": 2) and there was no results table at all."""
+    import shutil
+
+    inputs = tmp_path / "in"
+    write_inputs(str(inputs), files=2, rows=30)
+    out = tmp_path / "lake" / "scores"
+    settings = settings_for(models["binary"], str(inputs), f"delta+file://{out}")
+    assert run_batch(settings).rows == 60
+    shutil.rmtree(out)
+    again = run_batch(settings)
+    assert (again.files_scored, again.files_skipped, again.rows) == (2, 0, 60)
+    assert DeltaTable(str(out)).to_pyarrow_table().num_rows == 60
+    third = run_batch(settings)  # and the ledger works again from there
+    assert (third.files_scored, third.files_skipped) == (0, 2)

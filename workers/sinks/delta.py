@@ -344,6 +344,13 @@ class DeltaLedger(Ledger):
         if self._seen is None:
             try:
                 table = self.sink._open(self.path)
+                if table is not None and self.sink._open(self.sink.location) is None:
+                    # The results table was removed (to start over) and its sibling ledger left behind: the
+                    # entries describe results that are gone, so every input is scored again (idempotent:
+                    # only inputs without rows never made the table, and they cost nothing to score again).
+                    log.warning("the ledger %s has entries but the results table is missing: scoring every "
+                                "input again", self.path)
+                    table = None
                 rows = table.to_pyarrow_table(columns=["unit", "fingerprint"], filesystem=arrow_filesystem(
                     self.path, self.sink.s3)).to_pylist() if table else []
             except Exception as exc:  # noqa: BLE001
