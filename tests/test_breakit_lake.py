@@ -213,3 +213,39 @@ def test_a_removed_results_table_is_scored_again_although_its_ledger_table_was_l
     assert DeltaTable(str(out)).to_pyarrow_table().num_rows == 60
     third = run_batch(settings)  # and the ledger works again from there
     assert (third.files_scored, third.files_skipped) == (0, 2)
+
+
+# -- a replaced file cut differently --------------------------------------------------------------------------
+def test_a_replaced_file_cut_otherwise_leaves_no_stale_results_or_errors_in_delta(models, tmp_path):
+    """Found: a big file scored in row-group ranges, then replaced by one with fewer rows and another row-group
+    count (a daily file rewritten), kept the dropped rows under the old ranges' names for good (4000 rows in the
+    table for a 3000-row file), and its old rejected rows too; the same when it shrank to one unit. A write now
+    also replaces the input's rows under its other cuts (the whole file, ranges of another count)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    out = tmp_path / "t"
+    settings = settings_for(models["binary"], str(inputs), f"delta+file://{out}", unit_bytes=30000)
+
+    def write(df: pd.DataFrame, row_group: int) -> None:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), inputs / "f.parquet", row_group_size=row_group)
+
+    def stored() -> tuple[list[str], list[str]]:
+        ids = sorted(DeltaTable(str(out)).to_pyarrow_table().column("id").to_pylist())
+        errs = DeltaTable(str(out) + "_errors")
+        return ids, sorted(errs.to_pyarrow_table().column("id").to_pylist())
+
+    df = frame(4000, seed=1)
+    df["x2"] = df["x2"].map(str).astype(object)
+    df.loc[3900, "x2"] = "bad"
+    write(df, 250)
+    first = run_batch(settings)
+    assert (first.units_in_shard > 1, first.rows, first.rejected) == (True, 3999, 1)
+    assert stored() == (sorted(set(df["id"]) - {"r1-3900"}), ["r1-3900"])
+    write(df.iloc[:3000], 600)  # fewer rows, another row-group count; the bad row is gone
+    second = run_batch(settings)
+    assert (second.units_in_shard > 1, second.rows, second.rejected) == (True, 3000, 0)
+    assert stored() == (sorted(df["id"].iloc[:3000]), [])
+    write(df.iloc[:100], 50)  # small now: one whole-file unit
+    third = run_batch(settings)
+    assert (third.units_in_shard, third.rows) == (1, 100)
+    assert stored() == (sorted(df["id"].iloc[:100]), [])

@@ -6,8 +6,8 @@ update, else insert, so a rewritten unit or a redelivered stream batch stores ea
 
 - A batch unit (one input file or a row-group range) is buffered and written by ``commit`` as *one* MERGE into
   the results, which also deletes the unit's earlier rows the new ones do not replace (``when not matched by
-  source and input_file = unit``): one Delta commit, so a crash leaves the old rows or the new ones, never a
-  mix. Each commit names its unit in the commit metadata (``scoring.unit``, read back with ``history()``).
+  source and input_file = unit``; also the same input's rows under another cut, ``_replaced``): one Delta
+  commit, so a crash leaves the old rows or the new ones, never a mix. Each commit names its unit in the commit metadata (``scoring.unit``, read back with ``history()``).
   The unit's results are held in memory until then (results only: ids, scores and passthrough columns).
 - The ledger is a MERGE into ``<path>_inputs`` after the results commit (the ``Ledger`` order): a crash between
   the two leaves results without an entry, the rerun merges the same keys again: nothing lost, nothing doubled.
@@ -43,6 +43,7 @@ from workers.settings import S3Settings
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.deltatypes import conform, delta_table
 from workers.sinks.tables import ERROR_KEY, POSITION, RESULT_KEY, UNIT_COLUMN, keyed_rows
+from workers.sources.units import RANGE_MARK, split_range
 
 log = logging.getLogger("workers.sinks.delta")
 ATTEMPTS = 40  # commits tried per write before SinkError (conflicts with other shards' commits)
@@ -100,6 +101,21 @@ def _lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _replaced(unit: str, alias: str) -> str:
+    """The stored rows a write of ``unit`` replaces (those it does not rewrite are deleted): the unit's own, and
+    those of the same input under another cut: its whole-file unit and, for a range, the ranges of another
+    row-group count (the file was replaced). Without the other cuts, rows dropped from a replaced input stayed
+    under its old unit names for good. Ranges of the same count are the current cut's (other shards' work)."""
+    col = alias + _q(UNIT_COLUMN)
+    span = split_range(unit)
+    location = unit if span is None else span[0]
+    ranges = f"starts_with({col}, {_lit(location + RANGE_MARK)})"
+    if span is None:
+        return f"({col} = {_lit(unit)} OR {ranges})"
+    return (f"({col} = {_lit(unit)} OR {col} = {_lit(location)} OR ({ranges} AND NOT "
+            f"ends_with({col}, {_lit(f'-of-{span[3]}')})))")
+
+
 def _transient(exc: BaseException) -> bool:
     """A commit that lost a race with another writer (retry from a fresh snapshot), not a wrong table."""
     from deltalake.exceptions import CommitFailedError
@@ -155,7 +171,7 @@ class DeltaSink(Sink):
                 data = conform(data, target, self.name if path == self.location else path)
                 if not data.num_rows:  # an emptied unit: only its earlier rows go
                     if unit is not None and has_unit:
-                        table.delete(f"{_q(UNIT_COLUMN)} = {_lit(unit)}", commit_properties=props)
+                        table.delete(_replaced(unit, ""), commit_properties=props)
                     return
                 on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
                 merger = table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True,
@@ -167,7 +183,7 @@ class DeltaSink(Sink):
                              f"AND t.{off} > s.{off}, false)")
                 merger = merger.when_matched_update_all(predicate=newer).when_not_matched_insert_all()
                 if unit is not None and has_unit:
-                    merger = merger.when_not_matched_by_source_delete(f"t.{_q(UNIT_COLUMN)} = {_lit(unit)}")
+                    merger = merger.when_not_matched_by_source_delete(_replaced(unit, "t."))
                 merger.execute()
                 return
             except (InputError, SinkError):
