@@ -7,7 +7,8 @@ update, else insert, so a rewritten unit or a redelivered stream batch stores ea
 - A batch unit (one input file or a row-group range) is buffered and written by ``commit`` as *one* MERGE into
   the results, which also deletes the unit's earlier rows the new ones do not replace (``when not matched by
   source and input_file = unit``; also the same input's rows under another cut, ``_replaced``): one Delta
-  commit, so a crash leaves the old rows or the new ones, never a mix. Each commit names its unit in the commit metadata (``scoring.unit``, read back with ``history()``).
+  commit, so a crash leaves the old rows or the new ones, never a mix. Each commit names its unit in the commit
+  metadata (``scoring.unit``, read back with ``history()``).
   The unit's results are held in memory until then (results only: ids, scores and passthrough columns).
 - The ledger is a MERGE into ``<path>_inputs`` after the results commit (the ``Ledger`` order): a crash between
   the two leaves results without an entry, the rerun merges the same keys again: nothing lost, nothing doubled.
