@@ -264,3 +264,28 @@ def test_a_hive_partition_value_can_be_passed_through(models, tmp_path):
     report = run_batch(settings_for(models["binary"], str(tmp_path / "lake"), f"delta+file://{out}", ["dt"]))
     assert report.failed == []
     assert {str(v) for v in DeltaTable(str(out)).to_pyarrow_table().column("dt").to_pylist()} == {"2026-12-01"}
+
+
+# -- a Delta table given as input ------------------------------------------------------------------------------
+def test_a_delta_table_as_input_is_refused_not_read_with_its_removed_versions(models, tmp_path):
+    """Found: ``--input`` naming a Delta table (a Spark feature table) read every Parquet file in its folder,
+    the removed versions' too: a table of 50 rows, overwritten once, scored 150 rows, exit 0. Now start-up stops
+    naming the table (exit 2); our own Delta output inside the input folder is still left out as before."""
+    import deltalake
+
+    lake = tmp_path / "lake"
+    df = frame(100, seed=3)
+    deltalake.write_deltalake(str(lake / "features"), pa.Table.from_pandas(df, preserve_index=False))
+    deltalake.write_deltalake(str(lake / "features"), pa.Table.from_pandas(df.iloc[:50], preserve_index=False),
+                              mode="overwrite")
+    for spec in (lake / "features", lake, f"{lake}/*"):
+        with pytest.raises(ConfigError, match=r"SCORING_BATCH__INPUT.*features is a Delta table"):
+            run_batch(settings_for(models["binary"], str(spec), str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+    daily = lake / "raw" / "dt=2026-12-01"
+    daily.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pandas(frame(10, seed=4), preserve_index=False), daily / "part-0.parquet")
+    out = f"delta+file://{lake / 'raw' / 'scores'}"
+    for _ in range(2):  # the second run lists the Delta output inside the input: left out, not refused
+        assert run_batch(settings_for(models["binary"], str(lake / "raw"), out)).failed == []
+    assert DeltaTable(str(lake / "raw" / "scores")).to_pyarrow_table().num_rows == 10
