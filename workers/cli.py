@@ -91,7 +91,7 @@ def cli() -> None:
 @setting("--bootstrap-servers", "kafka.bootstrap_servers")
 @with_settings
 def batch(settings: Settings) -> None:
-    """Score Parquet files into a Parquet dataset, PostgreSQL or SQLite. Reruns resume.
+    """Score Parquet files into a Parquet dataset, PostgreSQL, MariaDB, SQLite, Redis or Delta Lake. Reruns resume.
 
     With --queue-topic, the files come from "file arrived" events on a Kafka topic instead of --input,
     and the run ends when the topic is drained (for a KEDA ScaledJob).
@@ -265,7 +265,8 @@ SINCE_HELP = ("Only rows scored at or after this time: ISO 8601 (2026-11-25T10:0
 @cli.command("compare")
 @click.option("--results", required=True,
               help="Results to read: the sink URI (postgresql://...?table=T, mysql://...?table=T, "
-                   "sqlite:///db?table=T, redis://host:port/db?prefix=P, a Parquet directory or s3:// prefix).")
+                   "sqlite:///db?table=T, redis://host:port/db?prefix=P, delta+file:///path or delta+s3://bucket/path, "
+                   "a Parquet directory or s3:// prefix).")
 @click.option("--threshold", type=float, default=None,
               help="Decision threshold for agreement [default: SCORING_ROUTING__THRESHOLD, 0.5].")
 @click.option("--since", default=None, help=SINCE_HELP)

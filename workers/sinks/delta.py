@@ -6,8 +6,9 @@ update, else insert, so a rewritten unit or a redelivered stream batch stores ea
 
 - A batch unit (one input file or a row-group range) is buffered and written by ``commit`` as *one* MERGE into
   the results, which also deletes the unit's earlier rows the new ones do not replace (``when not matched by
-  source and input_file = unit``): one Delta commit, so a crash leaves the old rows or the new ones, never a
-  mix. Each commit names its unit in the commit metadata (``scoring.unit``, read back with ``history()``).
+  source and input_file = unit``; also the same input's rows under another cut, ``_replaced``): one Delta
+  commit, so a crash leaves the old rows or the new ones, never a mix. Each commit names its unit in the commit
+  metadata (``scoring.unit``, read back with ``history()``).
   The unit's results are held in memory until then (results only: ids, scores and passthrough columns).
 - The ledger is a MERGE into ``<path>_inputs`` after the results commit (the ``Ledger`` order): a crash between
   the two leaves results without an entry, the rerun merges the same keys again: nothing lost, nothing doubled.
@@ -20,8 +21,9 @@ update, else insert, so a rewritten unit or a redelivered stream batch stores ea
 
 Value mapping (Delta has signed integers, float, double, decimal(<=38), string, binary, boolean, date,
 timestamp in microseconds, arrays, maps, structs): uint8/16/32 -> the next wider signed integer; uint64 ->
-decimal(20, 0); timestamps -> microseconds (a zone -> UTC); date64 -> date; time -> ISO text; duration -> its
-count (int64, in the column's unit); uuid -> text; JSON text (``arrow.json``) -> the text; intervals, unions
+decimal(20, 0); timestamps -> microseconds (a zone -> UTC; an id with nanoseconds is a row Delta cannot
+hold: two would become one key); date64 -> date; time -> ISO text; duration -> its count (int64, in the
+column's unit); uuid -> text; JSON text (``arrow.json``) -> the text; intervals, unions
 and nested values holding any of these -> JSON text (``tables.json_texts``). A decimal of more than 38 digits
 cannot be held: that input fails alone (batch) or its records are dead-lettered with the reason (stream).
 """
@@ -42,6 +44,7 @@ from workers.settings import S3Settings
 from workers.sinks.base import Ledger, Sink, UnitWriter, redact
 from workers.sinks.deltatypes import conform, delta_table
 from workers.sinks.tables import ERROR_KEY, POSITION, RESULT_KEY, UNIT_COLUMN, keyed_rows
+from workers.sources.units import RANGE_MARK, split_range
 
 log = logging.getLogger("workers.sinks.delta")
 ATTEMPTS = 40  # commits tried per write before SinkError (conflicts with other shards' commits)
@@ -77,12 +80,41 @@ def storage_options(location: str, s3: S3Settings) -> dict[str, str]:
     return opts
 
 
+def arrow_filesystem(location: str, s3: S3Settings):  # -> pyarrow.fs.FileSystem
+    """A pyarrow filesystem rooted at the table, for ``DeltaTable.to_pyarrow_table(filesystem=...)``. Without
+    one, delta-rs reads through a ``PyFileSystem`` whose handler is Python: pyarrow's I/O threads then call
+    into Python, and the process aborted at exit ("terminate called without an active exception", exit 134)
+    after a run that read a table, in about one run of five (measured on reruns whose ledger was read)."""
+    import pyarrow.fs as pafs
+
+    if location.startswith("s3://"):
+        from workers.storage import s3_filesystem
+
+        return pafs.SubTreeFileSystem(location[len("s3://"):], s3_filesystem(s3))
+    return pafs.SubTreeFileSystem(location, pafs.LocalFileSystem())
+
+
 def _q(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
 def _lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _replaced(unit: str, alias: str) -> str:
+    """The stored rows a write of ``unit`` replaces (those it does not rewrite are deleted): the unit's own, and
+    those of the same input under another cut: its whole-file unit and, for a range, the ranges of another
+    row-group count (the file was replaced). Without the other cuts, rows dropped from a replaced input stayed
+    under its old unit names for good. Ranges of the same count are the current cut's (other shards' work)."""
+    col = alias + _q(UNIT_COLUMN)
+    span = split_range(unit)
+    location = unit if span is None else span[0]
+    ranges = f"starts_with({col}, {_lit(location + RANGE_MARK)})"
+    if span is None:
+        return f"({col} = {_lit(unit)} OR {ranges})"
+    return (f"({col} = {_lit(unit)} OR {col} = {_lit(location)} OR ({ranges} AND NOT "
+            f"ends_with({col}, {_lit(f'-of-{span[3]}')})))")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -132,6 +164,7 @@ class DeltaSink(Sink):
                 if table is None:
                     if not data.num_rows:  # nothing to insert, and no earlier rows to delete
                         return
+                    self._refuse_foreign(path)
                     DeltaTable.create(path, data.schema, mode="ignore", storage_options=self.options or None)
                     continue
                 target = pa.schema(table.schema().to_arrow())
@@ -139,7 +172,7 @@ class DeltaSink(Sink):
                 data = conform(data, target, self.name if path == self.location else path)
                 if not data.num_rows:  # an emptied unit: only its earlier rows go
                     if unit is not None and has_unit:
-                        table.delete(f"{_q(UNIT_COLUMN)} = {_lit(unit)}", commit_properties=props)
+                        table.delete(_replaced(unit, ""), commit_properties=props)
                     return
                 on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
                 merger = table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True,
@@ -151,10 +184,10 @@ class DeltaSink(Sink):
                              f"AND t.{off} > s.{off}, false)")
                 merger = merger.when_matched_update_all(predicate=newer).when_not_matched_insert_all()
                 if unit is not None and has_unit:
-                    merger = merger.when_not_matched_by_source_delete(f"t.{_q(UNIT_COLUMN)} = {_lit(unit)}")
+                    merger = merger.when_not_matched_by_source_delete(_replaced(unit, "t."))
                 merger.execute()
                 return
-            except InputError:
+            except (InputError, SinkError):
                 raise
             except Exception as exc:  # noqa: BLE001 - delta-rs raises plain exceptions for conflicts too
                 if not _transient(exc):
@@ -166,6 +199,37 @@ class DeltaSink(Sink):
                          ATTEMPTS)
                 time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
                 pause = min(pause * 2, BACKOFF[1])
+
+    def _foreign(self, path: str) -> str | None:
+        """Why ``path`` (where no Delta table is) must not become one: it is a file, or a folder holding files
+        other than a Delta log (another dataset: a table created there would sit among files it does not
+        know, and a user who named the wrong folder would never be told). None when it is absent or empty (a
+        bare ``_delta_log`` is another shard's table being created)."""
+        import os
+
+        import pyarrow.fs as pafs
+
+        if path.startswith("s3://"):
+            from workers.storage import s3_filesystem
+
+            fs: pafs.FileSystem = s3_filesystem(self.s3)
+            inner = path[len("s3://"):]
+        else:
+            if os.path.exists(path) and not os.path.isdir(path):
+                return f"{path} is a file, not a Delta table folder"
+            fs, inner = pafs.LocalFileSystem(), path
+        entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+        others = sorted(e.base_name for e in entries if e.base_name != "_delta_log")
+        if others:
+            return (f"{path} exists and is not a Delta table (no _delta_log) but holds {len(others)} other "
+                    f"entr{'y' if len(others) == 1 else 'ies'} (e.g. {others[0]!r}); name a new or empty "
+                    "folder, or an existing Delta table")
+        return None
+
+    def _refuse_foreign(self, path: str) -> None:
+        reason = self._foreign(path)
+        if reason is not None:
+            raise SinkError(f"cannot use {self.name}: {reason}")
 
     def _delete_resolved(self, resolved: list[tuple[str, str]]) -> None:
         """Error rows of records these results settle (``Scored.resolved``)."""
@@ -183,7 +247,7 @@ class DeltaSink(Sink):
         duplicates collapsed. RowsRejected (nothing stored) for rows Delta cannot hold."""
         results, keep, errors = keyed_rows(scored, unit, self.setting)
         try:
-            data, bad = delta_table(results)
+            data, bad = delta_table(results, RESULT_KEY)
             err, err_bad = delta_table(errors) if errors.num_rows else (errors, {})
         except InputError as exc:
             if unit is not None:
@@ -219,6 +283,11 @@ class DeltaSink(Sink):
         import pyarrow.fs as pafs
 
         try:
+            for path in (self.location, self.location + "_errors", self.location + "_inputs"):
+                # A file, or a folder of other files, named as the table: a wrong setting, said before any work.
+                reason = self._foreign(path) if os.path.isfile(path) or self._open(path) is None else None
+                if reason is not None:
+                    raise ConfigError(self.setting, f"{self.name}: {reason}")
             if self._open(self.location) is not None:
                 return
             if self.location.startswith("s3://"):
@@ -227,6 +296,8 @@ class DeltaSink(Sink):
                 bucket = self.location[len("s3://"):].split("/", 1)[0]
                 s3_filesystem(self.s3).get_file_info(pafs.FileSelector(bucket, allow_not_found=False))
                 return
+        except (SinkError, ConfigError):
+            raise
         except Exception as exc:  # noqa: BLE001 - delta-rs' and Arrow's object-store errors alike
             raise SinkError(f"cannot use {self.name}: {str(exc)[:300]}") from None
         folder = os.path.dirname(self.location)
@@ -248,7 +319,7 @@ class DeltaUnit(UnitWriter):
         their indices; a type it cannot hold at all: InputError), and keeps them for ``commit``."""
         try:
             keyed_rows(scored, self.unit, self.sink.setting)
-            _, bad = delta_table(scored.results)
+            _, bad = delta_table(scored.results, RESULT_KEY)
         except (InputError, ConfigError) as exc:  # this input fails alone
             raise InputError(f"{self.sink.name}: {exc}") from None
         if bad:
@@ -290,7 +361,15 @@ class DeltaLedger(Ledger):
         if self._seen is None:
             try:
                 table = self.sink._open(self.path)
-                rows = table.to_pyarrow_table(columns=["unit", "fingerprint"]).to_pylist() if table else []
+                if table is not None and self.sink._open(self.sink.location) is None:
+                    # The results table was removed (to start over) and its sibling ledger left behind: the
+                    # entries describe results that are gone, so every input is scored again (idempotent:
+                    # only inputs without rows never made the table, and they cost nothing to score again).
+                    log.warning("the ledger %s has entries but the results table is missing: scoring every "
+                                "input again", self.path)
+                    table = None
+                rows = table.to_pyarrow_table(columns=["unit", "fingerprint"], filesystem=arrow_filesystem(
+                    self.path, self.sink.s3)).to_pylist() if table else []
             except Exception as exc:  # noqa: BLE001
                 raise SinkError(f"reading the ledger of {self.sink.name}: {str(exc)[:300]}") from None
             self._seen = {r["unit"]: r["fingerprint"] for r in rows}
@@ -317,7 +396,8 @@ def read_delta(uri: str, s3: S3Settings, setting: str, columns: list[str]) -> pa
     try:
         table = DeltaTable(location, storage_options=storage_options(location, s3) or None)
         present = table.schema().to_arrow().names
-        return table.to_pyarrow_table(columns=[c for c in columns if c in present])
+        return table.to_pyarrow_table(columns=[c for c in columns if c in present],
+                                      filesystem=arrow_filesystem(location, s3))
     except TableNotFoundError:
         raise ConfigError(setting, f"no Delta table at {shown}") from None
     except Exception as exc:  # noqa: BLE001 - delta-rs' object-store errors are plain exceptions

@@ -94,16 +94,53 @@ def delta_column(name: str, col: pa.ChunkedArray) -> tuple[pa.ChunkedArray | pa.
         return pa.array(texts, pa.string()), bad
 
 
-def delta_table(data: pa.Table) -> tuple[pa.Table, dict[int, str]]:
-    """The table with every column as Delta holds it, and the rows that cannot be written (with a reason)."""
+def _sub_microsecond(name: str, col: pa.ChunkedArray | pa.Array) -> dict[int, str]:
+    """Rows of a timestamp key column whose value has nanoseconds: Delta keeps microseconds, so two ids that
+    differ below one would become one key (stored twice, and matched by each other's updates)."""
+    t = col.type
+    if not pa.types.is_timestamp(t) or t.unit != "ns":
+        return {}
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    ns = pc.cast(arr, pa.int64())
+    off = pc.fill_null(pc.not_equal(pc.subtract(ns, pc.multiply(pc.divide(ns, 1000), 1000)), 0), False)
+    rows = pc.indices_nonzero(off).to_pylist()
+    return {i: f"{name} {col[i]} has nanoseconds; Delta timestamps hold microseconds, so distinct ids would "
+               "become one" for i in rows}
+
+
+def delta_table(data: pa.Table, keys: tuple[str, ...] = ()) -> tuple[pa.Table, dict[int, str]]:
+    """The table with every column as Delta holds it, and the rows that cannot be written (with a reason);
+    ``keys``: the columns that key the rows, which must stay distinct (``_sub_microsecond``)."""
     cols: list = []
     bad: dict[int, str] = {}
     for name in data.column_names:
+        if name in keys:
+            for i, reason in _sub_microsecond(name, plain(data.column(name))).items():
+                bad.setdefault(i, reason)
         col, refused = delta_column(name, data.column(name))
         cols.append(col)
         for i, reason in refused.items():
             bad.setdefault(i, reason)
     return pa.table(cols, names=data.column_names), bad
+
+
+def _lossless(before: pa.ChunkedArray, after: pa.ChunkedArray) -> bool:
+    """Whether every value of ``after`` (``before`` cast) casts back to itself. Arrow's safe cast checks integer
+    overflow and float-to-integer truncation but not float64 -> float32 (0.1234567891 rounded, 1e300 -> inf),
+    float -> decimal (0.125 -> 0.12) or timestamp -> date (the time dropped): those are losses too."""
+    try:
+        back = after.cast(before.type, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+    if not pc.all(pc.equal(pc.is_null(before), pc.is_null(back))).as_py():
+        return False
+    try:
+        same = pc.equal(before, back)
+        if pa.types.is_floating(before.type):  # NaN stays NaN
+            same = pc.or_kleene(same, pc.and_(pc.is_nan(before), pc.is_nan(back)))
+    except pa.ArrowNotImplementedError:  # nested values: compared as Python values
+        return bool(before.to_pylist() == back.to_pylist())
+    return pc.all(pc.fill_null(same, True)).as_py() is not False
 
 
 def conform(data: pa.Table, target: pa.Schema, where: str) -> pa.Table:
@@ -116,7 +153,10 @@ def conform(data: pa.Table, target: pa.Schema, where: str) -> pa.Table:
         if want is None or data.schema.field(i).type == want:
             continue
         try:
-            data = data.set_column(i, name, data.column(i).cast(want, safe=True))
+            cast = data.column(i).cast(want, safe=True)
+            if not _lossless(data.column(i), cast):
+                raise pa.ArrowInvalid("a value changes in the cast")
+            data = data.set_column(i, name, cast)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             raise InputError(f"column {name!r} is {want} in {where}; these {data.schema.field(i).type} values "
                              "cannot all be held by it (rename the column or write to a new table)") from None

@@ -95,10 +95,14 @@ def find_inputs(spec: str, s3: S3Settings, exclude: tuple[str, ...] = ()) -> Lis
         raise ConfigError(INPUT_SETTING, f"{spec} does not exist")
     found: list[InputFile] = []
     excluded: list[InputFile] = []
+    tables: set[str] = set()  # folders (relative) holding a _delta_log: Delta tables
     for entry in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+        rel = entry.path[len(inner):].lstrip("/")
+        parts = rel.split("/")
+        if "_delta_log" in parts:
+            tables.add("/".join(parts[:parts.index("_delta_log")]))
         if entry.type != pafs.FileType.File:
             continue
-        rel = entry.path[len(inner):].lstrip("/")
         if not _visible(rel):
             continue
         parquet = entry.path.endswith(_PARQUET_ENDINGS)
@@ -112,7 +116,22 @@ def find_inputs(spec: str, s3: S3Settings, exclude: tuple[str, ...] = ()) -> Lis
             continue
         f = _info(entry, rel, _canonical_path(entry.path, on_s3))
         (excluded if any(inside(f.source, x) for x in exclude) else found).append(f)
+    _refuse_delta_tables(spec, found, tables)
     return Listing(fs, sorted(found, key=lambda f: f.rel), base, excluded)
+
+
+def _refuse_delta_tables(spec: str, found: list[InputFile], tables: set[str]) -> None:
+    """ConfigError when an input file lies in a Delta table's folder (outputs of this run are excluded before):
+    such a folder also holds the Parquet files of removed versions (until VACUUM), so reading its files as
+    files scores rows the table no longer has, and rows updated since twice."""
+    for t in sorted(tables):
+        inside_table = [f for f in found if not t or f.rel.startswith(t + "/")]
+        if inside_table:
+            where = f"{spec.rstrip('/')}/{t}" if t else spec
+            raise ConfigError(INPUT_SETTING, f"{where} is a Delta table (it has a _delta_log): its folder also "
+                                             "holds the files of removed versions, so reading them as Parquet "
+                                             "files would score rows twice or rows it no longer has; export its "
+                                             "current version to Parquet files and score those")
 
 
 def _info(info: pafs.FileInfo, rel: str, source: str) -> InputFile:
