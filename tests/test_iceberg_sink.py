@@ -234,11 +234,13 @@ def test_four_shards_at_once_on_s3_and_the_secrets_are_never_shown(models, tmp_p
     assert any(k.endswith(".parquet") for k in keys) and any(k.endswith(".metadata.json") for k in keys)
     sink = pg_s3_cat.sink()
     assert SECRET_PW not in sink.name + repr(sink.name) and sink.name == pg_s3_cat.uri()
-    env = {**os.environ, **pg_s3_cat.env, "SCORING_S3__SECRET_ACCESS_KEY": "s3-secret-xyz"}
-    shown = subprocess.run([sys.executable, "-m", "workers", "settings", "--env", "--output", pg_s3_cat.uri()],
+    env = {**os.environ, **pg_s3_cat.env, "SCORING_S3__SECRET_ACCESS_KEY": "s3-secret-xyz",
+           "SCORING_BATCH__OUTPUT": pg_s3_cat.uri()}
+    shown = subprocess.run([sys.executable, "-m", "workers", "settings", "--env"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "SCORING_ICEBERG__CATALOG_URI=postgresql://postgres:***@127.0.0.1" in shown.stdout
+    assert f"SCORING_BATCH__OUTPUT={pg_s3_cat.uri()}" in shown.stdout
     assert SECRET_PW not in shown.stdout + shown.stderr and "s3-secret-xyz" not in shown.stdout + shown.stderr
 
 

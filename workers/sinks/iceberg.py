@@ -163,9 +163,17 @@ def _in(name: str, col: pa.ChunkedArray):  # -> BooleanExpression
 def _transient(exc: BaseException) -> bool:
     """A commit that lost a race with another writer, or catalog tables created at once (retry), not a wrong
     table."""
-    from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, TableAlreadyExistsError
+    from pyiceberg.exceptions import (
+        CommitFailedException,
+        NamespaceAlreadyExistsError,
+        TableAlreadyExistsError,
+        ValidationException,
+    )
 
-    if isinstance(exc, CommitFailedException | TableAlreadyExistsError | NamespaceAlreadyExistsError):
+    # ValidationException: pyiceberg's serializable-isolation check found files another writer added since our
+    # snapshot that match our overwrite filter: a conflict like a stale pointer, redone from a fresh table.
+    if isinstance(exc, CommitFailedException | ValidationException | TableAlreadyExistsError
+                  | NamespaceAlreadyExistsError):
         return True
     text = str(exc).lower()
     return any(w in text for w in ("duplicate key", "already exists", "database is locked", "could not serialize",
