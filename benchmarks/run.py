@@ -224,27 +224,42 @@ def batch_mode(paths: dict, repeats: int) -> dict:
     for store, uri in (("Redis", "redis://127.0.0.1:6379/15?prefix=bench:"),
                        ("MariaDB", f"mysql://root@127.0.0.1:3306/test?table=bench_{uuid.uuid4().hex[:8]}"),
                        ("PostgreSQL", f"{PG}?table=bench_{uuid.uuid4().hex[:8]}"),
-                       ("Delta Lake", f"delta+file://{BENCH}/out/delta_{uuid.uuid4().hex[:8]}")):
+                       ("Delta Lake", f"delta+file://{BENCH}/out/delta_{uuid.uuid4().hex[:8]}"),
+                       ("Iceberg", f"iceberg://bench/ns.scores_{uuid.uuid4().hex[:8]}_")):
+        # Iceberg: a SQL catalog in the PostgreSQL here, the warehouse on local disk.
+        iceberg = {"catalog_uri": PG.split("?", 1)[0], "warehouse": f"file://{BENCH}/out/iceberg"}
         values = []
         for i in range(repeats):
             raw = raw_now(paths[500], 10_000)
             target = uri.replace("bench:", f"bench{i}:") if store == "Redis" else f"{uri}{i}"
             settings = load_settings({"model": {"path": paths[500], "cache_dir": f"{BENCH}/cache"},
-                                      "batch": {"input": big, "output": target, "progress": "log"}})
+                                      "batch": {"input": big, "output": target, "progress": "log"},
+                                      **({"iceberg": iceberg} if store == "Iceberg" else {})})
             report = run_batch(settings)
             assert report.rows == 300_000 and not report.failed
             values.append(report.rows / report.seconds)
             RATIOS.setdefault(f"batch-{store}", []).append(values[-1] / raw)
-            drop_store(store, target)
+            drop_store(store, target, settings)
         out[store] = record(f"batch Parquet->{store} 500 trees, lightgbm", "rows/s", values,
                             over_raw_predict_paired=round(statistics.median(RATIOS[f"batch-{store}"]), 3))
     return out
 
 
-def drop_store(store: str, uri: str) -> None:
-    """What a store case wrote: the Redis keys under its prefix, the MariaDB/PostgreSQL/Delta tables."""
+def drop_store(store: str, uri: str, settings=None) -> None:
+    """What a store case wrote: the Redis keys under its prefix, the MariaDB/PostgreSQL/Delta/Iceberg tables."""
     table = uri.rsplit("table=", 1)[-1]
-    if store == "Delta Lake":
+    if store == "Iceberg":
+        import shutil
+
+        from workers.sinks.iceberg import IcebergSink
+
+        sink = IcebergSink(uri, settings.s3, settings.iceberg, "bench")
+        for suffix in ("", "_errors", "_inputs"):
+            if sink._load(sink.location + suffix) is not None:
+                sink.catalog().drop_table(sink.location + suffix)
+            shutil.rmtree(f"{sink.warehouse}/ns/{sink.location.split('.', 1)[1]}{suffix}", ignore_errors=True)
+        sink.close()
+    elif store == "Delta Lake":
         import shutil
 
         for suffix in ("", "_errors", "_inputs"):

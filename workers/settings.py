@@ -210,6 +210,16 @@ class S3Settings(_Group):
     """S3 region."""
 
 
+class IcebergSettings(_Group):
+    catalog_uri: str | None = None
+    """SQL catalog of `iceberg://CATALOG/namespace.table` outputs (pyiceberg's SqlCatalog; CATALOG is its catalog
+    name): a SQLAlchemy URL, `postgresql://user:pass@host:5432/db` (driven by psycopg 3) or
+    `sqlite:////abs/path/catalog.db`. Its password is never printed."""
+    warehouse: str | None = None
+    """Where new Iceberg tables are created: `file:///abs/path` or `s3://bucket/prefix` (S3 with the
+    `SCORING_S3__*` settings); a table goes to `WAREHOUSE/namespace/table`."""
+
+
 def _http_url(value: Any) -> Any:
     if isinstance(value, str) and not value.lower().startswith(("http://", "https://")):
         raise ValueError("must be the http:// or https:// URL of an MLflow server")
@@ -271,8 +281,9 @@ class BatchSettings(_Group):
     output: str | None = None
     """Where results go: a directory or `s3://` prefix (Parquet dataset, one file per input file) or
     `postgresql://user@host:port/db?table=NAME`, `mysql://user@host:3306/db?table=NAME` (MariaDB),
-    `sqlite:///path.db?table=NAME`, `redis://host:port/db?prefix=scores:` (one hash per id), or a Delta Lake table
-    `delta+file:///abs/path` or `delta+s3://bucket/path`."""
+    `sqlite:///path.db?table=NAME`, `redis://host:port/db?prefix=scores:` (one hash per id), a Delta Lake table
+    `delta+file:///abs/path` or `delta+s3://bucket/path`, or an Iceberg table `iceberg://CATALOG/namespace.table`
+    (see `SCORING_ICEBERG__*`)."""
     batch_rows: int = Field(65536, ge=1, le=10_000_000)
     """Rows per scoring batch read from a Parquet file; peak memory is about one batch plus one row group."""
     shard_index: int | None = Field(None, ge=0)
@@ -362,8 +373,8 @@ class StreamSettings(_Group):
     sink: str = "sqlite:///scores.db?table=scores"
     """Where results go: `postgresql://...?table=T`, `mysql://...?table=T` (MariaDB), `sqlite:///path.db?table=T`,
     `redis://host:port/db?prefix=P`, `kafka://topic`, `delta+file:///path` or `delta+s3://bucket/path` (Delta
-    Lake, one MERGE per batch), a directory or `s3://` prefix (Parquet, one file per partition per committed
-    batch)."""
+    Lake, one MERGE per batch), `iceberg://CATALOG/namespace.table` (one Iceberg commit per batch), a directory
+    or `s3://` prefix (Parquet, one file per partition per committed batch)."""
     dead_letter_topic: TopicName | None = None
     """Topic for bad records (original key and value, headers with the reason); default `<topic>.dlq`."""
     on_bad_record: Literal["dead-letter", "fail"] = "dead-letter"
@@ -476,6 +487,7 @@ class Settings(BaseSettings):
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
+    iceberg: IcebergSettings = Field(default_factory=IcebergSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)

@@ -164,8 +164,9 @@ class OutputPlace:
 
 
 def output_places(settings: Settings) -> list[OutputPlace]:
-    """The Parquet dataset roots, SQLite database files and Delta table folders (results, errors, ledger; their
-    data files are Parquet) of the result and shadow sinks (server stores and topics cannot meet an input file)."""
+    """The Parquet dataset roots, SQLite database files and Delta and Iceberg table folders (results, errors,
+    ledger; their data files are Parquet) of the result and shadow sinks (server stores and topics cannot meet an
+    input file)."""
     places = []
     for setting, uri in ((OUTPUT_SETTING, settings.batch.output),
                          ("SCORING_ROUTING__SHADOW_SINK", settings.routing.shadow_sink)):
@@ -184,6 +185,12 @@ def output_places(settings: Settings) -> list[OutputPlace]:
             from workers.sinks.delta import delta_location
 
             table = delta_location(uri, setting)
+            places += [OutputPlace(setting, uri, canonical(table + end), False) for end in ("", "_errors", "_inputs")]
+        elif scheme == "iceberg":
+            from workers.sinks.iceberg import iceberg_location, warehouse_location
+
+            _, namespace, name = iceberg_location(uri, setting)
+            table = f"{warehouse_location(settings.iceberg)}/{namespace.replace('.', '/')}/{name}"
             places += [OutputPlace(setting, uri, canonical(table + end), False) for end in ("", "_errors", "_inputs")]
     return places
 
@@ -226,7 +233,7 @@ def check_layout(spec: str, listing: Listing, places: list[OutputPlace]) -> None
     """
     for place in places:
         shown = redact(place.uri)
-        if (place.dataset or place.uri.startswith("delta+")) and inside(listing.root, place.root):
+        if (place.dataset or place.uri.startswith(("delta+", "iceberg:"))) and inside(listing.root, place.root):
             raise ConfigError(place.setting, f"{shown} is the input folder {listing.root} or contains it: results "
                                              f"would be written among the inputs; choose an output outside it")
         mine = [f for f in listing.excluded if inside(f.source, place.root)]

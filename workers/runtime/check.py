@@ -89,7 +89,7 @@ def check_sink(uri: str, settings: Settings, setting: str, ledger: bool = False)
         if not os.path.exists(path):
             return _creatable(path, redact(uri), "folder")
     sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka,
-                     registry=settings.schema_registry)
+                     registry=settings.schema_registry, iceberg=settings.iceberg)
     try:
         if ledger:  # folders and SQLite databases (checked above without opening) always keep one
             from workers.runtime.batch import batch_ledger

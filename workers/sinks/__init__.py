@@ -56,6 +56,17 @@ def _delta(uri: str, s3: S3Settings, setting: str, **_: object) -> Sink:
     return DeltaSink(uri, s3, setting)
 
 
+def _iceberg(uri: str, s3: S3Settings, setting: str, iceberg: object = None, **_: object) -> Sink:
+    from workers.settings import IcebergSettings
+
+    try:
+        from workers.sinks.iceberg import IcebergSink
+    except ImportError as exc:  # an optional extra: an install without it should say so in one line
+        raise ConfigError(setting, "iceberg:// outputs need pyiceberg and SQLAlchemy (pip install "
+                                   f"'scoring-workers[iceberg]'): {exc}") from None
+    return IcebergSink(uri, s3, iceberg if isinstance(iceberg, IcebergSettings) else IcebergSettings(), setting)
+
+
 SINKS = {
     "": _parquet,
     "file": _parquet,
@@ -70,6 +81,7 @@ SINKS = {
     "rediss": _redis,
     "delta+file": _delta,
     "delta+s3": _delta,
+    "iceberg": _iceberg,
 }
 
 
@@ -109,13 +121,13 @@ def _open(uri: str, s3: S3Settings, setting: str, **extra: object) -> Sink:
 def open_result_sink(settings, uri: str, setting: str) -> Sink:
     """The sink of a mode's results; with ``routing.shadow_sink`` set, shadow rows go there instead."""
     sink = open_sink(uri, settings.s3, setting=setting, kafka=settings.kafka,
-                     registry=settings.schema_registry)
+                     registry=settings.schema_registry, iceberg=settings.iceberg)
     if not settings.routing.shadow_sink:
         return sink
     from workers.sinks.shadow import SplitSink
 
     shadow = open_sink(settings.routing.shadow_sink, settings.s3, setting="SCORING_ROUTING__SHADOW_SINK",
-                       kafka=settings.kafka, registry=settings.schema_registry)
+                       kafka=settings.kafka, registry=settings.schema_registry, iceberg=settings.iceberg)
     return SplitSink(sink, shadow)
 
 

@@ -38,12 +38,12 @@ from urllib.parse import urlparse
 import deltalake  # noqa: F401 - imported first: when it is missing, the sink factory says so in one line
 import pyarrow as pa
 
-from workers.errors import ConfigError, InputError, RowsRejected, SinkError
-from workers.scoring.scorer import Scored
+from workers.errors import ConfigError, InputError, SinkError
 from workers.settings import S3Settings
-from workers.sinks.base import Ledger, Sink, UnitWriter, redact
-from workers.sinks.deltatypes import conform, delta_table
-from workers.sinks.tables import ERROR_KEY, POSITION, RESULT_KEY, UNIT_COLUMN, keyed_rows
+from workers.sinks.base import redact
+from workers.sinks.deltatypes import conform
+from workers.sinks.lake import LakeSink
+from workers.sinks.tables import POSITION, UNIT_COLUMN
 from workers.sources.units import RANGE_MARK, split_range
 
 log = logging.getLogger("workers.sinks.delta")
@@ -127,8 +127,8 @@ def _transient(exc: BaseException) -> bool:
 
 
 # -- the sink -----------------------------------------------------------------------------------------------
-class DeltaSink(Sink):
-    """See the module docstring."""
+class DeltaSink(LakeSink):
+    """See the module docstring (what it shares with the Iceberg sink: ``workers/sinks/lake.py``)."""
 
     def __init__(self, uri: str, s3: S3Settings, setting: str):
         self.setting = setting
@@ -137,7 +137,7 @@ class DeltaSink(Sink):
         self.s3 = s3
         self.name = redact(("delta+" + self.location) if self.location.startswith("s3://")
                            else f"delta+file://{self.location}")
-        self._ledger = DeltaLedger(self)
+        super().__init__()
 
     # -- one MERGE, retried on conflicts ---------------------------------------------------------------
     def _open(self, path: str):  # -> DeltaTable | None
@@ -242,38 +242,20 @@ class DeltaSink(Sink):
         except Exception as exc:  # noqa: BLE001
             raise SinkError(f"writing to {self.name}_errors: {str(exc)[:300]}") from None
 
-    def _store(self, scored: Scored, unit: str | None) -> int:
-        """Write one write's results and errors (two commits: errors first, then results); returns the
-        duplicates collapsed. RowsRejected (nothing stored) for rows Delta cannot hold."""
-        results, keep, errors = keyed_rows(scored, unit, self.setting)
+    def _entries(self, path: str) -> list[dict]:
         try:
-            data, bad = delta_table(results, RESULT_KEY)
-            err, err_bad = delta_table(errors) if errors.num_rows else (errors, {})
-        except InputError as exc:
-            if unit is not None:
-                raise InputError(f"{self.name}: {exc}") from None
-            raise RowsRejected({i: str(exc) for i in range(scored.results.num_rows)}) from None
-        if bad:
-            raise RowsRejected({(keep[i] if keep is not None else i): r for i, r in bad.items()})
-        if err_bad:
-            raise InputError(f"the errors table of {self.name} cannot store rejected row(s): "
-                             f"{next(iter(err_bad.values()))}")
-        if scored.resolved:
-            self._delete_resolved(scored.resolved)
-        if err.num_rows or unit is not None:
-            self.merge(self.location + "_errors", err, ERROR_KEY, unit)
-        if data.num_rows or unit is not None:
-            self.merge(self.location, data, RESULT_KEY, unit, guard=unit is None)
-        return scored.results.num_rows - results.num_rows
-
-    def write_batch(self, scored: Scored) -> None:
-        self.duplicates_collapsed += self._store(scored, None)
-
-    def begin(self, unit: str) -> UnitWriter:
-        return DeltaUnit(self, unit)
-
-    def ledger(self) -> Ledger:
-        return self._ledger
+            if path == self.location + "_inputs" and self._open(self.location) is None:
+                if self._open(path) is not None:
+                    # The results table was removed (to start over) and its sibling ledger left behind: the
+                    # entries describe results that are gone, so every input is scored again (idempotent).
+                    log.warning("the ledger %s has entries but the results table is missing: scoring every "
+                                "input again", path)
+                return []
+            table = self._open(path)
+            return table.to_pyarrow_table(columns=["unit", "fingerprint"], filesystem=arrow_filesystem(
+                path, self.s3)).to_pylist() if table else []
+        except Exception as exc:  # noqa: BLE001
+            raise SinkError(f"reading the ledger of {self.name}: {str(exc)[:300]}") from None
 
     def check(self) -> None:
         """Can the table be used? An existing one is opened; a missing one (created on the first write) needs a
@@ -305,84 +287,6 @@ class DeltaSink(Sink):
             folder = os.path.dirname(folder)
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise SinkError(f"cannot create {self.name}: {folder} is not a writable folder")
-
-
-class DeltaUnit(UnitWriter):
-    """One batch unit: writes buffered, one MERGE per table at ``commit`` (see the module docstring)."""
-
-    def __init__(self, sink: DeltaSink, unit: str):
-        self.sink, self.unit = sink, unit
-        self.parts: list[Scored] = []
-
-    def write(self, scored: Scored) -> None:
-        """Checks the rows now, as they come (rows without a key, values Delta cannot hold: RowsRejected with
-        their indices; a type it cannot hold at all: InputError), and keeps them for ``commit``."""
-        try:
-            keyed_rows(scored, self.unit, self.sink.setting)
-            _, bad = delta_table(scored.results, RESULT_KEY)
-        except (InputError, ConfigError) as exc:  # this input fails alone
-            raise InputError(f"{self.sink.name}: {exc}") from None
-        if bad:
-            raise RowsRejected(bad)
-        self.parts.append(scored)
-
-    def commit(self) -> None:
-        try:
-            self._commit()
-        except RowsRejected as exc:  # found only now, across the unit's batches: this input fails alone
-            raise InputError(f"{self.sink.name} cannot store row(s) of {self.unit}: "
-                             f"{next(iter(exc.rows.values()))}") from None
-
-    def _commit(self) -> None:
-        if self.parts:
-            results = pa.concat_tables([p.results for p in self.parts], promote_options="permissive")
-            errs = [p.errors for p in self.parts if p.errors.num_rows]
-            errors = pa.concat_tables(errs, promote_options="permissive") if errs else pa.table({})
-            scored = Scored(results, errors)
-        else:  # an emptied input: its old rows still go
-            scored = Scored(pa.table({}), pa.table({}))
-        self.sink.duplicates_collapsed += self.sink._store(scored, self.unit)
-        self.parts = []
-
-    def abort(self) -> None:
-        self.parts = []
-
-
-class DeltaLedger(Ledger):
-    """The batch ledger of a ``DeltaSink``: Delta table ``<path>_inputs``, merged on ``unit``. Read once per
-    run (a unit belongs to one shard, so other shards' entries written meanwhile are never asked for)."""
-
-    def __init__(self, sink: DeltaSink):
-        self.sink = sink
-        self.path = sink.location + "_inputs"
-        self._seen: dict[str, str] | None = None
-
-    def done(self, unit: str) -> str | None:
-        if self._seen is None:
-            try:
-                table = self.sink._open(self.path)
-                if table is not None and self.sink._open(self.sink.location) is None:
-                    # The results table was removed (to start over) and its sibling ledger left behind: the
-                    # entries describe results that are gone, so every input is scored again (idempotent:
-                    # only inputs without rows never made the table, and they cost nothing to score again).
-                    log.warning("the ledger %s has entries but the results table is missing: scoring every "
-                                "input again", self.path)
-                    table = None
-                rows = table.to_pyarrow_table(columns=["unit", "fingerprint"], filesystem=arrow_filesystem(
-                    self.path, self.sink.s3)).to_pylist() if table else []
-            except Exception as exc:  # noqa: BLE001
-                raise SinkError(f"reading the ledger of {self.sink.name}: {str(exc)[:300]}") from None
-            self._seen = {r["unit"]: r["fingerprint"] for r in rows}
-        return self._seen.get(unit)
-
-    def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
-        entry = pa.table({"unit": [unit], "fingerprint": [fingerprint], "rows": pa.array([rows], pa.int64()),
-                          "rejected": pa.array([rejected], pa.int64()),
-                          "finished_at": pa.array([time.time_ns() // 1000], pa.int64()).cast(
-                              pa.timestamp("us", tz="UTC"))})
-        self.sink.merge(self.path, entry, ("unit",), None)
-        if self._seen is not None:
-            self._seen[unit] = fingerprint
 
 
 def read_delta(uri: str, s3: S3Settings, setting: str, columns: list[str]) -> pa.Table:

@@ -1,13 +1,16 @@
-"""Arrow columns as a Delta table holds them: the value mapping of the Delta Lake sink (``workers/sinks/delta.py``
-states it), and the cast of a write to the types a table already has.
+"""Arrow columns as a Delta or an Iceberg table holds them: the value mapping of the Delta Lake and Iceberg sinks
+(``workers/sinks/delta.py`` and ``iceberg.py`` state it), and the cast of a write to the types a table already has.
 
 Delta has signed integers, float, double, decimal(<=38), string, binary, boolean, date, timestamp in
-microseconds, arrays, maps and structs; everything else is mapped here, or refused with a reason.
+microseconds, arrays, maps and structs; everything else is mapped here, or refused with a reason. Iceberg (v2)
+has the same, less the 8- and 16-bit integers, plus time in microseconds: the two differ only in what ``Lake``
+says.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,25 +21,41 @@ from workers.sinks.tables import is_json, is_listlike, is_uuid, json_texts, plai
 log = logging.getLogger("workers.sinks.delta")
 
 
-def _needs_json(t: pa.DataType) -> bool:
-    """Types inside a nested value that Delta cannot hold and a cast cannot fix: the whole value goes as JSON."""
-    if pa.types.is_interval(t) or pa.types.is_union(t) or pa.types.is_time(t) or pa.types.is_duration(t) \
-            or is_uuid(t) or is_json(t) or pa.types.is_null(t) or pa.types.is_decimal256(t):
+@dataclass(frozen=True)
+class Lake:
+    """What a table format holds that the other does not."""
+
+    name: str  # in reasons: "Delta holds decimals of at most 38 digits"
+    widen: tuple[tuple[pa.DataType, pa.DataType], ...]  # integer types it lacks -> the next one it has
+    time_as_text: bool  # no time-of-day type: ISO text
+
+
+DELTA = Lake("Delta", ((pa.uint8(), pa.int16()), (pa.uint16(), pa.int32()), (pa.uint32(), pa.int64())), True)
+ICEBERG = Lake("Iceberg", ((pa.int8(), pa.int32()), (pa.int16(), pa.int32()), (pa.uint8(), pa.int32()),
+                           (pa.uint16(), pa.int32()), (pa.uint32(), pa.int64())), False)
+
+
+def _needs_json(t: pa.DataType, lake: Lake = DELTA) -> bool:
+    """Types inside a nested value that the table cannot hold and a cast cannot fix: the whole value goes as
+    JSON."""
+    if pa.types.is_interval(t) or pa.types.is_union(t) or (pa.types.is_time(t) and lake.time_as_text) \
+            or pa.types.is_duration(t) or is_uuid(t) or is_json(t) or pa.types.is_null(t) \
+            or pa.types.is_decimal256(t):
         return True
     if is_listlike(t):
-        return _needs_json(t.value_type)
+        return _needs_json(t.value_type, lake)
     if pa.types.is_map(t):
-        return _needs_json(t.key_type) or _needs_json(t.item_type)
+        return _needs_json(t.key_type, lake) or _needs_json(t.item_type, lake)
     if pa.types.is_struct(t):
-        return t.num_fields == 0 or any(_needs_json(t.field(i).type) for i in range(t.num_fields))
+        return t.num_fields == 0 or any(_needs_json(t.field(i).type, lake) for i in range(t.num_fields))
     return False
 
 
-def _target(t: pa.DataType) -> pa.DataType:
-    """The Delta-compatible type a (plain, not JSON-bound) column is cast to."""
+def _target(t: pa.DataType, lake: Lake = DELTA) -> pa.DataType:
+    """The type a (plain, not JSON-bound) column is cast to."""
     if pa.types.is_dictionary(t):
-        return _target(t.value_type)
-    for small, wide in ((pa.uint8(), pa.int16()), (pa.uint16(), pa.int32()), (pa.uint32(), pa.int64())):
+        return _target(t.value_type, lake)
+    for small, wide in lake.widen:
         if t == small:
             return wide
     if pa.types.is_uint64(t):
@@ -45,6 +64,8 @@ def _target(t: pa.DataType) -> pa.DataType:
         return pa.float32()
     if pa.types.is_timestamp(t):
         return pa.timestamp("us", tz="UTC" if t.tz else None)
+    if pa.types.is_time(t):
+        return pa.time64("us")
     if pa.types.is_date64(t):
         return pa.date32()
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
@@ -52,17 +73,18 @@ def _target(t: pa.DataType) -> pa.DataType:
     if pa.types.is_large_binary(t) or pa.types.is_binary_view(t) or pa.types.is_fixed_size_binary(t):
         return pa.binary()
     if is_listlike(t):
-        return pa.list_(pa.field("element", _target(t.value_type)))
+        return pa.list_(pa.field("element", _target(t.value_type, lake)))
     if pa.types.is_map(t):
-        return pa.map_(_target(t.key_type), _target(t.item_type))
+        return pa.map_(_target(t.key_type, lake), _target(t.item_type, lake))
     if pa.types.is_struct(t):
-        return pa.struct([pa.field(f.name, _target(f.type)) for f in t])
+        return pa.struct([pa.field(f.name, _target(f.type, lake)) for f in t])
     return t
 
 
-def delta_column(name: str, col: pa.ChunkedArray) -> tuple[pa.ChunkedArray | pa.Array, dict[int, str]]:
-    """The column as Delta holds it (the mapping in the module docstring), and rows that cannot be written.
-    InputError when the column's type cannot be held at all (a decimal of more than 38 digits)."""
+def delta_column(name: str, col: pa.ChunkedArray, lake: Lake = DELTA) -> tuple[pa.ChunkedArray | pa.Array,
+                                                                                 dict[int, str]]:
+    """The column as the table holds it (the mapping in the sink's module docstring), and rows that cannot be
+    written. InputError when the column's type cannot be held at all (a decimal of more than 38 digits)."""
     t = col.type
     if is_uuid(t):
         return pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.string()), {}
@@ -71,23 +93,23 @@ def delta_column(name: str, col: pa.ChunkedArray) -> tuple[pa.ChunkedArray | pa.
     col = plain(col)
     t = col.type
     if pa.types.is_decimal(t) and t.precision > 38:
-        raise InputError(f"column {name!r}: Delta holds decimals of at most 38 digits, not {t}")
+        raise InputError(f"column {name!r}: {lake.name} holds decimals of at most 38 digits, not {t}")
     if pa.types.is_decimal256(t):
         return col.cast(pa.decimal128(t.precision, t.scale)), {}
-    if pa.types.is_time(t):
+    if pa.types.is_time(t) and lake.time_as_text:
         return pc.cast(col, pa.string()), {}
     if pa.types.is_duration(t):
         return pc.cast(col, pa.int64()), {}
     if pa.types.is_null(t):
         return pa.nulls(len(col), pa.string()), {}
-    if pa.types.is_interval(t) or pa.types.is_union(t) or _needs_json(t):
+    if pa.types.is_interval(t) or pa.types.is_union(t) or _needs_json(t, lake):
         texts, bad = json_texts(name, col)
         return pa.array(texts, pa.string()), bad
-    target = _target(t)
+    target = _target(t, lake)
     if target == t:
         return col, {}
-    try:
-        return col.cast(target, safe=not pa.types.is_timestamp(t)), {}  # ns -> us drops the nanoseconds
+    try:  # ns -> us drops the nanoseconds
+        return col.cast(target, safe=not (pa.types.is_timestamp(t) or pa.types.is_time(t))), {}
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         texts, bad = json_texts(name, col)
         log.debug("column %r as JSON text (%s)", name, exc)
@@ -104,20 +126,20 @@ def _sub_microsecond(name: str, col: pa.ChunkedArray | pa.Array) -> dict[int, st
     ns = pc.cast(arr, pa.int64())
     off = pc.fill_null(pc.not_equal(pc.subtract(ns, pc.multiply(pc.divide(ns, 1000), 1000)), 0), False)
     rows = pc.indices_nonzero(off).to_pylist()
-    return {i: f"{name} {col[i]} has nanoseconds; Delta timestamps hold microseconds, so distinct ids would "
-               "become one" for i in rows}
+    return {i: f"{name} {col[i]} has nanoseconds; Delta and Iceberg timestamps hold microseconds, so distinct "
+               "ids would become one" for i in rows}
 
 
-def delta_table(data: pa.Table, keys: tuple[str, ...] = ()) -> tuple[pa.Table, dict[int, str]]:
-    """The table with every column as Delta holds it, and the rows that cannot be written (with a reason);
-    ``keys``: the columns that key the rows, which must stay distinct (``_sub_microsecond``)."""
+def delta_table(data: pa.Table, keys: tuple[str, ...] = (), lake: Lake = DELTA) -> tuple[pa.Table, dict[int, str]]:
+    """The table with every column as the table format holds it, and the rows that cannot be written (with a
+    reason); ``keys``: the columns that key the rows, which must stay distinct (``_sub_microsecond``)."""
     cols: list = []
     bad: dict[int, str] = {}
     for name in data.column_names:
         if name in keys:
             for i, reason in _sub_microsecond(name, plain(data.column(name))).items():
                 bad.setdefault(i, reason)
-        col, refused = delta_column(name, data.column(name))
+        col, refused = delta_column(name, data.column(name), lake)
         cols.append(col)
         for i, reason in refused.items():
             bad.setdefault(i, reason)
@@ -146,7 +168,8 @@ def _lossless(before: pa.ChunkedArray, after: pa.ChunkedArray) -> bool:
 def conform(data: pa.Table, target: pa.Schema, where: str) -> pa.Table:
     """``data`` with each column the table already has cast to the table's type, when every value survives the
     cast (int32 into int64, 1.0 into an integer); InputError naming the column otherwise (2.5 or 'x' into an
-    integer column): delta-rs would truncate or fail mid-commit, and a write must never lose a value."""
+    integer column): delta-rs would truncate or fail mid-commit, and a write must never lose a value. The
+    target's nullability is kept (Iceberg's identifier fields are required)."""
     have = {f.name: f.type for f in target}
     for i, name in enumerate(data.column_names):
         want = have.get(name)
@@ -156,7 +179,7 @@ def conform(data: pa.Table, target: pa.Schema, where: str) -> pa.Table:
             cast = data.column(i).cast(want, safe=True)
             if not _lossless(data.column(i), cast):
                 raise pa.ArrowInvalid("a value changes in the cast")
-            data = data.set_column(i, name, cast)
+            data = data.set_column(i, pa.field(name, want, target.field(name).nullable), cast)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             raise InputError(f"column {name!r} is {want} in {where}; these {data.schema.field(i).type} values "
                              "cannot all be held by it (rename the column or write to a new table)") from None

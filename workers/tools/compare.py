@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from workers.errors import ConfigError, SinkError
-from workers.settings import S3Settings, Settings
+from workers.settings import IcebergSettings, S3Settings, Settings
 from workers.sinks.sqlite import sqlite_location
 
 SETTING = "--results"
@@ -45,7 +45,8 @@ def parse_since(text: str, setting: str = "--since", now: dt.datetime | None = N
     return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
-def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None) -> pd.DataFrame:
+def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None,
+                 iceberg: IcebergSettings | None = None) -> pd.DataFrame:
     """Rows of a results table or dataset (the columns of ``COLUMNS`` that exist), scored at or after
     ``since`` when given. Never creates or changes anything at ``uri``; ConfigError when it holds no results."""
     scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
@@ -63,9 +64,11 @@ def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None) -> 
         from workers.sinks.delta import read_delta
 
         df = _filter_since(read_delta(uri, s3, SETTING, list(COLUMNS)).to_pandas(), since)
+    elif scheme == "iceberg":
+        df = _filter_since(_read_iceberg(uri, s3, iceberg or IcebergSettings()).to_pandas(), since)
     else:
         raise ConfigError(SETTING, f"cannot read results from {scheme}:// (use PostgreSQL, MariaDB, SQLite, Redis, "
-                                   "Delta Lake or Parquet)")
+                                   "Delta Lake, Iceberg or Parquet)")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ConfigError(SETTING, f"{_shown(uri)} holds no scoring results (no column {', '.join(missing)})")
@@ -74,6 +77,15 @@ def read_results(uri: str, s3: S3Settings, since: dt.datetime | None = None) -> 
     df["served"] = df["served"].astype(bool)
     df["id"] = df["id"].astype(str)
     return df
+
+
+def _read_iceberg(uri: str, s3: S3Settings, iceberg: IcebergSettings) -> pa.Table:
+    try:
+        from workers.sinks.iceberg import read_iceberg
+    except ImportError as exc:
+        raise ConfigError(SETTING, f"iceberg:// results need pyiceberg (pip install 'scoring-workers[iceberg]'): "
+                                   f"{exc}") from None
+    return read_iceberg(uri, s3, iceberg, SETTING, list(COLUMNS))
 
 
 def _shown(uri: str) -> str:
@@ -324,6 +336,6 @@ def run_compare(settings: Settings, results: str, threshold: float | None, since
     import click
     import orjson
 
-    table = read_results(results, settings.s3, parse_since(since) if since else None)
+    table = read_results(results, settings.s3, parse_since(since) if since else None, settings.iceberg)
     report = compare(table, settings.routing.threshold if threshold is None else threshold)
     click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if as_json else render_text(report))

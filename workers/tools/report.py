@@ -170,7 +170,7 @@ def write_report(settings, results: str, out: str, threshold: float | None, sinc
     if bool(profile_path) != bool(data):
         raise ConfigError("--profile" if data else "--data", "--profile and --data go together")
     output_file(out)
-    table = read_results(results, settings.s3, parse_since(since) if since else None)
+    table = read_results(results, settings.s3, parse_since(since) if since else None, settings.iceberg)
     summary = compare(table, settings.routing.threshold if threshold is None else threshold)
     drift = as_data(lambda: drift_of(settings, data, profile_path)) if profile_path and data else None
     text = picture(summary, drift) if out.endswith(".svg") else page(summary, drift, redact(results))
