@@ -146,6 +146,22 @@ def delta_table(data: pa.Table, keys: tuple[str, ...] = (), lake: Lake = DELTA) 
     return pa.table(cols, names=data.column_names), bad
 
 
+_NAN = object()
+
+
+def _nan_free(value: object) -> object:
+    """``value`` with every float NaN replaced by one marker, so that equal nested values compare equal."""
+    if isinstance(value, float) and value != value:
+        return _NAN
+    if isinstance(value, list):
+        return [_nan_free(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _nan_free(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_nan_free(v) for v in value)
+    return value
+
+
 def _lossless(before: pa.ChunkedArray, after: pa.ChunkedArray) -> bool:
     """Whether every value of ``after`` (``before`` cast) casts back to itself. Arrow's safe cast checks integer
     overflow and float-to-integer truncation but not float64 -> float32 (0.1234567891 rounded, 1e300 -> inf),
@@ -154,14 +170,14 @@ def _lossless(before: pa.ChunkedArray, after: pa.ChunkedArray) -> bool:
         back = after.cast(before.type, safe=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return False
-    if not pc.all(pc.equal(pc.is_null(before), pc.is_null(back))).as_py():
+    if pc.all(pc.equal(pc.is_null(before), pc.is_null(back))).as_py() is False:  # None: no rows, nothing lost
         return False
     try:
         same = pc.equal(before, back)
         if pa.types.is_floating(before.type):  # NaN stays NaN
             same = pc.or_kleene(same, pc.and_(pc.is_nan(before), pc.is_nan(back)))
-    except pa.ArrowNotImplementedError:  # nested values: compared as Python values
-        return bool(before.to_pylist() == back.to_pylist())
+    except pa.ArrowNotImplementedError:  # nested values: compared as Python values, NaN equal to NaN
+        return bool(_nan_free(before.to_pylist()) == _nan_free(back.to_pylist()))
     return pc.all(pc.fill_null(same, True)).as_py() is not False
 
 
