@@ -170,9 +170,12 @@ def test_four_shards_at_once_on_s3_and_the_secret_is_never_shown(models, s3_endp
     sink = DeltaSink(f"delta+{location}", S3Settings(endpoint_url=s3_endpoint, access_key_id="test",
                                                      secret_access_key="test-secret-xyz"), "SCORING_BATCH__OUTPUT")
     assert "test-secret-xyz" not in sink.name + repr(sink.__dict__.get("name")) and sink.name.startswith("delta+s3")
-    shown = subprocess.run([sys.executable, "-m", "workers", "settings", "--output", f"delta+{location}"],
-                           env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
-    assert "test-secret-xyz" not in shown.stdout + shown.stderr
+    shown = subprocess.run([sys.executable, "-m", "workers", "settings", "--env"],
+                           env={**os.environ, **env, "SCORING_BATCH__OUTPUT": f"delta+{location}"},
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr  # a refused command would print nothing to leak
+    assert f"SCORING_BATCH__OUTPUT=delta+{location}" in shown.stdout
+    assert env["SCORING_S3__SECRET_ACCESS_KEY"] not in shown.stdout + shown.stderr
 
 
 def test_sigkill_then_rerun_keeps_each_row_once(models, tmp_path):
