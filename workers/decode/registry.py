@@ -2,8 +2,10 @@
 
 A schema id names one schema forever, so a schema fetched once is never fetched again. What the registry
 answers decides whose fault a record is:
-- 404 for an id (``SchemaNotFound``): the record names a schema nobody registered; it is dead-lettered. The
-  answer is remembered for ``NOT_FOUND_TTL_S`` so a burst of such records costs one request.
+- 404 for an id with the registry's own "schema not found" code 40403 (``SchemaNotFound``): the record names a
+  schema nobody registered; it is dead-lettered. The answer is remembered for ``NOT_FOUND_TTL_S`` so a burst of
+  such records costs one request. A 404 without that code is a URL that is no registry's (a missing path
+  prefix): ``RegistryUnavailable``, since it would otherwise dead-letter every record of the stream.
 - no answer, a timeout, 5xx, 401/403 at run time (``RegistryUnavailable``): not the record's fault; the stream
   pipeline retries with the partitions paused, readiness naming the registry, and commits nothing meanwhile.
 At start-up (``check``), 401/403 and a TLS certificate the CA file does not verify are ConfigError naming the
@@ -33,11 +35,16 @@ from workers.settings import SchemaRegistrySettings, redact
 log = logging.getLogger("workers.registry")
 
 NOT_FOUND_TTL_S = 30.0
+SCHEMA_NOT_FOUND = 40403  # the registry's error_code for an unknown schema id (Confluent, Karapace, Redpanda, Apicurio)
 MAX_SCHEMA_BYTES = 8 * 1024 * 1024
 
 
 class SchemaNotFound(Exception):
-    """The registry does not know the schema id (404): the record's fault."""
+    """A 404: the registry does not know the schema id or subject (``code``: its error_code, None if it gave none)."""
+
+    def __init__(self, path: str, code: int | None = None):
+        super().__init__(path)
+        self.code = code
 
 
 class SchemaRefused(Exception):
@@ -57,6 +64,15 @@ class Schema:
     schema_type: str
     text: str
     references: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _error_code(body: str) -> int | None:
+    """The ``error_code`` of a registry's JSON error body, None when the body is not one."""
+    try:
+        code = json.loads(body).get("error_code")
+    except (ValueError, AttributeError):
+        return None
+    return code if type(code) is int else None
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -96,9 +112,9 @@ class RegistryClient:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.ctx) as reply:  # noqa: S310
                 body = reply.read(MAX_SCHEMA_BYTES + 1)
         except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise SchemaNotFound(path) from None
             detail = exc.read(300).decode("utf-8", "replace").strip()
+            if exc.code == 404:
+                raise SchemaNotFound(path, _error_code(detail)) from None
             raise RegistryUnavailable(f"schema registry {self.shown} answered {exc.code} for {path}"
                                       + (f": {detail}" if detail else "")) from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -162,10 +178,18 @@ class RegistryClient:
         query = "?format=serialized" if serialized else ""
         try:
             got = self._get(f"/schemas/ids/{schema_id}{query}")
-        except SchemaNotFound:
+        except SchemaNotFound as exc:
+            if exc.code != SCHEMA_NOT_FOUND:
+                raise RegistryUnavailable(
+                    f"schema registry {self.shown} answered 404 for /schemas/ids/{schema_id} without its 'schema "
+                    f"not found' code {SCHEMA_NOT_FOUND} (is SCORING_SCHEMA_REGISTRY__URL the registry's base "
+                    f"URL?)") from None
             with self.lock:
                 self.missing[schema_id] = time.monotonic()
             return None
+        if not isinstance(got, dict):
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer to /schemas/ids/{schema_id} is "
+                                      f"not a JSON object")
         schema = Schema(schema_id, str(got.get("schemaType") or "AVRO").upper(), str(got.get("schema", "")),
                         list(got.get("references") or []))
         with self.lock:
@@ -178,6 +202,9 @@ class RegistryClient:
         RegistryUnavailable or SchemaNotFound when it cannot be had."""
         query = "?format=serialized" if serialized else ""
         got = self._get(f"/subjects/{quote(subject, safe='')}/versions/{int(version)}{query}")
+        if not isinstance(got, dict):
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer for subject {subject!r} version "
+                                      f"{version} is not a JSON object")
         return str(got.get("schema", "")), list(got.get("references") or [])
 
     # -- writing -------------------------------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""Break-it review of Schema Registry input (issue 16): records written by confluent-kafka's own serializers (or,
+where a serializer cannot write the case, by fastavro/protobuf as a serializer would) against tests/schema_registry.py,
+read by the worker's wire formats and record decoder, scores checked against Booster.predict. Most tests drive
+``workers.decode`` directly (a real registry over HTTP, no broker: fast); the stream test runs a real worker."""
+
+from __future__ import annotations
+
+import decimal
+import io
+import json
+
+import fastavro
+import lightgbm as lgb
+import numpy as np
+import pytest
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+from tests.schema_registry import TestRegistry
+from workers.decode.records import RecordDecoder
+from workers.decode.registry import RegistryClient, RegistryUnavailable
+from workers.decode.wire import wire_format
+from workers.scoring.model import load_model
+from workers.settings import ModelSettings, SchemaRegistrySettings
+
+FEATURES = [f"x{j}" for j in range(8)]
+F = descriptor_pb2.FieldDescriptorProto
+CTX = SerializationContext("t", MessageField.VALUE)
+
+
+def wire(value_format: str, reg: TestRegistry, url: str | None = None):
+    names = ["id", *FEATURES]
+    return wire_format(value_format, RegistryClient(SchemaRegistrySettings(url=url or reg.url)), names)
+
+
+def decode(models, fmt, values: list[bytes | None]):
+    """What the stream's score lane does with a batch: prepare (fetch), parse, decode to features."""
+    fmt.prepare(values)
+    decoder = RecordDecoder(load_model(ModelSettings(path=models["binary"])))
+    return decoder.decode(values, None, fmt.parse(values))
+
+
+def booster_scores(models, recs: list[dict]) -> np.ndarray:
+    matrix = np.array([[np.nan if r.get(f) is None else float(r[f]) for f in FEATURES] for r in recs])
+    return lgb.Booster(model_file=models["binary"]).predict(matrix)
+
+
+def assert_scores(models, decoded, recs: list[dict]) -> None:
+    assert decoded.features.reasons == {}, decoded.features.reasons
+    model = load_model(ModelSettings(path=models["binary"]))
+    got = model.predict(np.ascontiguousarray(decoded.features.matrix))
+    assert decoded.ids == [r["id"] for r in recs]
+    np.testing.assert_allclose(got, booster_scores(models, recs), rtol=0, atol=1e-12)
+
+
+def avro_value(sid: int, parsed_schema, record: dict) -> bytes:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, parsed_schema, record)
+    return b"\0" + sid.to_bytes(4, "big") + buf.getvalue()
+
+
+# -- Avro ----------------------------------------------------------------------------------------------------
+def test_avro_reference_that_has_references_of_its_own(models):
+    """A subject whose referenced schema references a third (Top -> Mid -> Inner): every level is loaded, as
+    Confluent's deserializer does; the schema was usable only when the references were one level deep."""
+    reg = TestRegistry()
+    inner = {"type": "record", "name": "Inner", "namespace": "t", "fields": [{"name": "z", "type": "double"}]}
+    mid = {"type": "record", "name": "Mid", "namespace": "t", "fields": [{"name": "inner", "type": "t.Inner"}]}
+    top = {"type": "record", "name": "Top", "namespace": "t",
+           "fields": [{"name": "id", "type": "string"}, *({"name": f, "type": "double"} for f in FEATURES),
+                      {"name": "m", "type": "t.Mid"}]}
+    reg.register("inner", json.dumps(inner))
+    reg.register("mid", json.dumps(mid), references=[{"name": "t.Inner", "subject": "inner", "version": 1}])
+    sid = reg.register("top-value", json.dumps(top), references=[{"name": "t.Mid", "subject": "mid", "version": 1}])
+    named: dict = {}
+    fastavro.parse_schema(inner, named)
+    fastavro.parse_schema(mid, named)
+    parsed = fastavro.parse_schema(top, named)
+    recs = [{"id": f"r{i}", **{f: i * 0.1 - j for j, f in enumerate(FEATURES)}} for i in range(5)]
+    values = [avro_value(sid, parsed, {**r, "m": {"inner": {"z": 1.0}}}) for r in recs]
+    assert_scores(models, decode(models, wire("avro", reg), values), recs)
+
+
+def test_avro_decimal_feature_is_a_number(models):
+    """An amount written as Avro ``decimal`` (bytes, a logical type) is a number; it was dead-lettered as
+    'expected a number, got Decimal' although the README lists only text, bytes and records as non-features."""
+    reg = TestRegistry()
+    schema = {"type": "record", "name": "D", "namespace": "t", "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "x0", "type": {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 4}},
+        {"name": "x1", "type": ["null", {"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 4}],
+         "default": None},
+        *({"name": f, "type": "double"} for f in FEATURES[2:])]}
+    ser = AvroSerializer(SchemaRegistryClient({"url": reg.url}), json.dumps(schema))
+    recs = [{"id": f"d{i}", "x0": decimal.Decimal("1.2345") * i, "x1": None if i % 2 else decimal.Decimal("-0.5"),
+             **{f: 0.25 * j for j, f in enumerate(FEATURES[2:])}} for i in range(6)]
+    decoded = decode(models, wire("avro", reg), [ser(r, CTX) for r in recs])
+    assert_scores(models, decoded, recs)
+
+
+# -- Protobuf ------------------------------------------------------------------------------------------------
+def wrappers_file() -> descriptor_pb2.FileDescriptorProto:
+    """Nullable numbers the proto3 way: google.protobuf wrappers (DoubleValue, Int64Value, Int32Value, FloatValue)."""
+    fdp = descriptor_pb2.FileDescriptorProto(name="wrapped.proto", package="bk", syntax="proto3",
+                                             dependency=["google/protobuf/wrappers.proto"])
+    fdp.message_type.add(name="Other").field.add(name="q", number=1, type=F.TYPE_INT32, label=F.LABEL_OPTIONAL)
+    msg = fdp.message_type.add(name="In")
+    msg.field.add(name="id", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    kinds = ["DoubleValue", "Int64Value", "Int32Value", "FloatValue", "UInt64Value", "DoubleValue", "DoubleValue",
+             "DoubleValue"]
+    for j, (f, kind) in enumerate(zip(FEATURES, kinds, strict=True)):
+        msg.field.add(name=f, number=2 + j, type=F.TYPE_MESSAGE, type_name=f".google.protobuf.{kind}",
+                      label=F.LABEL_OPTIONAL)
+    return fdp
+
+
+def proto_class(fdp: descriptor_pb2.FileDescriptorProto, name: str):
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+
+
+def test_protobuf_wrapper_types_are_numbers(models):
+    """Int64Value/UInt64Value features (and Int32Value, FloatValue, DoubleValue; unset is missing): the int64 ones
+    came out as JSON's text form ('7') and every such record was dead-lettered as 'expected a number, got str'."""
+    reg = TestRegistry()
+    cls = proto_class(wrappers_file(), "bk.In")
+    ser = ProtobufSerializer(cls, SchemaRegistryClient({"url": reg.url}), {"use.deprecated.format": False})
+    recs = [{"id": f"w{i}", "x0": 0.5 * i, "x1": i - 3, "x2": 2 * i, "x3": 0.25, "x4": 10**12 + i,
+             "x5": None if i % 3 == 0 else -1.5, "x6": 0.0, "x7": 1.0} for i in range(6)]
+    values = [ser(cls(id=r["id"], **{f: {"value": v} for f, v in r.items() if f != "id" and v is not None}), CTX)
+              for r in recs]
+    decoded = decode(models, wire("protobuf", reg), values)
+    assert_scores(models, decoded, recs)
+
+
+def test_protobuf_negative_message_index_is_dead_lettered(models):
+    """A message index is a zigzag varint; -1 is not a message (it read the file's last message as if it were
+    named, a wrong record silently scored when its bytes happen to parse)."""
+    reg = TestRegistry()
+    cls = proto_class(wrappers_file(), "bk.In")
+    ser = ProtobufSerializer(cls, SchemaRegistryClient({"url": reg.url}), {"use.deprecated.format": False})
+    good = ser(cls(id="a", x0={"value": 1.0}), CTX)
+    assert good[5:7] == b"\x02\x02"  # one index: 1 (In is the file's second message)
+    bad = good[:5] + b"\x02\x01" + good[7:]  # one index: -1
+    fmt = wire("protobuf", reg)
+    fmt.prepare([good, bad])
+    objs, reasons = fmt.parse([good, bad])
+    assert objs[0] == {"id": "a", "x0": 1.0, **{f: None for f in FEATURES[1:]}}
+    assert objs[1] is None and "message index" in reasons[1] and "-1" in reasons[1], reasons
+
+
+# -- JSON Schema ---------------------------------------------------------------------------------------------
+def test_jsonschema_ref_to_a_referenced_subject(models):
+    """A JSON Schema whose ``$ref`` names another subject's schema (a registry reference, as Confluent's
+    JSONSerializer registers it): the reference is loaded; every record was dead-lettered 'Unresolvable'."""
+    reg = TestRegistry()
+    num = {"$id": "https://example.com/num.json", "type": ["number", "null"]}
+    reg.register("num", json.dumps(num), "JSON")
+    main = {"type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string"},
+                           **{f: {"$ref": "https://example.com/num.json"} for f in FEATURES}}}
+    sid = reg.register("j-value", json.dumps(main), "JSON",
+                       references=[{"name": "https://example.com/num.json", "subject": "num", "version": 1}])
+    recs = [{"id": f"j{i}", **{f: (None if (i + j) % 5 == 0 else i - j * 0.5) for j, f in enumerate(FEATURES)}}
+            for i in range(5)]
+    bad = {"id": "bad", "x0": "high"}
+    values = [b"\0" + sid.to_bytes(4, "big") + json.dumps(r).encode() for r in [*recs, bad]]
+    fmt = wire("jsonschema", reg)
+    fmt.prepare(values)
+    objs, reasons = fmt.parse(values)
+    assert list(reasons) == [5] and "does not match the schema at x0" in reasons[5], reasons
+    assert_scores(models, decode(models, fmt, values[:5]), recs)
+
+
+# -- the registry --------------------------------------------------------------------------------------------
+class FlakyReferences(TestRegistry):
+    """Answers 500 to the first ``n`` requests for a subject version (a reference), then normally."""
+
+    def __init__(self, n: int):
+        self.fail_refs = n
+        super().__init__()
+
+    def handle(self, h, body):
+        if h.path.startswith("/subjects/") and body is None and self.fail_refs > 0:
+            self.fail_refs -= 1
+            self.requests.append(h.path)
+            self._reply(h, 500, {"error_code": 50001, "message": "backend timeout"})
+            return
+        super().handle(h, body)
+
+
+def test_registry_error_on_a_reference_is_retried_not_dead_letters(models):
+    """A 5xx while fetching a referenced schema is the registry's outage, not the records' fault: prepare raises
+    RegistryUnavailable (the pipeline pauses and retries) and the schema is usable once the registry answers. It
+    was cached for good as 'cannot be used: RegistryUnavailable', dead-lettering every record of that id."""
+    reg = FlakyReferences(1)
+    common = {"type": "record", "name": "Common", "namespace": "t", "fields": [{"name": "z", "type": "double"}]}
+    top = {"type": "record", "name": "Top", "namespace": "t",
+           "fields": [{"name": "id", "type": "string"}, *({"name": f, "type": "double"} for f in FEATURES),
+                      {"name": "c", "type": "t.Common"}]}
+    reg.register("common", json.dumps(common))
+    sid = reg.register("top-value", json.dumps(top), references=[{"name": "t.Common", "subject": "common",
+                                                                  "version": 1}])
+    named: dict = {}
+    fastavro.parse_schema(common, named)
+    parsed = fastavro.parse_schema(top, named)
+    recs = [{"id": f"r{i}", **{f: i + j * 0.3 for j, f in enumerate(FEATURES)}} for i in range(3)]
+    values = [avro_value(sid, parsed, {**r, "c": {"z": 0.0}}) for r in recs]
+    fmt = wire("avro", reg)
+    with pytest.raises(RegistryUnavailable, match="500"):
+        fmt.prepare(values)
+    assert_scores(models, decode(models, fmt, values), recs)
+
+
+def test_wrong_registry_path_is_an_outage_not_dead_letters(models):
+    """A URL missing its path prefix (``https://host/registry`` written as ``https://host``: here, an extra
+    segment) makes every request 404 without the registry's 'schema not found' code (40403): that is the
+    setting's fault, not every record's. It dead-lettered the whole stream as 'not in the schema registry'."""
+    reg = TestRegistry()
+    ser = AvroSerializer(SchemaRegistryClient({"url": reg.url}), json.dumps(
+        {"type": "record", "name": "P", "fields": [{"name": "id", "type": "string"}]}))
+    value = ser({"id": "a"}, CTX)
+    fmt = wire("avro", reg, url=reg.url + "/wrong-prefix")
+    with pytest.raises(RegistryUnavailable, match="404"):
+        fmt.prepare([value])
+    # A real "schema not found" (40403) is still the record's fault.
+    missing = b"\0\0\0\x03\xe7" + value[5:]
+    fmt = wire("avro", reg)
+    fmt.prepare([missing])
+    assert fmt.parse([missing])[1] == {0: "schema id 999 is not in the schema registry"}
