@@ -233,3 +233,158 @@ def test_wrong_registry_path_is_an_outage_not_dead_letters(models):
     fmt = wire("avro", reg)
     fmt.prepare([missing])
     assert fmt.parse([missing])[1] == {0: "schema id 999 is not in the schema registry"}
+
+
+# -- Protobuf as a team writes it: imports, nested messages, oneof, optional, repeated, maps --------------------
+def test_protobuf_imports_nested_index_oneof_maps(models):
+    """ProtobufSerializer with an imported file (registered as a reference by the serializer), the input a nested
+    message (index [1, 0]), a oneof, proto3 optional, repeated and map fields beside the features."""
+    reg = TestRegistry()
+    common = descriptor_pb2.FileDescriptorProto(name="bk/common.proto", package="bk.common", syntax="proto3")
+    meta = common.message_type.add(name="Meta")
+    meta.field.add(name="source", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    main = descriptor_pb2.FileDescriptorProto(name="bk/main.proto", package="bk", syntax="proto3",
+                                              dependency=["bk/common.proto", "google/protobuf/wrappers.proto"])
+    main.message_type.add(name="Unrelated").field.add(name="q", number=1, type=F.TYPE_INT32, label=F.LABEL_OPTIONAL)
+    outer = main.message_type.add(name="Envelope")
+    outer.field.add(name="n", number=1, type=F.TYPE_INT32, label=F.LABEL_OPTIONAL)
+    inp = outer.nested_type.add(name="Input")
+    inp.field.add(name="id", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    inp.oneof_decl.add(name="first")
+    inp.field.add(name="x0", number=2, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL, oneof_index=0)
+    inp.field.add(name="x0_text", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL, oneof_index=0)
+    inp.oneof_decl.add(name="_x1")
+    inp.field.add(name="x1", number=4, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL, oneof_index=1,
+                  proto3_optional=True)
+    inp.field.add(name="x2", number=5, type=F.TYPE_MESSAGE, type_name=".google.protobuf.DoubleValue",
+                  label=F.LABEL_OPTIONAL)
+    for j, f in enumerate(FEATURES[3:]):
+        inp.field.add(name=f, number=6 + j, type=F.TYPE_FLOAT if j == 0 else F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+    inp.field.add(name="tags", number=20, type=F.TYPE_STRING, label=F.LABEL_REPEATED)
+    entry = inp.nested_type.add(name="AttrsEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
+    inp.field.add(name="attrs", number=21, type=F.TYPE_MESSAGE, type_name=".bk.Envelope.Input.AttrsEntry",
+                  label=F.LABEL_REPEATED)
+    inp.field.add(name="meta", number=22, type=F.TYPE_MESSAGE, type_name=".bk.common.Meta", label=F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(common)
+    pool.Add(main)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("bk.Envelope.Input"))
+    ser = ProtobufSerializer(cls, SchemaRegistryClient({"url": reg.url}), {"use.deprecated.format": False})
+    recs = []
+    values = []
+    for i in range(8):
+        r = {"id": f"p{i}", "x0": None if i % 4 == 3 else i * 0.5, "x1": None if i % 2 else -i * 0.25,
+             "x2": None if i % 3 == 0 else 0.75, "x3": 0.5, **{f: i - j for j, f in enumerate(FEATURES[4:])}}
+        kw = {k: v for k, v in r.items() if v is not None and k not in ("x0", "x2")}
+        if r["x0"] is not None:
+            kw["x0"] = r["x0"]
+        else:
+            kw["x0_text"] = "other branch of the oneof"
+        if r["x2"] is not None:
+            kw["x2"] = {"value": r["x2"]}
+        values.append(ser(cls(**kw, tags=["a", "b"], attrs={"k": 1.0}, meta={"source": "s"}), CTX))
+        recs.append(r)
+    assert values[0][5:8] == b"\x04\x02\x00"  # message indexes [1, 0]
+    assert any(s.startswith("/subjects/bk%2Fcommon.proto") or "bk/common.proto" in s for s in reg.subjects)
+    assert_scores(models, decode(models, wire("protobuf", reg), values), recs)
+
+
+# -- a real worker -------------------------------------------------------------------------------------------
+@pytest.mark.kafka
+def test_stream_avro_mixed_ids_tombstones_headers_huge_record(models, kafka, tmp_path):
+    """One partition, one batch: records of three writer schemas (v2 renames x7 and adds a nested record, an enum
+    and logical types; v3 drops x6 and makes x0 a decimal), a tombstone and a key without value, headers, and a
+    record of ~700 KB. Each good record is stored once with Booster.predict's score, the null values are
+    dead-lettered with their reason, and everything is committed."""
+    import signal
+    import sqlite3
+
+    from tests.kafka_util import wait_for
+
+    reg = TestRegistry()
+    client = SchemaRegistryClient({"url": reg.url})
+    topic = kafka.topic(partitions=1)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    nullable = [{"name": f, "type": ["null", "double"], "default": None} for f in FEATURES]
+    v1 = {"type": "record", "name": "In", "namespace": "bk", "fields": [{"name": "id", "type": "string"}, *nullable,
+                                                                        {"name": "blob", "type": "string",
+                                                                         "default": ""}]}
+    v2 = {"type": "record", "name": "In", "namespace": "bk", "fields": [
+        {"name": "id", "type": "string"}, *nullable[:7], {"name": "x7_renamed", "type": ["null", "double"],
+                                                          "default": None},
+        {"name": "where", "type": ["null", {"type": "record", "name": "Where", "fields": [
+            {"name": "lat", "type": "double"}]}], "default": None},
+        {"name": "tier", "type": {"type": "enum", "name": "Tier", "symbols": ["GOLD", "SILVER", "NEW_ONE"]}},
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "uid", "type": {"type": "string", "logicalType": "uuid"}},
+        {"name": "day", "type": {"type": "int", "logicalType": "date"}}]}
+    v3 = {"type": "record", "name": "In", "namespace": "bk", "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "x0", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 3}},
+        *[n for n in nullable[1:] if n["name"] != "x6"]]}
+    s1, s2, s3 = (AvroSerializer(client, json.dumps(s)) for s in (v1, v2, v3))
+    rng = np.random.default_rng(11)
+    recs: list[dict] = []
+    msgs: list[tuple[bytes, bytes | None, list]] = []
+    import datetime
+    import uuid
+
+    for i in range(90):
+        r = {"id": f"m{i}", **{f: float(v) for f, v in zip(FEATURES, rng.normal(size=8), strict=True)}}
+        if i % 7 == 0:
+            r["x3"] = None
+        kind = i % 3
+        if kind == 0:
+            value = s1(r, ctx)
+        elif kind == 1:
+            x7 = r.pop("x7")
+            value = s2({**r, "x7_renamed": x7, "where": {"lat": 1.0} if i % 2 else None, "tier": "NEW_ONE",
+                        "ts": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC), "uid": uuid.uuid4(),
+                        "day": datetime.date(2026, 1, 2)}, ctx)
+            r["x7"] = None  # renamed: the feature is missing
+        else:
+            r.pop("x6")
+            r["x0"] = decimal.Decimal(f"{r['x0']:.3f}")
+            value = s3(r, ctx)
+            r["x6"] = None
+            r["x0"] = float(r["x0"])
+        recs.append(r)
+        msgs.append((r["id"].encode(), value, [("trace", b"t" * 10), ("dup", b"1"), ("dup", b"2")]))
+    huge = {"id": "huge", **{f: 0.5 for f in FEATURES}, "blob": "z" * 700_000}
+    msgs.insert(40, (b"huge", s1(huge, ctx), []))
+    recs.insert(40, {k: v for k, v in huge.items() if k != "blob"})
+    msgs.insert(20, (b"tomb", None, []))
+    msgs.insert(60, (None, None, [("only", b"headers")]))
+    producer = kafka.producer
+    for key, value, headers in msgs:
+        producer.produce(topic, key=key, value=value, headers=headers)
+    assert producer.flush(30) == 0
+    db = str(tmp_path / "s.db")
+    proc = kafka.worker("--model", models["binary"], "--topic", topic, "--group", f"g-{topic}", "--sink",
+                        f"sqlite:///{db}?table=scores", "--value-format", "avro", "--schema-registry-url", reg.url,
+                        "--metrics-port", "0", log=str(tmp_path / "w.log"))
+
+    def stored() -> list:
+        try:
+            with sqlite3.connect(db) as conn:
+                return conn.execute("select id, score from scores").fetchall()
+        except sqlite3.Error:
+            return []
+
+    wait_for(lambda: len(stored()) >= len(recs), 60, what="all stored")
+    dead = kafka.consume_all(f"{topic}.dlq", 2)
+    wait_for(lambda: kafka.committed(f"g-{topic}", topic, 1) == {0: len(msgs)}, 30, what="commit")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    log = (tmp_path / "w.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    rows = stored()
+    assert len(rows) == len({i for i, _ in rows}) == len(recs)  # each once
+    got = dict(rows)
+    want = booster_scores(models, recs)
+    np.testing.assert_allclose([got[r["id"]] for r in recs], want, rtol=0, atol=1e-12)
+    assert sorted(dict(m.headers())["error.reason"].decode() for m in dead) == ["empty value (tombstone)"] * 2
