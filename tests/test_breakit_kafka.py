@@ -388,3 +388,45 @@ def test_stream_avro_mixed_ids_tombstones_headers_huge_record(models, kafka, tmp
     want = booster_scores(models, recs)
     np.testing.assert_allclose([got[r["id"]] for r in recs], want, rtol=0, atol=1e-12)
     assert sorted(dict(m.headers())["error.reason"].decode() for m in dead) == ["empty value (tombstone)"] * 2
+
+
+# -- the Kafka sink in a registry format (workers/sinks/regformat.py: another helper's file, so xfail) ---------
+@pytest.mark.kafka
+@pytest.mark.xfail(strict=True, reason="regformat.kind maps uint64 to long/int64: values from 2**63 up do not fit "
+                   "and the rows are dead-lettered (fix in workers/sinks/regformat.py, another helper's file)")
+@pytest.mark.parametrize("fmt", ["avro", "protobuf"])
+def test_kafka_sink_registry_format_with_a_uint64_passthrough(models, kafka, tmp_path, fmt):
+    """A passthrough counter from 2**63 up (JSON's unsigned 64-bit values; the decoder keeps it exact as uint64)
+    maps to Avro/Protobuf ``long``/``int64``, which cannot hold it: the encoder raises ValueError inside the sink
+    ('the sink refused a batch ... writing it in halves'), so good records end in the dead-letter topic."""
+    import signal
+
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+
+    from tests.test_kafka_sink_registry import deserializer
+
+    reg = TestRegistry()
+    src, out = kafka.topic(partitions=1), kafka.topic(partitions=1, prefix="o")
+    recs = [{"id": f"u{i}", **{f: 0.1 * i for f in FEATURES}, "ctr": 2**64 - 1 - i} for i in range(3)]
+    kafka.produce_json(src, recs)
+    log = tmp_path / "w.log"
+    proc = kafka.worker("--model", models["binary"], "--topic", src, "--group", f"g-{src}", "--sink",
+                        f"kafka://{out}?format={fmt}", "--schema-registry-url", reg.url, "--passthrough", "ctr",
+                        "--metrics-port", "0", log=str(log))
+    try:
+        msgs = kafka.consume_all(out, len(recs), timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert code == 0, text[-2000:]
+    client = SchemaRegistryClient({"url": reg.url})
+    des = AvroDeserializer(client) if fmt == "avro" else deserializer(fmt, client, reg)
+    ctx = SerializationContext(out, MessageField.VALUE)
+    got = {}
+    for m in msgs:
+        obj = des(m.value(), ctx)
+        got[obj["id"] if fmt == "avro" else obj.id] = obj["ctr"] if fmt == "avro" else obj.ctr
+    assert {k: int(v) for k, v in got.items()} == {r["id"]: r["ctr"] for r in recs}
