@@ -430,3 +430,16 @@ def test_kafka_sink_registry_format_with_a_uint64_passthrough(models, kafka, tmp
         obj = des(m.value(), ctx)
         got[obj["id"] if fmt == "avro" else obj.id] = obj["ctr"] if fmt == "avro" else obj.ctr
     assert {k: int(v) for k, v in got.items()} == {r["id"]: r["ctr"] for r in recs}
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://127.0.0.1:1/ bad", "http://:8081",
+                                 "https://registry.example:99999"])
+def test_malformed_registry_url_stops_start_up_in_one_line(models, tmp_path, url):
+    """A registry URL that starts with http:// but is no URL (a port that is not a number or out of range, a
+    space, no host) crashed the worker with a traceback (exit 1) from inside urllib."""
+    from tests.test_stream_registry import one_line, run
+
+    line = one_line(run(["--model", models["binary"], "--topic", "t-never", "--bootstrap-servers", "127.0.0.1:1",
+                         "--sink", f"sqlite:///{tmp_path}/s.db?table=scores", "--value-format", "avro",
+                         "--schema-registry-url", url]), "SCORING_SCHEMA_REGISTRY__URL")
+    assert "not a valid URL" in line, line

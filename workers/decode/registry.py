@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from workers.errors import ConfigError, ScoringError
 from workers.settings import SchemaRegistrySettings, redact
@@ -75,6 +75,18 @@ def _error_code(body: str) -> int | None:
     return code if type(code) is int else None
 
 
+def _check_url(url: str, shown: str) -> None:
+    """ConfigError naming the URL setting for what urllib would only refuse with a traceback on first use."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+        ok = bool(parts.hostname) and not any(c.isspace() or ord(c) < 32 for c in url)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError("SCORING_SCHEMA_REGISTRY__URL", f"not a valid URL: {shown!r} (http(s)://host[:port][/path])")
+
+
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """The TLS context of an https registry; ConfigError naming CA_FILE when the file is not a PEM CA bundle."""
     try:
@@ -93,6 +105,7 @@ class RegistryClient:
         assert settings.url
         self.base = settings.url.rstrip("/")
         self.shown = redact(self.base)
+        _check_url(self.base, self.shown)
         self.timeout = settings.timeout_s
         self.ctx = tls_context(settings.ca_file) if self.base.lower().startswith("https://") else None
         self.headers = {"Accept": "application/vnd.schemaregistry.v1+json, application/json"}
