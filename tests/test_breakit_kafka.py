@@ -443,3 +443,61 @@ def test_malformed_registry_url_stops_start_up_in_one_line(models, tmp_path, url
                          "--sink", f"sqlite:///{tmp_path}/s.db?table=scores", "--value-format", "avro",
                          "--schema-registry-url", url]), "SCORING_SCHEMA_REGISTRY__URL")
     assert "not a valid URL" in line, line
+
+
+class Scripted(TestRegistry):
+    """Answers /schemas/ids/{id} as ``script`` says for that id: (status, body) or ("slow", seconds)."""
+
+    def __init__(self, script: dict):
+        self.script = script
+        super().__init__()
+
+    def handle(self, h, body):
+        import re
+        import time
+
+        m = re.fullmatch(r"/schemas/ids/(\d+)", h.path.split("?")[0])
+        if m and int(m.group(1)) in self.script:
+            self.requests.append(h.path)
+            how = self.script[int(m.group(1))]
+            if how[0] == "slow":
+                time.sleep(how[1])
+                how = (200, {"schema": '"string"'})
+            data = json.dumps(how[1]).encode()
+            h.send_response(how[0])
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
+        super().handle(h, body)
+
+
+def test_registry_answers_each_way_for_one_batch():
+    """Per schema id: a wrong schema type and an unparsable schema are the records' fault (dead-lettered, asked
+    once); 500, a JSON list, a slow answer past the timeout are outages (RegistryUnavailable, nothing cached).
+    A value too short for the header said 'magic byte 0, expected 0'."""
+    import time
+
+    reg = Scripted({1: (200, {"schemaType": "PROTOBUF", "schema": "c3ludGF4"}), 2: (200, {"schema": "{not json"}),
+                    3: (500, {"error_code": 50001, "message": "boom"}), 4: (200, ["a", "list"]),
+                    5: ("slow", 3.0), 6: (404, {"error_code": 40403, "message": "Schema 6 not found"})})
+    client = RegistryClient(SchemaRegistrySettings(url=reg.url, timeout_s=1.0))
+    fmt = wire_format("avro", client)
+    v = {sid: b"\0" + sid.to_bytes(4, "big") + b"\x02a" for sid in range(1, 7)}
+    fmt.prepare([v[1], v[2], v[6], None, b""])
+    _, reasons = fmt.parse([v[1], v[2], v[6], None, b"", b"\x00\x00"])
+    assert reasons == {0: "schema id 1 is a PROTOBUF schema, not AVRO",
+                       1: reasons[1], 2: "schema id 6 is not in the schema registry",
+                       3: "empty value (tombstone)", 4: "not the Confluent wire format: empty value",
+                       5: "not the Confluent wire format: 2 bytes, shorter than its 5-byte header"}
+    assert reasons[1].startswith("schema id 2 cannot be used: "), reasons[1]
+    for sid, what in ((3, "answered 500"), (4, "not a JSON object"), (5, "unreachable")):
+        started = time.monotonic()
+        with pytest.raises(RegistryUnavailable, match=what):
+            fmt.prepare([v[sid]])
+        assert time.monotonic() - started < 2.5, sid
+        assert sid not in fmt.compiled
+    before = len(reg.requests)
+    fmt.prepare([v[1], v[2], v[6]])  # compiled reasons kept; the 404 remembered for a while
+    assert len(reg.requests) == before

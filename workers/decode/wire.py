@@ -91,9 +91,12 @@ class WireFormat:
             obj = None
             if value is None:
                 reasons[i] = "empty value (tombstone)"
-            elif len(value) < 5 or value[0] != MAGIC:
-                reasons[i] = (f"not the Confluent wire format: magic byte {value[0]}, expected 0" if value else
-                              "not the Confluent wire format: empty value")
+            elif not value:
+                reasons[i] = "not the Confluent wire format: empty value"
+            elif value[0] != MAGIC:
+                reasons[i] = f"not the Confluent wire format: magic byte {value[0]}, expected 0"
+            elif len(value) < 5:
+                reasons[i] = f"not the Confluent wire format: {len(value)} bytes, shorter than its 5-byte header"
             else:
                 sid = int.from_bytes(value[1:5], "big")
                 schema = compiled.get(sid)
