@@ -563,3 +563,46 @@ def test_kafka_sink_registry_format_with_a_uuid_passthrough(fmt):
     payloads = encoder(fmt, cols)(table)
     assert len(payloads) == 2
     assert dict(cols)["uid"] == "string"  # text, as the JSON sink and the module docstring have it
+
+
+@pytest.mark.kafka
+@pytest.mark.xfail(strict=True, reason="KafkaSource.lag is the high watermark minus the offset after the last "
+                   "record stored; a transaction's commit marker takes an offset, so a caught-up transactional "
+                   "topic shows lag 1 forever: lag seconds grow, the partition is 'stalled', /readyz 503 (seen: "
+                   "lag 1, 'stalled: ... lag 1, no progress for 4s'). Fix in workers/sources/kafka.py (the "
+                   "consumer position moves past markers), not workers/decode")
+def test_transactional_topic_caught_up_has_no_lag(models, kafka, tmp_path):
+    """Records written by a transactional producer (Kafka Streams, Flink, ksqlDB, Debezium with EOS) end with a
+    commit marker: the high watermark is one past the last record. Once every record is stored and committed the
+    worker is caught up: lag 0, lag seconds 0, ready."""
+    import signal
+    import time
+    import uuid
+
+    from confluent_kafka import Producer
+
+    from tests.conftest import free_port
+    from tests.kafka_util import wait_for
+    from tests.test_rebalance import gauges
+    from tests.test_stream_registry import readyz
+
+    topic = kafka.topic(partitions=1)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap, "transactional.id": f"tx-{uuid.uuid4().hex[:8]}"})
+    producer.init_transactions(15)
+    producer.begin_transaction()
+    for i in range(5):
+        producer.produce(topic, key=f"t{i}".encode(), value=json.dumps({"id": f"t{i}", "x0": 0.5 * i}).encode())
+    producer.commit_transaction(15)
+    db, port = str(tmp_path / "s.db"), free_port()
+    proc = kafka.worker("--model", models["binary"], "--topic", topic, "--group", f"g-{topic}", "--sink",
+                        f"sqlite:///{db}?table=scores", "--metrics-port", str(port), "--stall-seconds", "2",
+                        log=str(tmp_path / "w.log"))
+    try:
+        wait_for(lambda: kafka.committed(f"g-{topic}", topic, 1)[0] >= 5, 60, what="5 committed")
+        time.sleep(4)  # past --stall-seconds
+        lag, lag_s, ready = gauges(port, "scoring_consumer_lag"), gauges(port, "scoring_consumer_lag_seconds"), \
+            readyz(port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert (lag, lag_s, ready[0]) == ({"0": 0.0}, {"0": 0.0}, 200), (lag, lag_s, ready)
