@@ -606,3 +606,23 @@ def test_transactional_topic_caught_up_has_no_lag(models, kafka, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert (lag, lag_s, ready[0]) == ({"0": 0.0}, {"0": 0.0}, 200), (lag, lag_s, ready)
+
+
+def test_registry_credentials_in_the_url(models):
+    """``http://key:secret@host`` (Confluent clients' basic.auth.credentials.source=URL): urllib took the userinfo
+    for part of the host name, so the registry was 'unreachable: Name or service not known' for good. Now it is
+    basic auth (percent-encoding undone), never shown."""
+    reg = TestRegistry(users={"reader": "p@ss:w/rd"})
+    ser = AvroSerializer(SchemaRegistryClient({"url": reg.url, "basic.auth.user.info": "reader:p@ss:w/rd"}),
+                         json.dumps({"type": "record", "name": "P", "fields": [{"name": "id", "type": "string"}]}))
+    value = ser({"id": "a"}, CTX)
+    url = reg.url.replace("http://", "http://reader:p%40ss%3Aw%2Frd@")
+    client = RegistryClient(SchemaRegistrySettings(url=url))
+    assert client.check() is None
+    fmt = wire_format("avro", client)
+    fmt.prepare([value])
+    assert fmt.parse([value]) == ([{"id": "a"}], {})
+    assert "p%40ss" not in client.shown and "p@ss" not in client.shown, client.shown
+    with pytest.raises(Exception, match="401") as refused:  # the settings' credentials win over the URL's
+        RegistryClient(SchemaRegistrySettings(url=url, username="reader", password="wrong")).check()
+    assert "wrong" not in str(refused.value) and "p@ss" not in str(refused.value)

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from workers.errors import ConfigError, ScoringError
 from workers.settings import SchemaRegistrySettings, redact
@@ -106,12 +106,19 @@ class RegistryClient:
         self.base = settings.url.rstrip("/")
         self.shown = redact(self.base)
         _check_url(self.base, self.shown)
+        # Credentials in the URL (https://key:secret@host, Confluent's basic.auth.credentials.source=URL): urllib
+        # would take them for part of the host name, so they become basic auth (the settings win over them).
+        parts = urlsplit(self.base)
+        user, secret = settings.username, settings.password.get_secret_value() if settings.password else ""
+        if parts.username is not None:
+            self.base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+            if not user:
+                user, secret = unquote(parts.username), unquote(parts.password or "")
         self.timeout = settings.timeout_s
         self.ctx = tls_context(settings.ca_file) if self.base.lower().startswith("https://") else None
         self.headers = {"Accept": "application/vnd.schemaregistry.v1+json, application/json"}
-        if settings.username:
-            secret = settings.password.get_secret_value() if settings.password else ""
-            token = base64.b64encode(f"{settings.username}:{secret}".encode()).decode()
+        if user:
+            token = base64.b64encode(f"{user}:{secret}".encode()).decode()
             self.headers["Authorization"] = f"Basic {token}"
         self.schemas: dict[int, Schema] = {}
         self.missing: dict[int, float] = {}  # id -> monotonic time of the 404
