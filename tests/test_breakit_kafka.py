@@ -626,3 +626,24 @@ def test_registry_credentials_in_the_url(models):
     with pytest.raises(Exception, match="401") as refused:  # the settings' credentials win over the URL's
         RegistryClient(SchemaRegistrySettings(url=url, username="reader", password="wrong")).check()
     assert "wrong" not in str(refused.value) and "p@ss" not in str(refused.value)
+
+
+def test_jsonschema_reference_of_a_reference_by_relative_name(models):
+    """main -> person.json (relative name, no $id) -> num.json: both levels resolve."""
+    reg = TestRegistry()
+    reg.register("num", json.dumps({"type": ["number", "null"]}), "JSON")
+    person = {"type": "object", "properties": {"x1": {"$ref": "num.json"}}}
+    reg.register("person", json.dumps(person), "JSON", references=[{"name": "num.json", "subject": "num",
+                                                                    "version": 1}])
+    main = {"$id": "https://example.com/schemas/main.json", "type": "object",
+            "properties": {"id": {"type": "string"}, "p": {"$ref": "person.json"}, "x0": {"$ref": "num.json"}}}
+    sid = reg.register("m-value", json.dumps(main), "JSON",
+                       references=[{"name": "person.json", "subject": "person", "version": 1},
+                                   {"name": "num.json", "subject": "num", "version": 1}])
+    good = b"\0" + sid.to_bytes(4, "big") + b'{"id": "a", "x0": 1.5, "p": {"x1": null}}'
+    bad = b"\0" + sid.to_bytes(4, "big") + b'{"id": "b", "x0": 1.5, "p": {"x1": "text"}}'
+    fmt = wire("jsonschema", reg)
+    fmt.prepare([good, bad])
+    objs, reasons = fmt.parse([good, bad])
+    assert objs[0] == {"id": "a", "x0": 1.5, "p": {"x1": None}}
+    assert list(reasons) == [1] and "does not match the schema at p/x1" in reasons[1], reasons

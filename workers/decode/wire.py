@@ -326,26 +326,33 @@ class JsonSchemaFormat(WireFormat):
         cls.check_schema(doc)
         spec = specification_with(cls.META_SCHEMA.get("$schema", ""), default=DRAFT202012)
         resources: list[tuple[str, Any]] = []
-        self._references(schema.references, spec, resources, set())
+        self._references(schema.references, spec, resources, set(), str(doc.get("$id") or "")
+                         if isinstance(doc, dict) else "")
         return cls(doc, registry=Registry().with_resources(resources))
 
     def _references(self, references: list[dict], spec: Any, out: list[tuple[str, Any]],
-                    seen: set[tuple[str, int]]) -> None:
+                    seen: set[tuple[str, int, str, str]], base: str) -> None:
         """The schemas of other subjects a ``$ref`` may name: under the reference's name (what the ``$ref``
-        says) and their ``$id``; their own references too. Nothing is fetched from the ``$ref`` URLs themselves."""
+        says), that name resolved against the referring schema's ``$id`` (``base``: where a relative ``$ref``
+        lands), and their own ``$id``; their own references too. Nothing is fetched from ``$ref`` URLs."""
+        from urllib.parse import urljoin
+
         from referencing import Resource
 
         for ref in references:
             key = (str(ref["subject"]), int(ref["version"]))
-            if key in seen:
+            name = str(ref["name"])
+            if (*key, name, base) in seen:  # one schema may be named differently by different referrers
                 continue
-            seen.add(key)
+            seen.add((*key, name, base))
             text, nested = self.registry.reference(*key)
             resource = Resource.from_contents(orjson.loads(text), default_specification=spec)
-            out.append((str(ref["name"]), resource))
+            out.append((name, resource))
+            if base:
+                out.append((urljoin(base, name), resource))
             if resource.id():
                 out.append((str(resource.id()), resource))
-            self._references(nested, spec, out, seen)
+            self._references(nested, spec, out, seen, str(resource.id() or (urljoin(base, name) if base else "")))
 
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
         payload = value[5:]
