@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -182,6 +183,9 @@ class RecordDecoder:
                 continue
             row = flat[i * width:(i + 1) * width]
             reason = None
+            if Decimal in map(type, row):  # Avro's decimal logical type: a number (float64, as every feature is)
+                row = [float(v) if type(v) is Decimal else v for v in row]
+                flat[i * width:(i + 1) * width] = row
             if not _NUMERIC.issuperset(map(type, row)):
                 reason = self._reason_for(row)
             if reason is None and not self.numeric_only:

@@ -2,8 +2,10 @@
 
 A schema id names one schema forever, so a schema fetched once is never fetched again. What the registry
 answers decides whose fault a record is:
-- 404 for an id (``SchemaNotFound``): the record names a schema nobody registered; it is dead-lettered. The
-  answer is remembered for ``NOT_FOUND_TTL_S`` so a burst of such records costs one request.
+- 404 for an id with the registry's own "schema not found" code 40403 (``SchemaNotFound``): the record names a
+  schema nobody registered; it is dead-lettered. The answer is remembered for ``NOT_FOUND_TTL_S`` so a burst of
+  such records costs one request. A 404 without that code is a URL that is no registry's (a missing path
+  prefix): ``RegistryUnavailable``, since it would otherwise dead-letter every record of the stream.
 - no answer, a timeout, 5xx, 401/403 at run time (``RegistryUnavailable``): not the record's fault; the stream
   pipeline retries with the partitions paused, readiness naming the registry, and commits nothing meanwhile.
 At start-up (``check``), 401/403 and a TLS certificate the CA file does not verify are ConfigError naming the
@@ -25,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from workers.errors import ConfigError, ScoringError
 from workers.settings import SchemaRegistrySettings, redact
@@ -33,11 +35,16 @@ from workers.settings import SchemaRegistrySettings, redact
 log = logging.getLogger("workers.registry")
 
 NOT_FOUND_TTL_S = 30.0
+SCHEMA_NOT_FOUND = 40403  # the registry's error_code for an unknown schema id (Confluent, Karapace, Redpanda, Apicurio)
 MAX_SCHEMA_BYTES = 8 * 1024 * 1024
 
 
 class SchemaNotFound(Exception):
-    """The registry does not know the schema id (404): the record's fault."""
+    """A 404: the registry does not know the schema id or subject (``code``: its error_code, None if it gave none)."""
+
+    def __init__(self, path: str, code: int | None = None):
+        super().__init__(path)
+        self.code = code
 
 
 class SchemaRefused(Exception):
@@ -59,6 +66,27 @@ class Schema:
     references: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _error_code(body: str) -> int | None:
+    """The ``error_code`` of a registry's JSON error body, None when the body is not one."""
+    try:
+        code = json.loads(body).get("error_code")
+    except (ValueError, AttributeError):
+        return None
+    return code if type(code) is int else None
+
+
+def _check_url(url: str, shown: str) -> None:
+    """ConfigError naming the URL setting for what urllib would only refuse with a traceback on first use."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+        ok = bool(parts.hostname) and not any(c.isspace() or ord(c) < 32 for c in url)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError("SCORING_SCHEMA_REGISTRY__URL", f"not a valid URL: {shown!r} (http(s)://host[:port][/path])")
+
+
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """The TLS context of an https registry; ConfigError naming CA_FILE when the file is not a PEM CA bundle."""
     try:
@@ -77,12 +105,20 @@ class RegistryClient:
         assert settings.url
         self.base = settings.url.rstrip("/")
         self.shown = redact(self.base)
+        _check_url(self.base, self.shown)
+        # Credentials in the URL (https://key:secret@host, Confluent's basic.auth.credentials.source=URL): urllib
+        # would take them for part of the host name, so they become basic auth (the settings win over them).
+        parts = urlsplit(self.base)
+        user, secret = settings.username, settings.password.get_secret_value() if settings.password else ""
+        if parts.username is not None:
+            self.base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+            if not user:
+                user, secret = unquote(parts.username), unquote(parts.password or "")
         self.timeout = settings.timeout_s
         self.ctx = tls_context(settings.ca_file) if self.base.lower().startswith("https://") else None
         self.headers = {"Accept": "application/vnd.schemaregistry.v1+json, application/json"}
-        if settings.username:
-            secret = settings.password.get_secret_value() if settings.password else ""
-            token = base64.b64encode(f"{settings.username}:{secret}".encode()).decode()
+        if user:
+            token = base64.b64encode(f"{user}:{secret}".encode()).decode()
             self.headers["Authorization"] = f"Basic {token}"
         self.schemas: dict[int, Schema] = {}
         self.missing: dict[int, float] = {}  # id -> monotonic time of the 404
@@ -96,9 +132,9 @@ class RegistryClient:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self.ctx) as reply:  # noqa: S310
                 body = reply.read(MAX_SCHEMA_BYTES + 1)
         except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise SchemaNotFound(path) from None
             detail = exc.read(300).decode("utf-8", "replace").strip()
+            if exc.code == 404:
+                raise SchemaNotFound(path, _error_code(detail)) from None
             raise RegistryUnavailable(f"schema registry {self.shown} answered {exc.code} for {path}"
                                       + (f": {detail}" if detail else "")) from None
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -162,10 +198,18 @@ class RegistryClient:
         query = "?format=serialized" if serialized else ""
         try:
             got = self._get(f"/schemas/ids/{schema_id}{query}")
-        except SchemaNotFound:
+        except SchemaNotFound as exc:
+            if exc.code != SCHEMA_NOT_FOUND:
+                raise RegistryUnavailable(
+                    f"schema registry {self.shown} answered 404 for /schemas/ids/{schema_id} without its 'schema "
+                    f"not found' code {SCHEMA_NOT_FOUND} (is SCORING_SCHEMA_REGISTRY__URL the registry's base "
+                    f"URL?)") from None
             with self.lock:
                 self.missing[schema_id] = time.monotonic()
             return None
+        if not isinstance(got, dict):
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer to /schemas/ids/{schema_id} is "
+                                      f"not a JSON object")
         schema = Schema(schema_id, str(got.get("schemaType") or "AVRO").upper(), str(got.get("schema", "")),
                         list(got.get("references") or []))
         with self.lock:
@@ -178,6 +222,9 @@ class RegistryClient:
         RegistryUnavailable or SchemaNotFound when it cannot be had."""
         query = "?format=serialized" if serialized else ""
         got = self._get(f"/subjects/{quote(subject, safe='')}/versions/{int(version)}{query}")
+        if not isinstance(got, dict):
+            raise RegistryUnavailable(f"schema registry {self.shown}: answer for subject {subject!r} version "
+                                      f"{version} is not a JSON object")
         return str(got.get("schema", "")), list(got.get("references") or [])
 
     def subject_version(self, subject: str, version: str = "latest", serialized: bool = False) -> dict[str, Any]:

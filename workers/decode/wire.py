@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from workers.decode.records import exact_loads, long_number
-from workers.decode.registry import RegistryClient, Schema, SchemaNotFound
+from workers.decode.registry import RegistryClient, RegistryUnavailable, Schema, SchemaNotFound
 from workers.settings import Settings
 
 MAGIC = 0
@@ -76,6 +76,8 @@ class WireFormat:
             return f"schema id {schema.id} is a {schema.schema_type} schema, not {self.kind}"
         try:
             return self.compile(schema)
+        except RegistryUnavailable:
+            raise  # fetching a reference failed: the registry's outage (retried), not a fault of the schema
         except SchemaNotFound as exc:
             return f"schema id {schema.id} references a schema the registry does not have ({exc})"
         except Exception as exc:  # noqa: BLE001 - any schema the library refuses is unusable for its records
@@ -89,9 +91,12 @@ class WireFormat:
             obj = None
             if value is None:
                 reasons[i] = "empty value (tombstone)"
-            elif len(value) < 5 or value[0] != MAGIC:
-                reasons[i] = (f"not the Confluent wire format: magic byte {value[0]}, expected 0" if value else
-                              "not the Confluent wire format: empty value")
+            elif not value:
+                reasons[i] = "not the Confluent wire format: empty value"
+            elif value[0] != MAGIC:
+                reasons[i] = f"not the Confluent wire format: magic byte {value[0]}, expected 0"
+            elif len(value) < 5:
+                reasons[i] = f"not the Confluent wire format: {len(value)} bytes, shorter than its 5-byte header"
             else:
                 sid = int.from_bytes(value[1:5], "big")
                 schema = compiled.get(sid)
@@ -124,9 +129,22 @@ class AvroFormat(WireFormat):
         import fastavro
 
         named: dict[str, Any] = {}
-        for ref in schema.references:  # named types of other subjects, parsed into the same namespace first
-            fastavro.parse_schema(orjson.loads(self.registry.reference(ref["subject"], ref["version"])[0]), named)
+        self._add_references(schema.references, named, set())
         return fastavro.parse_schema(orjson.loads(schema.text), named)
+
+    def _add_references(self, references: list[dict], named: dict[str, Any], seen: set[tuple[str, int]]) -> None:
+        """Named types of other subjects, parsed into one namespace before the schema using them; a referenced
+        schema's own references first (they may go any number of levels deep)."""
+        import fastavro
+
+        for ref in references:
+            key = (str(ref["subject"]), int(ref["version"]))
+            if key in seen:
+                continue
+            seen.add(key)
+            text, nested = self.registry.reference(*key)
+            self._add_references(nested, named, seen)
+            fastavro.parse_schema(orjson.loads(text), named)
 
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
         from fastavro import schemaless_reader
@@ -151,6 +169,12 @@ def _varint(value: bytes, pos: int) -> tuple[int, int]:
         if not b & 0x80:
             return (result >> 1) ^ -(result & 1), pos
         shift += 7
+
+
+# google.protobuf wrappers: proto3's nullable scalars (unset = missing). MessageToDict would give JSON's mapping,
+# where Int64Value/UInt64Value are text ("7"), so their value is read directly.
+_WRAPPERS = frozenset(f"google.protobuf.{k}Value" for k in
+                      ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes"))
 
 
 class ProtobufFormat(WireFormat):
@@ -222,6 +246,8 @@ class ProtobufFormat(WireFormat):
             items = []
             for _ in range(count):
                 index, pos = _varint(value, pos)
+                if index < 0:  # zigzag allows it; Python's negative indexing would pick a message from the end
+                    raise ValueError(f"negative message index {index}")
                 items.append(index)
             path = tuple(items)
         made = self.classes.get((sid, path))
@@ -250,10 +276,13 @@ class ProtobufFormat(WireFormat):
         from google.protobuf.json_format import MessageToDict
 
         plain, special = [], []
+        wrappers = _WRAPPERS
         for fd in desc.fields:
             if fd.name not in self.wanted:
                 continue
-            repeated = fd.label == FieldDescriptor.LABEL_REPEATED
+            # protobuf 6 deprecates .label (a warning per field); older runtimes lack .is_repeated
+            repeated = fd.is_repeated if hasattr(type(fd), "is_repeated") else \
+                fd.label == FieldDescriptor.LABEL_REPEATED
             if not repeated and fd.type not in (FieldDescriptor.TYPE_ENUM, FieldDescriptor.TYPE_MESSAGE) \
                     and not fd.has_presence:
                 plain.append(fd.name)
@@ -270,6 +299,8 @@ class ProtobufFormat(WireFormat):
                 known = fd.enum_type.values_by_number.get(v)
                 return known.name if known is not None else v
             if fd.type == FieldDescriptor.TYPE_MESSAGE:
+                if fd.message_type.full_name in wrappers:  # a nullable scalar: its value, not JSON's text for int64
+                    return v.value
                 return MessageToDict(v, preserving_proto_field_name=True)
             return v
 
@@ -287,11 +318,41 @@ class JsonSchemaFormat(WireFormat):
 
     def compile(self, schema: Schema) -> Any:
         from jsonschema.validators import validator_for
+        from referencing import Registry
+        from referencing.jsonschema import DRAFT202012, specification_with
 
         doc = orjson.loads(schema.text)
         cls = validator_for(doc)
         cls.check_schema(doc)
-        return cls(doc)
+        spec = specification_with(cls.META_SCHEMA.get("$schema", ""), default=DRAFT202012)
+        resources: list[tuple[str, Any]] = []
+        self._references(schema.references, spec, resources, set(), str(doc.get("$id") or "")
+                         if isinstance(doc, dict) else "")
+        return cls(doc, registry=Registry().with_resources(resources))
+
+    def _references(self, references: list[dict], spec: Any, out: list[tuple[str, Any]],
+                    seen: set[tuple[str, int, str, str]], base: str) -> None:
+        """The schemas of other subjects a ``$ref`` may name: under the reference's name (what the ``$ref``
+        says), that name resolved against the referring schema's ``$id`` (``base``: where a relative ``$ref``
+        lands), and their own ``$id``; their own references too. Nothing is fetched from ``$ref`` URLs."""
+        from urllib.parse import urljoin
+
+        from referencing import Resource
+
+        for ref in references:
+            key = (str(ref["subject"]), int(ref["version"]))
+            name = str(ref["name"])
+            if (*key, name, base) in seen:  # one schema may be named differently by different referrers
+                continue
+            seen.add((*key, name, base))
+            text, nested = self.registry.reference(*key)
+            resource = Resource.from_contents(orjson.loads(text), default_specification=spec)
+            out.append((name, resource))
+            if base:
+                out.append((urljoin(base, name), resource))
+            if resource.id():
+                out.append((str(resource.id()), resource))
+            self._references(nested, spec, out, seen, str(resource.id() or (urljoin(base, name) if base else "")))
 
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
         payload = value[5:]
