@@ -14,7 +14,7 @@ ARG PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=${PIP_CERT}
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet --upgrade pip
 WORKDIR /src
-# The runtime dependencies (with the `compiled` and `tracing` extras) come from requirements.lock, every version pinned and
+# The runtime dependencies (with the `compiled`, `tracing` and `iceberg` extras) come from requirements.lock, every version pinned and
 # hash-checked, so two builds months apart install the same wheels (`make lock` regenerates it). The package
 # itself goes in with --no-deps, and `pip check` fails the build if the lock no longer satisfies it.
 COPY requirements.lock ./

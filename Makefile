@@ -48,14 +48,14 @@ faults: $(BIN)/.installed
 readme: $(BIN)/.installed
 	$(BIN)/python -c "import re,subprocess; t=subprocess.run(['$(BIN)/scoring-worker','settings'],capture_output=True,text=True,check=True).stdout; s=open('README.md').read(); open('README.md','w').write(re.sub(r'<!-- settings:start -->\n.*<!-- settings:end -->', lambda m: '<!-- settings:start -->\n'+t+'<!-- settings:end -->', s, flags=re.S))"
 
-# requirements.lock: the image's runtime dependencies ([project].dependencies, the `compiled` and `tracing`
+# requirements.lock: the image's runtime dependencies ([project].dependencies, the `compiled`, `tracing` and `iceberg`
 # extras), every version pinned with its hashes, resolved for the Dockerfile's Python (bookworm: 3.11) on x86_64 glibc 2.36.
 # uv lives in its own venv, pinned, so the lock's format does not move with whatever uv a machine has.
 UV_VERSION := 0.13.9
 LOCK_VENV ?= .venv-lock
 UV := $(LOCK_VENV)/bin/uv
 # The header names `make lock`, not the temporary output path, so the check can diff whole files.
-LOCK_ARGS := pip compile pyproject.toml --quiet --extra compiled --extra tracing --generate-hashes --python-version 3.11 \
+LOCK_ARGS := pip compile pyproject.toml --quiet --extra compiled --extra tracing --extra iceberg --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_36 --custom-compile-command 'make lock'
 
 $(UV):

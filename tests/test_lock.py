@@ -1,7 +1,7 @@
 """requirements.lock against pyproject.toml and the Dockerfile, offline.
 
 `make lock-check` is the full check (it resolves again on PyPI and diffs); this one needs no network: every
-runtime requirement ([project].dependencies and the `compiled` and `tracing` extras the image installs) is pinned in the lock
+runtime requirement ([project].dependencies and the `compiled`, `tracing` and `iceberg` extras the image installs) is pinned in the lock
 at a version its specifier allows, every pin carries a hash, nothing of the test extra leaks in, and the
 Dockerfile installs from the lock with hash checking.
 """
@@ -28,7 +28,7 @@ def pins() -> dict[str, tuple[str, list[str]]]:
 def test_every_runtime_requirement_is_pinned_with_hashes_at_an_allowed_version():
     project = tomllib.load(open("pyproject.toml", "rb"))["project"]
     extras = project["optional-dependencies"]
-    runtime = [Requirement(r) for r in project["dependencies"] + extras["compiled"] + extras["tracing"]]
+    runtime = [Requirement(r) for r in project["dependencies"] + extras["compiled"] + extras["tracing"] + extras["iceberg"]]
     locked = pins()
     for req in runtime:
         name = canonicalize_name(req.name)
