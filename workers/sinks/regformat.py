@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,8 @@ def kind(t: pa.DataType) -> str:
     """One of long, double, boolean, string, bytes, doubles (list of floats), text (RFC 3339), json (JSON text)."""
     if pa.types.is_boolean(t):
         return "boolean"
+    if pa.types.is_uint64(t):  # Avro long / Protobuf int64 stop at 2**63 - 1: decimal text keeps every value
+        return "string"
     if pa.types.is_integer(t):
         return "long"
     if pa.types.is_floating(t):
@@ -64,9 +67,31 @@ def columns(schema: pa.Schema) -> list[tuple[str, str]]:
     for f in schema:
         t = f.type
         if isinstance(t, pa.BaseExtensionType):
-            out.append((f.name, "json" if is_json(t) else kind(t.storage_type)))
+            uuid = t.extension_name == "arrow.uuid"  # canonical text, as the JSON results write it
+            out.append((f.name, "json" if is_json(t) else "string" if uuid else kind(t.storage_type)))
         else:
             out.append((f.name, kind(t)))
+    return out
+
+
+def field_names(cols: list[tuple[str, str]]) -> list[str]:
+    """The schema's field name of each column: Avro and Protobuf names are ``[A-Za-z_][A-Za-z0-9_]*``, so every
+    other character becomes ``_`` and a leading digit gets a ``_`` before it (``user-id`` -> ``user_id``); a
+    name taken already gets ``_2``, ``_3``... (JSON Schema keeps the column names: any text is a JSON key)."""
+    out: list[str] = []
+    taken = {n for n, _ in cols if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)}
+    for name, _ in cols:
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            out.append(name)
+            continue
+        base = re.sub(r"[^A-Za-z0-9_]", "_", name)
+        base = "_" + base if not base or base[0].isdigit() else base
+        cand, n = base, 1
+        while cand in taken:
+            n += 1
+            cand = f"{base}_{n}"
+        taken.add(cand)
+        out.append(cand)
     return out
 
 
@@ -82,7 +107,7 @@ _AVRO = {"long": "long", "double": "double", "boolean": "boolean", "string": "st
 
 def avro_schema(cols: list[tuple[str, str]]) -> dict[str, Any]:
     fields: list[dict[str, Any]] = []
-    for name, k in cols:
+    for name, (_, k) in zip(field_names(cols), cols, strict=True):
         t = _AVRO[k]
         fields.append({"name": name, "type": t} if name == "id" else
                       {"name": name, "type": ["null", t], "default": None})
@@ -104,7 +129,7 @@ def proto_file(cols: list[tuple[str, str]]) -> descriptor_pb2.FileDescriptorProt
     fdp = descriptor_pb2.FileDescriptorProto(name="scoring_workers/result.proto", package=NAMESPACE, syntax="proto3")
     msg = fdp.message_type.add(name=RECORD)
     extra = 100
-    for name, k in cols:
+    for name, (_, k) in zip(field_names(cols), cols, strict=True):
         number = PROTO_NUMBERS.get(name, extra)
         if name not in PROTO_NUMBERS:
             extra += 1
@@ -165,14 +190,15 @@ def _values(col: pa.ChunkedArray, k: str) -> list:
         return [None if v is None else bytes(v) for v in values]
     if k == "double":
         return [None if v is None else float(v) for v in values]
-    if k == "string" and pa.types.is_fixed_size_binary(getattr(col.type, "storage_type", col.type)):
+    if k == "string" and (pa.types.is_fixed_size_binary(getattr(col.type, "storage_type", col.type))
+                          or pa.types.is_uint64(col.type)):
         return [None if v is None else str(v) for v in values]
     return values
 
 
 def encoder(fmt: str, cols: list[tuple[str, str]]) -> Callable[[pa.Table], list[bytes]]:
     """A function from a result table (with exactly ``cols``) to the payloads (no wire-format header)."""
-    names = [n for n, _ in cols]
+    names = field_names(cols)
     if fmt == "jsonschema":
         fragments = tuple(n for n, k in cols if k == "json")
         return lambda table: json_rows(table, fragments)
