@@ -557,11 +557,6 @@ def test_kafka_sink_registry_format_with_a_uuid_passthrough(fmt):
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=True, reason="KafkaSource.lag is the high watermark minus the offset after the last "
-                   "record stored; a transaction's commit marker takes an offset, so a caught-up transactional "
-                   "topic shows lag 1 forever: lag seconds grow, the partition is 'stalled', /readyz 503 (seen: "
-                   "lag 1, 'stalled: ... lag 1, no progress for 4s'). Fix in workers/sources/kafka.py (the "
-                   "consumer position moves past markers), not workers/decode")
 def test_transactional_topic_caught_up_has_no_lag(models, kafka, tmp_path):
     """Records written by a transactional producer (Kafka Streams, Flink, ksqlDB, Debezium with EOS) end with a
     commit marker: the high watermark is one past the last record. Once every record is stored and committed the
