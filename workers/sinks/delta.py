@@ -13,7 +13,7 @@ update, else insert, so a rewritten unit or a redelivered stream batch stores ea
 - The ledger is a MERGE into ``<path>_inputs`` after the results commit (the ``Ledger`` order): a crash between
   the two leaves results without an entry, the rerun merges the same keys again: nothing lost, nothing doubled.
 - Shards writing one table at once: Delta's optimistic commits conflict (``CommitFailedError`` and the like);
-  each write is retried from a fresh snapshot with jittered backoff, up to ``ATTEMPTS`` times, then
+  each write is retried from a fresh snapshot with jittered backoff, up to ``lake.ATTEMPTS`` times, then
   ``SinkError``. On S3 the commit uses conditional put (``If-None-Match``) so two writers never both win one
   version: S3 needs no lock table.
 - Stream: one micro-batch is one MERGE (redelivery merges the same keys); a row older than the stored one of its
@@ -31,24 +31,20 @@ cannot be held: that input fails alone (batch) or its records are dead-lettered 
 from __future__ import annotations
 
 import logging
-import random
-import time
 from urllib.parse import urlparse
 
 import deltalake  # noqa: F401 - imported first: when it is missing, the sink factory says so in one line
 import pyarrow as pa
 
-from workers.errors import ConfigError, InputError, SinkError
+from workers.errors import ConfigError, SinkError
 from workers.settings import S3Settings
 from workers.sinks.base import redact
 from workers.sinks.deltatypes import conform
-from workers.sinks.lake import LakeSink
+from workers.sinks.lake import LakeSink, retry_commits
 from workers.sinks.tables import POSITION, UNIT_COLUMN
 from workers.sources.units import RANGE_MARK, split_range
 
 log = logging.getLogger("workers.sinks.delta")
-ATTEMPTS = 40  # commits tried per write before SinkError (conflicts with other shards' commits)
-BACKOFF = (0.05, 2.0)  # first and largest pause between attempts, seconds (jittered)
 
 
 def delta_location(uri: str, setting: str) -> str:
@@ -157,48 +153,39 @@ class DeltaSink(LakeSink):
         from deltalake import CommitProperties, DeltaTable
 
         props = CommitProperties(custom_metadata={"scoring.unit": unit or "stream"})
-        pause = BACKOFF[0]
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
+
+        def step() -> None:
+            nonlocal data
+            table = self._open(path)
+            if table is None:
+                if not data.num_rows:  # nothing to insert, and no earlier rows to delete
+                    return
+                self._refuse_foreign(path)
+                DeltaTable.create(path, data.schema, mode="ignore", storage_options=self.options or None)
                 table = self._open(path)
                 if table is None:
-                    if not data.num_rows:  # nothing to insert, and no earlier rows to delete
-                        return
-                    self._refuse_foreign(path)
-                    DeltaTable.create(path, data.schema, mode="ignore", storage_options=self.options or None)
-                    continue
-                target = pa.schema(table.schema().to_arrow())
-                has_unit = UNIT_COLUMN in target.names
-                data = conform(data, target, self.name if path == self.location else path)
-                if not data.num_rows:  # an emptied unit: only its earlier rows go
-                    if unit is not None and has_unit:
-                        table.delete(_replaced(unit, ""), commit_properties=props)
-                    return
-                on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
-                merger = table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True,
-                                     commit_properties=props)
-                newer = None
-                if guard and all(c in data.column_names for c in POSITION):
-                    topic, part, off = map(_q, POSITION)
-                    newer = (f"NOT coalesce(t.{topic} = s.{topic} AND t.{part} = s.{part} "
-                             f"AND t.{off} > s.{off}, false)")
-                merger = merger.when_matched_update_all(predicate=newer).when_not_matched_insert_all()
+                    raise SinkError(f"writing to {self.name}: the table at {path} vanished right after creation")
+            target = pa.schema(table.schema().to_arrow())
+            has_unit = UNIT_COLUMN in target.names
+            data = conform(data, target, self.name if path == self.location else path)
+            if not data.num_rows:  # an emptied unit: only its earlier rows go
                 if unit is not None and has_unit:
-                    merger = merger.when_not_matched_by_source_delete(_replaced(unit, "t."))
-                merger.execute()
+                    table.delete(_replaced(unit, ""), commit_properties=props)
                 return
-            except (InputError, SinkError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - delta-rs raises plain exceptions for conflicts too
-                if not _transient(exc):
-                    raise SinkError(f"writing to {self.name}: {type(exc).__name__}: {str(exc)[:300]}") from None
-                if attempt == ATTEMPTS:
-                    raise SinkError(f"writing to {self.name}: still conflicting with other writers after "
-                                    f"{ATTEMPTS} attempts: {str(exc)[:200]}") from None
-                log.info("commit to %s lost to another writer (attempt %d of %d): retrying", self.name, attempt,
-                         ATTEMPTS)
-                time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
-                pause = min(pause * 2, BACKOFF[1])
+            on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
+            merger = table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True,
+                                 commit_properties=props)
+            newer = None
+            if guard and all(c in data.column_names for c in POSITION):
+                topic, part, off = map(_q, POSITION)
+                newer = (f"NOT coalesce(t.{topic} = s.{topic} AND t.{part} = s.{part} "
+                         f"AND t.{off} > s.{off}, false)")
+            merger = merger.when_matched_update_all(predicate=newer).when_not_matched_insert_all()
+            if unit is not None and has_unit:
+                merger = merger.when_not_matched_by_source_delete(_replaced(unit, "t."))
+            merger.execute()
+
+        retry_commits(step, self.name, "writing to", _transient, str, log)
 
     def _foreign(self, path: str) -> str | None:
         """Why ``path`` (where no Delta table is) must not become one: it is a file, or a folder holding files

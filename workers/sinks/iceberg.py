@@ -21,7 +21,7 @@
   two leaves results without an entry, the rerun replaces the same keys: nothing lost, nothing doubled.
 - Shards writing one table at once: Iceberg commits are optimistic (the catalog row's metadata pointer is
   compare-and-swapped; a stale one raises ``CommitFailedException``): each write is redone from a freshly
-  loaded table with jittered backoff, up to ``ATTEMPTS`` times, then ``SinkError``. Creating a table (or the
+  loaded table with jittered backoff, up to ``lake.ATTEMPTS`` times, then ``SinkError``. Creating a table (or the
   catalog's own tables) at once is retried the same way.
 - Stream: one micro-batch is one commit (redelivery replaces the same keys); a row older than the stored one of
   its topic-partition does not overwrite it (the zombie guard of the other table sinks: the stored positions of
@@ -39,9 +39,7 @@ input fails alone (batch) or its records are dead-lettered with the reason (stre
 from __future__ import annotations
 
 import logging
-import random
 import re
-import time
 import warnings
 from urllib.parse import urlparse
 
@@ -49,16 +47,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyiceberg  # noqa: F401 - imported first: when it is missing, the sink factory says so in one line
 
-from workers.errors import ConfigError, InputError, SinkError
+from workers.errors import ConfigError, SinkError
 from workers.settings import IcebergSettings, S3Settings, scrub
 from workers.sinks.base import redact
 from workers.sinks.deltatypes import ICEBERG, conform
-from workers.sinks.lake import LakeSink
+from workers.sinks.lake import LakeSink, retry_commits
 from workers.sinks.tables import POSITION, RESULT_KEY, UNIT_COLUMN, is_listlike
+from workers.sources.units import RANGE_MARK, split_range
 
 log = logging.getLogger("workers.sinks.iceberg")
-ATTEMPTS = 40  # commits tried per write before SinkError (conflicts with other shards' commits)
-BACKOFF = (0.05, 2.0)  # first and largest pause between attempts, seconds (jittered)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CATALOG_SETTING = "SCORING_ICEBERG__CATALOG_URI"
 WAREHOUSE_SETTING = "SCORING_ICEBERG__WAREHOUSE"
@@ -160,6 +157,27 @@ def _in(name: str, col: pa.ChunkedArray):  # -> BooleanExpression
     return expr
 
 
+def _replaced(table, unit: str):  # -> BooleanExpression
+    """The stored rows a write of ``unit`` replaces (those it does not rewrite are deleted): the unit's own, and
+    those of the same input under another cut: its whole-file unit and, for a range, the ranges of another
+    row-group count (the file was replaced). Without the other cuts, rows dropped from a replaced input stayed
+    under its old unit names for good. Ranges of the same count are the current cut's (other shards' work).
+    Iceberg's expressions have no "ends with", so a range unit reads the stored range names of its input (the
+    unit column alone, only for files above the unit size) and names the other counts' ranges."""
+    from pyiceberg.expressions import EqualTo, In, Or, StartsWith
+
+    span = split_range(unit)
+    location = unit if span is None else span[0]
+    ranges = StartsWith(UNIT_COLUMN, location + RANGE_MARK)
+    if span is None:
+        return Or(EqualTo(UNIT_COLUMN, unit), ranges)
+    stored = set(table.scan(row_filter=ranges, selected_fields=(UNIT_COLUMN,)).to_arrow()
+                 .column(UNIT_COLUMN).to_pylist())
+    other = sorted(u for u in stored if (got := split_range(u)) is not None and got[3] != span[3])
+    expr = Or(EqualTo(UNIT_COLUMN, unit), EqualTo(UNIT_COLUMN, location))
+    return Or(expr, In(UNIT_COLUMN, other)) if other else expr
+
+
 def _transient(exc: BaseException) -> bool:
     """A commit that lost a race with another writer, or catalog tables created at once (retry), not a wrong
     table."""
@@ -214,25 +232,12 @@ class IcebergSink(LakeSink):
         return self._catalog
 
     def _retry(self, step, what: str):
-        pause = BACKOFF[0]
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                with warnings.catch_warnings():  # "Delete operation did not match any records" and the like
-                    warnings.simplefilter("ignore")
-                    return step()
-            except (InputError, ConfigError, SinkError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - SQLAlchemy, pyiceberg and Arrow raise their own kinds
-                if not _transient(exc):
-                    raise self._fail(what, exc) from None
-                if attempt == ATTEMPTS:
-                    raise SinkError(f"{what} {self.name}: still conflicting with other writers after {ATTEMPTS} "
-                                    f"attempts: {scrub(str(exc)[:200], self.secret_uri)}") from None
-                log.info("commit to %s lost to another writer (attempt %d of %d): retrying", self.name, attempt,
-                         ATTEMPTS)
-                time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
-                pause = min(pause * 2, BACKOFF[1])
-        raise AssertionError("unreachable")
+        def quiet():
+            with warnings.catch_warnings():  # "Delete operation did not match any records" and the like
+                warnings.simplefilter("ignore")
+                return step()
+
+        return retry_commits(quiet, self.name, what, _transient, lambda exc: scrub(str(exc), self.secret_uri), log)
 
     def _load(self, ident: str):  # -> Table | None
         from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
@@ -270,7 +275,7 @@ class IcebergSink(LakeSink):
         props = {"scoring.unit": unit or "stream"}
 
         def step() -> bool:
-            from pyiceberg.expressions import AlwaysFalse, EqualTo, Or
+            from pyiceberg.expressions import AlwaysFalse, Or
 
             table = self._load(path)
             if table is None:
@@ -287,7 +292,7 @@ class IcebergSink(LakeSink):
                                                  or target.field(f.name).nullable) for f in rows.schema]))
             filt = _keys_filter(rows, key) if rows.num_rows else AlwaysFalse()
             if unit is not None and UNIT_COLUMN in target.names:
-                filt = Or(filt, EqualTo(UNIT_COLUMN, unit))
+                filt = Or(filt, _replaced(table, unit))
             if extra is not None:
                 filt = Or(filt, extra)
             if isinstance(filt, AlwaysFalse) and not rows.num_rows:

@@ -8,16 +8,50 @@ rows the new ones do not replace; with ``guard``, keep a stored row newer in its
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from abc import abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
 
 import pyarrow as pa
 
-from workers.errors import ConfigError, InputError, RowsRejected
+from workers.errors import ConfigError, InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.sinks.base import Ledger, Sink, UnitWriter
 from workers.sinks.deltatypes import DELTA, Lake, delta_table
 from workers.sinks.tables import ERROR_KEY, RESULT_KEY, keyed_rows
+
+T = TypeVar("T")
+ATTEMPTS = 40  # commits tried per write before SinkError (conflicts with other shards' commits)
+BACKOFF = (0.05, 2.0)  # first and largest pause between attempts, seconds (jittered)
+
+
+def retry_commits(step: Callable[[], T], name: str, what: str, transient: Callable[[BaseException], bool],
+                  shown: Callable[[BaseException], str], log: logging.Logger) -> T:
+    """``step()``, tried again from scratch while it fails with a lost optimistic commit (``transient``: another
+    writer committed first, or created the same table), with jittered doubling pauses, up to ``ATTEMPTS`` times.
+
+    Our own errors (InputError, ConfigError, SinkError) pass through; any other exception, or still conflicting
+    after the last attempt, is a ``SinkError`` naming ``what`` and the table ``name``, the exception text as
+    ``shown`` renders it (a secret scrubbed)."""
+    pause = BACKOFF[0]
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return step()
+        except (InputError, ConfigError, SinkError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the table libraries raise their own kinds, conflicts too
+            if not transient(exc):
+                raise SinkError(f"{what} {name}: {type(exc).__name__}: {shown(exc)[:300]}") from None
+            if attempt == ATTEMPTS:
+                raise SinkError(f"{what} {name}: still conflicting with other writers after {ATTEMPTS} attempts: "
+                                f"{shown(exc)[:200]}") from None
+            log.info("commit to %s lost to another writer (attempt %d of %d): retrying", name, attempt, ATTEMPTS)
+            time.sleep(pause * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
+            pause = min(pause * 2, BACKOFF[1])
+    raise AssertionError("unreachable")
 
 
 class LakeSink(Sink):
