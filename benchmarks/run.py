@@ -67,7 +67,7 @@ def setup_models() -> dict[str, str]:
     paths = {}
     x = frame(20_000, 0)
     y = (x[:, 0] + x[:, 1] * x[:, 2] - x[:, 3] + np.random.default_rng(1).normal(size=20_000) > 0).astype(int)
-    for trees in (500, 100):
+    for trees in (500, 100, 1):  # 1 tree: the pipeline's own ceiling (the model costs next to nothing)
         path = f"{BENCH}/models/binary{trees}.txt"
         if not os.path.exists(path):
             params = {"objective": "binary", "num_leaves": 63, "verbose": -1, "seed": 1, "num_threads": 2}
@@ -142,13 +142,15 @@ class Broker:
 _RAW_MODELS: dict = {}
 
 
-def raw_now(path: str, size: int, seconds: float = 2.0) -> float:
+def raw_now(path: str, size: int, seconds: float = 2.0, backend: str = "lightgbm") -> float:
     """Raw LightGBM predict rows/s at ``size`` rows per call, measured now: the denominator of a paired ratio.
 
     This machine's speed drifts between minutes (shared host), so every ratio divides two figures taken
     back to back, and the median of those ratios is reported.
     """
-    model = _RAW_MODELS.setdefault(path, load_model(ModelSettings(path=path)))
+    if (path, backend) not in _RAW_MODELS:
+        _RAW_MODELS[(path, backend)] = load_model(ModelSettings(path=path, backend=backend, cache_dir=f"{BENCH}/cache"))
+    model = _RAW_MODELS[(path, backend)]
     x = np.ascontiguousarray(frame(size, 9))
     rows, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -218,6 +220,9 @@ def batch_mode(paths: dict, repeats: int) -> dict:
             values.append(report.rows / report.seconds)
             key = backend if explain == "none" else f"{backend}-explain"
             RATIOS.setdefault(f"batch-{key}", []).append(values[-1] / raw)
+            if backend == "lleaves":  # compiled batch over compiled raw predict, measured just after
+                RATIOS.setdefault("batch-lleaves-over-raw-lleaves", []).append(
+                    values[-1] / raw_now(paths[500], 10_000, backend="lleaves"))
         label = f"{backend}" + (", with explanations (top 5, TreeSHAP)" if explain != "none" else "")
         out[key] = record(f"batch Parquet->Parquet 500 trees, {label}", "rows/s", values)
     # The same inputs into the online and application stores (#18), LightGBM, paired with raw predict.
@@ -317,9 +322,11 @@ def wire_records(n: int, fmt: str, url: str, topic: str) -> list[tuple[bytes, by
 
 
 def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backend: str, n: int,
-                fmt: str = "json") -> float:
+                fmt: str = "json", trees: int = 500) -> float:
     """Kafka -> sink records/s; ``fmt`` avro or protobuf: input written by Confluent serializers against
-    tests/schema_registry.py started here, the worker reading it with ``--value-format``."""
+    tests/schema_registry.py started here, the worker reading it with ``--value-format``. ``trees`` 1: the
+    1-tree model, whose predict costs next to nothing, so the rate is the pipeline's own ceiling (decode,
+    sink, commit) and 1/rate its non-model cost per record."""
     values = []
     registry = None
     if fmt != "json":
@@ -334,7 +341,7 @@ def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backe
         sink = f"{PG}?table={table}" if sink_kind == "postgres" else f"kafka://{broker.kafka.topic(4, 'out')}"
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", "stream", "--model", paths[500], "--backend", backend,
+            [sys.executable, "-m", "workers", "stream", "--model", paths[trees], "--backend", backend,
              "--cache-dir", f"{BENCH}/cache", "--bootstrap-servers", broker.bootstrap, "--topic", topic,
              "--group", f"g-{table}", "--sink", sink, "--metrics-port", str(port), "--session-timeout-ms", "6000",
              "--heartbeat-interval-ms", "2000", "--max-records", "2000",
@@ -360,12 +367,14 @@ def stream_mode(paths: dict, repeats: int, broker: Broker, sink_kind: str, backe
                       for m in broker.kafka.consume_all(sink[len("kafka://"):], n, timeout=120)]
         assert len(stamps) == n and len(set(stamps)) > 2, (len(stamps), n)
         values.append(steady_rate(stamps))
-        RATIOS.setdefault(f"stream-{sink_kind}-{backend}" + ("" if fmt == "json" else f"-{fmt}"), []).append(
-            values[-1] / raw)
+        RATIOS.setdefault(f"stream-{sink_kind}-{backend}" + ("" if fmt == "json" else f"-{fmt}")
+                          + ("" if trees == 500 else f"-{trees}"), []).append(values[-1] / raw)
     if registry is not None:
         registry.stop()
-    return record(f"stream Kafka->{'PostgreSQL' if sink_kind == 'postgres' else 'Kafka'} 500 trees, {backend}"
-                  + ("" if fmt == "json" else f", {fmt} input"), "records/s", values)
+    extra = {"non_model_us_per_record": 1e6 / statistics.median(values)} if trees == 1 else {}
+    return record(f"stream Kafka->{'PostgreSQL' if sink_kind == 'postgres' else 'Kafka'} {trees} tree"
+                  f"{'s' if trees > 1 else ''}, {backend}" + ("" if fmt == "json" else f", {fmt} input"),
+                  "records/s", values, **extra)
 
 
 def quix_peer(paths: dict, repeats: int, broker: Broker, n: int) -> float | None:
@@ -482,6 +491,92 @@ def batch_rss(paths: dict, repeats: int) -> tuple[float, float]:
     return statistics.median(out[small]), statistics.median(out[big])
 
 
+def sharded_batch(paths: dict, repeats: int) -> tuple[float, float]:
+    """One 400k-row file of 40 row groups scored by one pod, then by the 4 pods of an Indexed Job at once
+    (4 `scoring-worker batch` processes, --shard-index 0..3, the file cut into row-group units); wall time
+    from the first start to the last exit, model loading included, as a Job would see it."""
+    folder = write_parquet(f"{BENCH}/data/sharded", files=1, rows=400_000, row_group=10_000)
+    size = os.path.getsize(f"{folder}/part-0.parquet")
+    unit = size // 20  # about 2 row groups per unit: 20 units, 5 per pod
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    walls: dict[int, list[float]] = {1: [], 4: []}
+    for _ in range(repeats):
+        for shards in (1, 4):
+            out = f"{BENCH}/out/sharded-{uuid.uuid4().hex[:8]}"
+            started = time.monotonic()
+            procs = [subprocess.Popen([sys.executable, "-m", "workers", "batch", "--model", paths[500],
+                                       "--input", folder, "--output", out, "--shard-index", str(i),
+                                       "--shard-count", str(shards), "--unit-bytes", str(unit), "--progress", "log"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                     for i in range(shards)]
+            for proc in procs:
+                _, err = proc.communicate(timeout=600)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"shard exited {proc.returncode}: {err[-2000:]}")
+            walls[shards].append(time.monotonic() - started)
+            rows = pq.ParquetDataset(out).read(columns=["id"]).num_rows
+            assert rows == 400_000, rows
+    one = record("batch one 400k-row file, 1 pod, wall time", "s", walls[1])
+    four = record("batch one 400k-row file, 4 pods (shards) at once, wall time", "s", walls[4],
+                  speed_up=statistics.median(walls[1]) / statistics.median(walls[4]))
+    RATIOS["sharded-speed-up"] = [a / b for a, b in zip(walls[1], walls[4], strict=True)]
+    return one, four
+
+
+CAPACITY: list[dict] = []
+
+
+def capacity(paths: dict) -> None:
+    """Predict cost per record by model size and backend (raw predict, 2000 rows per call, one thread): the
+    model's part of a pod's capacity; the README's capacity model adds the pipeline's own cost (the 1-tree
+    stream cases) to it."""
+    x = frame(20_000, 0)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] - x[:, 3] + np.random.default_rng(1).normal(size=20_000) > 0).astype(int)
+    calls = [np.ascontiguousarray(c) for c in np.split(frame(20_000, 21), 10)]
+    for trees in (100, 500, 1000):
+        for leaves in (15, 63, 255):
+            path = f"{BENCH}/models/grid-{trees}x{leaves}.txt"
+            if (trees, leaves) in ((500, 63), (100, 63)):
+                path = paths[trees]
+            elif not os.path.exists(path):
+                params = {"objective": "binary", "num_leaves": leaves, "verbose": -1, "seed": 1, "num_threads": 2,
+                          "min_data_in_leaf": 5}
+                lgb.train(params, lgb.Dataset(x, y, feature_name=NAMES), trees).save_model(path)
+            backends = ("lightgbm", "lleaves") if leaves == 63 and trees in (100, 500) else ("lightgbm",)
+            booster = lgb.Booster(model_file=path)
+            mean_leaves = int(np.mean([t["num_leaves"] for t in booster.dump_model()["tree_info"]]))
+            for backend in backends:
+                model = load_model(ModelSettings(path=path, backend=backend, cache_dir=f"{BENCH}/cache"))
+                if model.backend != backend:
+                    continue
+                model.predict(calls[0])
+                best = float("inf")
+                for _ in range(3):
+                    started = time.process_time()
+                    for c in calls:
+                        model.predict(c)
+                    best = min(best, (time.process_time() - started) / 20_000 * 1e6)
+                CAPACITY.append({"trees": trees, "leaves": leaves, "mean_leaves": mean_leaves, "backend": backend,
+                                 "us": best})
+                print(f"capacity {trees:>5} trees x {leaves:>3} leaves (mean {mean_leaves}) {backend:<9} "
+                      f"{best:8.2f} us/record predict", flush=True)
+
+
+def capacity_section(ceilings: dict[str, float]) -> str:
+    lines = ["", "## Capacity per pod", "",
+             "Predict cost per record (raw predict, 2000 rows per call, one thread, CPU time, best of 3) and the "
+             "records/s one pod can reach in stream mode: 1e6 / (pipeline us + predict us), where the pipeline's "
+             "own cost per record is measured in this run with the 1-tree model (JSON input; "
+             + ", ".join(f"{k} {v:.1f} us" for k, v in ceilings.items()) + ").", "",
+             "| trees | leaves (mean) | backend | predict us/record | Kafka->PostgreSQL records/s | "
+             "Kafka->Kafka records/s |", "|---|---|---|---|---|---|"]
+    for c in CAPACITY:
+        pg = 1e6 / (ceilings["Kafka->PostgreSQL"] + c["us"])
+        kafka = 1e6 / (ceilings["Kafka->Kafka"] + c["us"])
+        lines.append(f"| {c['trees']} | {c['leaves']} ({c['mean_leaves']}) | {c['backend']} | {c['us']:.2f} | "
+                     f"{pg:,.0f} | {kafka:,.0f} |")
+    return "\n".join(lines) + "\n"
+
 # -- report ---------------------------------------------------------------------------------------
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -493,7 +588,8 @@ def machine() -> dict:
             "kernel": platform.release(), "versions": versions}
 
 
-def write_report(m: dict, targets: list[tuple[str, float, float, bool]], repeats: int, seconds: float) -> None:
+def write_report(m: dict, targets: list[tuple[str, float, float, bool]], repeats: int, seconds: float,
+                 extra: str = "") -> None:
     lines = ["# Benchmarks", "",
              f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by `make bench` ({repeats} runs per case, "
              f"{seconds / 60:.0f} min in all). Median [min - max] over the runs; every ratio divides two figures "
@@ -511,7 +607,7 @@ def write_report(m: dict, targets: list[tuple[str, float, float, bool]], repeats
         lines.append(f"| {r['case']} | {r['median']:,.1f} | {r['unit']} | {r['min']:,.1f} | {r['max']:,.1f} | {r['n']} "
                      f"| {notes} |")
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
-        f.write("\n".join(lines) + "\n" + NOTES)
+        f.write("\n".join(lines) + "\n" + extra + NOTES)
     print("wrote BENCHMARKS.md")
 
 
@@ -559,10 +655,17 @@ def main() -> None:
         stream_mode(paths, args.repeats, broker, "kafka", "lightgbm", n)
         stream_mode(paths, args.repeats, broker, "postgres", "lleaves", n * 2)
         stream_mode(paths, args.repeats, broker, "kafka", "lleaves", n * 2)
+        ceilings = {"Kafka->PostgreSQL": 1e6 / stream_mode(paths, args.repeats, broker, "postgres", "lightgbm",
+                                                           n * 2, trees=1),
+                    "Kafka->Kafka": 1e6 / stream_mode(paths, args.repeats, broker, "kafka", "lightgbm", n * 2,
+                                                      trees=1)}
         quix = quix_peer(paths, args.repeats, broker, 20_000)
         latency(paths, broker, rate=pg / 2)
+        latency(paths, broker, rate=pg * 0.9)
     serve = serve_mode(paths, args.serve_seconds, args.serve_baseline)
     small, big = batch_rss(paths, args.repeats)
+    sharded_batch(paths, args.repeats)
+    capacity(paths)
     med = {k: statistics.median(v) for k, v in RATIOS.items()}
     targets = [
         ("batch Parquet->Parquet / raw predict (10000 rows/call), paired", med["batch-lightgbm"], 0.95),
@@ -572,6 +675,12 @@ def main() -> None:
         ("stream Kafka->PostgreSQL Protobuf input / JSON input, paired to raw predict",
          med["stream-postgres-lightgbm-protobuf"] / med["stream-postgres-lightgbm"], 0.9),
         ("compiled / LightGBM, batch mode", med.get("batch-lleaves", 0) / med["batch-lightgbm"], 4.0),
+        ("compiled batch Parquet->Parquet / raw compiled predict (10000 rows/call), paired",
+         med.get("batch-lleaves-over-raw-lleaves", 0), 0.9),
+        ("stream non-model cost, Kafka->PostgreSQL: 8 us / measured us per record (1-tree model)",
+         8 / ceilings["Kafka->PostgreSQL"], 1.0),
+        ("stream non-model cost, Kafka->Kafka: 8 us / measured us per record (1-tree model)",
+         8 / ceilings["Kafka->Kafka"], 1.0),
         ("compiled / LightGBM, stream mode (Kafka->PostgreSQL)",
          med["stream-postgres-lleaves"] / med["stream-postgres-lightgbm"], 2.0),
         ("stream Kafka->Kafka / Quix Streams peer (both LightGBM)",
@@ -584,7 +693,8 @@ def main() -> None:
     print()
     for name, got, wanted in targets:
         print(f"target {name}: {got:.2f}x (wanted >= {wanted:.2f}x) {'MET' if got >= wanted else 'NOT MET'}")
-    write_report(machine(), [(n_, g, w, g >= w) for n_, g, w in targets], args.repeats, time.monotonic() - started)
+    write_report(machine(), [(n_, g, w, g >= w) for n_, g, w in targets], args.repeats, time.monotonic() - started,
+                 capacity_section(ceilings))
     serve_peers.replace_section(os.path.join(ROOT, "BENCHMARKS.md"), serve)
 
 
