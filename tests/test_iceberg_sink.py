@@ -226,6 +226,25 @@ def test_a_replaced_file_cut_otherwise_leaves_no_stale_results_or_errors(models,
     assert stored() == (sorted(df["id"].iloc[:100]), [])
 
 
+def test_a_dropped_results_table_is_scored_again_although_its_ledger_table_was_left(models, tmp_path, sqlite_cat):
+    """Dropping ``ns.scores`` to start over leaves ``ns.scores_inputs``: the rerun scores every input again
+    (the Delta sink's break-it finding, ported), and the ledger works again from there."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    inputs = tmp_path / "in"
+    write_inputs(str(inputs), files=2, rows=30)
+    settings = sqlite_cat.settings_for(models["binary"], str(inputs))
+    assert run_batch(settings).rows == 60
+    cat = SqlCatalog(sqlite_cat.name, uri=sqlite_cat.settings.catalog_uri, warehouse=sqlite_cat.settings.warehouse)
+    cat.drop_table("ns.scores")
+    cat.engine.dispose()
+    again = run_batch(settings)
+    assert (again.files_scored, again.files_skipped, again.rows) == (2, 0, 60)
+    assert sqlite_cat.read().num_rows == 60
+    third = run_batch(settings)
+    assert (third.files_scored, third.files_skipped) == (0, 2)
+
+
 def _four_shards(models, inputs: str, cat: Catalog) -> list[dict]:
     """Four shard processes at once (``JOB_COMPLETION_INDEX`` 0..3), every file cut into row-group units."""
     procs = [subprocess.Popen([sys.executable, "-m", "workers", "batch", "--model", models["binary"], "--input",

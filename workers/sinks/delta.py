@@ -229,15 +229,14 @@ class DeltaSink(LakeSink):
         except Exception as exc:  # noqa: BLE001
             raise SinkError(f"writing to {self.name}_errors: {str(exc)[:300]}") from None
 
+    def _exists(self, path: str) -> bool:
+        try:
+            return self._open(path) is not None
+        except Exception as exc:  # noqa: BLE001
+            raise SinkError(f"reading {self.name}: {str(exc)[:300]}") from None
+
     def _entries(self, path: str) -> list[dict]:
         try:
-            if path == self.location + "_inputs" and self._open(self.location) is None:
-                if self._open(path) is not None:
-                    # The results table was removed (to start over) and its sibling ledger left behind: the
-                    # entries describe results that are gone, so every input is scored again (idempotent).
-                    log.warning("the ledger %s has entries but the results table is missing: scoring every "
-                                "input again", path)
-                return []
             table = self._open(path)
             return table.to_pyarrow_table(columns=["unit", "fingerprint"], filesystem=arrow_filesystem(
                 path, self.s3)).to_pylist() if table else []

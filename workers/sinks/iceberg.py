@@ -320,6 +320,12 @@ class IcebergSink(LakeSink):
             self.merge(self.location + "_errors", pa.table({}), ("source", "model_version"),
                        extra=parts[0] if len(parts) == 1 else Or(*parts))
 
+    def _exists(self, path: str) -> bool:
+        try:
+            return self._load(path) is not None
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("cannot reach the catalog of", exc) from None
+
     def _entries(self, path: str) -> list[dict]:
         try:
             table = self._load(path)

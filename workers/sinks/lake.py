@@ -23,6 +23,7 @@ from workers.sinks.base import Ledger, Sink, UnitWriter
 from workers.sinks.deltatypes import DELTA, Lake, delta_table
 from workers.sinks.tables import ERROR_KEY, RESULT_KEY, keyed_rows
 
+log = logging.getLogger("workers.sinks.lake")
 T = TypeVar("T")
 ATTEMPTS = 40  # commits tried per write before SinkError (conflicts with other shards' commits)
 BACKOFF = (0.05, 2.0)  # first and largest pause between attempts, seconds (jittered)
@@ -77,6 +78,10 @@ class LakeSink(Sink):
     @abstractmethod
     def _entries(self, path: str) -> list[dict]:
         """The ``unit`` and ``fingerprint`` of every ledger row at ``path`` ([] when there is no table)."""
+
+    @abstractmethod
+    def _exists(self, path: str) -> bool:
+        """Whether the table at ``path`` exists."""
 
     def rows_bad(self, results: pa.Table) -> dict[int, str]:
         """Rows of ``results`` this store cannot hold, with the reason (beyond the value mapping: none here)."""
@@ -173,7 +178,14 @@ class LakeLedger(Ledger):
 
     def done(self, unit: str) -> str | None:
         if self._seen is None:
-            self._seen = {r["unit"]: r["fingerprint"] for r in self.sink._entries(self.path)}
+            entries = self.sink._entries(self.path)
+            if entries and not self.sink._exists(self.sink.location):
+                # The results table was removed (to start over) and its sibling ledger left behind: the entries
+                # describe results that are gone, so every input is scored again (idempotent).
+                log.warning("the ledger %s has entries but the results table is missing: scoring every input again",
+                            self.path)
+                entries = []
+            self._seen = {r["unit"]: r["fingerprint"] for r in entries}
         return self._seen.get(unit)
 
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
