@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -105,10 +106,36 @@ def _nesting(data: Any, depth: int = 0) -> tuple[int, ...] | None:
     return (len(data), *first)
 
 
+_NUMBERS = frozenset({int, float, type(None)})
+
+
+def _numbers(data: list, shape: list[int], size: int) -> np.ndarray | None:
+    """The common case at C speed: ``size`` JSON numbers or nulls, flat or in rows nested exactly like a 2-D
+    ``shape``, as float64 (null: NaN). None when anything else is there: the checked path below then decides
+    and names the problem. The same conversion as that path, without a Python call per value (walking every
+    value through ``_nesting`` and the type checks cost about 7 us a row of 30 at 100 rows per request)."""
+    if type(data[0]) is list:
+        if len(shape) != 2 or len(data) != shape[0] or not all(type(r) is list and len(r) == shape[1]
+                                                                for r in data):
+            return None
+        kinds = set(map(type, chain.from_iterable(data)))
+    elif len(data) == size:
+        kinds = set(map(type, data))
+    else:
+        return None
+    if not kinds <= _NUMBERS:
+        return None
+    return np.array(data, dtype=np.float64).reshape(-1)
+
+
 def _json_values(name: str, dtype: str, data: Any, shape: list[int], size: int) -> np.ndarray:
     """JSON ``data`` -> a flat array of ``size`` values: row-major flat, or nested exactly like ``shape``."""
     if not isinstance(data, list):
         raise BadRequest(f"input {name!r}: data must be a list, got {_kind(data)}")
+    if dtype.startswith("FP") and data:
+        values = _numbers(data, shape, size)
+        if values is not None:
+            return _in_range(name, dtype, values)
     nest = _nesting(data)
     if nest is None or (len(nest) > 1 and list(nest) != shape):
         what = "BYTES data" if dtype == "BYTES" else "data"
@@ -144,6 +171,10 @@ def _json_values(name: str, dtype: str, data: Any, shape: list[int], size: int) 
     if bad is not _NONE:
         raise BadRequest(f"input {name!r}: {dtype} data must be numbers (or null: missing), got {_shown(bad)}")
     values = np.array([math.nan if v is None else v for v in flat], dtype=np.float64) if flat else np.empty(0)
+    return _in_range(name, dtype, values)
+
+
+def _in_range(name: str, dtype: str, values: np.ndarray) -> np.ndarray:
     top = float(np.finfo(DTYPES[dtype]).max)
     big = np.isfinite(values) & (np.abs(values) > top)
     if big.any():
