@@ -290,6 +290,9 @@ class _ParquetUnit(UnitWriter):
 
 
 class ParquetSink(Sink, Ledger):
+    # A unit's files are its own (no connection, no shared state but pyarrow's thread-safe filesystem).
+    concurrent_writes = True
+
     def __init__(self, uri: str, s3: S3Settings):
         self.fs, self.root = resolve(uri, s3)
         self.root = self.root.rstrip("/")
