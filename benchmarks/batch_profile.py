@@ -219,6 +219,15 @@ def timed_run(path: str, folder: str) -> tuple[dict[str, float], float]:
     return t.seconds, seconds
 
 
+def dictionary(schema: pa.Schema) -> list[str] | bool:
+    """The dictionary columns the Parquet sink of this checkout writes with (all, before it chose)."""
+    try:
+        from workers.sinks.parquet import dictionary_columns
+    except ImportError:
+        return True
+    return dictionary_columns(schema)
+
+
 def stages(model: Model, folder: str, repeats: int) -> dict[str, float]:
     """CPU seconds of each step alone over all the inputs (min over ``repeats``)."""
     scorer = Scorer(model)
@@ -249,7 +258,9 @@ def stages(model: Model, folder: str, repeats: int) -> dict[str, float]:
         with Clock() as c:
             for k in range(FILES):
                 parts = scored[k * len(scored) // FILES:(k + 1) * len(scored) // FILES]
-                with pq.ParquetWriter(f"{out}/.tmp-{k}", parts[0].results.schema, compression="zstd") as w:
+                schema = parts[0].results.schema
+                with pq.ParquetWriter(f"{out}/.tmp-{k}", schema, compression="zstd",
+                                      use_dictionary=dictionary(schema)) as w:
                     for s in parts:
                         w.write_table(s.results)
         keep("write Parquet (zstd)", c)
