@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 from workers import tracing
 from workers.errors import ConfigError, InputError, RowsRejected, ScoringError, SinkError
 from workers.runtime.progress import Progress
+from workers.runtime.write_behind import WriteBehind
 from workers.scoring.build import build_router
 from workers.scoring.model import Model
 from workers.scoring.router import Router
@@ -304,6 +305,9 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
     bytes_per_row = f.size / max(pf.metadata.num_rows, 1)
     before = router.skipped.copy()
     writer = sink.begin(unit.name)
+    # Results are written on a thread of their own while the next batch is scored (sinks that allow it).
+    writes = WriteBehind(writer, lambda scored, exc: _rejected_reason(unit.rel, scored, exc),
+                         threaded=sink.concurrent_writes)
     n_scored = n_rejected = 0
     offset = unit.first_row  # error sources name rows by their index in the file
     # An input without rows (no row groups, or empty ones) is scored as one empty batch of its schema, so its
@@ -320,20 +324,21 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
                 if span is not None:
                     span.set_attributes({"scoring.rows": rb.num_rows - scored.num_errors,
                                          "scoring.rejected": scored.num_errors})
-                try:
-                    writer.write(scored)
-                except RowsRejected as exc:
-                    # The store cannot hold some rows as they are: retrying cannot help, so this file fails
-                    # alone (aborted below, never recorded as done) and the run goes on with the others.
-                    raise InputError(_rejected_reason(unit.rel, scored, exc)) from None
+            # Rows the store cannot hold fail this file alone (InputError naming them, raised here or at the
+            # next write: aborted below, never recorded as done) and the run goes on with the others.
+            writes.write(scored)
             n_scored += rb.num_rows - scored.num_errors
             n_rejected += scored.num_errors
             offset += rb.num_rows
             progress.advance(rb.num_rows, int(rb.num_rows * bytes_per_row))
+        writes.wait()
         writer.commit()
     except BaseException:
+        writes.settle()  # a write still running ends before the unit is aborted under it
         writer.abort()
         raise
+    finally:
+        writes.close()
     return FileResult(n_scored, n_rejected, router.skipped - before)
 
 

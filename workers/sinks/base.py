@@ -62,6 +62,10 @@ class Sink(ABC):
     #: row (input order; in stream mode the higher offset) is kept. Keyed sinks count them; the batch summary
     #: reports the total.
     duplicates_collapsed: int = 0
+    #: its unit writers may be called from a thread other than the one that began the unit (one call at a time,
+    #: in order): batch mode then writes a batch while it scores the next (``runtime.write_behind``). Off unless
+    #: a sink says so: a connection bound to its thread (SQLite's) must not be handed to another.
+    concurrent_writes: bool = False
 
     @abstractmethod
     def begin(self, unit: str) -> UnitWriter:
