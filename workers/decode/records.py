@@ -9,8 +9,6 @@ make the client retry the same message forever.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -20,26 +18,15 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from workers.decode.jsonparse import exact_loads, long_number
 from workers.scoring.features import Features
 from workers.scoring.model import Model
 from workers.scoring.scorer import to_json
 from workers.sinks.tables import json_column
 
+__all__ = ["MAX_ID_LENGTH", "Decoded", "RecordDecoder", "carry_columns", "exact_loads", "long_number"]
+
 _NUMERIC = frozenset({int, float, type(None)})
-# 19+ digits in a row: maybe an integer beyond 64 bits, which orjson turns into a float (silently inexact)
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
-
-
-def long_number(value: bytes | bytearray | memoryview | str) -> bool:
-    if isinstance(value, str):
-        return _LONG_NUMBER.search(value.encode()) is not None
-    return _LONG_NUMBER.search(value) is not None
-
-
-def exact_loads(value: bytes) -> Any:
-    """JSON (already valid for orjson) with integers of any size kept exact, as Python's json reads them;
-    passthrough values are copied unchanged, so 18446744073709551621 must not become 1.8446744073709552e19."""
-    return json.loads(value)
 MAX_ID_LENGTH = 1024
 
 
