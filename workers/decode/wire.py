@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from workers.decode.avrofast import compile_reader
 from workers.decode.records import exact_loads, long_number
 from workers.decode.registry import RegistryClient, RegistryUnavailable, Schema, SchemaNotFound
 from workers.settings import Settings
@@ -130,7 +131,8 @@ class AvroFormat(WireFormat):
 
         named: dict[str, Any] = {}
         self._add_references(schema.references, named, set())
-        return fastavro.parse_schema(orjson.loads(schema.text), named)
+        parsed = fastavro.parse_schema(orjson.loads(schema.text), named)
+        return parsed, compile_reader(parsed)  # the compiled reader: None for a schema it leaves to fastavro
 
     def _add_references(self, references: list[dict], named: dict[str, Any], seen: set[tuple[str, int]]) -> None:
         """Named types of other subjects, parsed into one namespace before the schema using them; a referenced
@@ -147,11 +149,19 @@ class AvroFormat(WireFormat):
             fastavro.parse_schema(orjson.loads(text), named)
 
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
+        """The compiled reader's record; fastavro's (value or exception) for a payload that reader refuses and
+        for schemas it does not read (``workers.decode.avrofast``)."""
+        parsed, fast = compiled
+        if fast is not None:
+            try:
+                return fast(value, 5)
+            except Exception:  # noqa: BLE001, S110 - malformed for the strict reader: fastavro says what it is
+                pass
         from fastavro import schemaless_reader
 
         buf = io.BytesIO(value)
         buf.seek(5)
-        obj = schemaless_reader(buf, compiled, None)
+        obj = schemaless_reader(buf, parsed, None)
         if buf.tell() != len(value):
             raise ValueError(f"{len(value) - buf.tell()} bytes left after the record")
         return obj
