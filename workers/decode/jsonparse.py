@@ -28,7 +28,6 @@ records through Python's json.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import string
 from collections.abc import Sequence
@@ -39,24 +38,16 @@ import orjson
 # digits -> "0", "." stays, every other byte -> " " (the nonce and separators hold no digit: they add no run)
 _DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x2E if c == 0x2E else 0x20 for c in range(256))
 _RUN = b"0" * 19
-_NOT_DIGIT = re.compile(rb"[^0]")  # in translated text: the end of a run of digits
+_START_RUN = b" " + _RUN  # a run after a byte that is neither a digit nor '.'
 _NONCE = "".join(secrets.choice(string.ascii_letters) for _ in range(24))
 _SEP = b',\n"' + _NONCE.encode() + b'",'
 
 
 def _runs(translated: bytes) -> bool:
-    """Whether ``translated`` (bytes through _DIGITS) has 19 digits in a row that do not follow a '.'. Each find
-    lands on the start of a run (the search restarts after the previous run), so only the byte before it is
-    looked at; a fraction's run is skipped to its end. Linear in the text."""
-    i = translated.find(_RUN)
-    while i >= 0:
-        if i == 0 or translated[i - 1] != 0x2E:
-            return True
-        end = _NOT_DIGIT.search(translated, i)
-        if end is None:
-            return False
-        i = translated.find(_RUN, end.start())
-    return False
+    """Whether ``translated`` (bytes through _DIGITS) has 19 digits in a row that do not follow a '.': a run at
+    the start or after any other byte (a space once translated). One substring search: looking for the run
+    alone and then at the byte before it degenerates on fraction runs of 16-18 digits (3.8 us/record)."""
+    return translated.startswith(_RUN) or _START_RUN in translated
 
 
 def long_number(value: bytes | bytearray | memoryview | str) -> bool:

@@ -107,7 +107,7 @@ class RecordDecoder:
         nan_row = [None] * width
         id_field = self.id_field
         extend, append_id = flat.extend, ids.append
-        features_of = self._features_of
+        features_of, getter, names = self._features_of, self._getter, self.names
         where = "" if parsed is not None else "JSON "
         objs, given = parsed if parsed is not None else parse_values(values)
         reasons: dict[int, str] = dict(given)
@@ -117,7 +117,10 @@ class RecordDecoder:
             if type(obj) is dict and i not in given:
                 rid = obj.get(id_field)
                 if type(rid) is str and 0 < len(rid) <= MAX_ID_LENGTH:  # the usual record: no other check
-                    extend(features_of(obj))
+                    try:
+                        extend(getter(obj))
+                    except KeyError:  # a feature the record lacks: missing (None), as dict.get gives
+                        extend(map(obj.get, names))
                     append_id(rid)
                     continue
                 rid, reason = self._id_of(rid, keys[i] if key_as_id else None)  # type: ignore[index]
