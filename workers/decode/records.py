@@ -9,37 +9,24 @@ make the client retry the same message forever.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 
+from workers.decode.jsonparse import exact_loads, long_number, parse_values
 from workers.scoring.features import Features
 from workers.scoring.model import Model
 from workers.scoring.scorer import to_json
 from workers.sinks.tables import json_column
 
+__all__ = ["MAX_ID_LENGTH", "Decoded", "RecordDecoder", "carry_columns", "exact_loads", "long_number"]
+
 _NUMERIC = frozenset({int, float, type(None)})
-# 19+ digits in a row: maybe an integer beyond 64 bits, which orjson turns into a float (silently inexact)
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
-
-
-def long_number(value: bytes | bytearray | memoryview | str) -> bool:
-    if isinstance(value, str):
-        return _LONG_NUMBER.search(value.encode()) is not None
-    return _LONG_NUMBER.search(value) is not None
-
-
-def exact_loads(value: bytes) -> Any:
-    """JSON (already valid for orjson) with integers of any size kept exact, as Python's json reads them;
-    passthrough values are copied unchanged, so 18446744073709551621 must not become 1.8446744073709552e19."""
-    return json.loads(value)
 MAX_ID_LENGTH = 1024
 
 
@@ -64,6 +51,9 @@ class RecordDecoder:
             for i, cats in model.categorical.items()
         }
         self.numeric_only = not self.categorical
+        # obj -> its feature values in order (KeyError when one is missing: then dict.get, in _features_of)
+        self._getter: Any = (itemgetter(*self.names) if len(self.names) > 1 else
+                             (lambda obj, name=self.names[0]: (obj[name],)) if self.names else (lambda obj: ()))
         # Whether a feature's categories are numbers: then "5" and 5.0 are the category 5, and for text
         # categories 5 is "5", as the Arrow path (scoring.model_values) matches them.
         self.numeric_categories = {i: bool(cats) and all(type(c) in (int, float) for c in cats)
@@ -112,68 +102,76 @@ class RecordDecoder:
         n = len(values)
         width = len(self.names)
         flat: list[Any] = []  # n * width feature values, row after row
-        reasons: dict[int, str] = {}
         ids: list[str | None] = []
-        raw: list[dict | None] = []
         passthrough: dict[str, list[Any]] = {name: [] for name in self.passthrough}
         nan_row = [None] * width
-        id_field, names = self.id_field, self.names
-        extend, loads, big = flat.extend, orjson.loads, long_number
-        objs, given = parsed if parsed is not None else (None, {})
-        for i in range(n):
-            obj: Any = None
-            reason = None
-            if objs is not None:
-                obj = objs[i]
-                reason = given.get(i)
-            else:
-                value = values[i]
-                if value is None:
-                    reason = "empty value (tombstone)"
-                else:
-                    try:
-                        obj = loads(value)
-                        if big(value):
-                            obj = exact_loads(value)
-                    except orjson.JSONDecodeError as exc:
-                        reason = f"not valid JSON: {str(exc)[:120]}"
-            if reason is None and type(obj) is not dict:
-                reason = f"{'JSON ' if objs is None else ''}{type(obj).__name__} where an object was expected"
-                obj = None
-            rid: Any = None
-            if reason is None:
+        id_field = self.id_field
+        extend, append_id = flat.extend, ids.append
+        features_of, getter, names = self._features_of, self._getter, self.names
+        where = "" if parsed is not None else "JSON "
+        objs, given = parsed if parsed is not None else parse_values(values)
+        reasons: dict[int, str] = dict(given)
+        raw: list[dict | None] = list(objs)
+        key_as_id = self.key_as_id and keys is not None
+        for i, obj in enumerate(objs):
+            if type(obj) is dict and i not in given:
                 rid = obj.get(id_field)
-                key = keys[i] if keys is not None else None
-                if rid is None and self.key_as_id and key is not None:
+                if type(rid) is str and 0 < len(rid) <= MAX_ID_LENGTH:  # the usual record: no other check
                     try:
-                        rid = key.decode("utf-8")
-                    except UnicodeDecodeError:
-                        reason = "message key is not UTF-8 text"
+                        extend(getter(obj))
+                    except KeyError:  # a feature the record lacks: missing (None), as dict.get gives
+                        extend(map(obj.get, names))
+                    append_id(rid)
+                    continue
+                rid, reason = self._id_of(rid, keys[i] if key_as_id else None)  # type: ignore[index]
                 if reason is None:
-                    if rid is None:
-                        reason = f"missing id field '{id_field}'"
-                    elif type(rid) is int:
-                        rid = str(rid)
-                    elif type(rid) is not str:
-                        reason = f"id field '{id_field}' must be a string or integer, got {type(rid).__name__}"
-                    elif not rid or len(rid) > MAX_ID_LENGTH:
-                        reason = f"id field '{id_field}' must have 1 to {MAX_ID_LENGTH} characters"
-            if reason is None:
-                extend(map(obj.get, names))  # checked below, for the whole batch at once
-            else:
-                reasons[i] = reason
-                extend(nan_row)
-                rid = rid if isinstance(rid, str) else None
-            ids.append(rid)
-            raw.append(obj)
+                    extend(features_of(obj))
+                else:
+                    reasons[i] = reason
+                    extend(nan_row)
+                append_id(rid)
+                continue
+            if i not in given:
+                reasons[i] = f"{where}{type(obj).__name__} where an object was expected"
+                raw[i] = None
+            extend(nan_row)
+            append_id(None)
+        if passthrough:
             for name, col in passthrough.items():
-                col.append(obj.get(name) if obj is not None else None)
+                col.extend(obj.get(name) if obj is not None else None for obj in raw)
         # Fast path: one pass over every value's type. Only a batch holding something other than numbers and
         # nulls (a category, a bool, a string) goes row by row.
         if not self.numeric_only or not _NUMERIC.issuperset(set(map(type, flat))):
             self._check_rows(flat, width, reasons)
         matrix = np.array(flat, dtype=np.float64).reshape(n, width) if n else np.empty((0, width))
         return Decoded(ids, Features(matrix, reasons), passthrough, raw)
+
+    def _features_of(self, obj: dict) -> Any:
+        """The feature values of one object in the model's order, None where a name is missing."""
+        try:
+            return self._getter(obj)
+        except KeyError:  # a feature the record lacks: missing (None), as dict.get gives
+            return map(obj.get, self.names)
+
+    def _id_of(self, rid: Any, key: bytes | None) -> tuple[str | None, str | None]:
+        """(id, reason) of a record whose id field is not plain text of 1 to MAX_ID_LENGTH characters: the message
+        key stands in for a missing one (``key``: given with key_as_id), an integer becomes its text; reason None
+        when the record has a usable id. The id is kept (text) beside a reason, for the dead letter."""
+        id_field = self.id_field
+        if rid is None and key is not None:
+            try:
+                rid = key.decode("utf-8")
+            except UnicodeDecodeError:
+                return None, "message key is not UTF-8 text"
+        if rid is None:
+            return None, f"missing id field '{id_field}'"
+        if type(rid) is int:
+            return str(rid), None
+        if type(rid) is not str:
+            return None, f"id field '{id_field}' must be a string or integer, got {type(rid).__name__}"
+        if not rid or len(rid) > MAX_ID_LENGTH:
+            return rid, f"id field '{id_field}' must have 1 to {MAX_ID_LENGTH} characters"
+        return rid, None
 
     def _check_rows(self, flat: list[Any], width: int, reasons: dict[int, str]) -> None:
         """Slow path: a reason for each row holding a value that is not a number, null or known category;

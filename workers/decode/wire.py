@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from workers.decode.avrofast import compile_reader
 from workers.decode.records import exact_loads, long_number
 from workers.decode.registry import RegistryClient, RegistryUnavailable, Schema, SchemaNotFound
 from workers.settings import Settings
@@ -86,34 +87,35 @@ class WireFormat:
     def parse(self, values: Sequence[bytes | None]) -> Parsed:
         objs: list[Any] = []
         reasons: dict[int, str] = {}
-        compiled = self.compiled
         for i, value in enumerate(values):
-            obj = None
-            if value is None:
-                reasons[i] = "empty value (tombstone)"
-            elif not value:
-                reasons[i] = "not the Confluent wire format: empty value"
-            elif value[0] != MAGIC:
-                reasons[i] = f"not the Confluent wire format: magic byte {value[0]}, expected 0"
-            elif len(value) < 5:
-                reasons[i] = f"not the Confluent wire format: {len(value)} bytes, shorter than its 5-byte header"
-            else:
-                sid = int.from_bytes(value[1:5], "big")
-                schema = compiled.get(sid)
-                if schema is None:
-                    reasons[i] = f"schema id {sid} is not in the schema registry"
-                elif type(schema) is str:
-                    reasons[i] = schema
-                else:
-                    try:
-                        obj = self.read(schema, value, sid)
-                    except PayloadError as exc:
-                        reasons[i] = f"{self.kind} schema id {sid}: {exc}"[:300]
-                    except Exception as exc:  # noqa: BLE001 - the payload does not decode: the record's fault
-                        reasons[i] = f"does not decode as {self.kind} schema id {sid}: {type(exc).__name__}: " \
-                                     f"{exc}"[:300]
+            obj, reason = self.parse_one(value)
+            if reason is not None:
+                reasons[i] = reason
             objs.append(obj)
         return objs, reasons
+
+    def parse_one(self, value: bytes | None) -> tuple[Any, str | None]:
+        """One value: (object, None), or (None, the reason it cannot be read)."""
+        if value is None:
+            return None, "empty value (tombstone)"
+        if not value:
+            return None, "not the Confluent wire format: empty value"
+        if value[0] != MAGIC:
+            return None, f"not the Confluent wire format: magic byte {value[0]}, expected 0"
+        if len(value) < 5:
+            return None, f"not the Confluent wire format: {len(value)} bytes, shorter than its 5-byte header"
+        sid = int.from_bytes(value[1:5], "big")
+        schema = self.compiled.get(sid)
+        if schema is None:
+            return None, f"schema id {sid} is not in the schema registry"
+        if type(schema) is str:
+            return None, schema
+        try:
+            return self.read(schema, value, sid), None
+        except PayloadError as exc:
+            return None, f"{self.kind} schema id {sid}: {exc}"[:300]
+        except Exception as exc:  # noqa: BLE001 - the payload does not decode: the record's fault
+            return None, f"does not decode as {self.kind} schema id {sid}: {type(exc).__name__}: {exc}"[:300]
 
     def compile(self, schema: Schema) -> Any:
         raise NotImplementedError
@@ -130,7 +132,31 @@ class AvroFormat(WireFormat):
 
         named: dict[str, Any] = {}
         self._add_references(schema.references, named, set())
-        return fastavro.parse_schema(orjson.loads(schema.text), named)
+        parsed = fastavro.parse_schema(orjson.loads(schema.text), named)
+        return parsed, compile_reader(parsed)  # the compiled reader: None for a schema it leaves to fastavro
+
+    def parse(self, values: Sequence[bytes | None]) -> Parsed:
+        """The compiled readers first, keyed by the 5-byte header (magic byte and schema id); a value none of them
+        reads (no header, another id, a payload the strict reader refuses) goes the general way, ``parse_one``."""
+        with self.lock:
+            readers = {bytes([MAGIC]) + sid.to_bytes(4, "big"): c[1] for sid, c in self.compiled.items()
+                       if type(c) is tuple and c[1] is not None}
+        if not readers:
+            return super().parse(values)
+        objs: list[Any] = []
+        reasons: dict[int, str] = {}
+        append, one = objs.append, self.parse_one
+        for i, value in enumerate(values):
+            try:
+                append(readers[value[:5]](value, 5))  # type: ignore[index]
+                continue
+            except Exception:  # noqa: BLE001, S110 - a tombstone, another schema, a malformed payload: below
+                pass
+            obj, reason = one(value)
+            if reason is not None:
+                reasons[i] = reason
+            append(obj)
+        return objs, reasons
 
     def _add_references(self, references: list[dict], named: dict[str, Any], seen: set[tuple[str, int]]) -> None:
         """Named types of other subjects, parsed into one namespace before the schema using them; a referenced
@@ -147,11 +173,19 @@ class AvroFormat(WireFormat):
             fastavro.parse_schema(orjson.loads(text), named)
 
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
+        """The compiled reader's record; fastavro's (value or exception) for a payload that reader refuses and
+        for schemas it does not read (``workers.decode.avrofast``)."""
+        parsed, fast = compiled
+        if fast is not None:
+            try:
+                return fast(value, 5)
+            except Exception:  # noqa: BLE001, S110 - malformed for the strict reader: fastavro says what it is
+                pass
         from fastavro import schemaless_reader
 
         buf = io.BytesIO(value)
         buf.seek(5)
-        obj = schemaless_reader(buf, compiled, None)
+        obj = schemaless_reader(buf, parsed, None)
         if buf.tell() != len(value):
             raise ValueError(f"{len(value) - buf.tell()} bytes left after the record")
         return obj
