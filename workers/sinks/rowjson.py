@@ -11,10 +11,10 @@ import math
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from workers.scoring.scorer import Scored
 from workers.sinks.tables import is_json, is_uuid, json_default, plain
+from workers.sinks.utctext import is_utc_timestamp, utc_text
 
 
 def json_value_default(value: object) -> object:
@@ -59,13 +59,13 @@ def _column_json(col: pa.ChunkedArray, fragment: bool) -> tuple[bool, list[bytes
     """(quoted, values): each value's JSON, or with ``quoted`` the inside of its JSON string (a text column without
     nulls, whose quotes the template adds)."""
     t = plain(col).type if not is_json(col.type) else col.type
-    if fragment or is_json(col.type):
+    if is_json(col.type) or fragment and (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        # JSON text; a fragment column of nested values (a struct, a list, a decimal) is made JSON below
         return False, [b"null" if v is None else _fragment(v) for v in plain(col).to_pylist()]
-    if pa.types.is_timestamp(t) and t.tz in (None, "UTC", "+00:00"):
-        encoded = pc.dictionary_encode(plain(col).combine_chunks())
-        fmt = "%Y-%m-%dT%H:%M:%S" + ("Z" if t.tz else "")
-        texts = [orjson.dumps(v) for v in pc.strftime(encoded.dictionary, format=fmt).to_pylist()]
-        return False, [b"null" if i is None else texts[i] for i in encoded.indices.to_pylist()]
+    if is_utc_timestamp(t):
+        # RFC 3339 text made column-wise (``utctext``); it holds no comma, so one orjson call splits into values
+        texts = utc_text(col, "T", "Z" if t.tz else "").to_pylist()
+        return False, orjson.dumps(texts)[1:-1].split(b",")
     values = plain(col).to_pylist()
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
         return False, orjson.dumps(values)[1:-1].split(b",")  # numbers, true/false, null: never a comma inside
