@@ -349,3 +349,29 @@ def test_kafka_messages_of_a_scored_stream_batch_are_unchanged(models):
     assert new == old_result_messages(scored)
     first = orjson.loads(new[1][1])
     assert first["timestamp"] == "2023-11-14T22:13:20.001Z" and first["big"] == 2**63 + 1
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.sampled_from(["s", "ms", "us", "ns"]).flatmap(lambda u: st.tuples(st.just(u), st.lists(nulls_or(
+    st.integers(-(2**62), 2**62) if u == "ns" else st.integers(-30610224000 * _PER_S[u], LAST * _PER_S[u])),
+    max_size=12))), st.sampled_from([None, "UTC", "+00:00", "Europe/Paris", "America/St_Johns"]))
+def test_registry_format_timestamps_are_the_per_value_text_of_the_same_instant(unit_values, tz):
+    """Avro / Protobuf timestamp text (``regformat._values``) against the per-value ``datetime.strftime`` it
+    replaced (years 1000..9999: the platform's strftime drops leading zeros before): UTC and zone-less columns
+    give the same text; another zone's instants the text of that instant in UTC (the old text was the local
+    wall-clock time with a ``Z``: another instant)."""
+    from workers.sinks.regformat import _values
+
+    unit, values = unit_values
+    col = pa.chunked_array([pa.array(values, pa.timestamp(unit, tz=tz))])
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if tz else "%Y-%m-%dT%H:%M:%S.%f"
+    stamps = col.cast(pa.timestamp(unit, tz="UTC")) if tz else col
+    want = [None if v is None else v.strftime(fmt) for v in stamps.to_pylist()]
+    assert _values(col, "time") == want
+
+
+def test_registry_format_timestamp_of_another_zone_names_its_instant():
+    from workers.sinks.regformat import _values
+
+    paris = pa.chunked_array([pa.array([0], pa.timestamp("us", tz="Europe/Paris"))])
+    assert _values(paris, "time") == ["1970-01-01T00:00:00.000000Z"]  # was 01:00:00Z, an hour off
