@@ -121,7 +121,7 @@ def column(draw, n: int) -> pa.Array:  # noqa: C901 - one case per Arrow type
     kind = draw(st.sampled_from([
         "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64", "bool",
         "string", "large_string", "ts_utc", "ts_naive", "ts_plus0", "ts_paris", "date32", "decimal", "list_int",
-        "list_float", "struct", "binary", "map", "json", "null"]))
+        "list_float", "struct", "struct_nested", "struct_ts", "binary", "map", "json", "null"]))
 
     def values(strategy):
         return draw(st.lists(nulls_or(strategy), min_size=n, max_size=n))
@@ -162,6 +162,16 @@ def column(draw, n: int) -> pa.Array:  # noqa: C901 - one case per Arrow type
     if kind == "struct":
         fields = st.fixed_dictionaries({"a": nulls_or(st.integers(-(2**63), 2**63 - 1)), "b": nulls_or(text)})
         return pa.array(values(fields), pa.struct([("a", pa.int64()), ("b", pa.string())]))
+    if kind == "struct_nested":  # numbers, booleans, text and a struct of them: built field column by field column
+        inner = st.fixed_dictionaries({"f": nulls_or(st.floats(width=32)), "ok": nulls_or(st.booleans())})
+        fields = st.fixed_dictionaries({'k"%s': nulls_or(st.floats()), "u": nulls_or(st.integers(0, 2**64 - 1)),
+                                        "in": nulls_or(inner)})
+        return pa.array(values(fields), pa.struct([('k"%s', pa.float64()), ("u", pa.uint64()), ("in", pa.struct(
+            [("f", pa.float32()), ("ok", pa.bool_())]))]))
+    if kind == "struct_ts":  # a timestamp inside: the per-value mapping spells it (not the column-wise text)
+        fields = st.fixed_dictionaries({"at": nulls_or(st.integers(FIRST * 10**6, LAST * 10**6)),
+                                        "d": nulls_or(st.dates())})
+        return pa.array(values(fields), pa.struct([("at", pa.timestamp("us", tz="UTC")), ("d", pa.date32())]))
     if kind == "binary":
         return pa.array(values(st.binary(max_size=6)), pa.binary())
     if kind == "map":
@@ -184,6 +194,9 @@ def results(draw) -> pa.Table:
     }
     for i in range(draw(st.integers(0, 6))):
         cols[f"p{i}"] = draw(column(n))
+    if n > 1 and draw(st.booleans()):  # a table of several chunks (results of shadow versions, concatenated)
+        cut = draw(st.integers(1, n - 1))
+        return pa.table({k: pa.chunked_array([c[:cut], c[cut:]], c.type) for k, c in cols.items()})
     return pa.table(cols)
 
 
