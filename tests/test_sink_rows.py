@@ -200,7 +200,7 @@ def results(draw) -> pa.Table:
     return pa.table(cols)
 
 
-SETTINGS = settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 def _raises_or(fn, *args):
