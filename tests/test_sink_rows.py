@@ -388,3 +388,13 @@ def test_registry_format_timestamp_of_another_zone_names_its_instant():
 
     paris = pa.chunked_array([pa.array([0], pa.timestamp("us", tz="Europe/Paris"))])
     assert _values(paris, "time") == ["1970-01-01T00:00:00.000000Z"]  # was 01:00:00Z, an hour off
+
+
+def test_registry_format_timestamp_beyond_microseconds_raises_not_wraps():
+    """A seconds timestamp beyond int64 microseconds: a data error (the store step dead-letters its row), never
+    a wrapped, wrong instant."""
+    from workers.sinks.regformat import _values
+
+    with pytest.raises(pa.ArrowInvalid):
+        _values(pa.chunked_array([pa.array([10**17], pa.timestamp("s", tz="UTC"))]), "time")
+    assert _values(pa.chunked_array([pa.array([-1], pa.timestamp("ns"))]), "time") == ["1969-12-31T23:59:59.999999"]

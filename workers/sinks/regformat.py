@@ -188,7 +188,8 @@ def _utc_micros(col: pa.ChunkedArray) -> pa.ChunkedArray:
         col = col.cast(pa.timestamp(t.unit, tz="UTC"))  # Arrow stores UTC: only the type changes
     if t.unit == "ns":
         col = pc.floor_temporal(col, unit="microsecond")
-    return col.cast(pa.timestamp("us", tz=col.type.tz), safe=False)
+    # exact (a checked cast: an instant beyond int64 microseconds raises, a data error, as to_pylist raised)
+    return col.cast(pa.timestamp("us", tz=col.type.tz))
 
 
 def _values(col: pa.ChunkedArray, k: str) -> list:
