@@ -17,7 +17,6 @@ import re
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import KafkaError, KafkaException
@@ -29,8 +28,7 @@ from workers.scoring.scorer import Scored
 from workers.settings import KafkaSettings, SchemaRegistrySettings
 from workers.sinks.base import DirectUnit, Sink, UnitWriter, redact
 from workers.sinks.regformat import FORMATS, REGISTRY_TYPE, STRATEGIES, columns, encoder, header, schema_text, subject
-from workers.sinks.rowjson import json_value_default, plain_columns
-from workers.sinks.tables import is_json, plain
+from workers.sinks.rowjson import json_rows, plain_columns
 
 
 class Producer:
@@ -99,32 +97,20 @@ MAX_MESSAGE = 1_000_000
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
-def _json_ready(col: pa.ChunkedArray) -> list:
-    """A column's values for orjson. UTC timestamps become RFC 3339 text made by Arrow, once per distinct value
-    (a batch shares one scored_at; building a timezone-aware datetime per value cost half of the sink's time).
-    JSON text (``arrow.json``) goes into the message as the JSON it is, not as a string."""
-    if is_json(col.type):
-        return [None if v is None else orjson.Fragment(v) for v in plain(col).to_pylist()]
-    if pa.types.is_timestamp(col.type) and col.type.tz in (None, "UTC", "+00:00"):
-        encoded = pc.dictionary_encode(col.combine_chunks())
-        fmt = "%Y-%m-%dT%H:%M:%S" + ("Z" if col.type.tz else "")
-        texts = pc.strftime(encoded.dictionary, format=fmt).to_pylist()
-        at = encoded.indices.to_pylist()
-        if encoded.null_count:
-            return [None if i is None else texts[i] for i in at]
-        return list(map(texts.__getitem__, at))
-    return col.to_pylist()
+def message_keys(col: pa.ChunkedArray) -> list[bytes | None]:
+    """Each id as a message key: text as its UTF-8 bytes (one Arrow cast for the column), bytes as they are, other
+    values as their text, null as no key."""
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pc.cast(col, pa.large_binary()).to_pylist()
+    return [_key(v) for v in col.to_pylist()]
 
 
 def result_messages(scored: Scored) -> list[tuple[bytes | None, bytes]]:
-    """(key, value) per result: the id as key, the result row as a JSON object."""
+    """(key, value) per result: the id as key, the result row as a JSON object (``rowjson.json_rows``: built
+    column by column, the same bytes as one ``orjson.dumps`` of each row's mapping)."""
     table = scored.results
-    names = table.column_names
-    columns = [_json_ready(table.column(name)) for name in names]
-    keys = [_key(i) for i in columns[names.index("id")]]
-    dumps = orjson.dumps
-    return [(key, dumps(dict(zip(names, row, strict=True)), default=json_value_default))
-            for key, row in zip(keys, zip(*columns, strict=True), strict=True)]
+    return list(zip(message_keys(table.column("id")), json_rows(table), strict=True))
 
 
 class KafkaSink(Sink):
@@ -204,7 +190,7 @@ class KafkaSink(Sink):
                 raise SinkError(f"{self.name}: {exc}") from None
             known = self.registered[table.schema] = (header(self.format, sid), encoder(self.format, cols))
         head, encode = known
-        keys = [_key(i) for i in table.column("id").to_pylist()]
+        keys = message_keys(table.column("id"))
         return [(k, head + v) for k, v in zip(keys, encode(table), strict=True)]
 
     def begin(self, unit: str) -> UnitWriter:

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workers.sinks.tables import is_json, is_listlike, is_uuid, json_texts, nul_rows, plain
+from workers.sinks.utctext import fast_utc_text, is_utc_timestamp
 
 JSON_COLUMNS = {"raw", "explanation"}
 NUMBERS = {"bigint", "numeric", "double precision"}
@@ -266,8 +267,14 @@ def csv_column(name: str, col: pa.ChunkedArray | pa.Array, target: str) -> tuple
         return _text(name, col)
     if target == "interval" and own == "interval":
         return pa.array(_interval_text(col), pa.string()), {}
-    if target == "timestamp with time zone" and pa.types.is_timestamp(col.type) and col.type.tz is None:
-        return pc.assume_timezone(col, "UTC"), {}
+    if target == "timestamp with time zone" and is_utc_timestamp(col.type):
+        # The text Arrow's CSV writer prints for a UTC column (``2026-01-02 03:04:05.123456Z``; ``+0000`` for the
+        # zone "+00:00"), made without its per-value zone lookup (``utctext``); outside the years 1..9999 the
+        # writer's own text, as before.
+        text = fast_utc_text(col, " ", "+0000" if col.type.tz == "+00:00" else "Z")
+        if text is not None:
+            return text, {}
+        return (pc.assume_timezone(col, "UTC") if col.type.tz is None else col), {}
     if target in ("numeric", "double precision") and pa.types.is_floating(col.type):
         # Arrow prints nan/inf, which numeric reads only in some spellings: write PostgreSQL's own
         if pc.any(pc.invert(pc.is_finite(col))).as_py():

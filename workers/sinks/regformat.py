@@ -26,10 +26,12 @@ from typing import Any
 import fastavro
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from workers.sinks.rowjson import json_rows, json_value_default
 from workers.sinks.tables import is_json, plain
+from workers.sinks.utctext import UTC_ZONES, utc_text
 
 FORMATS = ("json", "avro", "protobuf", "jsonschema")
 STRATEGIES = ("topic_name", "record_name", "topic_record_name")
@@ -176,14 +178,27 @@ def schema_text(fmt: str, cols: list[tuple[str, str]]) -> str:
 
 
 # -- payloads ------------------------------------------------------------------------------------------------
+def _utc_micros(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A timestamp column as microseconds in UTC (zone-less stays zone-less): the text is always six fraction
+    digits (what ``datetime.strftime("%f")`` gave), nanoseconds floored as ``datetime`` floors them, and an instant
+    of another zone spelled as the UTC time it is (its wall-clock time with a ``Z`` named another instant)."""
+    col = plain(col)
+    t = col.type
+    if t.tz not in UTC_ZONES:
+        col = col.cast(pa.timestamp(t.unit, tz="UTC"))  # Arrow stores UTC: only the type changes
+    if t.unit == "ns":
+        col = pc.floor_temporal(col, unit="microsecond")
+    # exact (a checked cast: an instant beyond int64 microseconds raises, a data error, as to_pylist raised)
+    return col.cast(pa.timestamp("us", tz=col.type.tz))
+
+
 def _values(col: pa.ChunkedArray, k: str) -> list:
     """The column's values as the payload needs them: timestamps RFC 3339 text, JSON-ish values as JSON text."""
     if is_json(col.type):
         return plain(col).to_pylist()
-    values = plain(col).to_pylist()
     if k == "time":
-        fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if col.type.tz else "%Y-%m-%dT%H:%M:%S.%f"
-        return [None if v is None else v.strftime(fmt) for v in values]
+        return utc_text(_utc_micros(col), "T", "Z" if col.type.tz else "").to_pylist()
+    values = plain(col).to_pylist()
     if k == "json":
         return [None if v is None else orjson.dumps(v, default=json_value_default).decode() for v in values]
     if k == "bytes":

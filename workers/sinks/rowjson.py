@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from workers.scoring.scorer import Scored
 from workers.sinks.tables import is_json, is_uuid, json_default, plain
+from workers.sinks.utctext import is_utc_timestamp, utc_text
 
 
 def json_value_default(value: object) -> object:
@@ -49,30 +50,83 @@ def json_rows(table: pa.Table, fragments: tuple[str, ...] = ()) -> list[bytes]:
     for name in names:
         quoted, values = _column_json(table.column(name), name in fragments)
         key = orjson.dumps(name).replace(b"%", b"%%")
+        if values[0] == values[-1] and values.count(values[0]) == n:
+            # one value in the whole batch (model_version, scored_at, served, topic...): inlined in the template
+            value = values[0].replace(b"%", b"%%")
+            parts.append(key + (b':"' + value + b'"' if quoted else b":" + value))
+            continue
         parts.append(key + (b':"%s"' if quoted else b":%s"))
         columns.append(values)
     template = b"{" + b",".join(parts) + b"}"
+    if not columns:
+        return [template % ()] * n
     return [template % row for row in zip(*columns, strict=True)]
 
 
-def _column_json(col: pa.ChunkedArray, fragment: bool) -> tuple[bool, list[bytes]]:
+def _column_json(col: pa.ChunkedArray | pa.Array, fragment: bool) -> tuple[bool, list[bytes]]:
     """(quoted, values): each value's JSON, or with ``quoted`` the inside of its JSON string (a text column without
     nulls, whose quotes the template adds)."""
     t = plain(col).type if not is_json(col.type) else col.type
-    if fragment or is_json(col.type):
+    if is_json(col.type) or fragment and (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        # JSON text; a fragment column of nested values (a struct, a list, a decimal) is made JSON below
         return False, [b"null" if v is None else _fragment(v) for v in plain(col).to_pylist()]
-    if pa.types.is_timestamp(t) and t.tz in (None, "UTC", "+00:00"):
-        encoded = pc.dictionary_encode(plain(col).combine_chunks())
-        fmt = "%Y-%m-%dT%H:%M:%S" + ("Z" if t.tz else "")
-        texts = [orjson.dumps(v) for v in pc.strftime(encoded.dictionary, format=fmt).to_pylist()]
-        return False, [b"null" if i is None else texts[i] for i in encoded.indices.to_pylist()]
+    if is_utc_timestamp(t):
+        return False, _utc_json(col, "Z" if t.tz else "")
+    if _plain_struct(t):
+        return False, _struct_json(plain(col))
     values = plain(col).to_pylist()
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
         return False, orjson.dumps(values)[1:-1].split(b",")  # numbers, true/false, null: never a comma inside
-    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and not col.null_count:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
         # Inside a JSON string every quote is escaped, so '","' only ever separates two elements.
-        return True, orjson.dumps(values)[2:-2].split(b'","')
+        if not col.null_count:
+            return True, orjson.dumps(values)[2:-2].split(b'","')
+        inner = orjson.dumps([v if v is not None else "" for v in values])[2:-2].split(b'","')
+        return False, [b"null" if v is None else b'"' + text + b'"' for v, text in zip(values, inner, strict=True)]
     return False, [_value_json(v) for v in values]
+
+
+def _utc_json(col: pa.ChunkedArray | pa.Array, zone: str) -> list[bytes]:
+    """RFC 3339 JSON strings of a UTC timestamp column, made column-wise (``utctext``; the text holds no comma, so
+    one orjson call splits into values). Instants repeated across the batch (``scored_at`` is one per batch) are
+    formatted once each."""
+    arr = plain(col)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    encoded = pc.dictionary_encode(arr)
+    if len(encoded.dictionary) * 4 > len(arr):  # mostly distinct (the record timestamps): format them all
+        return orjson.dumps(utc_text(arr, "T", zone).to_pylist())[1:-1].split(b",")
+    texts = orjson.dumps(utc_text(encoded.dictionary, "T", zone).to_pylist())[1:-1].split(b",")
+    at = encoded.indices.to_pylist()
+    if encoded.null_count:
+        return [b"null" if i is None else texts[i] for i in at]
+    return list(map(texts.__getitem__, at))
+
+
+def _plain_struct(t: pa.DataType) -> bool:
+    """A struct of numbers, booleans, text and such structs (distinct field names): its JSON object is the same
+    built from its fields' columns as dumped per value (other fields, e.g. timestamps, are spelled otherwise
+    inside a value)."""
+    if not pa.types.is_struct(t) or not t.num_fields or len({f.name for f in t}) < t.num_fields:
+        return False
+    return all(pa.types.is_integer(f.type) or pa.types.is_boolean(f.type) or pa.types.is_string(f.type)
+               or pa.types.is_large_string(f.type) or pa.types.is_float32(f.type) or pa.types.is_float64(f.type)
+               or _plain_struct(f.type) for f in t)
+
+
+def _struct_json(col: pa.ChunkedArray | pa.Array) -> list[bytes]:
+    """A ``_plain_struct`` column's values as JSON objects, field column by field column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    parts, columns = [], []
+    for field, child in zip(arr.type, arr.flatten(), strict=True):
+        quoted, values = _column_json(child, False)
+        parts.append(orjson.dumps(field.name).replace(b"%", b"%%") + (b':"%s"' if quoted else b":%s"))
+        columns.append(values)
+    template = b"{" + b",".join(parts) + b"}"
+    rows = [template % row for row in zip(*columns, strict=True)]
+    if arr.null_count:
+        rows = [row if ok else b"null" for row, ok in zip(rows, arr.is_valid().to_pylist(), strict=True)]
+    return rows
 
 
 def _value_json(value: object) -> bytes:
