@@ -41,6 +41,8 @@ def _long(buf: bytes, pos: int, b: int) -> tuple[int, int]:
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
+            if result >> 64:  # a 10th byte with bits above 64: fastavro reads such a value wrapped to 64 bits
+                raise _Malformed("varint beyond 64 bits")
             return result, pos
         shift += 7
         if shift >= 70:  # more than 10 bytes: not a 64-bit long

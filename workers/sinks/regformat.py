@@ -26,7 +26,6 @@ from typing import Any
 import fastavro
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from workers.sinks.rowjson import json_rows, json_value_default
@@ -187,9 +186,18 @@ def _utc_micros(col: pa.ChunkedArray) -> pa.ChunkedArray:
     if t.tz not in UTC_ZONES:
         col = col.cast(pa.timestamp(t.unit, tz="UTC"))  # Arrow stores UTC: only the type changes
     if t.unit == "ns":
-        col = pc.floor_temporal(col, unit="microsecond")
+        us = pa.timestamp("us", tz=col.type.tz)
+        col = pa.chunked_array([_floor_us(c, us) for c in col.chunks], type=us)
     # exact (a checked cast: an instant beyond int64 microseconds raises, a data error, as to_pylist raised)
     return col.cast(pa.timestamp("us", tz=col.type.tz))
+
+
+def _floor_us(chunk: pa.Array, us: pa.DataType) -> pa.Array:
+    """Nanosecond instants floored to microseconds by integer division (``floor_temporal`` overflows, and wraps,
+    within the first microsecond of the nanosecond range, 1677-09-21T00:12:43.145224)."""
+    floored = chunk.cast(pa.int64()).fill_null(0).to_numpy() // 1000
+    mask = chunk.is_null().to_numpy(zero_copy_only=False) if chunk.null_count else None
+    return pa.array(floored, pa.int64(), mask=mask).cast(us)
 
 
 def _values(col: pa.ChunkedArray, k: str) -> list:

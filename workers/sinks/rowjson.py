@@ -78,11 +78,12 @@ def _column_json(col: pa.ChunkedArray | pa.Array, fragment: bool) -> tuple[bool,
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
         return False, orjson.dumps(values)[1:-1].split(b",")  # numbers, true/false, null: never a comma inside
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        # Inside a JSON string every quote is escaped, so '","' only ever separates two elements.
+        # One dumps per value: one array's text cannot be split back into values (a value ending in '",' is
+        # spelled '\\",' and that plus the next separator reads '","' too: text moved between records).
+        dumps = orjson.dumps
         if not col.null_count:
-            return True, orjson.dumps(values)[2:-2].split(b'","')
-        inner = orjson.dumps([v if v is not None else "" for v in values])[2:-2].split(b'","')
-        return False, [b"null" if v is None else b'"' + text + b'"' for v, text in zip(values, inner, strict=True)]
+            return True, [dumps(v)[1:-1] for v in values]
+        return False, [b"null" if v is None else dumps(v) for v in values]
     return False, [_value_json(v) for v in values]
 
 
