@@ -419,7 +419,7 @@ def quix_peer(paths: dict, repeats: int, broker: Broker, n: int) -> float | None
 
 def serve_mode(paths: dict, seconds: float, baseline: bool) -> str:
     """Serve beside MLServer and KServe (benchmarks/serve_peers.py); returns the BENCHMARKS.md section."""
-    names = ["ours", "mlserver-best", "mlserver-default", "kserve"] + (["baseline"] if baseline else [])
+    names = ["ours", "ours-lleaves", "mlserver-best", "mlserver-default", "kserve"] + (["baseline"] if baseline else [])
     started = os.getloadavg()[0]
     servers, raw = serve_peers.run(BENCH, paths[500], seconds=seconds, names=names)
     note = (f"Load average {started:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "

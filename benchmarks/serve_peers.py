@@ -16,6 +16,7 @@ pinned files ``benchmarks/requirements-{mlserver,kserve}.txt``:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -74,6 +75,14 @@ def ours(model: str) -> Server:
     http, grpc = free_port(), free_port()
     return Server("ours", [sys.executable, "-m", "workers", "serve", "--model", model, "--port", str(http),
                            "--grpc-port", str(grpc), "--model-name", "m", "--host", "127.0.0.1"], http, grpc)
+
+
+def ours_compiled(bench: str, model: str) -> Server:
+    """Ours with the compiled backend (lleaves; the compiled model cached under ``bench``/cache)."""
+    server = ours(model)
+    server.name = "ours, lleaves"
+    server.argv += ["--backend", "lleaves", "--cache-dir", f"{os.path.abspath(bench)}/cache"]
+    return server
 
 
 def baseline(model: str) -> Server:
@@ -225,7 +234,8 @@ def run(bench: str, model: str, seconds: float = 5.0, warmup: float = 1.0,
     rows/s per row count on the servers' core (mean of a measurement before the points and one after each
     row count's REST points)."""
     bench, model = os.path.abspath(bench), os.path.abspath(model)
-    makers = {"ours": lambda: ours(model), "mlserver-best": lambda: mlserver(bench, model, True),
+    makers = {"ours": lambda: ours(model), "ours-lleaves": lambda: ours_compiled(bench, model),
+              "mlserver-best": lambda: mlserver(bench, model, True),
               "mlserver-default": lambda: mlserver(bench, model, False), "kserve": lambda: kserve(bench, model),
               "baseline": lambda: baseline(model)}
     booster = lgb.Booster(model_file=model)
@@ -278,7 +288,10 @@ def targets(servers: list[Server], raw: dict[int, float]) -> list[tuple[str, flo
     busy = [k for k in pts if k[2] >= 8]
     one = [k for k in pts if k[2] == 1]
     hundred = [k for k in pts if k[1] == 100]
-    return [
+    compiled = [s for s in servers if s.name == "ours, lleaves"]
+    extra = [("serve compiled (lleaves): rows/s at 100 rows/request / best peer, worst point",
+              min(compiled[0].points[k]["rps"] / best[k] for k in hundred), 4.0)] if compiled else []
+    return extra + [
         ("serve: req/s / best peer, worst of all points", min(us.points[k]["rps"] / best[k] for k in pts), 1.0),
         ("serve: req/s / best peer, worst point at 8 and 32 connections",
          min(us.points[k]["rps"] / best[k] for k in busy), 2.5),
@@ -296,7 +309,7 @@ def report(servers: list[Server], raw: dict[int, float], seconds: float, load_no
     us, others = servers[0], servers[1:]
     peers = [s for s in others if not s.name.startswith("ours")]
     lines = [START, "## Serve beside its peers", "",
-             f"Each server pinned to core 0, the load generator to core 1 (wrk for REST, `benchmarks/grpc_load.py` for "
+             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. Each server pinned to core 0, the load generator to core 1 (wrk for REST, `benchmarks/grpc_load.py` for "
              f"gRPC), {seconds:g} s per point after 1 s of warm-up, the servers interleaved point by point. "
              f"Raw `Booster.predict` on core 0: {raw[1]:,.0f} rows/s at 1 row/call, {raw[100]:,.0f} at 100. "
              f"{load_note}", "",

@@ -224,15 +224,21 @@ def test_a_replaced_file_cut_otherwise_leaves_no_stale_results_or_errors_in_delt
     inputs = tmp_path / "in"
     inputs.mkdir()
     out = tmp_path / "t"
-    settings = settings_for(models["binary"], str(inputs), f"delta+file://{out}", unit_bytes=30000)
-
-    def write(df: pd.DataFrame, row_group: int) -> None:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), inputs / "f.parquet", row_group_size=row_group)
 
     def stored() -> tuple[list[str], list[str]]:
         ids = sorted(DeltaTable(str(out)).to_pyarrow_table().column("id").to_pylist())
         errs = DeltaTable(str(out) + "_errors")
         return ids, sorted(errs.to_pyarrow_table().column("id").to_pylist())
+
+    replace_a_file_cut_otherwise(settings_for(models["binary"], str(inputs), f"delta+file://{out}", unit_bytes=30000),
+                                 inputs, stored)
+
+
+def replace_a_file_cut_otherwise(settings, inputs, stored) -> None:
+    """The scenario above for any table sink: ``stored()`` gives (result ids, error ids) as the table holds them."""
+
+    def write(df: pd.DataFrame, row_group: int) -> None:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), inputs / "f.parquet", row_group_size=row_group)
 
     df = frame(4000, seed=1)
     df["x2"] = df["x2"].map(str).astype(object)

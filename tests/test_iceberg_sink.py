@@ -195,35 +195,17 @@ def test_a_changed_input_leaves_nothing_stale(models, tmp_path, pg_cat):
 
 
 def test_a_replaced_file_cut_otherwise_leaves_no_stale_results_or_errors(models, tmp_path, sqlite_cat):
-    """A big file scored in row-group ranges, then replaced by one with fewer rows and another row-group count
-    (a daily file rewritten), then by a small one (one whole-file unit): the dropped rows and the old rejected
-    row go, under every cut (the Delta sink's break-it finding, tests/test_breakit_lake.py, ported)."""
+    """A big file scored in row-group ranges, then replaced by one with fewer rows and another row-group count,
+    then by a small one: the dropped rows and the old rejected row go under every cut (the Delta sink's break-it
+    scenario, tests/test_breakit_lake.py)."""
+    from tests.test_breakit_lake import replace_a_file_cut_otherwise
+
     inputs = tmp_path / "in"
     inputs.mkdir()
-    settings = sqlite_cat.settings_for(models["binary"], str(inputs), unit_bytes=30000)
-
-    def write(df: pd.DataFrame, row_group: int) -> None:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), inputs / "f.parquet", row_group_size=row_group)
-
-    def stored() -> tuple[list[str], list[str]]:
-        return (sorted(sqlite_cat.read().column("id").to_pylist()),
-                sorted(sqlite_cat.read("scores_errors").column("id").to_pylist()))
-
-    df = frame(4000, seed=1)
-    df["x2"] = df["x2"].map(str).astype(object)
-    df.loc[3900, "x2"] = "bad"
-    write(df, 250)
-    first = run_batch(settings)
-    assert (first.units_in_shard > 1, first.rows, first.rejected) == (True, 3999, 1)
-    assert stored() == (sorted(set(df["id"]) - {"r1-3900"}), ["r1-3900"])
-    write(df.iloc[:3000], 600)  # fewer rows, another row-group count; the bad row is gone
-    second = run_batch(settings)
-    assert (second.units_in_shard > 1, second.rows, second.rejected) == (True, 3000, 0)
-    assert stored() == (sorted(df["id"].iloc[:3000]), [])
-    write(df.iloc[:100], 50)  # small now: one whole-file unit
-    third = run_batch(settings)
-    assert (third.units_in_shard, third.rows) == (1, 100)
-    assert stored() == (sorted(df["id"].iloc[:100]), [])
+    replace_a_file_cut_otherwise(
+        sqlite_cat.settings_for(models["binary"], str(inputs), unit_bytes=30000), inputs,
+        lambda: (sorted(sqlite_cat.read().column("id").to_pylist()),
+                 sorted(sqlite_cat.read("scores_errors").column("id").to_pylist())))
 
 
 def test_a_dropped_results_table_is_scored_again_although_its_ledger_table_was_left(models, tmp_path, sqlite_cat):
