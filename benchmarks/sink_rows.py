@@ -27,6 +27,9 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cputime import cpu_us  # noqa: E402
 
 from tests import helpers  # noqa: E402
 from workers.decode.records import carry_columns  # noqa: E402
@@ -85,15 +88,6 @@ def builders(scored: Scored) -> dict[str, Callable[[], object]]:
         out[f"kafka {fmt}"] = lambda enc=enc: enc(table)
     out["postgres copy"] = lambda: pg.render(exact_columns(table), types, RESULT_KEY)
     return out
-
-
-def cpu_us(fn: Callable[[], object], rows: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best / rows * 1e6
 
 
 def main() -> None:

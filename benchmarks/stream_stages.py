@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,9 @@ import orjson
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cputime import cpu_us  # noqa: E402
 
 from workers.decode.records import carry_columns  # noqa: E402
 from workers.scoring.model import load_model  # noqa: E402
@@ -104,15 +106,6 @@ def wire_values(fmt: str, recs: list[dict]) -> tuple[list[bytes], Any]:
     wire.prepare(values)
     wire.registry_server = reg  # keep it alive
     return values, wire
-
-
-def cpu_us(fn: Callable[[], Any], n: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t)
-    return best / n * 1e6
 
 
 def pg_render() -> Callable[[Any], bytes] | None:
