@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import FEATURES
-from workers.decode.jsonparse import exact_loads, long_number
+from workers.decode.jsonparse import exact_loads, long_number, parse_values
 from workers.decode.records import _NUMERIC, MAX_ID_LENGTH, Decoded, Features, RecordDecoder
 from workers.scoring.model import load_model
 from workers.settings import ModelSettings
@@ -183,6 +183,8 @@ def test_fast_decode_equals_the_per_record_path(models, values, key_as_id, categ
     keys = [None if i % 3 == 0 else (b"\xff" if i % 3 == 1 else f"k{i}".encode()) for i in range(len(values))]
     same(new.decode(values, keys), old.decode(values, keys))
     same(new.decode(values), old.decode(values))
+    # A router with several decoders parses the batch once and hands it to each (from_json): the same result.
+    same(new.decode(values, keys, parse_values(values), from_json=True), old.decode(values, keys))
 
 
 def test_values_that_shift_records_when_joined_fall_back(models):

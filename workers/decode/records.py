@@ -96,9 +96,10 @@ class RecordDecoder:
         return None
 
     def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
-               parsed: tuple[list[Any], dict[int, str]] | None = None) -> Decoded:
-        """``values`` as JSON records, or, with ``parsed``, the objects a wire format already read from them
-        (``workers.decode.wire``: Avro, Protobuf, JSON Schema) with the reasons of those it could not read."""
+               parsed: tuple[list[Any], dict[int, str]] | None = None, from_json: bool = False) -> Decoded:
+        """``values`` as JSON records, or, with ``parsed``, the objects already read from them with the reasons
+        of those that could not be: by a wire format (``workers.decode.wire``: Avro, Protobuf, JSON Schema), or
+        with ``from_json`` by ``jsonparse.parse_values`` (a router with several decoders parses a batch once)."""
         n = len(values)
         width = len(self.names)
         flat: list[Any] = []  # n * width feature values, row after row
@@ -108,7 +109,7 @@ class RecordDecoder:
         id_field = self.id_field
         extend, append_id = flat.extend, ids.append
         features_of, getter, names = self._features_of, self._getter, self.names
-        where = "" if parsed is not None else "JSON "
+        where = "" if parsed is not None and not from_json else "JSON "
         objs, given = parsed if parsed is not None else parse_values(values)
         reasons: dict[int, str] = dict(given)
         raw: list[dict | None] = list(objs)

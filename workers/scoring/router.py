@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from workers.decode.jsonparse import parse_values
 from workers.decode.records import Decoded, RecordDecoder
 from workers.errors import ConfigError, InputError
 from workers.observability import Metrics
@@ -243,9 +244,12 @@ class Router:
         wire format's reader (``workers.decode.wire``), run once for every decoder."""
         decoded = []
         parsed = parse(values) if parse is not None else None
+        from_json = parse is None and len(self.decoders) > 1
+        if from_json:  # several decoders (versions with other features): the JSON batch is parsed once for all
+            parsed = parse_values(values)
         for decoder in self.decoders:
             decoder.key_as_id = key_as_id
-            decoded.append(decoder.decode(values, keys, parsed))
+            decoded.append(decoder.decode(values, keys, parsed, from_json))
         first = decoded[0]
         passthrough = dict(first.passthrough)
         route_keys = first.ids
