@@ -195,3 +195,23 @@ def test_rejected_rows_of_a_range_are_named_by_their_row_in_the_file(models, tmp
     assert run.returncode == 0, run.stderr
     errors = ds.dataset(os.path.join(out, "_errors"), format="parquet").to_table().to_pandas()
     assert len(errors) == 1 and errors["source"].iloc[0].endswith("mixed.parquet#17500")
+
+
+def test_a_partial_run_cut_otherwise_then_a_rerun_keeps_every_row(models, tmp_path):
+    """Found by a break-it review: a run cut in 3s, then one shard of a run cut in 5s (a run with another
+    SCORING_BATCH__UNIT_BYTES killed part-way), then a rerun cut in 3s exited 0 with rows missing for good: the
+    5s deleted overlapping 3s results whose ledger entries still said done. Removed results take their ledger
+    entries with them, so the rerun scores those ranges again."""
+    folder, out = str(tmp_path / "in"), str(tmp_path / "out")
+    path = big_file(folder, rows=40_000, row_group=1_000)
+    base = ["--model", models["binary"], "--input", folder, "--output", out]
+    threes, fives = str(unit_bytes_for(path, 3)), str(unit_bytes_for(path, 5))
+    assert cli(*base, "--unit-bytes", threes).returncode == 0
+    part = cli(*base, "--unit-bytes", fives, "--shard-count", "4", "--shard-index", "0")
+    assert part.returncode == 0, part.stderr
+    rerun = cli(*base, "--unit-bytes", threes)
+    assert rerun.returncode == 0, rerun.stderr
+    got = results(out).set_index("id")
+    want = expected(models["binary"], path)
+    assert len(got) == 40_000 and got.index.is_unique
+    assert np.allclose(got.loc[want.index, "score"], want, rtol=0, atol=1e-12)

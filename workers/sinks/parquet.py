@@ -32,7 +32,7 @@ from workers.errors import InputError, RowsRejected, SinkError
 from workers.scoring.scorer import Scored
 from workers.settings import S3Settings
 from workers.sinks.base import Ledger, Sink, UnitWriter
-from workers.sources.units import split_range
+from workers.sources.units import RANGE_MARK, split_range
 from workers.storage import is_s3, output_name, redact, resolve
 
 
@@ -392,6 +392,13 @@ class ParquetSink(Sink, Ledger):
                         self.fs.delete_file(entry.path)
                     except (FileNotFoundError, OSError):
                         pass
+                    if m and not top:
+                        # Its ledger entry goes with it: a later run cut like that one scores the range again
+                        # (kept, it said "done" for rows no longer there: a rerun skipped them for good).
+                        try:
+                            self.fs.delete_file(self._state_path(f"{location}{RANGE_MARK}{m[1]}-{m[2]}-of-{m[3]}"))
+                        except (FileNotFoundError, OSError):
+                            pass
 
     def check(self) -> None:
         try:
