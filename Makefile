@@ -37,9 +37,9 @@ broker: $(BIN)/.installed
 		--listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092
 
 # Benchmarks: generates data and models under .bench/, writes BENCHMARKS.md (about 25 minutes; PostgreSQL,
-# MariaDB and Redis needed, and wrk for the serve part; the MLServer/KServe/Quix peers get venvs from PyPI).
+# MariaDB and Redis needed, and wrk and h2load for the serve part; the MLServer/KServe/Quix peers get venvs from PyPI).
 bench: $(BIN)/.installed
-	@command -v wrk >/dev/null || { echo "make bench needs wrk (the serve load generator): apt-get install wrk" >&2; exit 2; }
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || { echo "make bench needs wrk and h2load (the serve load generators): apt-get install wrk nghttp2-client" >&2; exit 2; }
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # The fault suite alone (it also runs in `make test`).

@@ -1,8 +1,12 @@
 """Serve mode beside its peers (`benchmarks/run.py`, or `run.py --only serve` for this part alone).
 
 Every server gets the same model file, is pinned to core 0 (``taskset -c 0``, ``OMP_NUM_THREADS=1``) and is
-loaded from core 1 by one load generator: wrk (C, Debian's ``wrk``, ``wrk_post.lua``) for OIP v2 REST, and
-``grpc_load.py`` (one Python process, one HTTP/2 connection per caller) for OIP v2 gRPC. The same request bodies
+loaded from core 1 by a load generator in C: wrk (Debian's ``wrk``, ``wrk_post.lua``) for OIP v2 REST, and
+h2load (Debian's ``nghttp2-client``) for OIP v2 gRPC: one HTTP/2 connection per caller, each sending the same
+length-prefixed ``ModelInfer`` message back to back (a Python gRPC client used before saturated its core near
+2k calls/s, below what our server answers). h2load does not read gRPC trailers, so a point also checks that the
+DATA bytes received are exactly one successful answer's per request (an error answers with trailers only, no
+data) and takes p50/p99 from its per-request log. The same request bodies
 for all (FP64 tensors of 1 and 100 rows), at 1, 8 and 32 connections, each point a short warm-up then
 ``seconds`` measured. Before timing, every server's REST and gRPC answers are checked against
 ``Booster.predict`` on the same rows. The peers each run in their own venv under .bench/, made from the
@@ -19,7 +23,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -51,6 +57,7 @@ class Server:
     workdir: str | None = None
     log: IO[bytes] | None = None
     points: dict = field(default_factory=dict)  # (proto, rows, conns) -> {"rps", "p50_ms", "p99_ms"}
+    grpc_reply: dict = field(default_factory=dict)  # rows -> bytes of the server's gRPC answer (check() reads it)
 
 
 def free_port() -> int:
@@ -183,6 +190,7 @@ def check(server: Server, x: np.ndarray, expected: np.ndarray) -> None:
     assert np.allclose(got, expected, rtol=0, atol=1e-9), f"{server.name} REST answers differ from Booster.predict"
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc}") as ch:
         raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(grpc_body(x), timeout=30)
+    server.grpc_reply[x.shape[0]] = len(raw)
     resp = pb.ModelInferResponse.FromString(raw)
     if resp.raw_output_contents:
         got = np.frombuffer(resp.raw_output_contents[0], dtype=np.float64)
@@ -206,12 +214,30 @@ def load(proto: str, server: Server, body_file: str, conns: int, seconds: float,
         assert line["non2xx"] == 0 and line["errors"] == 0, f"{server.name} REST {conns} conns: {line}"
         return {"rps": line["requests"] / (line["duration_us"] / 1e6), "p50_ms": line["p50_us"] / 1000,
                 "p99_ms": line["p99_us"] / 1000}
-    out = subprocess.run([*pin, sys.executable, f"{HERE}/grpc_load.py", f"127.0.0.1:{server.grpc}", str(conns),
-                          str(seconds), str(warmup), body_file], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
-    line = json.loads(out.stdout.strip().splitlines()[-1])
-    assert line["errors"] == 0, f"{server.name} gRPC {conns} conns: {line}"
-    return {"rps": line["requests"] / line["seconds"], "p50_ms": line["p50_ms"], "p99_ms": line["p99_ms"]}
+    rows = int(os.path.basename(body_file).rsplit("-", 1)[1])
+    url = f"http://127.0.0.1:{server.grpc}/inference.GRPCInferenceService/ModelInfer"
+    framed = f"{body_file}.h2"
+    if not os.path.exists(framed):  # gRPC's framing: no compression flag, 4-byte big-endian length
+        body = open(body_file, "rb").read()
+        with open(framed, "wb") as f:
+            f.write(b"\0" + struct.pack(">I", len(body)) + body)
+    h2 = [*pin, "h2load", "-n", "0", "-c", str(conns), "-m", "1", "-d", framed, "-H", "content-type: application/grpc",
+          "-H", "te: trailers"]
+    if warmup > 0:
+        subprocess.run([*h2, "-D", str(max(1, round(warmup))), url], capture_output=True, check=True)
+    log_file = f"{framed}.log"
+    out = subprocess.run([*h2, "-D", str(max(1, round(seconds))), "--log-file", log_file, url], capture_output=True,
+                         text=True, check=True).stdout
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out).group(2))
+    data = int(re.search(r"\((\d+)\) data", out).group(1))
+    took = float(re.search(r"finished in ([0-9.]+)s", out).group(1))
+    want = done * (5 + server.grpc_reply[rows])
+    assert data == want, f"{server.name} gRPC {conns} conns: {data} data bytes for {done} answers, {want} expected"
+    with open(log_file) as f:
+        times = sorted(int(line.split("\t")[2]) for line in f if line.strip())
+    os.remove(log_file)
+    return {"rps": done / took, "p50_ms": times[len(times) // 2] / 1000,
+            "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))] / 1000}
 
 
 def raw_rate(model: str, rows: int, seconds: float = 3.0) -> float:
@@ -309,7 +335,7 @@ def report(servers: list[Server], raw: dict[int, float], seconds: float, load_no
     us, others = servers[0], servers[1:]
     peers = [s for s in others if not s.name.startswith("ours")]
     lines = [START, "## Serve beside its peers", "",
-             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. Each server pinned to core 0, the load generator to core 1 (wrk for REST, `benchmarks/grpc_load.py` for "
+             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. Each server pinned to core 0, the load generator to core 1 (wrk for REST, h2load for "
              f"gRPC), {seconds:g} s per point after 1 s of warm-up, the servers interleaved point by point. "
              f"Raw `Booster.predict` on core 0: {raw[1]:,.0f} rows/s at 1 row/call, {raw[100]:,.0f} at 100. "
              f"{load_note}", "",

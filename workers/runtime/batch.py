@@ -42,6 +42,7 @@ from workers.settings import Settings, env_name, job_completion_index
 from workers.sinks import Ledger, Sink, open_result_sink
 from workers.sources.parquet import (
     Listing,
+    Prefetch,
     duplicated_columns,
     find_inputs,
     iter_batches,
@@ -267,15 +268,18 @@ class FileResult:
 _DATA_ERRORS = (pa.ArrowException, KeyError, ValueError, TypeError, IndexError, OverflowError)
 
 
-def score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
-    """Score one unit (an input file, or a range of its row groups) into one sink unit of the same name.
+def score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, progress: Progress,
+               prefetch: Prefetch | None = None, upcoming: Unit | None = None) -> FileResult:
+    """Score one unit (an input file, or a range of its row groups) into one sink unit of the same name;
+    ``prefetch`` holds it if it was opened ahead, and opens ``upcoming`` (the next unit) while the last batch
+    of this one is scored.
 
     Raises InputError for anything wrong with the file's data, so the run goes on with the other units;
     SinkError (the store failed) propagates."""
     with tracing.span("batch file", input=unit.name, sink=sink.name, model_version=router.primary.model.version,
                       bytes=unit.size) as span:
         try:
-            result = _score_file(router, fs, unit, sink, batch_rows, progress)
+            result = _score_file(router, fs, unit, sink, batch_rows, progress, prefetch, upcoming)
         except (ScoringError, OSError):  # ours (InputError, SinkError...) or I/O: as they are
             raise
         except _DATA_ERRORS as exc:
@@ -286,9 +290,11 @@ def score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, prog
         return result
 
 
-def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, progress: Progress) -> FileResult:
+def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, progress: Progress,
+                prefetch: Prefetch | None, upcoming: Unit | None) -> FileResult:
     f = unit.file
-    pf = open_parquet(fs, f)
+    opened = prefetch.take(unit) if prefetch is not None else None
+    pf = opened.pf if opened is not None else open_parquet(fs, f)
     try:
         schema = pf.schema_arrow
     except (pa.ArrowException, ValueError) as exc:
@@ -314,7 +320,10 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
     # output has the results' columns and no rows: one output per input, and readers see it was scored.
     empty = plain_batch(pa.RecordBatch.from_pylist([], schema=pa.schema([schema.field(c) for c in columns])))
     try:
-        for rb in chain(iter_batches(pf, columns, batch_rows, unit.row_groups), [empty]):
+        started = opened.started if opened is not None and opened.columns == columns else None
+        on_end = (lambda: prefetch.start(upcoming)) if prefetch is not None and upcoming is not None else None
+        batches = iter_batches(pf, columns, batch_rows, unit.row_groups, started, on_end)
+        for rb in chain(batches, [empty]):
             if rb is empty and offset > unit.first_row:
                 break
             with tracing.span("row group batch", first_row=offset) as span:
@@ -362,17 +371,36 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
                                    "model_version": model.version, "output": sink.name,
                                    "versions": router.describe()})
     progress = Progress(b.progress, len(mine), sum(u.size for u in mine))
+    prefetch = Prefetch(fs, router.input_columns, b.batch_rows)
+
+    known: dict[int, bool] = {}  # unit index -> finished by an earlier run (asked once: a ledger read may be I/O)
+
+    def finished(i: int) -> bool:
+        if i not in known:
+            u = mine[i]
+            fingerprint = f"{u.file.fingerprint};model={router.fingerprint}"
+            # A range is also finished when an earlier run (before the file was cut) scored it whole.
+            known[i] = ledger.done(u.name) == fingerprint or (
+                not u.whole and ledger.done(u.file.source) == fingerprint)
+        return known[i]
+
+    def upcoming(i: int) -> Unit | None:
+        """The unit after ``i`` when it is to be scored (opened ahead meanwhile), else None."""
+        try:
+            return mine[i + 1] if i + 1 < len(mine) and not finished(i + 1) else None
+        except ScoringError:  # its own turn reports it
+            return None
+
     try:
         sink.check()
-        for u in mine:
+        for i, u in enumerate(mine):
             fingerprint = f"{u.file.fingerprint};model={router.fingerprint}"
             try:
-                # A range is also finished when an earlier run (before the file was cut) scored it whole.
-                if ledger.done(u.name) == fingerprint or (not u.whole and ledger.done(u.file.source) == fingerprint):
+                if finished(i):
                     report.files_skipped += 1
                     progress.file_done()
                     continue
-                result = score_file(router, fs, u, sink, b.batch_rows, progress)
+                result = score_file(router, fs, u, sink, b.batch_rows, progress, prefetch, upcoming(i))
             except InputError as exc:
                 report.failed.append((u.rel, str(exc)))
                 log.error("input failed", extra={"input": u.rel, "reason": str(exc)})
@@ -386,6 +414,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         report.failed.append(("<sink>", str(exc)))
         log.error("sink failed; rerun to resume", extra={"reason": str(exc)})
     finally:
+        prefetch.close()
         progress.close()
         report.duplicates_collapsed = sink.duplicates_collapsed  # read before close: the sink's count
         sink.close()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
+import logging
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -13,6 +17,8 @@ import pyarrow.parquet as pq
 from workers.errors import ConfigError, InputError
 from workers.settings import S3Settings
 from workers.storage import canonical, inside, is_s3, resolve
+
+log = logging.getLogger("workers.batch")
 
 INPUT_SETTING = "SCORING_BATCH__INPUT"
 _GLOB_CHARS = "*?["
@@ -209,7 +215,8 @@ def duplicated_columns(schema: pa.Schema, wanted: list[str]) -> list[str]:
 
 
 def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int,
-                 row_groups: list[int] | None = None) -> Iterator[pa.RecordBatch]:
+                 row_groups: list[int] | None = None, started: Started | None = None,
+                 on_end: Callable[[], None] | None = None) -> Iterator[pa.RecordBatch]:
     """Row groups one at a time (all, or ``row_groups``): memory holds two batches, whatever the file size.
 
     The next batch is read and decoded on a helper thread while the caller scores this one (pyarrow
@@ -217,9 +224,12 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int,
     batch after next only once the caller took the next one: the batch in hand and the one read ahead
     are all there is (a queue slot as well made a third, and peak memory then depended on whether a file
     had more than two batches).
+
+    ``started``: the reading as ``Prefetch`` began it (its first batch already read); ``on_end`` is called on the
+    helper thread once the last batch was taken (the caller scores it meanwhile: ``Prefetch.start`` then reads
+    the next unit's first batch, still two batches in memory).
     """
     import queue
-    import threading
 
     done = object()
     ahead: queue.Queue = queue.Queue(maxsize=1)
@@ -228,8 +238,12 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int,
 
     def read() -> None:
         try:
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=columns,
-                                         use_threads=False):
+            if started is not None:
+                batches: Iterator[pa.RecordBatch] = chain([started.first], started.rest)
+            else:
+                batches = pf.iter_batches(batch_size=batch_rows, row_groups=row_groups, columns=columns,
+                                          use_threads=False)
+            for batch in batches:
                 ahead.put(plain_batch(batch))
                 del batch
                 while not taken.acquire(timeout=0.1):
@@ -238,6 +252,8 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int,
                 if stop.is_set():
                     return
             ahead.put(done)
+            if on_end is not None:
+                on_end()
         except InputError as exc:
             ahead.put(exc)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -261,3 +277,68 @@ def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int,
     finally:
         stop.set()
         reader.join(timeout=5)
+
+
+@dataclass
+class Started:
+    """A unit's reading begun ahead of time: its first batch, and the reader that goes on from there."""
+
+    first: pa.RecordBatch
+    rest: Iterator[pa.RecordBatch]
+
+
+@dataclass
+class Opened:
+    """A unit's file opened ahead of time (``Prefetch``): its ParquetFile, the columns read, the reading begun
+    (None: the unit has no rows)."""
+
+    pf: pq.ParquetFile
+    columns: list[str]
+    started: Started | None
+
+
+class Prefetch:
+    """Opens the next unit (footer, first batch) on a thread of its own while the current unit's last batch is
+    scored, so a run over many files or ranges does not wait for each one's first read (7% of a compiled batch
+    run over 3 files of 2 row groups, measured in #19). ``columns_of``: the columns to read given the file's
+    schema. Anything that goes wrong ahead of time is dropped: the unit is then opened as usual, where its
+    error is reported."""
+
+    def __init__(self, fs: pafs.FileSystem, columns_of: Callable[[pa.Schema], list[str]], batch_rows: int):
+        self.fs, self.columns_of, self.batch_rows = fs, columns_of, batch_rows
+        self.unit: Any = None
+        self.opened: Opened | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, unit: Any) -> None:
+        """Begin opening ``unit`` (a ``sources.units.Unit``) on a thread; called on a reader thread."""
+        self.unit, self.opened = unit, None
+        self.thread = threading.Thread(target=self._open, args=(unit,), name="parquet-prefetch", daemon=True)
+        self.thread.start()
+
+    def _open(self, unit: Any) -> None:
+        try:
+            pf = open_parquet(self.fs, unit.file)
+            columns = self.columns_of(pf.schema_arrow)
+            rest = pf.iter_batches(batch_size=self.batch_rows, row_groups=unit.row_groups, columns=columns,
+                                   use_threads=False)
+            first = next(rest, None)
+            self.opened = Opened(pf, columns, None if first is None else Started(first, rest))
+        except Exception:  # noqa: BLE001 - reported where the unit is opened as usual
+            log.debug("prefetch dropped", exc_info=True, extra={"input": unit.rel})
+
+    def take(self, unit: Any) -> Opened | None:
+        """What was opened ahead for ``unit`` (waiting for it), or None: open it as usual."""
+        thread, self.thread = self.thread, None
+        if thread is None:
+            return None
+        thread.join()
+        opened, self.opened = self.opened, None
+        wanted, self.unit = self.unit is unit, None
+        return opened if wanted else None
+
+    def close(self) -> None:
+        """Drop anything opened ahead (the run stopped)."""
+        if self.thread is not None:
+            self.thread.join()
+        self.thread, self.opened, self.unit = None, None, None
