@@ -284,3 +284,89 @@ def test_calls_in_flight_at_sigterm_are_answered_or_refused_and_the_server_exits
     odd = [o for o in outcomes if o not in ("before", "after") and o not in (
         "refused StatusCode.UNAVAILABLE", "refused StatusCode.CANCELLED")]
     assert not odd, odd[:5]
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """A server whose 10,000-row calls each take ~0.5 s of predict (1,000 trees)."""
+    from tests import helpers
+
+    path = helpers.save(helpers.train("binary", rounds=1000), str(tmp_path_factory.mktemp("slow")), "slow")
+    proc, addr, http = start(path, "--max-body-bytes", str(64 << 20))
+    yield addr, http
+    stop(proc)
+
+
+def slow_call(t, client, deadline_s: float):
+    x = rows(10_000, 3)
+    tensor = t.InferInput("input", list(x.shape), "FP64")
+    tensor.set_data_from_numpy(x)
+    try:
+        client.infer("slow", [tensor], client_timeout=deadline_s)
+        return "OK"
+    except t.InferenceServerException as exc:
+        return exc.status()
+
+
+def test_health_and_liveness_answer_while_many_slow_calls_are_in_flight(slow_server):
+    """Each call holds a handler thread while it waits for its predict: 20 slow calls in flight once took all
+    16 threads, and a Kubernetes gRPC probe (1 s timeout) then timed out on a busy, healthy pod."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t = triton()
+    addr, _ = slow_server
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        busy = [pool.submit(slow_call, t, t.InferenceServerClient(addr), 120) for _ in range(20)]
+        time.sleep(1.0)  # every call queued or predicting
+        assert not all(f.done() for f in busy), [f.result() for f in busy if f.done()]
+        import grpc
+
+        with grpc.insecure_channel(addr) as channel:
+            for _ in range(3):
+                started = time.monotonic()
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                client = t.InferenceServerClient(addr)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                assert client.is_server_live(client_timeout=1) and client.is_server_ready(client_timeout=1)
+                assert time.monotonic() - started < 1.5
+        assert [f.result() for f in busy] == ["OK"] * 20
+
+
+def test_calls_that_end_before_their_answer_are_not_predicted_nor_counted_ok(slow_server):
+    """A call whose deadline passes while it waits is dropped (its coroutine cancelled, its batcher entry
+    skipped): 30 such calls of ~0.5 s of predict each once kept the server busy for ~15 s after their clients
+    had given up, each counted OK."""
+    import urllib.request
+
+    t = triton()
+    addr, http = slow_server
+
+    def infer_counts() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://{http}/metrics", timeout=5).read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith('scoring_grpc_requests_total{') and 'route="grpc.infer"' in line:
+                code = line.split('code="')[1].split('"')[0]
+                out[code] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    before = infer_counts()
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        ended = list(pool.map(lambda _: slow_call(t, t.InferenceServerClient(addr), 0.2), range(30)))
+    assert set(ended) == {"StatusCode.DEADLINE_EXCEEDED"}
+    started = time.monotonic()
+    x = rows(1, 4)
+    tensor = t.InferInput("input", [1, x.shape[1]], "FP64")
+    tensor.set_data_from_numpy(x)
+    t.InferenceServerClient(addr).infer("slow", [tensor], client_timeout=60)
+    waited = time.monotonic() - started
+    assert waited < 4, f"a 1-row call waited {waited:.1f} s behind calls nobody waits for"
+    deadline = time.monotonic() + 10
+    while True:  # each ended call is counted once its handler has seen it end
+        after = infer_counts()
+        gone = after.get("DEADLINE_EXCEEDED", 0) + after.get("CANCELLED", 0) - before.get(
+            "DEADLINE_EXCEEDED", 0) - before.get("CANCELLED", 0)
+        if gone >= 30 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert gone == 30 and after.get("OK", 0) - before.get("OK", 0) == 1, (before, after)

@@ -140,6 +140,11 @@ class Batcher:
                     break
                 items.append(item)
                 rows += item[0].shape[0]
+            if any(fut.done() for _, fut, _, _ in items):  # cancelled while queued (a gRPC call that ended)
+                items = [it for it in items if not it[1].done()]
+                if not items:
+                    continue
+                rows = sum(it[0].shape[0] for it in items)
             matrix = items[0][0] if len(items) == 1 else np.concatenate([m for m, _, _, _ in items])
             self.rows_hist.observe(rows)
             self.requests_hist.observe(len(items))

@@ -19,6 +19,7 @@ answers SERVING while the dataplane is ready, NOT_SERVING otherwise, for the ove
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -50,11 +51,12 @@ def status_code(status: int) -> grpc.StatusCode:
     return _CODES.get(status, grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.INVALID_ARGUMENT)
 
 
-# Handler threads: calls in flight at once (more wait in gRPC's queue); each only waits for the event loop. Those
-# in flight together are batched together: measured on one core at 32 connections of 1-row calls, 4 threads did
-# 2.7k calls/s, 8 3.0-3.1k, 16 3.5-3.7k, 32 3.0k (more threads contending for the GIL); at 8 connections all
-# ~2.75k; at 100 rows a call, all within noise.
-THREADS = 16
+# Handler threads. Each call holds one while it waits for the event loop, and every RPC (health checks and
+# liveness too) needs a free one to be answered: with 16, sixteen slow calls in flight left a Kubernetes gRPC
+# probe waiting (#19's break-it review), so there are far more than concurrent clients usually are; a waiting
+# thread costs no CPU. On one core 16 and 128 threads measured within noise at 1 to 32 connections (1-row calls
+# 2.3-3.2k/s at 8-32 connections; 100-row calls 240-280/s).
+THREADS = 128
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -67,12 +69,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
               traced: str | None = None) -> Any:
         """``fn``'s answer (run on the event loop), its error as a gRPC status; ``traced`` (the RPC's name): a
         server span per call while tracing is on, continuing a ``traceparent`` in the call's metadata
-        (serve/trace.py)."""
+        (serve/trace.py). A call that ends first (its deadline passed, the client cancelled or went away) drops
+        its work: the coroutine is cancelled, and a request still queued for the batcher is not predicted."""
         started = time.perf_counter()
         metadata = context.invocation_metadata() if traced is not None and tracing.tracer() is not None else None
+        work = asyncio.run_coroutine_threadsafe(self._answer(name, fn, traced, metadata), self.loop)
+        if not context.add_callback(work.cancel):  # runs when the call ends, answered or not
+            work.cancel()  # it has ended already
         try:
-            answer, code, message = asyncio.run_coroutine_threadsafe(
-                self._answer(name, fn, traced, metadata), self.loop).result()
+            answer, code, message = work.result()
+        except concurrent.futures.CancelledError:
+            remaining = context.time_remaining()
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED)
+            answer, message = None, "the call ended before its answer"
         except Exception:  # noqa: BLE001 - the loop is gone (stopping): no answer can come
             answer, code, message = None, grpc.StatusCode.UNAVAILABLE, "the server is stopping"
         self.requests.labels(f"grpc.{name}", code.name).inc()
