@@ -311,7 +311,8 @@ def targets(servers: list[Server], raw: dict[int, float]) -> list[tuple[str, flo
     pts = list(us.points)
     best = {k: max(p.points[k]["rps"] for p in peers) for k in pts}
     low_p99 = {k: min(p.points[k]["p99_ms"] for p in peers) for k in pts}
-    busy = [k for k in pts if k[2] >= 8]
+    busy = [k for k in pts if k[2] >= 8 and k[1] == 1]  # the concurrency targets: 1 row per request
+    busy_100 = [k for k in pts if k[2] >= 8 and k[1] == 100]
     one = [k for k in pts if k[2] == 1]
     hundred = [k for k in pts if k[1] == 100]
     compiled = [s for s in servers if s.name == "ours, lleaves"]
@@ -319,10 +320,12 @@ def targets(servers: list[Server], raw: dict[int, float]) -> list[tuple[str, flo
               min(compiled[0].points[k]["rps"] / best[k] for k in hundred), 4.0)] if compiled else []
     return extra + [
         ("serve: req/s / best peer, worst of all points", min(us.points[k]["rps"] / best[k] for k in pts), 1.0),
-        ("serve: req/s / best peer, worst point at 8 and 32 connections",
-         min(us.points[k]["rps"] / best[k] for k in busy), 2.5),
-        ("serve: lowest peer p99 / our p99, worst point at 8 and 32 connections",
+        *((f"serve {proto}: req/s / best peer at 1 row/request, worst of 8 and 32 connections",
+           min(us.points[k]["rps"] / best[k] for k in busy if k[0] == proto), 2.5) for proto in ("REST", "gRPC")),
+        ("serve: lowest peer p99 / our p99 at 1 row/request, worst of 8 and 32 connections",
          min(low_p99[k] / us.points[k]["p99_ms"] for k in busy), 1.0),
+        ("serve: lowest peer p99 / our p99 at 100 rows/request, worst of 8 and 32 connections",
+         min(low_p99[k] / us.points[k]["p99_ms"] for k in busy_100), 1.0),
         ("serve: lowest peer p50 / our p50 at 1 connection, worst point",
          min(min(p.points[k]["p50_ms"] for p in peers) / us.points[k]["p50_ms"] for k in one), 1.0),
         ("serve: rows/s at 100 rows/request / raw Booster.predict, worst point",
