@@ -215,3 +215,37 @@ def test_a_partial_run_cut_otherwise_then_a_rerun_keeps_every_row(models, tmp_pa
     want = expected(models["binary"], path)
     assert len(got) == 40_000 and got.index.is_unique
     assert np.allclose(got.loc[want.index, "score"], want, rtol=0, atol=1e-12)
+
+
+def test_two_runs_cut_otherwise_at_once_never_both_report_done_with_rows_missing(tmp_path):
+    """Two runs into one output at the same time, cut in 3s and in 4s: each publish removes the other cut's
+    overlapping results (and their ledger entries). That once left both runs exiting 0 with rows missing until
+    some rerun; a unit whose record is gone by the end of its run now fails it, naming the setting, so the Job
+    retries, and a rerun with one cut restores every row exactly once. Both start together; a 3,000-tree model
+    keeps each scoring for several seconds, so their publishes interleave."""
+    from tests import helpers
+
+    model = helpers.save(helpers.train("binary", rounds=3000), str(tmp_path), "slow")
+    folder, out = str(tmp_path / "in"), str(tmp_path / "out")
+    path = big_file(folder, rows=60_000, row_group=1_000)
+    base = [sys.executable, "-m", "workers", "batch", "--model", model, "--input", folder, "--output", out]
+
+    def run(groups: int) -> subprocess.Popen:
+        return subprocess.Popen([*base, "--unit-bytes", str(unit_bytes_for(path, groups))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    first, second = run(3), run(4)
+    done = [(p.wait(180), p.stderr.read()) for p in (first, second)]
+    assert first.returncode is not None and second.returncode is not None
+    got = results(out)
+    if all(code == 0 for code, _ in done):
+        assert len(got) == 60_000 and got["id"].is_unique, "both runs reported done with rows missing or doubled"
+    else:
+        failed = [err for code, err in done if code != 0]
+        assert all("cut with another SCORING_BATCH__UNIT_BYTES" in err for err in failed), failed
+    rerun = cli("--model", model, "--input", folder, "--output", out, "--unit-bytes", str(unit_bytes_for(path, 3)))
+    assert rerun.returncode == 0, rerun.stderr
+    got = results(out).set_index("id")
+    want = expected(model, path)
+    assert len(got) == 60_000 and got.index.is_unique
+    assert np.allclose(got.loc[want.index, "score"], want, rtol=0, atol=1e-12)

@@ -351,6 +351,23 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
     return FileResult(n_scored, n_rejected, router.skipped - before)
 
 
+def _replaced_meanwhile(ledger: Ledger, marked: list[tuple[Unit, str]], report: BatchReport) -> None:
+    """Fail the units whose record is gone by the end of the run: another run into this output, cut otherwise
+    (another ``SCORING_BATCH__UNIT_BYTES``) and running at the same time, removes the results of the ranges
+    that overlap its own when it publishes (the sinks do, so a replaced or recut file leaves no stale rows).
+    Reported done, those rows were missing until a rerun; failed, the Job retries and the rerun scores them."""
+    for u, fingerprint in marked:
+        try:
+            kept = ledger.done(u.name) == fingerprint
+        except InputError:
+            kept = True  # a name taken by another input: reported when that input is scored
+        if not kept:
+            reason = ("its results were removed meanwhile by another run into this output, cut with another "
+                      "SCORING_BATCH__UNIT_BYTES; rerun (and give every run into one output the same unit_bytes)")
+            report.failed.append((u.rel, reason))
+            log.error("input failed", extra={"input": u.rel, "reason": reason})
+
+
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     b = settings.batch
     # Drift over the whole run (no window): the summary reports each feature against the profile.
@@ -391,6 +408,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
         except ScoringError:  # its own turn reports it
             return None
 
+    marked: list[tuple[Unit, str]] = []  # units this run scored and recorded
     try:
         sink.check()
         for i, u in enumerate(mine):
@@ -406,9 +424,11 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
                 log.error("input failed", extra={"input": u.rel, "reason": str(exc)})
                 continue
             ledger.mark_done(u.name, fingerprint, result.scored, result.rejected)
+            marked.append((u, fingerprint))
             report.add(result)
             progress.file_done()
             log.debug("input done", extra={"input": u.rel, "rows": result.scored, "rejected": result.rejected})
+        _replaced_meanwhile(ledger, marked, report)
     except SinkError as exc:
         # The store failed: stop here; what was committed stays, the rest is picked up by a rerun.
         report.failed.append(("<sink>", str(exc)))
