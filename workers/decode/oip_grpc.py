@@ -29,6 +29,36 @@ _FIELD = {
 }
 
 
+# typed contents of fixed width -> (the field's tag byte when packed, the little-endian dtype of its values)
+_PACKED = {"fp64_contents": (7 << 3 | 2, "<f8"), "fp32_contents": (6 << 3 | 2, "<f4")}
+
+
+def _packed(contents: pb.InferTensorContents, field: str, size: int) -> np.ndarray | None:
+    """FP64/FP32 ``contents`` as float64 without a Python float per value: the message holding only this field
+    serializes (packed, as proto3 writes repeated numbers) to its tag, a varint length and the values as they
+    are in memory. ``np.array`` over the repeated field cost ~140 us for 3,000 values (100 rows of 30), ~5% of
+    a 100-row request; this is ~2 us. None when the bytes are not laid out so (then the values are read one
+    by one)."""
+    tag, dtype = _PACKED[field]
+    blob = contents.SerializeToString()
+    if not blob or blob[0] != tag:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(blob) and shift < 64:
+        byte = blob[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        shift += 7
+        if not byte & 0x80:
+            break
+    else:
+        return None
+    width = np.dtype(dtype).itemsize
+    if length != size * width or pos + length != len(blob):
+        return None
+    return np.frombuffer(blob, dtype=dtype, count=size, offset=pos).astype(np.float64)
+
+
 def _typed(name: str, dtype: str, shape: list[int], contents: pb.InferTensorContents) -> np.ndarray:
     field = _FIELD.get(dtype)
     if field is None:
@@ -41,6 +71,10 @@ def _typed(name: str, dtype: str, shape: list[int], contents: pb.InferTensorCont
     size = math.prod(shape)
     if len(values) != size:
         raise BadRequest(f"input {name!r}: {len(values)} values do not match shape {shape}")
+    if field in _PACKED and size:
+        fast = _packed(contents, field, size)
+        if fast is not None:
+            return fast
     if dtype == "BYTES":
         try:
             return np.array([v.decode("utf-8") for v in values], dtype=object)
