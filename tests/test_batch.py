@@ -562,3 +562,20 @@ def test_an_arrow_error_from_a_files_data_fails_that_file_alone(models, tmp_path
             "list<element: int64> to utf8") in proc.stderr
     summary = json.loads(proc.stdout)
     assert (summary["files_scored"], summary["files_failed"], summary["rows_scored"]) == (1, 1, 2)
+
+
+def test_the_allocator_returns_freed_memory_in_the_commands_and_is_not_claimed_after_pyarrow_loaded():
+    """workers/__init__.py sets MIMALLOC_PURGE_DELAY=0 (batch peak RSS, #19) only where it takes effect: before
+    pyarrow loads. Imported after pyarrow, it leaves the environment alone (the setting would not apply, and
+    child processes would inherit a claim); a value the user set wins."""
+    import subprocess
+    import sys
+
+    def setting(code: str, **env: str) -> str:
+        clean = {k: v for k, v in os.environ.items() if k != "MIMALLOC_PURGE_DELAY"}
+        return subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('MIMALLOC_PURGE_DELAY'))"],
+                              capture_output=True, text=True, check=True, env={**clean, **env}).stdout.strip()
+
+    assert setting("import workers.cli") == "0"
+    assert setting("import pyarrow; import workers.cli") == "None"
+    assert setting("import workers.cli", MIMALLOC_PURGE_DELAY="25") == "25"

@@ -249,3 +249,27 @@ def test_two_runs_cut_otherwise_at_once_never_both_report_done_with_rows_missing
     want = expected(model, path)
     assert len(got) == 60_000 and got.index.is_unique
     assert np.allclose(got.loc[want.index, "score"], want, rtol=0, atol=1e-12)
+
+
+def test_two_runs_with_other_models_at_once_both_succeed_and_every_row_is_there_once(tmp_path):
+    """Two runs into one output at the same time with one cut but different models: each unit's results are
+    one run's or the other's (every row once, scored by one of the two models). Found by a break-it review:
+    the end-of-run check took the other run's record for a removal and failed the first run, blaming
+    SCORING_BATCH__UNIT_BYTES (a Job retry would only have replaced the other run's results back)."""
+    from tests import helpers
+
+    folder, out = str(tmp_path / "in"), str(tmp_path / "out")
+    models = [helpers.save(helpers.train("binary", rounds=3000, seed=seed), str(tmp_path), f"m{seed}")
+              for seed in (1, 7)]
+    path = big_file(folder, rows=40_000, row_group=1_000)
+    unit_bytes = str(unit_bytes_for(path, 3))
+    runs = [subprocess.Popen([sys.executable, "-m", "workers", "batch", "--model", m, "--input", folder,
+                              "--output", out, "--unit-bytes", unit_bytes],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for m in models]
+    done = [(p.wait(180), p.stderr.read()) for p in runs]
+    assert [code for code, _ in done] == [0, 0], [err[-2000:] for _, err in done]
+    got = results(out).set_index("id")
+    assert len(got) == 40_000 and got.index.is_unique
+    a, b = (expected(m, path) for m in models)
+    score = got.loc[a.index, "score"]
+    assert (np.isclose(score, a, rtol=0, atol=1e-12) | np.isclose(score, b, rtol=0, atol=1e-12)).all()

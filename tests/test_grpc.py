@@ -364,9 +364,9 @@ def test_calls_that_end_before_their_answer_are_not_predicted_nor_counted_ok(slo
     deadline = time.monotonic() + 10
     while True:  # each ended call is counted once its handler has seen it end
         after = infer_counts()
-        gone = after.get("DEADLINE_EXCEEDED", 0) + after.get("CANCELLED", 0) - before.get(
-            "DEADLINE_EXCEEDED", 0) - before.get("CANCELLED", 0)
-        if gone >= 30 or time.monotonic() > deadline:
+        gone = {code: after.get(code, 0) - before.get(code, 0) for code in ("DEADLINE_EXCEEDED", "CANCELLED", "OK")}
+        if gone["DEADLINE_EXCEEDED"] + gone["CANCELLED"] >= 30 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert gone == 30 and after.get("OK", 0) - before.get("OK", 0) == 1, (before, after)
+    # timed out, every one (a client's timer fires a little before the server's: 15 of 40 were once CANCELLED)
+    assert gone == {"DEADLINE_EXCEEDED": 30, "CANCELLED": 0, "OK": 1}, (before, after)

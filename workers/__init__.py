@@ -8,11 +8,14 @@ results). ``tools`` holds the commands beside the modes.
 """
 
 import os
+import sys
 
 # pyarrow's allocator (mimalloc) keeps freed pages for a while before it returns them; with a batch's buffers
 # freed and allocated again every row group, that showed as peak RSS growing with the file (1M rows 12% above
 # 100k rows, #19). Returning them at once: 5% above, no throughput change measured (compiled batch, 4 runs
-# interleaved). Set before pyarrow loads (mimalloc reads it then); a value in the environment wins.
-os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
+# interleaved). Only before pyarrow loads (mimalloc reads it then): the commands import this package first; a
+# program importing pyarrow before it sets MIMALLOC_PURGE_DELAY=0 itself. A value in the environment wins.
+if "pyarrow" not in sys.modules:
+    os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
 
 __version__ = "0.1.0"

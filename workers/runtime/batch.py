@@ -352,20 +352,25 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
 
 
 def _replaced_meanwhile(ledger: Ledger, marked: list[tuple[Unit, str]], report: BatchReport) -> None:
-    """Fail the units whose record is gone by the end of the run: another run into this output, cut otherwise
-    (another ``SCORING_BATCH__UNIT_BYTES``) and running at the same time, removes the results of the ranges
-    that overlap its own when it publishes (the sinks do, so a replaced or recut file leaves no stale rows).
-    Reported done, those rows were missing until a rerun; failed, the Job retries and the rerun scores them."""
+    """Check at the end of a run that every unit it recorded is still recorded. Gone: another run into this
+    output, cut otherwise (another ``SCORING_BATCH__UNIT_BYTES``) and running at the same time, removed its
+    results when it published the ranges that overlap (the sinks do, so a recut file leaves no stale rows).
+    Reported done, those rows were missing until a rerun; failed, the Job retries and the rerun scores them.
+    Recorded with another fingerprint: another run (another model, or the input file changed) stored its own
+    results for the unit, which are there: a warning, not a failure (a retry would only replace them back)."""
     for u, fingerprint in marked:
         try:
-            kept = ledger.done(u.name) == fingerprint
+            now = ledger.done(u.name)
         except InputError:
-            kept = True  # a name taken by another input: reported when that input is scored
-        if not kept:
+            continue  # a name taken by another input: reported when that input is scored
+        if now is None:
             reason = ("its results were removed meanwhile by another run into this output, cut with another "
                       "SCORING_BATCH__UNIT_BYTES; rerun (and give every run into one output the same unit_bytes)")
             report.failed.append((u.rel, reason))
             log.error("input failed", extra={"input": u.rel, "reason": reason})
+        elif now != fingerprint:
+            log.warning("results replaced meanwhile by another run into this output (another model version or "
+                        "input file)", extra={"input": u.rel})
 
 
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
