@@ -115,10 +115,15 @@ class KafkaHelper:
 
     def worker(self, *args: str, env: dict | None = None, log: str | None = None) -> subprocess.Popen:
         """Start ``scoring-worker stream`` as a real process against this broker."""
-        cmd = [sys.executable, "-m", "workers", "stream", "--bootstrap-servers", self.bootstrap, *FAST_GROUP, *args]
+        # Metrics on a free port unless the test picks one: two workers of parallel tests on the default 9000
+        # made the later one exit 2 ("cannot listen on 0.0.0.0:9000"), seen once in CI.
+        env = env or {}
+        port = [] if "--metrics-port" in args or "SCORING_STREAM__METRICS_PORT" in env else ["--metrics-port", "0"]
+        cmd = [sys.executable, "-m", "workers", "stream", "--bootstrap-servers", self.bootstrap, *FAST_GROUP, *port,
+               *args]
         out = open(log, "w") if log else subprocess.DEVNULL
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **env})
         self.procs.append(proc)
         return proc
 
