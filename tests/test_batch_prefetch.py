@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tests.helpers import FEATURES, frame, write_inputs
 from workers.runtime import batch
 from workers.runtime.batch import run_batch
-from workers.settings import load_settings
+from workers.settings import S3Settings, load_settings
 from workers.sources import parquet as source
 
 
@@ -119,3 +119,27 @@ def test_a_resumed_run_opens_only_what_it_scores(models, tmp_path, monkeypatch):
     assert dict(in_turn) == {os.path.basename(paths[2]): 1} and not ahead  # finished units are not read ahead
     pd.testing.assert_series_equal(scores(out), expected(models["binary"], paths), check_names=False,
                                    rtol=0, atol=1e-12)
+
+
+def test_take_while_a_reader_thread_is_still_starting_the_prefetch_never_fails(tmp_path):
+    """A unit failing after its last read lets the scoring thread reach the next unit's ``take`` while that
+    unit's reader is still in ``start``: once seen in CI as "cannot join thread before it is started" (the
+    thread was published before it was started). Hammered here from two threads."""
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from workers.sources.units import plan
+
+    inputs = str(tmp_path / "in")
+    write_inputs(inputs, files=1, rows=50, row_group=10)
+    listing = source.find_inputs(inputs, S3Settings())
+    [unit] = plan(listing.fs, listing.files, 1 << 30, 1)[0]
+    prefetch = source.Prefetch(pafs.LocalFileSystem(), lambda schema: schema.names, 10)
+    for _ in range(300):
+        starter = threading.Thread(target=prefetch.start, args=(unit,))
+        starter.start()
+        got = prefetch.take(unit)  # either before the start (None) or after it (the opened unit)
+        assert got is None or got.started is not None
+        starter.join()
+    prefetch.close()

@@ -319,10 +319,10 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
     # An input without rows (no row groups, or empty ones) is scored as one empty batch of its schema, so its
     # output has the results' columns and no rows: one output per input, and readers see it was scored.
     empty = plain_batch(pa.RecordBatch.from_pylist([], schema=pa.schema([schema.field(c) for c in columns])))
+    started = opened.started if opened is not None and opened.columns == columns else None
+    on_end = (lambda: prefetch.start(upcoming)) if prefetch is not None and upcoming is not None else None
+    batches = iter_batches(pf, columns, batch_rows, unit.row_groups, started, on_end)
     try:
-        started = opened.started if opened is not None and opened.columns == columns else None
-        on_end = (lambda: prefetch.start(upcoming)) if prefetch is not None and upcoming is not None else None
-        batches = iter_batches(pf, columns, batch_rows, unit.row_groups, started, on_end)
         for rb in chain(batches, [empty]):
             if rb is empty and offset > unit.first_row:
                 break
@@ -347,6 +347,7 @@ def _score_file(router: Router, fs, unit: Unit, sink: Sink, batch_rows: int, pro
         writer.abort()
         raise
     finally:
+        batches.close()  # its reader stops now, not when the failing unit's traceback lets go of it
         writes.close()
     return FileResult(n_scored, n_rejected, router.skipped - before)
 

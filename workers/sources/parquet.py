@@ -302,43 +302,49 @@ class Prefetch:
     scored, so a run over many files or ranges does not wait for each one's first read (7% of a compiled batch
     run over 3 files of 2 row groups, measured in #19). ``columns_of``: the columns to read given the file's
     schema. Anything that goes wrong ahead of time is dropped: the unit is then opened as usual, where its
-    error is reported."""
+    error is reported. ``start`` runs on a reader thread, ``take`` on the scoring thread, possibly at the same
+    time (a unit that failed after its last read goes on to the next one while its reader still starts the
+    prefetch): one lock hands over (unit, thread, result) whole, each opening with a result slot of its own."""
 
     def __init__(self, fs: pafs.FileSystem, columns_of: Callable[[pa.Schema], list[str]], batch_rows: int):
         self.fs, self.columns_of, self.batch_rows = fs, columns_of, batch_rows
-        self.unit: Any = None
-        self.opened: Opened | None = None
-        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+        self.pending: tuple[Any, threading.Thread, dict[str, Opened]] | None = None
 
     def start(self, unit: Any) -> None:
-        """Begin opening ``unit`` (a ``sources.units.Unit``) on a thread; called on a reader thread."""
-        self.unit, self.opened = unit, None
-        self.thread = threading.Thread(target=self._open, args=(unit,), name="parquet-prefetch", daemon=True)
-        self.thread.start()
+        """Begin opening ``unit`` (a ``sources.units.Unit``) on a thread."""
+        slot: dict[str, Opened] = {}
+        thread = threading.Thread(target=self._open, args=(unit, slot), name="parquet-prefetch", daemon=True)
+        thread.start()
+        with self.lock:
+            earlier, self.pending = self.pending, (unit, thread, slot)
+        if earlier is not None:  # never taken (its unit was not scored): let it finish, drop it
+            earlier[1].join()
 
-    def _open(self, unit: Any) -> None:
+    def _open(self, unit: Any, slot: dict[str, Opened]) -> None:
         try:
             pf = open_parquet(self.fs, unit.file)
             columns = self.columns_of(pf.schema_arrow)
             rest = pf.iter_batches(batch_size=self.batch_rows, row_groups=unit.row_groups, columns=columns,
                                    use_threads=False)
             first = next(rest, None)
-            self.opened = Opened(pf, columns, None if first is None else Started(first, rest))
+            slot["opened"] = Opened(pf, columns, None if first is None else Started(first, rest))
         except Exception:  # noqa: BLE001 - reported where the unit is opened as usual
             log.debug("prefetch dropped", exc_info=True, extra={"input": unit.rel})
 
     def take(self, unit: Any) -> Opened | None:
         """What was opened ahead for ``unit`` (waiting for it), or None: open it as usual."""
-        thread, self.thread = self.thread, None
-        if thread is None:
+        with self.lock:
+            pending, self.pending = self.pending, None
+        if pending is None:
             return None
+        wanted, thread, slot = pending
         thread.join()
-        opened, self.opened = self.opened, None
-        wanted, self.unit = self.unit is unit, None
-        return opened if wanted else None
+        return slot.get("opened") if wanted is unit else None
 
     def close(self) -> None:
         """Drop anything opened ahead (the run stopped)."""
-        if self.thread is not None:
-            self.thread.join()
-        self.thread, self.opened, self.unit = None, None, None
+        with self.lock:
+            pending, self.pending = self.pending, None
+        if pending is not None:
+            pending[1].join()
