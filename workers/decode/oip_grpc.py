@@ -40,21 +40,16 @@ def _packed(contents: pb.InferTensorContents, field: str, size: int) -> np.ndarr
     a 100-row request; this is ~2 us. None when the bytes are not laid out so (then the values are read one
     by one)."""
     tag, dtype = _PACKED[field]
-    blob = contents.SerializeToString()
-    if not blob or blob[0] != tag:
-        return None
-    length, shift, pos = 0, 0, 1
-    while pos < len(blob) and shift < 64:
-        byte = blob[pos]
-        length |= (byte & 0x7F) << shift
-        pos += 1
-        shift += 7
-        if not byte & 0x80:
+    length = size * np.dtype(dtype).itemsize
+    head = bytearray([tag])
+    while True:  # the varint of the values' byte length
+        head.append(length & 0x7F | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
             break
-    else:
-        return None
-    width = np.dtype(dtype).itemsize
-    if length != size * width or pos + length != len(blob):
+    blob = contents.SerializeToString()
+    pos = len(head)
+    if not blob.startswith(head) or len(blob) != pos + size * np.dtype(dtype).itemsize:
         return None
     return np.frombuffer(blob, dtype=dtype, count=size, offset=pos).astype(np.float64)
 

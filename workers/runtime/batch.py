@@ -398,10 +398,13 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
 
     known: dict[int, bool] = {}  # unit index -> finished by an earlier run (asked once: a ledger read may be I/O)
 
+    def fingerprint_of(u: Unit) -> str:
+        return f"{u.file.fingerprint};model={router.fingerprint}"
+
     def finished(i: int) -> bool:
         if i not in known:
             u = mine[i]
-            fingerprint = f"{u.file.fingerprint};model={router.fingerprint}"
+            fingerprint = fingerprint_of(u)
             # A range is also finished when an earlier run (before the file was cut) scored it whole.
             known[i] = ledger.done(u.name) == fingerprint or (
                 not u.whole and ledger.done(u.file.source) == fingerprint)
@@ -418,7 +421,7 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
     try:
         sink.check()
         for i, u in enumerate(mine):
-            fingerprint = f"{u.file.fingerprint};model={router.fingerprint}"
+            fingerprint = fingerprint_of(u)
             try:
                 if finished(i):
                     report.files_skipped += 1
