@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -216,7 +216,7 @@ def duplicated_columns(schema: pa.Schema, wanted: list[str]) -> list[str]:
 
 def iter_batches(pf: pq.ParquetFile, columns: list[str], batch_rows: int,
                  row_groups: list[int] | None = None, started: Started | None = None,
-                 on_end: Callable[[], None] | None = None) -> Iterator[pa.RecordBatch]:
+                 on_end: Callable[[], None] | None = None) -> Generator[pa.RecordBatch, None, None]:
     """Row groups one at a time (all, or ``row_groups``): memory holds two batches, whatever the file size.
 
     The next batch is read and decoded on a helper thread while the caller scores this one (pyarrow
