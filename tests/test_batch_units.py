@@ -273,3 +273,60 @@ def test_two_runs_with_other_models_at_once_both_succeed_and_every_row_is_there_
     a, b = (expected(m, path) for m in models)
     score = got.loc[a.index, "score"]
     assert (np.isclose(score, a, rtol=0, atol=1e-12) | np.isclose(score, b, rtol=0, atol=1e-12)).all()
+
+
+def _stored_ids(kind: str, tmp_path, pg_dsn: str | None, table: str) -> pd.DataFrame:
+    """``id`` and ``score`` as the store's own client reads them back."""
+    if kind == "delta":
+        from deltalake import DeltaTable
+
+        return DeltaTable(str(tmp_path / "out")).to_pyarrow_table(columns=["id", "score"]).to_pandas()
+    if kind == "iceberg":
+        from pyiceberg.catalog.sql import SqlCatalog
+
+        cat = SqlCatalog("lake", uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"file://{tmp_path}/wh")
+        try:
+            return cat.load_table("ns.scores").scan(selected_fields=("id", "score")).to_arrow().to_pandas()
+        finally:
+            cat.engine.dispose()
+    import psycopg
+
+    with psycopg.connect(pg_dsn) as conn:
+        return pd.DataFrame(conn.execute(f'SELECT id, score FROM "{table}"').fetchall(), columns=["id", "score"])
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg", "postgres"])
+def test_two_runs_cut_otherwise_at_once_into_a_table_lose_nothing(kind, tmp_path, request):
+    """The table sinks upsert on the row's key, so two runs cut in 3s and in 4s at the same time (their unit
+    names differ, their keys do not) both succeed and leave every row once with predict's score; a rerun with
+    either cut finds every unit done."""
+    from tests import helpers
+
+    pg_dsn = table = None
+    env = dict(os.environ)
+    if kind == "delta":
+        output = f"delta+file://{tmp_path}/out"
+    elif kind == "iceberg":
+        output = "iceberg://lake/ns.scores"
+        env |= {"SCORING_ICEBERG__CATALOG_URI": f"sqlite:///{tmp_path}/catalog.db",
+                "SCORING_ICEBERG__WAREHOUSE": f"file://{tmp_path}/wh"}
+    else:
+        pg_dsn, table = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_table")
+        output = f"{pg_dsn}?table={table}"
+    model = helpers.save(helpers.train("binary", rounds=2000), str(tmp_path), "slow")
+    folder = str(tmp_path / "in")
+    path = big_file(folder, rows=40_000, row_group=1_000)
+    base = [sys.executable, "-m", "workers", "batch", "--model", model, "--input", folder, "--output", output]
+    runs = [subprocess.Popen([*base, "--unit-bytes", str(unit_bytes_for(path, groups))], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for groups in (3, 4)]
+    done = [(p.wait(180), p.stderr.read()) for p in runs]
+    assert [code for code, _ in done] == [0, 0], [err[-2000:] for _, err in done]
+    got = _stored_ids(kind, tmp_path, pg_dsn, table).set_index("id")
+    want = expected(model, path)
+    assert len(got) == 40_000 and got.index.is_unique
+    assert np.allclose(got.loc[want.index, "score"], want, rtol=0, atol=1e-12)
+    for groups in (3, 4):
+        rerun = subprocess.run([*base, "--unit-bytes", str(unit_bytes_for(path, groups))], env=env,
+                               capture_output=True, text=True, timeout=180)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert json.loads(rerun.stdout)["files_scored"] == 0

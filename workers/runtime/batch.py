@@ -358,7 +358,11 @@ def _replaced_meanwhile(ledger: Ledger, marked: list[tuple[Unit, str]], report: 
     results when it published the ranges that overlap (the sinks do, so a recut file leaves no stale rows).
     Reported done, those rows were missing until a rerun; failed, the Job retries and the rerun scores them.
     Recorded with another fingerprint: another run (another model, or the input file changed) stored its own
-    results for the unit, which are there: a warning, not a failure (a retry would only replace them back)."""
+    results for the unit, which are there: a warning, not a failure (a retry would only replace them back).
+    The table sinks upsert on the row's key, so another cut there removes nothing; a lake sink's ledger, read
+    once per run, is read again here for the warning."""
+    if marked:
+        ledger.refresh()
     for u, fingerprint in marked:
         try:
             now = ledger.done(u.name)
@@ -370,8 +374,8 @@ def _replaced_meanwhile(ledger: Ledger, marked: list[tuple[Unit, str]], report: 
             report.failed.append((u.rel, reason))
             log.error("input failed", extra={"input": u.rel, "reason": reason})
         elif now != fingerprint:
-            log.warning("results replaced meanwhile by another run into this output (another model version or "
-                        "input file)", extra={"input": u.rel})
+            log.warning("recorded meanwhile by another run into this output (another model version or input "
+                        "file): a rerun with this model and input scores it again", extra={"input": u.rel})
 
 
 def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:

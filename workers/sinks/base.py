@@ -126,6 +126,11 @@ class Ledger(ABC):
     def done(self, unit: str) -> str | None:
         """The fingerprint recorded when ``unit`` was finished, or None."""
 
+    def refresh(self) -> None:
+        """Forget entries read ahead, so the next ``done`` reads the store (the end-of-run check asks again what
+        other runs may have changed meanwhile). A ledger that reads per ``done`` has nothing to forget."""
+        return
+
     @abstractmethod
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
         """Record ``unit`` as finished with ``fingerprint`` (``rows`` scored, ``rejected`` rows to the errors

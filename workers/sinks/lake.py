@@ -169,7 +169,8 @@ class LakeUnit(UnitWriter):
 
 class LakeLedger(Ledger):
     """The batch ledger of a ``LakeSink``: table ``<location>_inputs``, merged on ``unit``. Read once per run (a
-    unit belongs to one shard, so other shards' entries written meanwhile are never asked for)."""
+    unit belongs to one shard, so other shards' entries written meanwhile are never asked for) and once more by
+    the end-of-run check (``refresh``)."""
 
     def __init__(self, sink: LakeSink):
         self.sink = sink
@@ -187,6 +188,9 @@ class LakeLedger(Ledger):
                 entries = []
             self._seen = {r["unit"]: r["fingerprint"] for r in entries}
         return self._seen.get(unit)
+
+    def refresh(self) -> None:
+        self._seen = None
 
     def mark_done(self, unit: str, fingerprint: str, rows: int, rejected: int) -> None:
         entry = pa.table({"unit": [unit], "fingerprint": [fingerprint], "rows": pa.array([rows], pa.int64()),
