@@ -5,8 +5,10 @@ ARG BASE_IMAGE=debian:bookworm-slim
 
 # ---- build: a virtualenv with the package and its wheels, byte-compiled --------------------------
 FROM ${BASE_IMAGE} AS build
+# g++ and the Python headers build the package's native JSON record reader (workers/decode/_jsonrows.cpp);
+# they stay in this stage.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 # CA bundle pip trusts. Behind a TLS-intercepting proxy, mount the host's bundle somewhere else
 # (e.g. -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro) and pass --build-arg PIP_CERT=/run/host-ca.crt.

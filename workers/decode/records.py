@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from operator import itemgetter
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,12 @@ from workers.scoring.features import Features
 from workers.scoring.model import Model
 from workers.scoring.scorer import to_json
 from workers.sinks.tables import json_column
+
+_jsonrows: ModuleType | None
+try:  # the native reader of the usual record (workers/decode/_jsonrows.cpp), built by the install
+    from workers.decode import _jsonrows
+except ImportError:  # pragma: no cover - a build without a compiler: every record takes the Python path
+    _jsonrows = None
 
 __all__ = ["MAX_ID_LENGTH", "Decoded", "RecordDecoder", "carry_columns", "exact_loads", "long_number"]
 
@@ -35,7 +42,9 @@ class Decoded:
     ids: list[str | None]
     features: Features
     passthrough: dict[str, list[Any]] = field(default_factory=dict)
-    raw: list[dict | None] = field(default_factory=list)  # parsed objects (for the errors' raw column)
+    # parsed objects, for the errors' raw column: read for rows with a reason only (None for a row the native
+    # reader took, which has none)
+    raw: list[dict | None] = field(default_factory=list)
 
 
 class RecordDecoder:
@@ -58,6 +67,14 @@ class RecordDecoder:
         # categories 5 is "5", as the Arrow path (scoring.model_values) matches them.
         self.numeric_categories = {i: bool(cats) and all(type(c) in (int, float) for c in cats)
                                    for i, cats in model.categorical.items() if cats is not None}
+        self._names_tuple = tuple(self.names)
+
+    @property
+    def native(self) -> bool:
+        """Whether JSON records go through the native reader first: numeric features only (categories are
+        mapped in Python), no passthrough (those values are Python objects anyway), distinct feature names."""
+        return (_jsonrows is not None and self.numeric_only and not self.passthrough
+                and len(set(self.names)) == len(self.names))
 
     def category_code(self, j: int, v: Any) -> float | None:
         """The code of value ``v`` of pandas-categorical feature ``j``, or None (an unseen category)."""
@@ -100,6 +117,8 @@ class RecordDecoder:
         """``values`` as JSON records, or, with ``parsed``, the objects already read from them with the reasons
         of those that could not be: by a wire format (``workers.decode.wire``: Avro, Protobuf, JSON Schema), or
         with ``from_json`` by ``jsonparse.parse_values`` (a router with several decoders parses a batch once)."""
+        if parsed is None and self.native:
+            return self._decode_native(values, keys)
         n = len(values)
         width = len(self.names)
         flat: list[Any] = []  # n * width feature values, row after row
@@ -146,6 +165,30 @@ class RecordDecoder:
             self._check_rows(flat, width, reasons)
         matrix = np.array(flat, dtype=np.float64).reshape(n, width) if n else np.empty((0, width))
         return Decoded(ids, Features(matrix, reasons), passthrough, raw)
+
+    def _decode_native(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None) -> Decoded:
+        """The native reader takes every usual record (an object with a text id and numbers or nulls as
+        features) straight into the matrix; the others ("slow": anything it does not accept, see
+        _jsonrows.cpp) are decoded here by the Python path, which gives them what it always gave: values,
+        categories or a reason. Their raw objects are kept for the errors' raw column; a usual record has no
+        reason, so it needs none."""
+        assert _jsonrows is not None  # self.native
+        n, width = len(values), len(self.names)
+        matrix = np.full((n, width), np.nan)
+        given_keys = list(keys) if self.key_as_id and keys is not None else None
+        ids, slow = _jsonrows.rows(values if type(values) is list else list(values), given_keys,
+                                   self._names_tuple, self.id_field, MAX_ID_LENGTH, matrix)
+        reasons: dict[int, str] = {}
+        raw: list[dict | None] = [None] * n
+        if slow:
+            rest = self.decode([values[i] for i in slow], None if given_keys is None else [given_keys[i] for i in slow],
+                               parsed=parse_values([values[i] for i in slow]), from_json=True)
+            matrix[slow] = rest.features.matrix
+            for k, i in enumerate(slow):
+                ids[i] = rest.ids[k]
+                raw[i] = rest.raw[k]
+            reasons = {slow[k]: reason for k, reason in rest.features.reasons.items()}
+        return Decoded(ids, Features(matrix, reasons), {}, raw)
 
     def _features_of(self, obj: dict) -> Any:
         """The feature values of one object in the model's order, None where a name is missing."""
