@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Protocol
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -96,8 +97,7 @@ def dedupe_last(table: pa.Table, key: Iterable[str]) -> tuple[pa.Table, list[int
         return table, None
     positioned = all(c in table.column_names for c in POSITION)
     try:
-        probe = pa.table({k: plain(table.column(k)) for k in key}).append_column("__row", pa.array(range(n),
-                                                                                                   pa.int64()))
+        probe = pa.table({k: plain(table.column(k)) for k in key}).append_column("__row", pa.array(np.arange(n)))
         last = probe.group_by(key, use_threads=False).aggregate([("__row", "max")])["__row_max"]
         if len(last) == n:
             return table, None

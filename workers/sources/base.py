@@ -62,11 +62,17 @@ def _timestamp(m: Message) -> int:
 
 
 class Batch:
-    """The records of one micro-batch, in the order consumed (offset order within each partition)."""
+    """The records of one micro-batch, in the order consumed (offset order within each partition).
+
+    Each message's topic, partition and offset are read once (``_columns``, on first use: a method call each on
+    confluent-kafka's Message) and what is derived from them per partition is built from those lists in C
+    (dict/zip), not with a Python step per record: the stream loop asks for them several times a batch."""
 
     def __init__(self, messages: list[Any]):
         self.messages = messages
         self._stamps: list[int] | None = None
+        self._tpo: tuple[list[str], list[int], list[int]] | None = None
+        self._tps: list[TP] | None = None
         self.trace: Any = None  # the batch's span while tracing is on (workers/runtime/stream/trace.py)
 
     def __len__(self) -> int:
@@ -84,26 +90,46 @@ class Batch:
     def keys(self) -> list[bytes | None]:
         return [m.key() for m in self.messages]
 
+    def _columns(self) -> tuple[list[str], list[int], list[int]]:
+        if self._tpo is None:
+            ms = self.messages
+            self._tpo = ([m.topic() for m in ms], [m.partition() for m in ms], [m.offset() for m in ms])
+        return self._tpo
+
     def topics(self) -> list[str]:
-        return [m.topic() for m in self.messages]
+        """Each record's topic (the batch's own list: read it, do not change it); likewise the two below."""
+        return self._columns()[0]
 
     def partitions(self) -> list[int]:
-        return [m.partition() for m in self.messages]
+        return self._columns()[1]
 
     def offsets(self) -> list[int]:
-        return [m.offset() for m in self.messages]
+        return self._columns()[2]
 
     def timestamps(self) -> list[int]:
         if self._stamps is None:  # wanted twice per batch (the result column, then the latency metric)
             self._stamps = [_timestamp(m) for m in self.messages]
         return self._stamps
 
+    def _partitions_of(self) -> list[TP]:
+        if self._tps is None:
+            topics, partitions, _ = self._columns()
+            self._tps = list(zip(topics, partitions, strict=True))
+        return self._tps
+
     def next_offsets(self) -> dict[TP, int]:
         """Per partition, the offset after its last record: what to commit once the batch is stored."""
-        return {(m.topic(), m.partition()): m.offset() + 1 for m in self.messages}
+        last = dict(zip(self._partitions_of(), self.offsets(), strict=True))  # the last record of each wins
+        return {tp: off + 1 for tp, off in last.items()}
 
     def partition_set(self) -> set[TP]:
-        return {(m.topic(), m.partition()) for m in self.messages}
+        return set(self._partitions_of())
+
+    def firsts(self) -> dict[TP, tuple[int, int]]:
+        """Per partition, the offset and timestamp of its first record in the batch."""
+        tps = self._partitions_of()
+        return dict(zip(reversed(tps), reversed(list(zip(self.offsets(), self.timestamps(), strict=True))),
+                        strict=True))
 
 
 class Source(ABC):

@@ -217,12 +217,13 @@ class KafkaSource(Source):
                 err = m.error()
                 if err is None:
                     batch.append(m)
-                    self._handed[(m.topic() or "", m.partition() or 0)] = (m.offset() or 0) + 1
                 else:
                     self._consume_error(err)
-        for topic, n in Counter(m.topic() for m in batch).items():
+        out = Batch(batch)
+        self._handed.update(out.next_offsets())
+        for topic, n in Counter(out.topics()).items():
             self.metrics.consumed.labels(topic).inc(n)
-        return Batch(batch)
+        return out
 
     def _consume_error(self, err: KafkaError) -> None:
         if err.fatal():

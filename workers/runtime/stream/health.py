@@ -88,13 +88,7 @@ class LagWatch:
         if not records:
             return
         now = time.time()
-        seen: set[TP] = set()
-        for m, ts in zip(records.messages, records.timestamps(), strict=True):
-            tp = (m.topic(), m.partition())
-            if tp in seen:
-                continue
-            seen.add(tp)
-            offset = m.offset()
+        for tp, (offset, ts) in records.firsts().items():
             firsts = self.handed_at.setdefault(tp, [])
             if firsts and firsts[-1][0] >= offset:  # re-read from the commit (a batch of it was dropped)
                 firsts[:] = [f for f in firsts if f[0] < offset]
