@@ -126,6 +126,7 @@ def test_records_decode_as_the_python_path_does(pair, items, key_as_id):
     keys = [None if i % 3 == 0 else (b"\xff" if i % 3 == 1 else f"k{i}".encode()) for i in range(len(values))]
     check(pair, values, keys, key_as_id=key_as_id)
     check(pair, values)
+    check(pair, values, keys, key_as_id=key_as_id, id_field="x0")  # the id field is also a feature
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,8 +9,8 @@
 // here; tests/test_jsonrows.py checks that differentially (hypothesis) against the Python path.
 //
 // rows(values, keys, names, id_field, max_id, out) -> (ids, slow)
-//   values   list of bytes (or None: slow)
-//   keys     None, or a list of bytes | None beside values: the message key stands in for an id that is
+//   values   a sequence of bytes (anything else, None included: slow)
+//   keys     None, or a sequence of bytes | None beside values: the message key stands in for an id that is
 //            missing or null (the Python path's key_as_id)
 //   names    tuple of str, the model's feature names (the matrix columns)
 //   id_field str
@@ -19,8 +19,8 @@
 //   ids      list: the id (str) of each fast record, None for the slow ones
 //   slow     list of the indices of the slow records, ascending
 //
-// The parse runs without the GIL (the values are immutable bytes held by the caller's list); ids are made
-// once it is taken back. Numbers: integers of up to 18 digits exactly as int64 -> double (what numpy does with
+// The parse runs without the GIL (the values are immutable bytes, held by a list of the function's own); ids
+// are made once it is taken back. Numbers: integers of up to 18 digits exactly as int64 -> double (what numpy does with
 // Python's int), others with std::from_chars (correctly rounded, locale-free; libstdc++'s is fast_float).
 
 #define PY_SSIZE_T_CLEAN
@@ -266,6 +266,20 @@ bool skip_value(P& p, P e, int depth) {
     return scan_number(p, e, &ignored) == Num::Value;
 }
 
+// A strong reference, released when it goes out of scope.
+class Owned {
+  public:
+    explicit Owned(PyObject* o) : o_(o) {}
+    ~Owned() { Py_XDECREF(o_); }
+    Owned(const Owned&) = delete;
+    Owned& operator=(const Owned&) = delete;
+    PyObject* get() const { return o_; }
+    explicit operator bool() const { return o_ != nullptr; }
+
+  private:
+    PyObject* o_;
+};
+
 struct Names {
     std::vector<std::string> names;
     std::unordered_map<std::string_view, int> index;
@@ -280,7 +294,7 @@ struct IdSpan {
 
 // One record into row[0..width). True: fast (row and id filled). False: slow (row may be partly written:
 // the caller resets it to NaN).
-bool parse_record(P p, P e, const Names& names, std::string_view id_field, double* row, IdSpan& id,
+bool parse_record(P p, P e, const Names& names, std::string_view id_field, int id_col, double* row, IdSpan& id,
                   bool key_given) {
     const int width = static_cast<int>(names.names.size());
     skip_ws(p, e);
@@ -311,6 +325,7 @@ bool parse_record(P p, P e, const Names& names, std::string_view id_field, doubl
                 if (it != names.index.end()) j = it->second;
             }
             if (j >= 0) {
+                if (j == id_col) return false;  // the id field is also a feature: the Python path reads it as both
                 hint = j + 1;
                 if (p < e && *p == 'n') {
                     if (!skip_literal(p, e, "null", 4)) return false;
@@ -362,16 +377,22 @@ bool parse_record(P p, P e, const Names& names, std::string_view id_field, doubl
 }
 
 PyObject* rows(PyObject*, PyObject* args) {
-    PyObject *values, *keys, *names_obj, *out;
+    PyObject *values_arg, *keys_arg, *names_obj, *out;
     const char* id_field;
     Py_ssize_t id_field_len, max_id;
-    if (!PyArg_ParseTuple(args, "O!OO!s#nO", &PyList_Type, &values, &keys, &PyTuple_Type, &names_obj, &id_field,
+    if (!PyArg_ParseTuple(args, "OOO!s#nO", &values_arg, &keys_arg, &PyTuple_Type, &names_obj, &id_field,
                           &id_field_len, &max_id, &out))
         return nullptr;
-    const Py_ssize_t n = PyList_GET_SIZE(values);
-    bool with_keys = keys != Py_None;
-    if (with_keys && (!PyList_Check(keys) || PyList_GET_SIZE(keys) != n)) {
-        PyErr_SetString(PyExc_ValueError, "keys must be None or a list as long as values");
+    // Lists of our own: they hold a reference to every value and key while the GIL is released, so another
+    // thread changing the caller's list cannot free the bytes being read.
+    Owned values(PySequence_List(values_arg));
+    if (!values) return nullptr;
+    const Py_ssize_t n = PyList_GET_SIZE(values.get());
+    bool with_keys = keys_arg != Py_None;
+    Owned keys(with_keys ? PySequence_List(keys_arg) : nullptr);
+    if (with_keys && !keys) return nullptr;
+    if (with_keys && PyList_GET_SIZE(keys.get()) != n) {
+        PyErr_SetString(PyExc_ValueError, "keys must be None or as long as values");
         return nullptr;
     }
     Names names;
@@ -403,23 +424,25 @@ PyObject* rows(PyObject*, PyObject* args) {
     std::vector<P> starts(static_cast<size_t>(n), nullptr), ends(static_cast<size_t>(n), nullptr);
     std::vector<char> key_given(static_cast<size_t>(n), 0);
     for (Py_ssize_t i = 0; i < n; ++i) {
-        PyObject* v = PyList_GET_ITEM(values, i);
+        PyObject* v = PyList_GET_ITEM(values.get(), i);
         if (PyBytes_Check(v)) {
             starts[static_cast<size_t>(i)] = reinterpret_cast<P>(PyBytes_AS_STRING(v));
             ends[static_cast<size_t>(i)] = starts[static_cast<size_t>(i)] + PyBytes_GET_SIZE(v);
         }
-        if (with_keys && PyBytes_Check(PyList_GET_ITEM(keys, i))) key_given[static_cast<size_t>(i)] = 1;
+        if (with_keys && PyBytes_Check(PyList_GET_ITEM(keys.get(), i))) key_given[static_cast<size_t>(i)] = 1;
     }
     std::vector<IdSpan> ids(static_cast<size_t>(n));
     std::vector<char> fast(static_cast<size_t>(n), 0);
     std::string_view idf(id_field, static_cast<size_t>(id_field_len));
+    auto id_at = names.index.find(idf);
+    const int id_col = id_at == names.index.end() ? -1 : id_at->second;
 
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; ++i) {
         size_t k = static_cast<size_t>(i);
         if (starts[k] == nullptr) continue;
         double* row = matrix + i * width;
-        if (parse_record(starts[k], ends[k], names, idf, row, ids[k], key_given[k] != 0)) {
+        if (parse_record(starts[k], ends[k], names, idf, id_col, row, ids[k], key_given[k] != 0)) {
             fast[k] = 1;
         } else {
             for (Py_ssize_t j = 0; j < width; ++j) row[j] = NAN;
@@ -441,7 +464,7 @@ PyObject* rows(PyObject*, PyObject* args) {
         if (fast[k]) {
             const IdSpan& s = ids[k];
             if (s.from_key) {
-                PyObject* key = PyList_GET_ITEM(keys, i);
+                PyObject* key = PyList_GET_ITEM(keys.get(), i);
                 rid = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), "strict");
             } else {
                 rid = PyUnicode_DecodeUTF8(reinterpret_cast<const char*>(s.start), static_cast<Py_ssize_t>(s.len),

@@ -68,13 +68,19 @@ class RecordDecoder:
         self.numeric_categories = {i: bool(cats) and all(type(c) in (int, float) for c in cats)
                                    for i, cats in model.categorical.items() if cats is not None}
         self._names_tuple = tuple(self.names)
+        try:  # names the native reader can compare with a record's UTF-8 text (a lone surrogate cannot be one)
+            for name in (*self.names, id_field):
+                name.encode()
+            self._utf8_names = len(set(self.names)) == len(self.names)
+        except UnicodeEncodeError:
+            self._utf8_names = False
 
     @property
     def native(self) -> bool:
         """Whether JSON records go through the native reader first: numeric features only (categories are
-        mapped in Python), no passthrough (those values are Python objects anyway), distinct feature names."""
-        return (_jsonrows is not None and self.numeric_only and not self.passthrough
-                and len(set(self.names)) == len(self.names))
+        mapped in Python), no passthrough (those values are Python objects anyway), distinct feature names and
+        an id field that UTF-8 can spell."""
+        return _jsonrows is not None and self.numeric_only and not self.passthrough and self._utf8_names
 
     def category_code(self, j: int, v: Any) -> float | None:
         """The code of value ``v`` of pandas-categorical feature ``j``, or None (an unseen category)."""
@@ -117,7 +123,7 @@ class RecordDecoder:
         """``values`` as JSON records, or, with ``parsed``, the objects already read from them with the reasons
         of those that could not be: by a wire format (``workers.decode.wire``: Avro, Protobuf, JSON Schema), or
         with ``from_json`` by ``jsonparse.parse_values`` (a router with several decoders parses a batch once)."""
-        if parsed is None and self.native:
+        if parsed is None and self.native and (keys is None or not self.key_as_id or len(keys) == len(values)):
             return self._decode_native(values, keys)
         n = len(values)
         width = len(self.names)
@@ -176,8 +182,7 @@ class RecordDecoder:
         n, width = len(values), len(self.names)
         matrix = np.full((n, width), np.nan)
         given_keys = list(keys) if self.key_as_id and keys is not None else None
-        ids, slow = _jsonrows.rows(values if type(values) is list else list(values), given_keys,
-                                   self._names_tuple, self.id_field, MAX_ID_LENGTH, matrix)
+        ids, slow = _jsonrows.rows(values, given_keys, self._names_tuple, self.id_field, MAX_ID_LENGTH, matrix)
         reasons: dict[int, str] = {}
         raw: list[dict | None] = [None] * n
         if slow:
