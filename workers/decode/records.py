@@ -9,7 +9,7 @@ make the client retry the same message forever.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from operator import itemgetter
@@ -123,8 +123,12 @@ class RecordDecoder:
         """``values`` as JSON records, or, with ``parsed``, the objects already read from them with the reasons
         of those that could not be: by a wire format (``workers.decode.wire``: Avro, Protobuf, JSON Schema), or
         with ``from_json`` by ``jsonparse.parse_values`` (a router with several decoders parses a batch once)."""
-        if parsed is None and self.native and (keys is None or not self.key_as_id or len(keys) == len(values)):
-            return self._decode_native(values, keys)
+        if parsed is None and self.native_for(values, keys):
+            assert _jsonrows is not None
+            spelled, field_ = self._names_tuple, self.id_field
+            return self.decode_rows(values, keys, lambda v, k, out: _jsonrows.rows(v, k, spelled, field_,
+                                                                                 MAX_ID_LENGTH, out),
+                                    parse_values, from_json=True)
         n = len(values)
         width = len(self.names)
         flat: list[Any] = []  # n * width feature values, row after row
@@ -172,22 +176,31 @@ class RecordDecoder:
         matrix = np.array(flat, dtype=np.float64).reshape(n, width) if n else np.empty((0, width))
         return Decoded(ids, Features(matrix, reasons), passthrough, raw)
 
-    def _decode_native(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None) -> Decoded:
-        """The native reader takes every usual record (an object with a text id and numbers or nulls as
-        features) straight into the matrix; the others ("slow": anything it does not accept, see
-        _jsonrows.cpp) are decoded here by the Python path, which gives them what it always gave: values,
-        categories or a reason. Their raw objects are kept for the errors' raw column; a usual record has no
-        reason, so it needs none."""
-        assert _jsonrows is not None  # self.native
+    def native_for(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None) -> bool:
+        """Whether this batch can go through a native reader (``native``, and keys beside every value when they
+        stand in for ids)."""
+        return self.native and (keys is None or not self.key_as_id or len(keys) == len(values))
+
+    def decode_rows(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None,
+                    read: Callable[[Sequence[bytes | None], list[bytes | None] | None, np.ndarray],
+                                   tuple[list[str | None], list[int]]],
+                    parse: Callable[[Sequence[bytes | None]], tuple[list[Any], dict[int, str]]],
+                    from_json: bool) -> Decoded:
+        """A native reader (``read``: _jsonrows.rows, _avrorows.rows) takes every usual record (numbers or
+        nulls as features, a usable id) straight into the matrix; the others ("slow": anything it does not
+        accept) are parsed by ``parse`` and decoded here by the Python path, which gives them what it always
+        gave: values, categories or a reason. Their raw objects are kept for the errors' raw column; a usual
+        record has no reason, so it needs none."""
         n, width = len(values), len(self.names)
         matrix = np.full((n, width), np.nan)
         given_keys = list(keys) if self.key_as_id and keys is not None else None
-        ids, slow = _jsonrows.rows(values, given_keys, self._names_tuple, self.id_field, MAX_ID_LENGTH, matrix)
+        ids, slow = read(values, given_keys, matrix)
         reasons: dict[int, str] = {}
         raw: list[dict | None] = [None] * n
         if slow:
-            rest = self.decode([values[i] for i in slow], None if given_keys is None else [given_keys[i] for i in slow],
-                               parsed=parse_values([values[i] for i in slow]), from_json=True)
+            some = [values[i] for i in slow]
+            rest = self.decode(some, None if given_keys is None else [given_keys[i] for i in slow],
+                               parsed=parse(some), from_json=from_json)
             matrix[slow] = rest.features.matrix
             for k, i in enumerate(slow):
                 ids[i] = rest.ids[k]

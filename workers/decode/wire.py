@@ -21,19 +21,28 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import threading
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import orjson
 
 from workers.decode.avrofast import compile_reader
-from workers.decode.records import exact_loads, long_number
+from workers.decode.records import MAX_ID_LENGTH, Decoded, RecordDecoder, exact_loads, long_number
 from workers.decode.registry import RegistryClient, RegistryUnavailable, Schema, SchemaNotFound
 from workers.settings import Settings
 
 MAGIC = 0
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 Parsed = tuple[list[Any], dict[int, str]]  # objects (None where a reason is), reasons by record index
+
+_avrorows: ModuleType | None
+try:  # the native reader of flat Avro records (workers/decode/_avrorows.cpp), built by the install
+    from workers.decode import _avrorows
+except ImportError:  # pragma: no cover - a build without a compiler: every record takes the Python path
+    _avrorows = None
 
 
 class PayloadError(ValueError):
@@ -115,7 +124,10 @@ class WireFormat:
         except PayloadError as exc:
             return None, f"{self.kind} schema id {sid}: {exc}"[:300]
         except Exception as exc:  # noqa: BLE001 - the payload does not decode: the record's fault
-            return None, f"does not decode as {self.kind} schema id {sid}: {type(exc).__name__}: {exc}"[:300]
+            # fastavro names its reader object with a memory address ("<_io.BytesIO object at 0x7f...>"): left
+            # out, so one payload gets one reason in every run
+            shown = _ADDRESS.sub("", str(exc))
+            return None, f"does not decode as {self.kind} schema id {sid}: {type(exc).__name__}: {shown}"[:300]
 
     def compile(self, schema: Schema) -> Any:
         raise NotImplementedError
@@ -123,9 +135,20 @@ class WireFormat:
     def read(self, compiled: Any, value: bytes, sid: int) -> Any:
         raise NotImplementedError
 
+    def rows(self, decoder: RecordDecoder, values: Sequence[bytes | None],
+             keys: Sequence[bytes | None] | None) -> Decoded | None:
+        """The batch decoded by a native reader of this format for ``decoder``, or None (none: the caller
+        parses and decodes it the Python way)."""
+        return None
+
 
 class AvroFormat(WireFormat):
     kind = "AVRO"
+
+    def __init__(self, registry: RegistryClient):
+        super().__init__(registry)
+        # (schema id, (feature names, id field)) -> the native reader's program, or None (see avro_program)
+        self._programs: dict[tuple[int, tuple[tuple[str, ...], str]], tuple[int, ...] | None] = {}
 
     def compile(self, schema: Schema) -> Any:
         import fastavro
@@ -158,6 +181,30 @@ class AvroFormat(WireFormat):
             append(obj)
         return objs, reasons
 
+    def rows(self, decoder: RecordDecoder, values: Sequence[bytes | None],
+             keys: Sequence[bytes | None] | None) -> Decoded | None:
+        """Records of flat schemas (``avro_program``) read natively (workers/decode/_avrorows.cpp), the others
+        and every record it does not accept by ``parse`` and the decoder's Python path."""
+        if _avrorows is None or not decoder.native_for(values, keys):
+            return None
+        signature = (decoder._names_tuple, decoder.id_field)
+        with self.lock:
+            compiled = [(sid, c) for sid, c in self.compiled.items() if type(c) is tuple and c[1] is not None]
+        programs: dict[bytes, tuple[int, ...]] = {}
+        for sid, (parsed, _) in compiled:
+            key = (sid, signature)
+            if key not in self._programs:
+                self._programs[key] = avro_program(parsed, decoder.names, decoder.id_field)
+            program = self._programs[key]
+            if program is not None:
+                programs[bytes([MAGIC]) + sid.to_bytes(4, "big")] = program
+        if not programs:
+            return None
+        native, width = _avrorows, len(decoder.names)
+        return decoder.decode_rows(values, keys, lambda v, k, out: native.rows(v, programs, k, width,
+                                                                            MAX_ID_LENGTH, out),
+                                   self.parse, from_json=False)
+
     def _add_references(self, references: list[dict], named: dict[str, Any], seen: set[tuple[str, int]]) -> None:
         """Named types of other subjects, parsed into one namespace before the schema using them; a referenced
         schema's own references first (they may go any number of levels deep)."""
@@ -189,6 +236,51 @@ class AvroFormat(WireFormat):
         if buf.tell() != len(value):
             raise ValueError(f"{len(value) - buf.tell()} bytes left after the record")
         return obj
+
+
+_AVRO_KINDS = {"null": 0, "boolean": 1, "int": 2, "long": 2, "float": 3, "double": 4, "string": 5, "bytes": 6}
+
+
+def _avro_branch(schema: Any) -> tuple[int, int] | None:
+    """(kind, extra) of a value type the native reader reads (_avrorows.cpp's Kind), or None."""
+    if isinstance(schema, str):
+        kind = _AVRO_KINDS.get(schema)
+        return None if kind is None else (kind, 0)
+    if isinstance(schema, dict) and "logicalType" not in schema:  # a logical type: fastavro converts it
+        t = schema.get("type")
+        if isinstance(t, str) and t in _AVRO_KINDS:
+            return _AVRO_KINDS[t], 0
+        if t == "enum":
+            return 7, len(schema["symbols"])
+        if t == "fixed":
+            return 8, int(schema["size"])
+    return None
+
+
+def avro_program(schema: Any, names: Sequence[str], id_field: str) -> tuple[int, ...] | None:
+    """The native reader's program for records of ``schema`` (fastavro-parsed) decoded for features ``names``
+    and ``id_field``: per field (dest: the feature column, -2 the id, -1 skipped; 1 for a union, else 0; the
+    number of branches; then kind and extra of each). None for a schema it does not read: anything but a
+    record of primitives, inline enums and fixed, and unions of those, without logical types; or the id field
+    also a feature."""
+    if not isinstance(schema, dict) or schema.get("type") != "record" or id_field in names:
+        return None
+    column = {name: j for j, name in enumerate(names)}
+    program: list[int] = []
+    try:
+        for fd in schema["fields"]:
+            name = fd["name"]
+            dest = column.get(name, -2 if name == id_field else -1)
+            t = fd["type"]
+            branches = [_avro_branch(b) for b in t] if isinstance(t, list) else [_avro_branch(t)]
+            if not branches or any(b is None for b in branches):
+                return None
+            program += [dest, int(isinstance(t, list)), len(branches)]
+            for b in branches:
+                program += b  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return tuple(program)
 
 
 def _varint(value: bytes, pos: int) -> tuple[int, int]:

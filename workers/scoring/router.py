@@ -238,18 +238,26 @@ class Router:
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None,
-               key_as_id: bool = False, parse: Callable[[Sequence[bytes | None]], Any] | None = None
-               ) -> tuple[Routed, Decoded]:
+               key_as_id: bool = False, parse: Callable[[Sequence[bytes | None]], Any] | None = None,
+               rows: Callable[[RecordDecoder, Sequence[bytes | None], Sequence[bytes | None] | None],
+                              Decoded | None] | None = None) -> tuple[Routed, Decoded]:
         """JSON records -> a routed batch (and the primary decoding: ids, passthrough, raw values). ``parse``: a
-        wire format's reader (``workers.decode.wire``), run once for every decoder."""
-        decoded = []
-        parsed = parse(values) if parse is not None else None
-        from_json = parse is None and len(self.decoders) > 1
-        if from_json:  # several decoders (versions with other features): the JSON batch is parsed once for all
-            parsed = parse_values(values)
+        wire format's reader (``workers.decode.wire``), run once for every decoder; ``rows``: its native
+        reader (``WireFormat.rows``), tried first when there is one decoder."""
         for decoder in self.decoders:
             decoder.key_as_id = key_as_id
-            decoded.append(decoder.decode(values, keys, parsed, from_json))
+        decoded: list[Decoded] = []
+        if rows is not None and len(self.decoders) == 1:
+            got = rows(self.decoders[0], values, keys)
+            if got is not None:
+                decoded.append(got)
+        if not decoded:
+            parsed = parse(values) if parse is not None else None
+            from_json = parse is None and len(self.decoders) > 1
+            if from_json:  # several decoders (versions with other features): the JSON batch is parsed once for all
+                parsed = parse_values(values)
+            for decoder in self.decoders:
+                decoded.append(decoder.decode(values, keys, parsed, from_json))
         first = decoded[0]
         passthrough = dict(first.passthrough)
         route_keys = first.ids

@@ -45,7 +45,8 @@ class ScoreStage:
         if self.wire is None:
             return router.decode(records.values(), records.keys(), self.settings.key_as_id)
         self.wire.want(router.input_columns())
-        return router.decode(records.values(), records.keys(), self.settings.key_as_id, self.wire.parse)
+        return router.decode(records.values(), records.keys(), self.settings.key_as_id, self.wire.parse,
+                             self.wire.rows)
 
     def score(self, records: Batch, routed: Routed, decoded: Decoded, router: Router) -> Scored:
         carry = carry_columns(decoded.passthrough, records.topics(), records.partitions(), records.offsets(),
