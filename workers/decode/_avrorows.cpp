@@ -125,7 +125,8 @@ inline bool read_value(P& p, P e, const Branch& b, int dest, double* row, IdOut&
     switch (b.kind) {
         case K_NULL:
             if (dest == DEST_ID) id.kind = IdOut::Null;
-            return true;  // a feature stays NaN (missing)
+            if (dest >= 0) row[dest] = NAN;  // missing (also over an earlier field of the same name)
+            return true;
         case K_BOOL: {
             if (p >= e || *p > 1) return false;
             ++p;
@@ -217,7 +218,7 @@ bool load_program(PyObject* tuple, Py_ssize_t width, std::vector<Field>& out) {
         Field f{static_cast<int>(dest), {}, is_union != 0};
         for (int64_t k = 0; k < count; ++k) {
             int64_t kind, extra;
-            if (!next(kind) || !next(extra) || kind < K_NULL || kind > K_FIXED) return false;
+            if (!next(kind) || !next(extra) || kind < K_NULL || kind > K_FIXED || extra < 0) return false;
             f.branches.push_back(Branch{static_cast<int>(kind), extra});
         }
         out.push_back(std::move(f));
@@ -246,9 +247,9 @@ PyObject* rows(PyObject*, PyObject* args) {
     while (PyDict_Next(programs, &pos, &hk, &hv)) {
         if (!PyBytes_Check(hk) || PyBytes_GET_SIZE(hk) != 5) continue;
         std::vector<Field> fields;
-        if (!load_program(hv, width, fields)) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "malformed program");
-            return nullptr;
+        if (!load_program(hv, width, fields)) {  // a program it cannot use: that schema's records stay slow
+            PyErr_Clear();
+            continue;
         }
         progs.emplace(std::string(PyBytes_AS_STRING(hk), 5), std::move(fields));
     }

@@ -253,7 +253,8 @@ def _avro_branch(schema: Any) -> tuple[int, int] | None:
         if t == "enum":
             return 7, len(schema["symbols"])
         if t == "fixed":
-            return 8, int(schema["size"])
+            size = schema["size"]
+            return (8, size) if type(size) is int and 0 <= size < 2**31 else None  # fastavro takes any number
     return None
 
 
@@ -261,10 +262,12 @@ def avro_program(schema: Any, names: Sequence[str], id_field: str) -> tuple[int,
     """The native reader's program for records of ``schema`` (fastavro-parsed) decoded for features ``names``
     and ``id_field``: per field (dest: the feature column, -2 the id, -1 skipped; 1 for a union, else 0; the
     number of branches; then kind and extra of each). None for a schema it does not read: anything but a
-    record of primitives, inline enums and fixed, and unions of those, without logical types; or the id field
-    also a feature."""
+    record of primitives, inline enums and fixed (of a size from 0 to 2^31 - 1), and unions of those, without
+    logical types; a field name given twice; or the id field also a feature."""
     if not isinstance(schema, dict) or schema.get("type") != "record" or id_field in names:
         return None
+    if len({fd.get("name") for fd in schema.get("fields", [])}) != len(schema.get("fields", [])):
+        return None  # a name written twice: the Python path keeps the last field's value
     column = {name: j for j, name in enumerate(names)}
     program: list[int] = []
     try:
