@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test faults bench lint clean broker lock lock-check grpc-stubs
 
-$(BIN)/.installed: pyproject.toml workers/decode/_jsonrows.cpp workers/decode/_avrorows.cpp
+$(BIN)/.installed: pyproject.toml workers/decode/_jsonrows.cpp workers/decode/_avrorows.cpp workers/decode/_rows_common.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -23,6 +23,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_rows_common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -32,7 +34,9 @@
 
 namespace {
 
-typedef const unsigned char* P;
+using rows_common::Owned;
+using rows_common::P;
+using rows_common::utf8_len;
 
 // Kinds of a value, as the program numbers them (avro_program in workers/decode/wire.py).
 enum Kind { K_NULL = 0, K_BOOL = 1, K_LONG = 2, K_FLOAT = 3, K_DOUBLE = 4, K_STRING = 5, K_BYTES = 6, K_ENUM = 7,
@@ -51,19 +55,6 @@ struct Field {
     bool is_union;
 };
 
-class Owned {
-  public:
-    explicit Owned(PyObject* o) : o_(o) {}
-    ~Owned() { Py_XDECREF(o_); }
-    Owned(const Owned&) = delete;
-    Owned& operator=(const Owned&) = delete;
-    PyObject* get() const { return o_; }
-    explicit operator bool() const { return o_ != nullptr; }
-
-  private:
-    PyObject* o_;
-};
-
 // A zigzag varint at p: at most 10 bytes, at most 64 bits (as avrofast._long accepts).
 inline bool read_long(P& p, P e, int64_t& out) {
     uint64_t result = 0;
@@ -79,24 +70,6 @@ inline bool read_long(P& p, P e, int64_t& out) {
     }
     out = static_cast<int64_t>((result >> 1) ^ (~(result & 1) + 1));
     return true;
-}
-
-inline int utf8_len(P p, P e) {
-    unsigned char c = p[0];
-    if (c >= 0xC2 && c <= 0xDF) return (e - p >= 2 && (p[1] & 0xC0) == 0x80) ? 2 : 0;
-    if (c >= 0xE0 && c <= 0xEF) {
-        if (e - p < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80) return 0;
-        if (c == 0xE0 && p[1] < 0xA0) return 0;
-        if (c == 0xED && p[1] >= 0xA0) return 0;
-        return 3;
-    }
-    if (c >= 0xF0 && c <= 0xF4) {
-        if (e - p < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80) return 0;
-        if (c == 0xF0 && p[1] < 0x90) return 0;
-        if (c == 0xF4 && p[1] >= 0x90) return 0;
-        return 4;
-    }
-    return 0;
 }
 
 // Strict UTF-8 (Python's bytes.decode()): ASCII runs fast.
