@@ -432,11 +432,11 @@ def run_batch(settings: Settings, model: Model | None = None) -> BatchReport:
                     progress.file_done()
                     continue
                 result = score_file(router, fs, u, sink, b.batch_rows, progress, prefetch, upcoming(i))
+                ledger.mark_done(u.name, fingerprint, result.scored, result.rejected)  # InputError: removed meanwhile
             except InputError as exc:
                 report.failed.append((u.rel, str(exc)))
                 log.error("input failed", extra={"input": u.rel, "reason": str(exc)})
                 continue
-            ledger.mark_done(u.name, fingerprint, result.scored, result.rejected)
             marked.append((u, fingerprint))
             report.add(result)
             progress.file_done()

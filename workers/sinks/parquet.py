@@ -334,6 +334,22 @@ class ParquetSink(Sink, Ledger):
         entry = {"unit": unit, "output": result_name(unit), "fingerprint": fingerprint, "rows": rows,
                  "rejected": rejected, "at": time.time()}
         self._write_entry(unit, entry)
+        if rows and split_range(unit) is not None:
+            # Another run cut otherwise removes an overlapping range's results, then its entry; had it done so
+            # between this unit's publish and the entry just written, the entry would say done for rows that
+            # are gone (a rerun skipped them). Looked at after the write, the results are there or the unit fails.
+            try:
+                there = self.fs.get_file_info(f"{self.root}/{result_name(unit)}").type != pafs.FileType.NotFound
+            except OSError:
+                there = True  # not known: the end-of-run check still looks at the entry
+            if not there:
+                try:
+                    self.fs.delete_file(self._state_path(unit))
+                except (FileNotFoundError, OSError):
+                    pass
+                raise InputError("its results were removed meanwhile by another run into this output, cut with "
+                                 "another SCORING_BATCH__UNIT_BYTES; rerun (and give every run into one output "
+                                 "the same unit_bytes)")
 
     def _write_entry(self, unit: str, entry: dict) -> None:
         out = _File(self.fs, self._state_path(unit), self.atomic_rename)
