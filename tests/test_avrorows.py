@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 from typing import Any
 
@@ -26,13 +25,6 @@ from workers.decode.registry import Schema
 from workers.scoring.model import load_model
 from workers.scoring.scorer import to_json
 from workers.settings import ModelSettings
-
-
-def test_the_native_reader_is_built():
-    if wire._avrorows is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("workers.decode._avrorows is not built")
-        pytest.skip("workers.decode._avrorows is not built (pip install -e . builds it)")
 
 
 @pytest.fixture(scope="module")

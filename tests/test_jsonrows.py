@@ -17,19 +17,21 @@ from hypothesis import strategies as st
 
 from tests.helpers import FEATURES
 from tests.test_jsonparse import OldDecoder
-from workers.decode import records
+from workers.decode import records, wire
 from workers.decode.records import MAX_ID_LENGTH, Decoded, RecordDecoder
 from workers.scoring.model import load_model
 from workers.settings import ModelSettings
 
 
-def test_the_native_reader_is_built():
-    """It is built by the install (pyproject's ext-modules); without it every record takes the Python path,
-    correct but ~3x slower: a build that lost it must not pass CI unnoticed."""
-    if records._jsonrows is None:
+@pytest.mark.parametrize("name", ["_jsonrows", "_avrorows"])
+def test_the_native_readers_are_built(name):
+    """Both are built by the install (pyproject's ext-modules); without one its records take the Python path,
+    correct but several times slower: a build that lost it must not pass CI unnoticed."""
+    module = records._jsonrows if name == "_jsonrows" else wire._avrorows
+    if module is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("workers.decode._jsonrows is not built")
-        pytest.skip("workers.decode._jsonrows is not built (pip install -e . builds it)")
+            pytest.fail(f"workers.decode.{name} is not built")
+        pytest.skip(f"workers.decode.{name} is not built (pip install -e . builds it)")
 
 
 @pytest.fixture(scope="module")

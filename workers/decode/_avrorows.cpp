@@ -34,7 +34,9 @@
 
 namespace {
 
-using rows_common::Owned;
+using rows_common::Batch;
+using rows_common::finish;
+using rows_common::id_text;
 using rows_common::P;
 using rows_common::utf8_len;
 
@@ -204,16 +206,6 @@ PyObject* rows(PyObject*, PyObject* args) {
     Py_ssize_t width, max_id;
     if (!PyArg_ParseTuple(args, "OO!OnnO", &values_arg, &PyDict_Type, &programs, &keys_arg, &width, &max_id, &out))
         return nullptr;
-    Owned values(PySequence_List(values_arg));  // our own references while the GIL is released
-    if (!values) return nullptr;
-    const Py_ssize_t n = PyList_GET_SIZE(values.get());
-    bool with_keys = keys_arg != Py_None;
-    Owned keys(with_keys ? PySequence_List(keys_arg) : nullptr);
-    if (with_keys && !keys) return nullptr;
-    if (with_keys && PyList_GET_SIZE(keys.get()) != n) {
-        PyErr_SetString(PyExc_ValueError, "keys must be None or as long as values");
-        return nullptr;
-    }
     std::unordered_map<std::string, std::vector<Field>> progs;
     PyObject *hk, *hv;
     Py_ssize_t pos = 0;
@@ -226,18 +218,13 @@ PyObject* rows(PyObject*, PyObject* args) {
         }
         progs.emplace(std::string(PyBytes_AS_STRING(hk), 5), std::move(fields));
     }
-    Py_buffer buf;
-    if (PyObject_GetBuffer(out, &buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return nullptr;
-    if (buf.len != static_cast<Py_ssize_t>(n * width * sizeof(double))) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "out must hold len(values) x width float64 values");
-        return nullptr;
-    }
-    double* matrix = static_cast<double*>(buf.buf);
+    Batch batch;
+    if (!batch.open(values_arg, keys_arg, out, width)) return nullptr;
+    const Py_ssize_t n = batch.n;
     std::vector<P> starts(static_cast<size_t>(n), nullptr), ends(static_cast<size_t>(n), nullptr);
     std::vector<const std::vector<Field>*> prog_of(static_cast<size_t>(n), nullptr);
     for (Py_ssize_t i = 0; i < n; ++i) {
-        PyObject* v = PyList_GET_ITEM(values.get(), i);
+        PyObject* v = batch.value(i);
         if (!PyBytes_Check(v) || PyBytes_GET_SIZE(v) < 5) continue;
         auto it = progs.find(std::string(PyBytes_AS_STRING(v), 5));
         if (it == progs.end()) continue;
@@ -248,69 +235,26 @@ PyObject* rows(PyObject*, PyObject* args) {
     }
     std::vector<IdOut> ids(static_cast<size_t>(n));
     std::vector<char> fast(static_cast<size_t>(n), 0);
+    double* matrix = batch.matrix;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; ++i) {
         size_t k = static_cast<size_t>(i);
-        if (prog_of[k] == nullptr) continue;
-        double* row = matrix + i * width;
-        if (parse_record(starts[k], ends[k], *prog_of[k], row, ids[k])) {
-            fast[k] = 1;
-        } else {
-            for (Py_ssize_t j = 0; j < width; ++j) row[j] = NAN;
-        }
+        if (prog_of[k] != nullptr) fast[k] = parse_record(starts[k], ends[k], *prog_of[k], matrix + i * width, ids[k]);
     }
     Py_END_ALLOW_THREADS
 
-    Owned id_list(PyList_New(n));
-    Owned slow(PyList_New(0));
-    if (!id_list || !slow) {
-        PyBuffer_Release(&buf);
-        return nullptr;
-    }
-    for (Py_ssize_t i = 0; i < n; ++i) {
-        size_t k = static_cast<size_t>(i);
-        PyObject* rid = nullptr;
-        if (fast[k]) {
-            const IdOut& s = ids[k];
-            PyObject* key = with_keys ? PyList_GET_ITEM(keys.get(), i) : nullptr;
-            if (s.kind == IdOut::Text) {
-                rid = PyUnicode_DecodeUTF8(reinterpret_cast<const char*>(s.start), static_cast<Py_ssize_t>(s.len),
-                                           "strict");
-            } else if (s.kind == IdOut::Number) {
-                rid = PyUnicode_FromFormat("%lld", static_cast<long long>(s.number));
-            } else if (key != nullptr && PyBytes_Check(key)) {  // null or absent: the message key stands in
-                rid = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), "strict");
-            }
-            if (rid == nullptr) {
-                PyErr_Clear();
-            } else if (s.kind != IdOut::Number &&
-                       (PyUnicode_GET_LENGTH(rid) < 1 || PyUnicode_GET_LENGTH(rid) > max_id)) {
-                Py_CLEAR(rid);
-            }
-            if (rid == nullptr) {
-                double* row = matrix + i * width;
-                for (Py_ssize_t j = 0; j < width; ++j) row[j] = NAN;
-            }
+    return finish(batch, fast, [&](Py_ssize_t i) -> PyObject* {
+        const IdOut& s = ids[static_cast<size_t>(i)];
+        if (s.kind == IdOut::Text)
+            return id_text(reinterpret_cast<const char*>(s.start), static_cast<Py_ssize_t>(s.len), max_id);
+        if (s.kind == IdOut::Number) {
+            PyObject* text = PyUnicode_FromFormat("%lld", static_cast<long long>(s.number));
+            if (text == nullptr) PyErr_Clear();
+            return text;
         }
-        if (rid == nullptr) {
-            PyObject* idx = PyLong_FromSsize_t(i);
-            if (idx == nullptr || PyList_Append(slow.get(), idx) < 0) {
-                Py_XDECREF(idx);
-                PyBuffer_Release(&buf);
-                return nullptr;
-            }
-            Py_DECREF(idx);
-            Py_INCREF(Py_None);
-            rid = Py_None;
-        }
-        PyList_SET_ITEM(id_list.get(), i, rid);
-    }
-    PyBuffer_Release(&buf);
-    PyObject* ids_out = id_list.get();
-    PyObject* slow_out = slow.get();
-    Py_INCREF(ids_out);
-    Py_INCREF(slow_out);
-    return Py_BuildValue("(NN)", ids_out, slow_out);
+        PyObject* key = batch.key(i);  // null or absent: the message key stands in
+        return key == nullptr ? nullptr : id_text(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), max_id);
+    });
 }
 
 PyMethodDef methods[] = {

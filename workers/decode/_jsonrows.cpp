@@ -41,7 +41,9 @@
 namespace {
 
 constexpr int MAX_DEPTH = 128;
-using rows_common::Owned;
+using rows_common::Batch;
+using rows_common::finish;
+using rows_common::id_text;
 using rows_common::P;
 using rows_common::utf8_len;
 
@@ -351,18 +353,6 @@ PyObject* rows(PyObject*, PyObject* args) {
     if (!PyArg_ParseTuple(args, "OOO!s#nO", &values_arg, &keys_arg, &PyTuple_Type, &names_obj, &id_field,
                           &id_field_len, &max_id, &out))
         return nullptr;
-    // Lists of our own: they hold a reference to every value and key while the GIL is released, so another
-    // thread changing the caller's list cannot free the bytes being read.
-    Owned values(PySequence_List(values_arg));
-    if (!values) return nullptr;
-    const Py_ssize_t n = PyList_GET_SIZE(values.get());
-    bool with_keys = keys_arg != Py_None;
-    Owned keys(with_keys ? PySequence_List(keys_arg) : nullptr);
-    if (with_keys && !keys) return nullptr;
-    if (with_keys && PyList_GET_SIZE(keys.get()) != n) {
-        PyErr_SetString(PyExc_ValueError, "keys must be None or as long as values");
-        return nullptr;
-    }
     Names names;
     const Py_ssize_t width = PyTuple_GET_SIZE(names_obj);
     names.names.reserve(static_cast<size_t>(width));
@@ -380,91 +370,42 @@ PyObject* rows(PyObject*, PyObject* args) {
             return nullptr;
         }
     }
-    Py_buffer buf;
-    if (PyObject_GetBuffer(out, &buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return nullptr;
-    if (buf.len != static_cast<Py_ssize_t>(n * width * sizeof(double))) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "out must hold len(values) x len(names) float64 values");
-        return nullptr;
-    }
-    double* matrix = static_cast<double*>(buf.buf);
-
+    Batch batch;
+    if (!batch.open(values_arg, keys_arg, out, width)) return nullptr;
+    const Py_ssize_t n = batch.n;
     std::vector<P> starts(static_cast<size_t>(n), nullptr), ends(static_cast<size_t>(n), nullptr);
     std::vector<char> key_given(static_cast<size_t>(n), 0);
     for (Py_ssize_t i = 0; i < n; ++i) {
-        PyObject* v = PyList_GET_ITEM(values.get(), i);
+        PyObject* v = batch.value(i);
         if (PyBytes_Check(v)) {
             starts[static_cast<size_t>(i)] = reinterpret_cast<P>(PyBytes_AS_STRING(v));
             ends[static_cast<size_t>(i)] = starts[static_cast<size_t>(i)] + PyBytes_GET_SIZE(v);
         }
-        if (with_keys && PyBytes_Check(PyList_GET_ITEM(keys.get(), i))) key_given[static_cast<size_t>(i)] = 1;
+        key_given[static_cast<size_t>(i)] = batch.key(i) != nullptr;
     }
     std::vector<IdSpan> ids(static_cast<size_t>(n));
     std::vector<char> fast(static_cast<size_t>(n), 0);
     std::string_view idf(id_field, static_cast<size_t>(id_field_len));
     auto id_at = names.index.find(idf);
     const int id_col = id_at == names.index.end() ? -1 : id_at->second;
+    double* matrix = batch.matrix;
 
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; ++i) {
         size_t k = static_cast<size_t>(i);
         if (starts[k] == nullptr) continue;
-        double* row = matrix + i * width;
-        if (parse_record(starts[k], ends[k], names, idf, id_col, row, ids[k], key_given[k] != 0)) {
-            fast[k] = 1;
-        } else {
-            for (Py_ssize_t j = 0; j < width; ++j) row[j] = NAN;
-        }
+        fast[k] = parse_record(starts[k], ends[k], names, idf, id_col, matrix + i * width, ids[k], key_given[k] != 0);
     }
     Py_END_ALLOW_THREADS
 
-    PyObject* id_list = PyList_New(n);
-    PyObject* slow = PyList_New(0);
-    if (id_list == nullptr || slow == nullptr) {
-        Py_XDECREF(id_list);
-        Py_XDECREF(slow);
-        PyBuffer_Release(&buf);
-        return nullptr;
-    }
-    for (Py_ssize_t i = 0; i < n; ++i) {
-        size_t k = static_cast<size_t>(i);
-        PyObject* rid = nullptr;
-        if (fast[k]) {
-            const IdSpan& s = ids[k];
-            if (s.from_key) {
-                PyObject* key = PyList_GET_ITEM(keys.get(), i);
-                rid = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), "strict");
-            } else {
-                rid = PyUnicode_DecodeUTF8(reinterpret_cast<const char*>(s.start), static_cast<Py_ssize_t>(s.len),
-                                           "strict");
-            }
-            if (rid == nullptr) {
-                PyErr_Clear();  // a key that is not UTF-8: the Python path gives its reason
-            } else if (PyUnicode_GET_LENGTH(rid) < 1 || PyUnicode_GET_LENGTH(rid) > max_id) {
-                Py_CLEAR(rid);
-            }
-            if (rid == nullptr) {
-                double* row = matrix + i * width;
-                for (Py_ssize_t j = 0; j < width; ++j) row[j] = NAN;
-            }
+    return finish(batch, fast, [&](Py_ssize_t i) -> PyObject* {
+        const IdSpan& s = ids[static_cast<size_t>(i)];
+        if (s.from_key) {
+            PyObject* key = batch.key(i);
+            return id_text(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), max_id);
         }
-        if (rid == nullptr) {
-            PyObject* idx = PyLong_FromSsize_t(i);
-            if (idx == nullptr || PyList_Append(slow, idx) < 0) {
-                Py_XDECREF(idx);
-                Py_DECREF(id_list);
-                Py_DECREF(slow);
-                PyBuffer_Release(&buf);
-                return nullptr;
-            }
-            Py_DECREF(idx);
-            Py_INCREF(Py_None);
-            rid = Py_None;
-        }
-        PyList_SET_ITEM(id_list, i, rid);
-    }
-    PyBuffer_Release(&buf);
-    return Py_BuildValue("(NN)", id_list, slow);
+        return id_text(reinterpret_cast<const char*>(s.start), static_cast<Py_ssize_t>(s.len), max_id);
+    });
 }
 
 PyMethodDef methods[] = {

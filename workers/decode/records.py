@@ -67,7 +67,7 @@ class RecordDecoder:
         # categories 5 is "5", as the Arrow path (scoring.model_values) matches them.
         self.numeric_categories = {i: bool(cats) and all(type(c) in (int, float) for c in cats)
                                    for i, cats in model.categorical.items() if cats is not None}
-        self._names_tuple = tuple(self.names)
+        self.names_tuple = tuple(self.names)
         try:  # names the native reader can compare with a record's UTF-8 text (a lone surrogate cannot be one)
             for name in (*self.names, id_field):
                 name.encode()
@@ -125,7 +125,7 @@ class RecordDecoder:
         with ``from_json`` by ``jsonparse.parse_values`` (a router with several decoders parses a batch once)."""
         if parsed is None and self.native_for(values, keys):
             assert _jsonrows is not None
-            spelled, field_ = self._names_tuple, self.id_field
+            spelled, field_ = self.names_tuple, self.id_field
             return self.decode_rows(values, keys, lambda v, k, out: _jsonrows.rows(v, k, spelled, field_,
                                                                                  MAX_ID_LENGTH, out),
                                     parse_values, from_json=True)

@@ -187,7 +187,7 @@ class AvroFormat(WireFormat):
         and every record it does not accept by ``parse`` and the decoder's Python path."""
         if _avrorows is None or not decoder.native_for(values, keys):
             return None
-        signature = (decoder._names_tuple, decoder.id_field)
+        signature = (decoder.names_tuple, decoder.id_field)
         with self.lock:
             compiled = [(sid, c) for sid, c in self.compiled.items() if type(c) is tuple and c[1] is not None]
         programs: dict[bytes, tuple[int, ...]] = {}
