@@ -347,6 +347,9 @@ def test_the_one_name_two_sources_can_share_is_guarded_by_the_ledger(tmp_path):
     sink = ParquetSink(str(tmp_path / "out"), S3Settings())
     sink.check()
     ledger = sink.ledger()
+    from tests.test_breakit_batch_ledger import _publish, _results
+
+    _publish(sink, "/lake/day=1/part-0.parquet", _results([f"r{i}" for i in range(10)]))  # the Ledger order
     ledger.mark_done("/lake/day=1/part-0.parquet", "fp", 10, 0)
     assert ledger.done("/lake/day=1/part-0.parquet") == "fp"
     with pytest.raises(InputError, match="already holds the results of /lake/day=1/part-0.parquet"):

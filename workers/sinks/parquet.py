@@ -334,22 +334,28 @@ class ParquetSink(Sink, Ledger):
         entry = {"unit": unit, "output": result_name(unit), "fingerprint": fingerprint, "rows": rows,
                  "rejected": rejected, "at": time.time()}
         self._write_entry(unit, entry)
-        if rows and split_range(unit) is not None:
-            # Another run cut otherwise removes an overlapping range's results, then its entry; had it done so
-            # between this unit's publish and the entry just written, the entry would say done for rows that
-            # are gone (a rerun skipped them). Looked at after the write, the results are there or the unit fails.
-            try:
-                there = self.fs.get_file_info(f"{self.root}/{result_name(unit)}").type != pafs.FileType.NotFound
-            except OSError:
-                there = True  # not known: the end-of-run check still looks at the entry
-            if not there:
+        # Another run cut otherwise removes overlapping results (a range's, or the whole file's), then their
+        # entries; had it done so between this unit's publish and the entry just written, the entry would say
+        # done for rows that are gone (a rerun skipped them). Looked at after the write, what the unit published
+        # (results, rejected rows) is there, or the entry goes and the unit fails.
+        published = [name for name, n in ((result_name(unit), rows), (f"_errors/{result_name(unit)}", rejected))
+                     if n]
+        try:
+            gone = [name for name in published
+                    if self.fs.get_file_info(f"{self.root}/{name}").type == pafs.FileType.NotFound]
+        except OSError:
+            gone = []  # not known: the end-of-run check still looks at the entry
+        if gone:
+            if split_range(unit) is None:  # the other cut marked the file split: kept, so its ranges go later
+                self._write_entry(unit, {"unit": unit, "output": result_name(unit), "split": True})
+            else:
                 try:
                     self.fs.delete_file(self._state_path(unit))
                 except (FileNotFoundError, OSError):
                     pass
-                raise InputError("its results were removed meanwhile by another run into this output, cut with "
-                                 "another SCORING_BATCH__UNIT_BYTES; rerun (and give every run into one output "
-                                 "the same unit_bytes)")
+            raise InputError(f"its results ({gone[0]}) were removed meanwhile, by another run into this output "
+                             "cut with another SCORING_BATCH__UNIT_BYTES (or by hand); rerun (and give every run "
+                             "into one output the same unit_bytes)")
 
     def _write_entry(self, unit: str, entry: dict) -> None:
         out = _File(self.fs, self._state_path(unit), self.atomic_rename)
@@ -384,12 +390,16 @@ class ParquetSink(Sink, Ledger):
                 self._remove_results(unit, lambda first, last, groups: True)
             return
         location, first, last, groups = span
-        self._write_entry(location, {"unit": location, "output": result_name(location), "split": True})
+        split = {"unit": location, "output": result_name(location), "split": True}
+        self._write_entry(location, split)
 
         def stale(a: int, b: int, n: int) -> bool:
             return n != groups or ((a, b) != (first, last) and a <= last and first <= b)
 
         self._remove_results(location, stale, whole=True)
+        # Again after the removal: a whole-file run that recorded the file done meanwhile (after the first
+        # write) lost its results just now; the mark replaces its entry, so a rerun scores the file again.
+        self._write_entry(location, split)
 
     def _remove_results(self, location: str, stale, whole: bool = False) -> None:
         pattern = _parts_pattern(location)
@@ -403,6 +413,8 @@ class ParquetSink(Sink, Ledger):
                 continue
             for entry in entries:
                 m = pattern.fullmatch(entry.base_name)
+                if m and self._owned_by_other(f"{location}{RANGE_MARK}{m[1]}-{m[2]}-of-{m[3]}"):
+                    continue  # another input's results that only look like a range of this one
                 if (m and stale(int(m[1]), int(m[2]), int(m[3]))) or (whole and entry.base_name == whole_base):
                     try:
                         self.fs.delete_file(entry.path)
@@ -415,6 +427,16 @@ class ParquetSink(Sink, Ledger):
                             self.fs.delete_file(self._state_path(f"{location}{RANGE_MARK}{m[1]}-{m[2]}-of-{m[3]}"))
                         except (FileNotFoundError, OSError):
                             pass
+
+    def _owned_by_other(self, unit: str) -> bool:
+        """Whether the ledger entry of ``unit``'s output name belongs to another unit (an input named like a
+        range of another, ``big.row-groups-0-9-of-20.parquet`` beside ``big.parquet``)."""
+        try:
+            with self.fs.open_input_stream(self._state_path(unit)) as f:
+                owner = json.loads(f.read()).get("unit")
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+        return bool(owner) and owner != unit
 
     def check(self) -> None:
         try:
