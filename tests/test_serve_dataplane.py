@@ -148,9 +148,9 @@ class Counting:
         return self.model.predict(matrix)
 
 
-def batcher(max_rows: int, latency_s: float) -> Batcher:
+def batcher(max_rows: int, latency_s: float, **kw) -> Batcher:
     r = CollectorRegistry()
-    return Batcher(max_rows, latency_s, Histogram("rows", "r", registry=r), Histogram("reqs", "r", registry=r))
+    return Batcher(max_rows, latency_s, Histogram("rows", "r", registry=r), Histogram("reqs", "r", registry=r), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +279,55 @@ def test_a_batch_waiting_for_a_request_that_never_comes_goes_at_its_deadline(bin
     np.testing.assert_allclose(pred, binary.predict(a))
     np.testing.assert_allclose(late, binary.predict(a))
     assert counting.calls == [2, 2], counting.calls
+
+
+class Threads(Counting):
+    """Counting, and on which thread each call ran; ``delay`` seconds per call (a slow model)."""
+
+    def __init__(self, model, delay: float = 0.0):
+        super().__init__(model)
+        self.delay, self.threads = delay, []
+
+    def predict(self, matrix):
+        import threading
+        import time
+
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        return super().predict(matrix)
+
+
+def test_a_lone_short_request_is_predicted_on_the_loop_and_anything_else_on_the_predict_thread(binary):
+    """A lone request whose model is known to be fast skips the hand-off to the predict thread (#19: ~0.1 ms of a
+    1-row request's 0.5 ms); the first call (cost unknown), a slow model, a large request and requests with
+    company go to the predict thread, so the loop stays free while they run. Answers are the same either way."""
+    import threading
+
+    fast, slow = Threads(binary), Threads(binary, delay=0.2)  # 0.2 s a call: over inline_s for any size
+    one, big = np.ones((1, 8)), np.random.default_rng(3).normal(size=(20_000, 8))
+
+    async def go():
+        # 50 ms (the product's is 0.5 ms) so that a busy test machine still counts a 1-row call as short
+        bt = batcher(100_000, 0.05, inline_s=0.05)
+        bt.task = asyncio.create_task(bt.run())
+        loop_thread = threading.current_thread().name
+        try:
+            got = [await bt.predict(one, fast) for _ in range(3)]  # first on the predict thread, then measured
+            await bt.predict(big, fast)  # 20,000 rows: longer than INLINE_S at the measured cost per row
+            got.append(await bt.predict(one, fast))
+            pair = await asyncio.gather(bt.predict(one, fast), bt.predict(one * 2, fast))  # with company
+            for _ in range(2):
+                await bt.predict(one, slow)
+            return loop_thread, got, pair
+        finally:
+            bt.task.cancel()
+
+    loop_thread, got, pair = asyncio.run(go())
+    assert fast.threads[0] != loop_thread and fast.threads[1:3] == [loop_thread, loop_thread], fast.threads
+    assert fast.threads[3] != loop_thread, "a 20,000-row request ran on the loop"
+    assert fast.threads[4] == loop_thread and fast.threads[5] != loop_thread, fast.threads  # alone; with company
+    assert fast.calls[5] == 2  # the pair shared one call, on the predict thread
+    assert all(t != loop_thread for t in slow.threads), slow.threads
+    for p in got:
+        np.testing.assert_allclose(p, binary.predict(one), rtol=0)
+    np.testing.assert_allclose(pair[1], binary.predict(one * 2), rtol=0)
