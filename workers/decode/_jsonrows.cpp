@@ -19,6 +19,17 @@
 //   ids      list: the id (str) of each fast record, None for the slow ones
 //   slow     list of the indices of the slow records, ascending
 //
+// oip_data(head) -> None | (remainder, tensors)
+//   The numbers of an Open Inference Protocol REST request's input tensors, without a Python float each
+//   (workers/decode/oip.py). head: the request's JSON (bytes). For the usual request (an object whose "inputs"
+//   is a list of objects, whose "data" arrays hold only JSON numbers and null, flat or in rows of one level)
+//   it gives tensors, a list of (input index, float64 values as a bytearray, rows, cols): rows -1 for a flat
+//   array (cols: its length), else the number of rows and their common length (cols -1 when they differ),
+//   and remainder: head with each such data array replaced by [] (orjson reads the rest, a few hundred bytes).
+//   None (the whole request for the Python path) when head is not valid JSON by the same checks as rows(),
+//   spells a key with an escape, repeats "inputs" or an input's "data", or has no such array. A data array with
+//   anything else in it (text, true, an empty row, deeper nesting) stays in the remainder, as it was.
+//
 // The parse runs without the GIL (the values are immutable bytes, held by a list of the function's own); ids
 // are made once it is taken back. Numbers: integers of up to 18 digits exactly as int64 -> double (what numpy does with
 // Python's int), others with std::from_chars (correctly rounded, locale-free; libstdc++'s is fast_float).
@@ -408,8 +419,242 @@ PyObject* rows(PyObject*, PyObject* args) {
     });
 }
 
+// -- oip_data ------------------------------------------------------------------------------------------
+
+struct OipTensor {
+    Py_ssize_t index;
+    P start, end;  // the data array's bytes in head
+    std::vector<double> values;
+    Py_ssize_t rows, cols;
+};
+
+// One number or null into out (null: NaN).
+inline bool oip_number(P& p, P e, std::vector<double>& out) {
+    if (p < e && *p == 'n') {
+        if (!skip_literal(p, e, "null", 4)) return false;
+        out.push_back(std::nan(""));
+        return true;
+    }
+    double d;
+    if (scan_number(p, e, &d) != Num::Value) return false;
+    out.push_back(d);
+    return true;
+}
+
+// A data array at p ('['): numbers and null, flat or in rows (arrays of them) of one level. False: anything
+// else (p is then meaningless: the caller validates the value again from its start).
+bool oip_array(P& p, P e, OipTensor& t) {
+    ++p;
+    skip_ws(p, e);
+    if (p >= e || *p == ']') return false;  // empty: the Python path decides
+    bool nested = *p == '[';
+    t.rows = nested ? 0 : -1;
+    t.cols = 0;
+    while (true) {
+        if (nested) {
+            if (p >= e || *p != '[') return false;
+            ++p;
+            skip_ws(p, e);
+            Py_ssize_t n = 0;
+            if (p < e && *p == ']') return false;  // an empty row
+            while (true) {
+                if (!oip_number(p, e, t.values)) return false;
+                ++n;
+                skip_ws(p, e);
+                if (p < e && *p == ',') {
+                    ++p;
+                    skip_ws(p, e);
+                    continue;
+                }
+                if (p < e && *p == ']') {
+                    ++p;
+                    break;
+                }
+                return false;
+            }
+            if (t.rows == 0) t.cols = n;
+            else if (t.cols != n) t.cols = -1;
+            ++t.rows;
+        } else {
+            if (!oip_number(p, e, t.values)) return false;
+            ++t.cols;
+        }
+        skip_ws(p, e);
+        if (p < e && *p == ',') {
+            ++p;
+            skip_ws(p, e);
+            continue;
+        }
+        if (p < e && *p == ']') {
+            ++p;
+            return true;
+        }
+        return false;
+    }
+}
+
+// A key at p (on its quote) -> its text; false for an escaped key or a bad string.
+inline bool oip_key(P& p, P e, std::string_view& key) {
+    if (p >= e || *p != '"') return false;
+    P s;
+    size_t n;
+    bool esc;
+    if (!scan_string(p, e, s, n, esc) || esc) return false;
+    key = std::string_view(reinterpret_cast<const char*>(s), n);
+    skip_ws(p, e);
+    if (p >= e || *p != ':') return false;
+    ++p;
+    skip_ws(p, e);
+    return true;
+}
+
+// One element of "inputs" at p: an object gives at most one tensor; anything else is only validated.
+bool oip_input(P& p, P e, Py_ssize_t index, std::vector<OipTensor>& out) {
+    if (p >= e || *p != '{') return skip_value(p, e, 2);
+    ++p;
+    skip_ws(p, e);
+    if (p < e && *p == '}') {
+        ++p;
+        return true;
+    }
+    bool seen_data = false;
+    while (true) {
+        std::string_view key;
+        if (!oip_key(p, e, key)) return false;
+        if (key == "data") {
+            if (seen_data) return false;  // repeated: orjson keeps the last; the Python path reads it
+            seen_data = true;
+            P at = p;
+            OipTensor t;
+            t.index = index;
+            if (p < e && *p == '[' && oip_array(p, e, t)) {
+                t.start = at;
+                t.end = p;
+                out.push_back(std::move(t));
+            } else {
+                p = at;
+                if (!skip_value(p, e, 3)) return false;
+            }
+        } else if (!skip_value(p, e, 3)) {
+            return false;
+        }
+        skip_ws(p, e);
+        if (p < e && *p == ',') {
+            ++p;
+            skip_ws(p, e);
+            continue;
+        }
+        if (p < e && *p == '}') {
+            ++p;
+            return true;
+        }
+        return false;
+    }
+}
+
+// The whole request; false: the Python path.
+bool oip_request(P p, P e, std::vector<OipTensor>& out) {
+    skip_ws(p, e);
+    if (p >= e || *p != '{') return false;
+    ++p;
+    skip_ws(p, e);
+    bool seen_inputs = false;
+    if (p < e && *p == '}') return false;
+    while (true) {
+        std::string_view key;
+        if (!oip_key(p, e, key)) return false;
+        if (key == "inputs") {
+            if (seen_inputs) return false;
+            seen_inputs = true;
+            if (p < e && *p == '[') {
+                ++p;
+                skip_ws(p, e);
+                if (p < e && *p == ']') {
+                    ++p;
+                } else {
+                    for (Py_ssize_t i = 0;; ++i) {
+                        if (!oip_input(p, e, i, out)) return false;
+                        skip_ws(p, e);
+                        if (p < e && *p == ',') {
+                            ++p;
+                            skip_ws(p, e);
+                            continue;
+                        }
+                        if (p < e && *p == ']') {
+                            ++p;
+                            break;
+                        }
+                        return false;
+                    }
+                }
+            } else if (!skip_value(p, e, 1)) {
+                return false;
+            }
+        } else if (!skip_value(p, e, 1)) {
+            return false;
+        }
+        skip_ws(p, e);
+        if (p < e && *p == ',') {
+            ++p;
+            skip_ws(p, e);
+            continue;
+        }
+        if (p < e && *p == '}') {
+            ++p;
+            break;
+        }
+        return false;
+    }
+    skip_ws(p, e);
+    return p == e && !out.empty();
+}
+
+PyObject* oip_data(PyObject*, PyObject* args) {
+    PyObject* head;
+    if (!PyArg_ParseTuple(args, "O!", &PyBytes_Type, &head)) return nullptr;
+    Py_INCREF(head);  // bytes are immutable; held while the GIL is released
+    P start = reinterpret_cast<P>(PyBytes_AS_STRING(head));
+    P end = start + PyBytes_GET_SIZE(head);
+    std::vector<OipTensor> tensors;
+    bool ok;
+    std::string remainder;
+    Py_BEGIN_ALLOW_THREADS
+    ok = oip_request(start, end, tensors);
+    if (ok) {
+        P at = start;
+        for (const OipTensor& t : tensors) {
+            remainder.append(reinterpret_cast<const char*>(at), static_cast<size_t>(t.start - at));
+            remainder.append("[]");
+            at = t.end;
+        }
+        remainder.append(reinterpret_cast<const char*>(at), static_cast<size_t>(end - at));
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(head);
+    if (!ok) Py_RETURN_NONE;
+    PyObject* list = PyList_New(static_cast<Py_ssize_t>(tensors.size()));
+    if (list == nullptr) return nullptr;
+    for (size_t k = 0; k < tensors.size(); ++k) {
+        const OipTensor& t = tensors[k];
+        PyObject* values = PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(t.values.data()),
+                                                         static_cast<Py_ssize_t>(t.values.size() * sizeof(double)));
+        if (values == nullptr) {
+            Py_DECREF(list);
+            return nullptr;
+        }
+        PyObject* item = Py_BuildValue("(nNnn)", t.index, values, t.rows, t.cols);
+        if (item == nullptr) {
+            Py_DECREF(list);
+            return nullptr;
+        }
+        PyList_SET_ITEM(list, static_cast<Py_ssize_t>(k), item);
+    }
+    return Py_BuildValue("(y#N)", remainder.data(), static_cast<Py_ssize_t>(remainder.size()), list);
+}
+
 PyMethodDef methods[] = {
     {"rows", rows, METH_VARARGS, "JSON records -> feature rows and ids (see workers/decode/_jsonrows.cpp)."},
+    {"oip_data", oip_data, METH_VARARGS, "An OIP REST request's tensor numbers (see workers/decode/_jsonrows.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

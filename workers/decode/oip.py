@@ -14,6 +14,11 @@ binary tensor are refused. The binary tensor extension is supported
 both ways: ``Inference-Header-Content-Length`` gives the JSON header's length, tensors with
 ``parameters.binary_data_size`` follow it in order; outputs requested with ``binary_data`` (or the
 request parameter ``binary_data_output``) are returned the same way.
+
+The numbers of the usual request (FP tensors of JSON numbers and null) are read by the native reader
+(``_jsonrows.oip_data``: no Python float per value; orjson reads the rest of the request); anything it does not
+take, or any request that turns out to be malformed, is read again by the Python path, which gives the answer or
+the error, so both paths answer alike by construction (tests/test_oip_native.py checks it differentially).
 """
 
 from __future__ import annotations
@@ -30,6 +35,18 @@ import orjson
 from workers.errors import BadRequest, InputError
 from workers.scoring.features import model_values
 from workers.scoring.model import Model
+
+try:  # the native reader (workers/decode/_jsonrows.cpp), built by the install
+    from workers.decode import _jsonrows
+except ImportError:  # pragma: no cover - a source tree without the built module: the Python path alone
+    _jsonrows = None  # type: ignore[assignment]
+
+# (float64 values, rows (-1: flat), cols) of one input's data read by the native reader
+Native = tuple[bytearray, int, int]
+
+
+class _Slow(Exception):
+    """The native reader's values do not fit this input: the request goes to the Python path."""
 
 DTYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -218,7 +235,18 @@ def check_head(name: object, dtype: object, shape: object) -> tuple[str, str, li
     return name, dtype, shape
 
 
-def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndarray, int]:
+def _native_values(name: str, dtype: str, shape: list[int], size: int, native: Native) -> np.ndarray:
+    """An input's values from the native reader, laid out as ``_numbers`` takes them; else ``_Slow``."""
+    values, rows, cols = native
+    if not dtype.startswith("FP"):
+        raise _Slow
+    if rows < 0 and cols != size or rows >= 0 and (len(shape) != 2 or rows != shape[0] or cols != shape[1]):
+        raise _Slow
+    return _in_range(name, dtype, np.frombuffer(values, dtype=np.float64))
+
+
+def _tensor(spec: dict, binary: memoryview | None, offset: int,
+            native: Native | None = None) -> tuple[np.ndarray, int]:
     """One input tensor -> (values shaped [N] or [N, k]: float64, or object (str) for BYTES; next offset)."""
     name, dtype, shape = check_head(spec.get("name"), spec.get("datatype"), spec.get("shape"))
     size = math.prod(shape)
@@ -236,7 +264,10 @@ def _tensor(spec: dict, binary: memoryview | None, offset: int) -> tuple[np.ndar
     else:
         if "data" not in spec:
             raise BadRequest(f"input {name!r}: no data (and no parameters.binary_data_size)")
-        values = _json_values(name, dtype, spec["data"], shape, size)
+        if native is not None:
+            values = _native_values(name, dtype, shape, size, native)
+        else:
+            values = _json_values(name, dtype, spec["data"], shape, size)
     return values.reshape(shape), offset
 
 
@@ -250,7 +281,19 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
         head, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         head, binary = body, None
-    req = _loads(head)
+    native = _jsonrows.oip_data(head) if _jsonrows is not None else None
+    if native is not None:
+        remainder, tensors = native
+        try:
+            return _parse(_loads(remainder), binary, model, {i: (v, r, c) for i, v, r, c in tensors})
+        except (_Slow, BadRequest):  # read again whole, so the answer or the error is the Python path's
+            pass
+    return _parse(_loads(head), binary, model, None)
+
+
+def _parse(req: Any, binary: memoryview | None, model: Model, native: dict[int, Native] | None) -> InferRequest:
+    """``parse`` of the loaded JSON ``req``; ``native``: input index -> its values read natively (the request's
+    data arrays there are empty)."""
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise BadRequest("body must be an object with a non-empty 'inputs' list")
     rid = req.get("id")
@@ -259,10 +302,10 @@ def parse(body: bytes, header_length: int | None, model: Model) -> InferRequest:
     params = _parameters(req, "request")
     offset = 0
     tensors: dict[str, np.ndarray] = {}
-    for spec in req["inputs"]:
+    for i, spec in enumerate(req["inputs"]):
         if not isinstance(spec, dict):
             raise BadRequest("each input must be an object")
-        values, offset = _tensor(spec, binary, offset)
+        values, offset = _tensor(spec, binary, offset, native.get(i) if native else None)
         if spec["name"] in tensors:
             raise BadRequest(f"input {spec['name']!r} is given twice")
         tensors[spec["name"]] = values
