@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qsl
 
 import pyarrow as pa
@@ -63,6 +64,30 @@ class Producer:
                 self.producer.poll(0.05)
             except KafkaException as exc:
                 raise SinkError(f"producing to {topic}: {exc.args[0].str() if exc.args else exc}") from None
+
+    def send_all(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+        """Send (key, value) messages in order with one ``produce_batch`` call (a Python ``produce`` call per
+        message cost ~0.9 us more of CPU each, #19). A full local queue lets deliveries drain it, then the batch
+        is sent again from its first refused message on: messages after it that were queued are sent twice (at
+        least once; never reordered, so the last result for a key stays the last)."""
+        batch: list[dict[str, Any]] = [{"value": v, "key": k} for k, v in messages]
+        while batch:
+            try:
+                queued = self.producer.produce_batch(topic, batch)
+            except BufferError:  # the whole batch refused for a full queue
+                queued = 0
+                for m in batch:
+                    m.setdefault("_error", KafkaError(KafkaError._QUEUE_FULL))
+            except KafkaException as exc:
+                raise SinkError(f"producing to {topic}: {exc.args[0].str() if exc.args else exc}") from None
+            if queued == len(batch):
+                return
+            first = next(i for i, m in enumerate(batch) if m.get("_error") is not None)
+            error = batch[first]["_error"]
+            if error.code() != KafkaError._QUEUE_FULL:
+                raise SinkError(f"producing to {topic}: {error.str()}")
+            batch = [{"value": m["value"], "key": m["key"]} for m in batch[first:]]
+            self.producer.poll(0.05)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Block until every record sent so far is acknowledged; raise SinkError otherwise."""
@@ -165,8 +190,7 @@ class KafkaSink(Sink):
                for i, (k, v) in enumerate(messages) if len(k or b"") + len(v) > limit}
         if big:
             raise RowsRejected(big)
-        for key, value in messages:
-            self.producer.send(self.topic, value, key)
+        self.producer.send_all(self.topic, messages)
         try:
             self.producer.flush(30)
         except SinkError as exc:
