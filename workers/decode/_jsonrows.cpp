@@ -421,6 +421,24 @@ PyObject* rows(PyObject*, PyObject* args) {
 
 // -- oip_data ------------------------------------------------------------------------------------------
 
+enum class Next { More, Done, Bad };
+
+// After an item of a list or object closed by close: More (a comma, skipped with the whitespace after it),
+// Done (the close, skipped) or Bad.
+inline Next next_item(P& p, P e, unsigned char close) {
+    skip_ws(p, e);
+    if (p < e && *p == ',') {
+        ++p;
+        skip_ws(p, e);
+        return Next::More;
+    }
+    if (p < e && *p == close) {
+        ++p;
+        return Next::Done;
+    }
+    return Next::Bad;
+}
+
 struct OipTensor {
     Py_ssize_t index;
     P start, end;  // the data array's bytes in head
@@ -460,17 +478,9 @@ bool oip_array(P& p, P e, OipTensor& t) {
             while (true) {
                 if (!oip_number(p, e, t.values)) return false;
                 ++n;
-                skip_ws(p, e);
-                if (p < e && *p == ',') {
-                    ++p;
-                    skip_ws(p, e);
-                    continue;
-                }
-                if (p < e && *p == ']') {
-                    ++p;
-                    break;
-                }
-                return false;
+                Next next = next_item(p, e, ']');
+                if (next == Next::Bad) return false;
+                if (next == Next::Done) break;
             }
             if (t.rows == 0) t.cols = n;
             else if (t.cols != n) t.cols = -1;
@@ -479,17 +489,8 @@ bool oip_array(P& p, P e, OipTensor& t) {
             if (!oip_number(p, e, t.values)) return false;
             ++t.cols;
         }
-        skip_ws(p, e);
-        if (p < e && *p == ',') {
-            ++p;
-            skip_ws(p, e);
-            continue;
-        }
-        if (p < e && *p == ']') {
-            ++p;
-            return true;
-        }
-        return false;
+        Next next = next_item(p, e, ']');
+        if (next != Next::More) return next == Next::Done;
     }
 }
 
@@ -538,17 +539,8 @@ bool oip_input(P& p, P e, Py_ssize_t index, std::vector<OipTensor>& out) {
         } else if (!skip_value(p, e, 3)) {
             return false;
         }
-        skip_ws(p, e);
-        if (p < e && *p == ',') {
-            ++p;
-            skip_ws(p, e);
-            continue;
-        }
-        if (p < e && *p == '}') {
-            ++p;
-            return true;
-        }
-        return false;
+        Next next = next_item(p, e, '}');
+        if (next != Next::More) return next == Next::Done;
     }
 }
 
@@ -574,17 +566,9 @@ bool oip_request(P p, P e, std::vector<OipTensor>& out) {
                 } else {
                     for (Py_ssize_t i = 0;; ++i) {
                         if (!oip_input(p, e, i, out)) return false;
-                        skip_ws(p, e);
-                        if (p < e && *p == ',') {
-                            ++p;
-                            skip_ws(p, e);
-                            continue;
-                        }
-                        if (p < e && *p == ']') {
-                            ++p;
-                            break;
-                        }
-                        return false;
+                        Next next = next_item(p, e, ']');
+                        if (next == Next::Bad) return false;
+                        if (next == Next::Done) break;
                     }
                 }
             } else if (!skip_value(p, e, 1)) {
@@ -593,17 +577,9 @@ bool oip_request(P p, P e, std::vector<OipTensor>& out) {
         } else if (!skip_value(p, e, 1)) {
             return false;
         }
-        skip_ws(p, e);
-        if (p < e && *p == ',') {
-            ++p;
-            skip_ws(p, e);
-            continue;
-        }
-        if (p < e && *p == '}') {
-            ++p;
-            break;
-        }
-        return false;
+        Next next = next_item(p, e, '}');
+        if (next == Next::Bad) return false;
+        if (next == Next::Done) break;
     }
     skip_ws(p, e);
     return p == e && !out.empty();
