@@ -331,3 +331,48 @@ def test_a_lone_short_request_is_predicted_on_the_loop_and_anything_else_on_the_
     for p in got:
         np.testing.assert_allclose(p, binary.predict(one), rtol=0)
     np.testing.assert_allclose(pair[1], binary.predict(one * 2), rtol=0)
+
+
+def test_a_row_that_costs_more_than_those_measured_blocks_the_loop_at_most_once_and_briefly(binary):
+    """Break-it review: a model whose rows cost 4 us or 1.4 ms by their values (a tree walked to its deepest leaf)
+    had a lone 60-row request predicted on the loop for 91 ms, its cost guessed from cheap rows. Now only
+    requests of at most INLINE_ROWS rows go there, and the cost per row is the highest seen, decaying a call:
+    after one slow call the next ones go to the predict thread until the cost has come down again."""
+    from workers.runtime.serve import batcher as bm
+
+    bt = batcher(100, 0.05)
+    item = (np.ones((1, 8)), None, binary, None)
+    assert not bt._lone([item], 1, binary)  # cost unknown: the predict thread
+    bt._measured(binary, 4e-6 * 256, 256)  # cheap rows
+    assert bt._lone([item], 1, binary) and bt._lone([item], bm.INLINE_ROWS, binary)
+    assert not bt._lone([item], bm.INLINE_ROWS + 1, binary)  # 60 deep rows can never run on the loop
+    assert not bt._lone([item, item], 2, binary)  # with company
+    bt._measured(binary, 1.4e-3 * 4, 4)  # one slow call (4 deep rows, on the loop: 5.6 ms once)
+    assert not bt._lone([item], 1, binary)
+    calls = 0
+    while not bt._lone([item], 1, binary):  # cheap calls again: the remembered cost comes down by COST_DECAY each
+        bt._measured(binary, 4e-6, 1)
+        calls += 1
+    assert 5 <= calls <= 40, calls
+    assert bt._cost(binary) <= bm.INLINE_S and bt._cost(binary) > 4e-6
+
+
+def test_a_large_request_after_cheap_ones_runs_on_the_predict_thread(binary):
+    slow_rows = Threads(binary)
+    cheap, large = np.ones((1, 8)), np.ones((60, 8))
+
+    async def go():
+        import threading
+
+        bt = batcher(1000, 0.05, inline_s=10.0)  # any expected time counts as short here: only the row cap decides
+        bt.task = asyncio.create_task(bt.run())
+        try:
+            for _ in range(3):
+                await bt.predict(cheap, slow_rows)
+            await bt.predict(large, slow_rows)
+            return threading.current_thread().name
+        finally:
+            bt.task.cancel()
+
+    loop_thread = asyncio.run(go())
+    assert slow_rows.threads[1:3] == [loop_thread, loop_thread] and slow_rows.threads[3] != loop_thread

@@ -8,10 +8,15 @@ parsed) and not yet submitted it. With nothing else in flight a request is predi
 requests queued during one predict call form the next. Waiting a fixed time with nobody coming cost a single
 client 2 ms a request (2.3x slower than MLServer and KServe at one connection, measured in #19).
 
-A lone request whose predict call is expected to be short (``INLINE_S``, from the model's last calls) is
+A lone request of at most ``INLINE_ROWS`` rows whose predict call is expected to be short (``INLINE_S``) is
 predicted on the event loop itself rather than on the predict thread: the hand-off there and back cost a lone
-1-row request ~0.1 ms, a fifth of its time over REST (#19). Anything longer, or with company, goes to the
-predict thread, so the loop keeps reading and parsing requests (and answering probes) while predict runs.
+1-row request ~0.1 ms, a fifth of its time over REST (#19). Anything larger or longer, or with company, goes to
+the predict thread, so the loop keeps reading and parsing requests (and answering probes) while predict runs.
+The expected time is rows times the model's cost per row, a maximum over its calls that decays by
+``COST_DECAY`` a call: a row can cost far more than the rows measured so far (a tree walked to its deepest
+leaf), so one slow call keeps the next ones off the loop, and the row cap bounds what such a row can block
+(a review's model whose rows cost 4 us or 1.4 ms by their values blocked the loop 91 ms with one 60-row request
+predicted on it before the cap).
 
 The wait is event-driven, not polled: a gathering batch parks on one future that ``submit`` (a request queued)
 or the last ``Arrival.close`` (nobody on the way any more) resolves, with a timer for the deadline. Polling the
@@ -36,8 +41,11 @@ from workers.scoring.model import Model
 
 # (matrix, its predictions' future, the model, the requesting span's context when tracing is on)
 Item = tuple[np.ndarray, asyncio.Future, Model, Any]
-# A lone request expected to predict within this many seconds is predicted on the event loop (module docstring).
+# A lone request of at most INLINE_ROWS rows expected to predict within INLINE_S seconds is predicted on the event
+# loop; the cost per row that predicts it decays by COST_DECAY a call from its highest (module docstring).
 INLINE_S = 0.0005
+INLINE_ROWS = 8
+COST_DECAY = 0.9
 
 
 class Arrival:
@@ -80,7 +88,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="predict")
         self.task: asyncio.Task | None = None
         self.waiter: asyncio.Future | None = None  # set while a gathering batch waits; see the module docstring
-        # id(model) -> (a weak reference to it, seconds per row of its last predict call): see INLINE_S
+        # id(model) -> (a weak reference to it, its seconds per row: see INLINE_S)
         self.row_cost: dict[int, tuple[weakref.ref, float]] = {}
 
     def _wake(self, timed_out: bool = False) -> None:
@@ -137,20 +145,22 @@ class Batcher:
                     return None
 
     def _cost(self, model: Model) -> float | None:
-        """Seconds per row of ``model``'s last predict call (None: not known yet)."""
+        """``model``'s seconds per row (None: not known yet); see the module docstring."""
         known = self.row_cost.get(id(model))
         return known[1] if known is not None and known[0]() is model else None
 
     def _measured(self, model: Model, seconds: float, rows: int) -> None:
         if len(self.row_cost) > 64:  # models replaced by hot reloads: forget the ones gone
             self.row_cost = {k: v for k, v in self.row_cost.items() if v[0]() is not None}
-        self.row_cost[id(model)] = (weakref.ref(model), seconds / rows)
+        before = self._cost(model)
+        cost = seconds / rows if before is None else max(seconds / rows, before * COST_DECAY)
+        self.row_cost[id(model)] = (weakref.ref(model), cost)
 
     def _lone(self, items: list[Item], rows: int, model: Model) -> bool:
-        """Predict on the loop: one request, nobody else queued or on the way, expected short (see INLINE_S)."""
+        """Predict on the loop: one small request, nobody else queued or on the way, expected short (INLINE_S)."""
         cost = self._cost(model)
-        return (len(items) == 1 and cost is not None and cost * rows <= self.inline_s and self.held is None
-                and self.arriving <= 0 and self.queue.empty())
+        return (len(items) == 1 and rows <= INLINE_ROWS and cost is not None and cost * rows <= self.inline_s
+                and self.held is None and self.arriving <= 0 and self.queue.empty())
 
     async def _predict(self, model: Model, matrix: np.ndarray, lone: bool) -> np.ndarray:
         started = time.perf_counter()
