@@ -67,27 +67,27 @@ class Producer:
 
     def send_all(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
         """Send (key, value) messages in order with one ``produce_batch`` call (a Python ``produce`` call per
-        message cost ~0.9 us more of CPU each, #19). A full local queue lets deliveries drain it, then the batch
-        is sent again from its first refused message on: messages after it that were queued are sent twice (at
-        least once; never reordered, so the last result for a key stays the last)."""
+        message cost ~0.9 us more of CPU each, #19). When the local queue is full, the rest (from the first
+        refused message on) goes one message at a time, each waiting for deliveries to make room, as ``send``
+        does: at least once (a message after the first refused one that was queued anyway would go twice),
+        never reordered, so the last result for a key stays the last. Sending the whole rest again on each pass
+        cost CPU quadratic in the batch, a core spun while a paused broker let nothing drain (review)."""
         batch: list[dict[str, Any]] = [{"value": v, "key": k} for k, v in messages]
-        while batch:
-            try:
-                queued = self.producer.produce_batch(topic, batch)
-            except BufferError:  # the whole batch refused for a full queue
-                queued = 0
-                for m in batch:
-                    m.setdefault("_error", KafkaError(KafkaError._QUEUE_FULL))
-            except KafkaException as exc:
-                raise SinkError(f"producing to {topic}: {exc.args[0].str() if exc.args else exc}") from None
+        try:
+            queued = self.producer.produce_batch(topic, batch)
+        except BufferError:  # the whole batch refused for a full queue
+            queued, first = 0, 0
+        except KafkaException as exc:
+            raise SinkError(f"producing to {topic}: {exc.args[0].str() if exc.args else exc}") from None
+        else:
             if queued == len(batch):
                 return
             first = next(i for i, m in enumerate(batch) if m.get("_error") is not None)
             error = batch[first]["_error"]
             if error.code() != KafkaError._QUEUE_FULL:
                 raise SinkError(f"producing to {topic}: {error.str()}")
-            batch = [{"value": m["value"], "key": m["key"]} for m in batch[first:]]
-            self.producer.poll(0.05)
+        for m in batch[first:]:
+            self.send(topic, m["value"], m["key"])
 
     def flush(self, timeout: float = 30.0) -> None:
         """Block until every record sent so far is acknowledged; raise SinkError otherwise."""
