@@ -207,6 +207,50 @@ inline bool skip_literal(P& p, P e, const char* word, size_t n) {
     return true;
 }
 
+enum class Next { More, Done, Bad };
+
+// After an item of a list or object closed by close: More (a comma, skipped with the whitespace after it),
+// Done (the close, skipped) or Bad.
+inline Next next_item(P& p, P e, unsigned char close) {
+    skip_ws(p, e);
+    if (p < e && *p == ',') {
+        ++p;
+        skip_ws(p, e);
+        return Next::More;
+    }
+    if (p < e && *p == close) {
+        ++p;
+        return Next::Done;
+    }
+    return Next::Bad;
+}
+
+// A key at p (on its quote) and the colon after it -> its text; false for an escaped key (the Python path
+// compares keys unescaped) or a bad string.
+inline bool read_key(P& p, P e, std::string_view& key) {
+    if (p >= e || *p != '"') return false;
+    P s;
+    size_t n;
+    bool esc;
+    if (!scan_string(p, e, s, n, esc) || esc) return false;
+    key = std::string_view(reinterpret_cast<const char*>(s), n);
+    skip_ws(p, e);
+    if (p >= e || *p != ':') return false;
+    ++p;
+    skip_ws(p, e);
+    return true;
+}
+
+// A number or null at p into *out (null: NaN); false for anything else (text, a boolean, an object...).
+inline bool read_number(P& p, P e, double* out) {
+    if (p < e && *p == 'n') {
+        if (!skip_literal(p, e, "null", 4)) return false;
+        *out = NAN;
+        return true;
+    }
+    return scan_number(p, e, out) == Num::Value;
+}
+
 // Any JSON value (validated, not kept).
 bool skip_value(P& p, P e, int depth) {
     if (p >= e) return false;
@@ -233,25 +277,15 @@ bool skip_value(P& p, P e, int depth) {
                 P s;
                 size_t n;
                 bool esc;
-                if (!scan_string(p, e, s, n, esc)) return false;
+                if (!scan_string(p, e, s, n, esc)) return false;  // escaped keys too: nothing compares them
                 skip_ws(p, e);
                 if (p >= e || *p != ':') return false;
                 ++p;
                 skip_ws(p, e);
             }
             if (!skip_value(p, e, depth + 1)) return false;
-            skip_ws(p, e);
-            if (p >= e) return false;
-            if (*p == ',') {
-                ++p;
-                skip_ws(p, e);
-                continue;
-            }
-            if (*p == close) {
-                ++p;
-                return true;
-            }
-            return false;
+            Next next = next_item(p, e, close);
+            if (next != Next::More) return next == Next::Done;
         }
     }
     if (c == 't') return skip_literal(p, e, "true", 4);
@@ -288,16 +322,8 @@ bool parse_record(P p, P e, const Names& names, std::string_view id_field, int i
         ++p;
     } else {
         while (true) {
-            if (p >= e || *p != '"') return false;
-            P ks;
-            size_t kn;
-            bool kesc;
-            if (!scan_string(p, e, ks, kn, kesc) || kesc) return false;
-            skip_ws(p, e);
-            if (p >= e || *p != ':') return false;
-            ++p;
-            skip_ws(p, e);
-            std::string_view key(reinterpret_cast<const char*>(ks), kn);
+            std::string_view key;
+            if (!read_key(p, e, key)) return false;
             int j = -1;
             if (hint < width && names.names[hint] == key) {
                 j = hint;
@@ -308,14 +334,8 @@ bool parse_record(P p, P e, const Names& names, std::string_view id_field, int i
             if (j >= 0) {
                 if (j == id_col) return false;  // the id field is also a feature: the Python path reads it as both
                 hint = j + 1;
-                if (p < e && *p == 'n') {
-                    if (!skip_literal(p, e, "null", 4)) return false;
-                    row[j] = NAN;
-                } else if (p < e && (*p == '-' || is_digit(*p))) {
-                    if (scan_number(p, e, &row[j]) != Num::Value) return false;
-                } else {
-                    return false;  // text, a boolean, an object...: the Python path (a category or a reason)
-                }
+                // text, a boolean, an object...: the Python path (a category or a reason)
+                if (!read_number(p, e, &row[j])) return false;
             } else if (key == id_field) {
                 if (p < e && *p == '"') {
                     P s;
@@ -334,18 +354,9 @@ bool parse_record(P p, P e, const Names& names, std::string_view id_field, int i
             } else if (!skip_value(p, e, 1)) {
                 return false;
             }
-            skip_ws(p, e);
-            if (p >= e) return false;
-            if (*p == ',') {
-                ++p;
-                skip_ws(p, e);
-                continue;
-            }
-            if (*p == '}') {
-                ++p;
-                break;
-            }
-            return false;
+            Next next = next_item(p, e, '}');
+            if (next == Next::Bad) return false;
+            if (next == Next::Done) break;
         }
     }
     skip_ws(p, e);
@@ -421,43 +432,12 @@ PyObject* rows(PyObject*, PyObject* args) {
 
 // -- oip_data ------------------------------------------------------------------------------------------
 
-enum class Next { More, Done, Bad };
-
-// After an item of a list or object closed by close: More (a comma, skipped with the whitespace after it),
-// Done (the close, skipped) or Bad.
-inline Next next_item(P& p, P e, unsigned char close) {
-    skip_ws(p, e);
-    if (p < e && *p == ',') {
-        ++p;
-        skip_ws(p, e);
-        return Next::More;
-    }
-    if (p < e && *p == close) {
-        ++p;
-        return Next::Done;
-    }
-    return Next::Bad;
-}
-
 struct OipTensor {
     Py_ssize_t index;
     P start, end;  // the data array's bytes in head
     std::vector<double> values;
     Py_ssize_t rows, cols;
 };
-
-// One number or null into out (null: NaN).
-inline bool oip_number(P& p, P e, std::vector<double>& out) {
-    if (p < e && *p == 'n') {
-        if (!skip_literal(p, e, "null", 4)) return false;
-        out.push_back(std::nan(""));
-        return true;
-    }
-    double d;
-    if (scan_number(p, e, &d) != Num::Value) return false;
-    out.push_back(d);
-    return true;
-}
 
 // A data array at p ('['): numbers and null, flat or in rows (arrays of them) of one level. False: anything
 // else (p is then meaningless: the caller validates the value again from its start).
@@ -476,7 +456,8 @@ bool oip_array(P& p, P e, OipTensor& t) {
             Py_ssize_t n = 0;
             if (p < e && *p == ']') return false;  // an empty row
             while (true) {
-                if (!oip_number(p, e, t.values)) return false;
+                t.values.push_back(0);
+                if (!read_number(p, e, &t.values.back())) return false;
                 ++n;
                 Next next = next_item(p, e, ']');
                 if (next == Next::Bad) return false;
@@ -486,27 +467,13 @@ bool oip_array(P& p, P e, OipTensor& t) {
             else if (t.cols != n) t.cols = -1;
             ++t.rows;
         } else {
-            if (!oip_number(p, e, t.values)) return false;
+            t.values.push_back(0);
+            if (!read_number(p, e, &t.values.back())) return false;
             ++t.cols;
         }
         Next next = next_item(p, e, ']');
         if (next != Next::More) return next == Next::Done;
     }
-}
-
-// A key at p (on its quote) -> its text; false for an escaped key or a bad string.
-inline bool oip_key(P& p, P e, std::string_view& key) {
-    if (p >= e || *p != '"') return false;
-    P s;
-    size_t n;
-    bool esc;
-    if (!scan_string(p, e, s, n, esc) || esc) return false;
-    key = std::string_view(reinterpret_cast<const char*>(s), n);
-    skip_ws(p, e);
-    if (p >= e || *p != ':') return false;
-    ++p;
-    skip_ws(p, e);
-    return true;
 }
 
 // One element of "inputs" at p: an object gives at most one tensor; anything else is only validated.
@@ -521,7 +488,7 @@ bool oip_input(P& p, P e, Py_ssize_t index, std::vector<OipTensor>& out) {
     bool seen_data = false;
     while (true) {
         std::string_view key;
-        if (!oip_key(p, e, key)) return false;
+        if (!read_key(p, e, key)) return false;
         if (key == "data") {
             if (seen_data) return false;  // repeated: orjson keeps the last; the Python path reads it
             seen_data = true;
@@ -554,7 +521,7 @@ bool oip_request(P p, P e, std::vector<OipTensor>& out) {
     if (p < e && *p == '}') return false;
     while (true) {
         std::string_view key;
-        if (!oip_key(p, e, key)) return false;
+        if (!read_key(p, e, key)) return false;
         if (key == "inputs") {
             if (seen_inputs) return false;
             seen_inputs = true;

@@ -76,7 +76,7 @@ class Producer:
         try:
             queued = self.producer.produce_batch(topic, batch)
         except BufferError:  # the whole batch refused for a full queue
-            queued, first = 0, 0
+            first = 0
         except KafkaException as exc:
             raise SinkError(f"producing to {topic}: {exc.args[0].str() if exc.args else exc}") from None
         else:
